@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Where the demo writes its run (logs, metrics, resolved spec).
+DEMO_SPEC ?= configs/tiny-cpu.yaml
+
+.PHONY: install demo test test-unit test-integration bench lint clean
+
+# The stamp depends on pyproject.toml: editing the dependencies reinstalls.
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is pinned here (CPU wheel on this machine, CUDA wheel on a GPU machine); pyproject has a range.
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/dsl launch $(DEMO_SPEC)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+test-integration: install
+	$(BIN)/python -m pytest -q tests/integration
+
+bench: install
+	@echo "no benchmarks yet (they arrive with the engine and ops issues)"
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs

@@ -1,0 +1,53 @@
+"""The per-host rank starter: torch's own elastic agent (torchrun), with a structured report.
+
+`python -m dsl.engine.elastic TORCHRUN_ARGS...` takes exactly torchrun's arguments and runs
+torchrun's `run()`; dsl does not reimplement rank spawning. It adds two things the launcher needs:
+
+- every line a rank prints is prefixed `[dsl:RANK:LOCAL_RANK] ` (torchrun's log-line prefix
+  template, applied with `--tee`), so the launcher can demultiplex one stream per host into
+  `[host:rank]` lines and per-rank log files;
+- instead of torchrun's Python traceback, a failure is reported as one line
+  `[dsl-agent] {"event": "failed", "rank": R, "exitcode": C, ...}` on stderr (the first failing rank,
+  torchrun's "root cause"), and this process exits with that rank's exit code (128+N for a rank
+  killed by signal N), the way `deepspeed` and `srun` report a failed rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+PREFIX_TEMPLATE = "[dsl:${rank}:${local_rank}] "
+AGENT_MARK = "[dsl-agent] "
+
+
+def _exit_code(exitcode: int) -> int:
+    return 128 - exitcode if exitcode < 0 else (exitcode or 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = PREFIX_TEMPLATE
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        rank, first = exc.get_first_failure()
+        report = {
+            "event": "failed",
+            "rank": rank,
+            "local_rank": first.local_rank,
+            "exitcode": first.exitcode,
+            "signal": first.signal_name() if first.exitcode < 0 else None,
+            "failures": {str(r): f.exitcode for r, f in sorted(exc.failures.items())},
+        }
+        print(AGENT_MARK + json.dumps(report), file=sys.stderr, flush=True)
+        return _exit_code(first.exitcode)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The one error family of dsl.
+
+Every error that a user can fix (a bad spec, a bad hostfile, an unreachable host, an impossible
+plan) is a `UserError`: the CLI prints its message alone and exits 2. A `RunError` is a runtime
+failure of the job (a rank died, a backend failed): exit 1. Anything else is a bug and shows a
+traceback only with DSL_DEBUG=1.
+
+This module lives in the lowest torch-free layer (engine/, beside config and memory) so that
+topology, engine and launcher can all raise the same family without importing upwards.
+"""
+
+from __future__ import annotations
+
+
+class DslError(Exception):
+    """Base of every error dsl raises on purpose."""
+
+    exit_code = 1
+
+
+class UserError(DslError):
+    """Bad input: the message names where (file:line:col, host, flag), what, and the fix."""
+
+    exit_code = 2
+
+
+class RunError(DslError):
+    """The job or a backend failed while running."""
+
+    exit_code = 1

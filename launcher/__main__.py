@@ -1,0 +1,3 @@
+from dsl.launcher.cli import main
+
+main()

@@ -1,0 +1,174 @@
+"""The `dsl` command: parse, call a launcher function, print. Nothing else lives here.
+
+Imports are deferred into the commands so that `dsl --help` loads neither pydantic nor torch.
+Errors of the `DslError` family print as one message without a traceback (exit 2 for bad input,
+1 for runtime failures); `DSL_DEBUG=1` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="dsl",
+    help="Launch distributed training jobs from a YAML spec (local, SSH, Slurm, MPI).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+SpecArg = typer.Argument(..., help="The experiment spec (YAML).", exists=False)
+
+
+@app.command()
+def launch(
+    spec: Path = SpecArg,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-host commands; start nothing."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
+) -> None:
+    """Run SPEC on its hosts, streaming every rank's output with a [host:rank] prefix."""
+    from dsl.launcher import console
+
+    console.setup_logging()
+    from dsl.launcher.launch import dry_run_text, prepare
+
+    prepared = prepare(spec, reserve=not dry_run)
+    if dry_run:
+        print(dry_run_text(prepared, as_json))
+        return
+    raise typer.Exit(_run(prepared))
+
+
+def _run(prepared) -> int:  # type: ignore[no-untyped-def]
+    import time
+
+    from dsl.launcher import console
+    from dsl.launcher.backends import get_backend
+    from dsl.launcher.launch import write_run_folder
+    from dsl.launcher.output import RankOutput
+    from dsl.launcher.supervise import supervise
+
+    plan = prepared.plan
+    backend = get_backend(plan.backend)
+    out = write_run_folder(plan)
+    hosts = ", ".join(h.host for h in plan.hosts)
+    console.message(f"dsl: launching {plan.name}: {plan.world_size} rank(s) on {hosts} "
+                    f"({plan.backend}), master {plan.master_addr}:{plan.master_port}; run folder {out}")
+    started = time.monotonic()
+    try:
+        with console.StepProgress() as progress:
+            output = RankOutput(out / "logs", on_step=progress.update)
+            try:
+                outcome = supervise(plan, backend, output)
+            finally:
+                output.close()
+    finally:
+        if prepared.port is not None:
+            prepared.port.release()
+    elapsed = time.monotonic() - started
+    if outcome.ok:
+        console.message(f"dsl: job {plan.name} finished in {elapsed:.1f} s "
+                        f"({plan.world_size} ranks, attempt {outcome.attempts}); logs in {out / 'logs'}")
+        return 0
+    if outcome.interrupted_by:
+        console.message(f"dsl: job {plan.name} interrupted; every rank was stopped "
+                        f"(exit {outcome.exit_code})", style="yellow")
+        return outcome.exit_code
+    who = (f"rank {outcome.failed_rank} on {outcome.failed_host}" if outcome.failed_rank is not None
+           else f"host {outcome.failed_host}")
+    how = f"was killed by {outcome.signal_name}" if outcome.signal_name else f"exited with code {outcome.exit_code}"
+    console.message(f"dsl: job {plan.name} failed: {who} {how}; every other rank was stopped "
+                    f"(attempt {outcome.attempts} of {plan.max_restarts + 1})", style="bold red")
+    if outcome.failed_rank is not None:
+        tail = list(output.tails.get(outcome.failed_rank, []))
+        if tail:
+            console.message(f"last lines of rank {outcome.failed_rank} "
+                            f"(full log: {output.log_path(outcome.failed_rank)}):")
+            for line in tail[-10:]:
+                console.message(f"  {line}")
+    return outcome.exit_code
+
+
+@app.command()
+def validate(specs: List[Path] = typer.Argument(..., help="Spec files to check.")) -> None:
+    """Check spec files; print every problem as file:line:col field: message."""
+    from dsl.engine.errors import UserError
+    from dsl.launcher.spec import load_spec
+
+    problems = []
+    for path in specs:
+        try:
+            load_spec(path)
+            print(f"{path}: ok")
+        except UserError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise UserError("\n".join(problems))
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of the spec (every field with its description)."""
+    import json
+
+    from dsl.launcher.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+
+
+@app.command()
+def hosts(
+    hostfile: Optional[Path] = typer.Option(None, "--hostfile", "-H", help="DeepSpeed-style hostfile."),
+    include: Optional[str] = typer.Option(None, "--include", "-i", help="e.g. host1:0,2@host2"),
+    exclude: Optional[str] = typer.Option(None, "--exclude", "-e", help="e.g. host1:1"),
+    num_nodes: Optional[int] = typer.Option(None, "--num-nodes", "--num_nodes", help="Use the first N hosts."),
+    num_procs: Optional[int] = typer.Option(None, "--num-procs", "--num_gpus", "--num-gpus",
+                                            help="Use the first N selected slots of each host."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"hosts": [{"name", "slots"}]}.'),
+) -> None:
+    """Resolve hosts and slots the way `deepspeed` does (with its bugs fixed)."""
+    import json
+
+    from dsl.engine.errors import UserError
+    from dsl.launcher import hosts as hostlib
+
+    if include and exclude:
+        raise UserError("--include and --exclude are mutually exclusive; keep one of them")
+    if hostfile is not None:
+        pool = hostlib.load_hostfile(hostfile)
+        selected = hostlib.select_hosts(pool, include, exclude, num_nodes, num_procs)
+    else:
+        if include or exclude:
+            raise UserError("--include/--exclude select from a hostfile; pass --hostfile")
+        if num_nodes not in (None, 1):
+            raise UserError(f"--num-nodes {num_nodes} needs --hostfile; without one dsl uses this host")
+        from dsl.topology.gpus import count_gpus
+
+        selected = hostlib.local_host(num_procs or count_gpus().count or 1)
+    if as_json:
+        print(json.dumps({"hosts": [{"name": h.name, "slots": list(h.slots)} for h in selected]}))
+    else:
+        for h in selected:
+            print(f"{h.name} slots={','.join(map(str, h.slots))}")
+
+
+def main() -> None:
+    from dsl.engine.errors import DslError
+
+    try:
+        app()  # standalone: exits with the command's code; usage errors exit 2
+    except DslError as exc:
+        if os.environ.get("DSL_DEBUG"):
+            raise
+        text = str(exc)
+        print(f"dsl: error:\n{text}" if "\n" in text else f"dsl: error: {text}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

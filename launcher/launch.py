@@ -1,0 +1,137 @@
+"""`dsl launch`: spec -> hosts -> plan -> backend, one path for the real run and the dry run.
+
+`prepare()` does the look-ups a plan needs (hostfile, GPU count, env file, a free port) and calls
+the pure `render()`; `--dry-run` prints its result. `execute()` writes the run folder and hands
+the same plan to the backend under supervision.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsl.engine.config import unsupported_reason
+from dsl.engine.errors import UserError
+from dsl.launcher import hosts as hostlib
+from dsl.launcher.envfile import load_env_file
+from dsl.launcher.plan import LaunchPlan, RenderInputs, plan_json, render
+from dsl.launcher.ports import PortReservation, hold_port, reserve_port
+from dsl.launcher.spec import SpecFile, load_spec
+from dsl.topology.gpus import count_gpus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    spec_file: SpecFile
+    plan: LaunchPlan
+    port: PortReservation | None
+
+
+def resolve_spec_hosts(spec_file: SpecFile) -> tuple[list[hostlib.Host], bool]:
+    """The hosts of a spec and whether CUDA_VISIBLE_DEVICES should pin their slots."""
+    res = spec_file.spec.resources
+    num_procs = res.procs_per_node if isinstance(res.procs_per_node, int) else None
+    if res.hostfile:
+        try:
+            pool = hostlib.load_hostfile(spec_file.resolve(res.hostfile))
+            selected = hostlib.select_hosts(pool, res.include, res.exclude, res.nodes, num_procs)
+        except UserError as exc:
+            field = "include" if res.include else "exclude" if res.exclude else "hostfile"
+            raise UserError(f"{spec_file.where('resources', field)}: {exc}") from None
+        if res.backend == "local" and len(selected) > 1:
+            raise UserError(
+                f"{spec_file.where('resources', 'backend')}: the local backend runs on this machine "
+                f"only, but {len(selected)} hosts are selected; use backend ssh, slurm or mpi")
+        return selected, True
+    if res.backend in ("ssh", "mpi"):
+        raise UserError(f"{spec_file.where('resources', 'hostfile')}: backend {res.backend} needs "
+                        "a hostfile (`hostname slots=N` lines)")
+    if res.nodes and res.nodes > 1:
+        raise UserError(f"{spec_file.where('resources', 'nodes')}: nodes: {res.nodes} needs "
+                        "resources.hostfile (or backend slurm); without one dsl runs on this host")
+    gpus = count_gpus()
+    count = num_procs or gpus.count or 1
+    if num_procs is None:
+        log.info("procs_per_node auto: %d (%s)", count, gpus.reason)
+    return hostlib.local_host(count), gpus.count > 0
+
+
+def _env_values(spec_file: SpecFile) -> dict[str, str]:
+    env = spec_file.spec.env
+    values: dict[str, str] = {}
+    if env.file:
+        values.update(load_env_file(spec_file.resolve(env.file), spec_file.where("env", "file")))
+    for name in env.forward:
+        if name in os.environ:
+            values[name] = os.environ[name]
+    values.update(env.vars)
+    missing = [n for n in env.secret if n not in values and n not in os.environ]
+    if missing:
+        raise UserError(f"{spec_file.where('env', 'secret')}: secret {', '.join(missing)} has no "
+                        "value (set it in env.vars, env.file or the environment of dsl launch)")
+    return values
+
+
+def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True) -> Prepared:
+    """Everything up to the plan. `reserve=False` (dry run) picks a port without holding it."""
+    spec_file = load_spec(spec_path)
+    spec = spec_file.spec
+    if spec.run.train is not None:
+        reason = unsupported_reason(spec.engine)
+        if reason:
+            raise UserError(f"{spec_file.where('engine')}: {reason}")
+    if spec.run.script is not None:
+        script = spec_file.resolve(spec.run.script)
+        if not script.is_file():
+            raise UserError(f"{spec_file.where('run', 'script')}: no such script: {script}")
+    hosts, pin = resolve_spec_hosts(spec_file)
+    env_values = _env_values(spec_file)
+    port: PortReservation | None = None
+    master_port = spec.resources.master_port
+    if master_port == "auto":
+        port = reserve_port()
+        master_port = port.port
+        if not reserve:
+            port.release()
+            port = None
+    elif reserve and spec.resources.backend == "local":
+        try:
+            port = hold_port(master_port)
+        except UserError as exc:
+            raise UserError(f"{spec_file.where('resources', 'master_port')}: {exc}") from None
+    inputs = RenderInputs(
+        python=sys.executable,
+        cwd=os.getcwd(),
+        master_port=master_port,
+        env_values=env_values,
+        cpus_per_host={"localhost": os.cpu_count() or 1} if spec.resources.backend == "local" else {},
+        set_visible_devices=pin,
+    )
+    return Prepared(spec_file, render(spec_file, hosts, inputs), port)
+
+
+def write_run_folder(plan: LaunchPlan) -> Path:
+    out = Path(plan.output_dir)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    for path, content in plan.files.items():
+        _write_atomic(Path(path), content)
+    _write_atomic(out / "plan.json", plan_json(plan) + "\n")
+    return out
+
+
+def _write_atomic(path: Path, content: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(content, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def dry_run_text(prepared: Prepared, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(prepared.plan.to_json(), indent=2)
+    return prepared.plan.describe()

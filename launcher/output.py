@@ -1,0 +1,113 @@
+"""Rank output: `[host:rank]` prefixes, per-rank log files, the failure report, progress.
+
+Every host streams one stdout and one stderr; each line a rank printed arrives tagged
+`[dsl:RANK:LOCAL_RANK] ` by the rank starter (`dsl.engine.elastic`). `RankOutput` is the sink the
+backends feed, from their reader threads:
+
+- a rank's line goes to our stdout (or stderr, as the rank wrote it) as `[host:rank] text` and
+  to `OUTPUT_DIR/logs/rank{R}.log`; the last lines of every rank are kept for the failure message;
+- a line of the starter itself (torchrun's own logging) goes to stderr as `[host] text` and to
+  `OUTPUT_DIR/logs/{host}.agent.log`;
+- the starter's `[dsl-agent] {json}` report (which rank failed, with what code) is recorded, not
+  printed;
+- a progress line of the bundled trainer (`step N/M | loss X | ...` on rank 0) moves the progress
+  bar when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TextIO
+
+_RANK_LINE = re.compile(r"^\[dsl:(\d+):(\d+)\] ?(.*)$", re.DOTALL)
+_AGENT_MARK = "[dsl-agent] "
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| loss ([0-9.]+|nan|inf)")
+TAIL_LINES = 20
+
+
+@dataclass
+class Failure:
+    """What a host's starter reported about its first failing rank."""
+
+    host: str
+    rank: int | None
+    exitcode: int | None
+    signal: str | None
+
+
+class RankOutput:
+    def __init__(self, log_dir: Path, stdout: TextIO | None = None, stderr: TextIO | None = None,
+                 on_step: Callable[[int, int, float], None] | None = None):
+        self._log_dir = log_dir
+        self._stdout = stdout or sys.stdout
+        self._stderr = stderr or sys.stderr
+        self._on_step = on_step
+        self._lock = threading.Lock()
+        self._files: dict[str, TextIO] = {}
+        self.tails: dict[int, collections.deque[str]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=TAIL_LINES))
+        self.rank_hosts: dict[int, str] = {}
+        self.failures: dict[str, Failure] = {}
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, host: str, stream: str, line: str) -> None:
+        match = _RANK_LINE.match(line)
+        with self._lock:
+            if match:
+                rank, text = int(match.group(1)), match.group(3)
+                self.rank_hosts[rank] = host
+                self.tails[rank].append(text)
+                self._log(f"rank{rank}.log", text)
+                out = self._stdout if stream == "stdout" else self._stderr
+                out.write(f"[{host}:{rank}] {text}\n")
+                out.flush()
+                if rank == 0 and self._on_step is not None:
+                    step = STEP_LINE.match(text)
+                    if step:
+                        self._on_step(int(step.group(1)), int(step.group(2)), float(step.group(3)))
+            elif line.startswith(_AGENT_MARK):
+                self._log(f"{host}.agent.log", line)
+                self._record_failure(host, line[len(_AGENT_MARK):])
+            else:
+                self._log(f"{host}.agent.log", line)
+                self._stderr.write(f"[{host}] {line}\n")
+                self._stderr.flush()
+
+    def note(self, text: str) -> None:
+        """A line of dsl's own into every open log (attempt boundaries, restarts)."""
+        with self._lock:
+            for handle in self._files.values():
+                handle.write(f"# dsl: {text}\n")
+                handle.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            for handle in self._files.values():
+                handle.close()
+            self._files.clear()
+
+    def log_path(self, rank: int) -> Path:
+        return self._log_dir / f"rank{rank}.log"
+
+    def _log(self, name: str, text: str) -> None:
+        handle = self._files.get(name)
+        if handle is None:
+            # Append: a restart or a later launch of the same spec adds to, never erases, a log.
+            handle = self._files[name] = open(self._log_dir / name, "a", encoding="utf-8")
+        handle.write(text + "\n")
+        handle.flush()
+
+    def _record_failure(self, host: str, payload: str) -> None:
+        try:
+            report = json.loads(payload)
+        except json.JSONDecodeError:
+            return
+        if report.get("event") == "failed":
+            self.failures.setdefault(host, Failure(
+                host, report.get("rank"), report.get("exitcode"), report.get("signal")))

@@ -1,0 +1,310 @@
+"""The experiment spec: the YAML a user writes for `dsl launch`, as pydantic v2 models.
+
+The models are the single source of truth for the YAML (`dsl schema` prints their JSON schema).
+`load_spec(path)` parses a file and turns every validation error into one line
+`file:line:col field.path: message`, with the valid choices and a did-you-mean for typos.
+
+Paths inside a spec (hostfile, env file, script) are relative to the spec file's folder, so a
+spec works from any working directory; `output_dir` is relative to where `dsl launch` runs, like
+every other tool's output flag.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
+
+from dsl.engine.config import EngineConfig, StrictModel, TrainConfig
+from dsl.engine.errors import UserError
+from dsl.launcher.yamlsrc import Locations, dotted, load_located
+
+Backend = Literal["local", "ssh", "slurm", "mpi"]
+
+
+def _int_or_auto(value: Any) -> Any:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise ValueError(f"expected a positive integer or 'auto', got {value!r}")
+
+
+IntOrAuto = Annotated[Union[int, Literal["auto"]], BeforeValidator(_int_or_auto)]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Run(StrictModel):
+    """What every rank runs: the bundled trainer (`train:`), or a user program (`script:` or
+    `module:` with `args:`), started the way torchrun starts it."""
+
+    train: TrainConfig | None = None
+    """Train with the bundled engine; the engine settings are in the top-level `engine:`."""
+    script: str | None = None
+    """A Python script to run on every rank (relative to the spec file), like `torchrun script.py`."""
+    module: str | None = None
+    """A Python module to run on every rank, like `torchrun -m module`."""
+    args: list[str] = []
+    """Arguments passed to the script or module, unchanged."""
+    python: str | None = None
+    """The Python interpreter on the hosts; default: the one running `dsl`."""
+    workdir: str | None = None
+    """Working directory of every rank; default: the directory `dsl launch` runs in."""
+
+    @model_validator(mode="after")
+    def _exactly_one_program(self) -> "Run":
+        chosen = [k for k in ("train", "script", "module") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            got = " and ".join(chosen) if chosen else "none of them"
+            raise ValueError(f"set exactly one of train, script, module (got {got})")
+        if self.train is not None and self.args:
+            raise ValueError("args only apply to script or module; the bundled trainer reads train:")
+        return self
+
+
+class Resources(StrictModel):
+    """Where the ranks run."""
+
+    backend: Backend = "local"
+    """How ranks are started: local (this machine), ssh, slurm or mpi."""
+    nodes: int | None = Field(None, ge=1)
+    """Number of hosts to use (the first N selected hosts); default: all selected hosts, or 1."""
+    procs_per_node: IntOrAuto = "auto"
+    """Ranks per host. `auto`: one per GPU; on a CPU-only host, 1."""
+    hostfile: str | None = None
+    """A DeepSpeed-style hostfile (`hostname slots=N` per line), relative to the spec file."""
+    include: str | None = None
+    """Hosts/slots to use, DeepSpeed grammar: `host1:0,2@host2` (a bare host = all its slots)."""
+    exclude: str | None = None
+    """Hosts/slots to leave out, same grammar as include. Not together with include."""
+    master_addr: str | None = None
+    """Address of rank 0's host; default: the first host (127.0.0.1 for a local run)."""
+    master_port: IntOrAuto = "auto"
+    """Port of the rendezvous on the master host; `auto` picks a free one per launch."""
+
+    @field_validator("procs_per_node", "master_port")
+    @classmethod
+    def _positive(cls, value: int | str, info: Any) -> int | str:
+        if isinstance(value, int):
+            upper = 65535 if info.field_name == "master_port" else 1 << 16
+            if not 1 <= value <= upper:
+                raise ValueError(f"must be between 1 and {upper} or 'auto', got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _include_xor_exclude(self) -> "Resources":
+        if self.include and self.exclude:
+            raise ValueError("include and exclude are mutually exclusive; keep one of them")
+        if (self.include or self.exclude) and not self.hostfile:
+            raise ValueError("include/exclude select from a hostfile; set resources.hostfile")
+        return self
+
+
+class Env(StrictModel):
+    """Environment of every rank (on top of what the backend passes on)."""
+
+    vars: dict[str, str] = {}
+    """Variables to set on every rank."""
+    file: str | None = None
+    """A dotenv file (`NAME=value` lines) read at launch, relative to the spec file."""
+    secret: list[str] = []
+    """Names whose values are passed to ranks but never printed or written to the run folder."""
+    forward: list[str] = []
+    """Names copied from the environment of `dsl launch` (remote backends pass nothing else)."""
+
+    @field_validator("vars")
+    @classmethod
+    def _names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return value
+
+    @field_validator("vars", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        # YAML turns `1` and `true` into int/bool; environment values are strings.
+        if isinstance(value, dict):
+            return {k: _env_str(v) for k, v in value.items()}
+        return value
+
+
+def _env_str(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value
+
+
+class Spec(StrictModel):
+    """An experiment: what to run, where, and how to train."""
+
+    name: str
+    """Name of the experiment (letters, digits, `.`, `_`, `-`); used in paths and job names."""
+    run: Run
+    """What every rank runs."""
+    resources: Resources = Resources()
+    """Where the ranks run."""
+    env: Env = Env()
+    """Environment of every rank."""
+    engine: EngineConfig = EngineConfig()
+    """Settings of the bundled engine (ZeRO stage, precision, batch)."""
+    output_dir: str = "runs/{name}"
+    """Folder of the run's logs, metrics, resolved spec and checkpoints; `{name}` is replaced.
+    Relative to the directory `dsl launch` runs in."""
+    max_restarts: int = Field(0, ge=0)
+    """Restart the whole job this many times after a failure."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"{value!r} may hold only letters, digits, '.', '_' and '-'")
+        return value
+
+
+@dataclass(frozen=True)
+class SpecFile:
+    """A validated spec with where it came from (for paths and located messages)."""
+
+    spec: Spec
+    path: Path
+    locations: Locations
+
+    def where(self, *field_path: str | int) -> str:
+        """`file:line:col field.path` of a field, for messages about values found wrong later."""
+        return f"{self.locations.where(field_path)} {dotted(field_path)}"
+
+    def resolve(self, relative: str) -> Path:
+        """A path written in the spec, relative to the spec file's folder."""
+        return (self.path.parent / os.path.expanduser(relative)).resolve()
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.spec.output_dir.replace("{name}", self.spec.name))
+
+
+def load_spec(path: str | os.PathLike[str]) -> SpecFile:
+    """Read and validate a spec; every problem becomes one located line of one UserError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such spec file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read spec: {exc}") from None
+    data, locations = load_located(text, str(path))
+    if not isinstance(data, dict):
+        raise UserError(f"{path}:1:1: a spec is a mapping of fields (name, run, resources, ...); "
+                        f"got {type(data).__name__ if data is not None else 'an empty file'}")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        raise UserError("\n".join(_format_errors(exc, locations))) from None
+    return SpecFile(spec, path, locations)
+
+
+def _format_errors(exc: ValidationError, locations: Locations) -> list[str]:
+    found: dict[tuple[Any, ...], tuple[Any, str]] = {}
+    for error in exc.errors(include_url=False):
+        kind = error["type"]
+        if kind == "extra_forbidden":  # the last element is the unknown key itself
+            loc = _data_path(error["loc"][:-1]) + (error["loc"][-1],)
+            message, mark = _unknown_field(loc), locations.of(loc, key=True)
+        elif kind == "missing":
+            loc = _data_path(error["loc"])
+            message, mark = f"required field is missing{_field_hint(loc)}", locations.of(loc)
+        else:
+            loc = _data_path(error["loc"])
+            message, mark = error["msg"].removeprefix("Value error, "), locations.of(loc)
+            if kind == "literal_error":
+                message += _did_you_mean(error.get("input"), error.get("ctx", {}).get("expected", ""))
+        found.setdefault((loc, message), (mark, f"{dotted(loc)}: {message}"))
+    ordered = sorted(found.values(), key=lambda item: (item[0].line, item[0].col))
+    return [f"{locations.source}:{mark.line}:{mark.col} {text}" for mark, text in ordered]
+
+
+def _did_you_mean(value: Any, expected: str) -> str:
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, re.findall(r"'([^']*)'", expected), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _data_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drop pydantic's union-member tags (`int`, `literal['auto']`, `function-before[...]`)."""
+    out = []
+    model: Any = Spec
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+            continue
+        fields = _fields_of(model)
+        if fields is None:  # inside a dict field: every key is data
+            out.append(part)
+            continue
+        if part in fields:
+            out.append(part)
+            model = _model_in(fields[part].annotation)
+        # anything else is a pydantic tag, not a YAML key
+    return tuple(out)
+
+
+def _fields_of(model: Any) -> dict[str, Any] | None:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return model.model_fields
+    return None
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside an annotation such as `TrainConfig | None`, or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, Annotated):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _model_at(path: tuple[Any, ...]) -> Any:
+    model: Any = Spec
+    for part in path:
+        fields = _fields_of(model)
+        if fields is None or part not in fields:
+            return None
+        model = _model_in(fields[part].annotation)
+    return model
+
+
+def _unknown_field(loc: tuple[Any, ...]) -> str:
+    parent = _model_at(loc[:-1])
+    valid = sorted(parent.model_fields) if parent is not None else []
+    name = str(loc[-1])
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown field '{name}'{hint} (valid fields: {', '.join(valid)})"
+
+
+def _field_hint(loc: tuple[Any, ...]) -> str:
+    parent = _model_at(loc[:-1])
+    if parent is None:
+        return ""
+    info = parent.model_fields.get(str(loc[-1]))
+    return f" ({info.description.splitlines()[0]})" if info and info.description else ""
+
+
+def json_schema() -> dict[str, Any]:
+    return Spec.model_json_schema()
