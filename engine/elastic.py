@@ -28,6 +28,7 @@ def _exit_code(exitcode: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = PREFIX_TEMPLATE
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(AGENT_MARK + json.dumps(report), file=sys.stderr, flush=True)
         return _exit_code(first.exitcode)
+    except SignalException as exc:
+        # Asked to stop (the guard forwards SIGTERM): torchrun has already stopped the ranks.
+        print(AGENT_MARK + json.dumps({"event": "stopped", "signal": exc.sigval.name}),
+              file=sys.stderr, flush=True)
+        return 128 + int(exc.sigval)
     return 0
 
 

@@ -54,6 +54,7 @@ class RankOutput:
             lambda: collections.deque(maxlen=TAIL_LINES))
         self.rank_hosts: dict[int, str] = {}
         self.failures: dict[str, Failure] = {}
+        self._header = ""
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, host: str, stream: str, line: str) -> None:
@@ -82,8 +83,9 @@ class RankOutput:
     def note(self, text: str) -> None:
         """A line of dsl's own into every open log (attempt boundaries, restarts)."""
         with self._lock:
+            self._header = f"# dsl: {text}\n"
             for handle in self._files.values():
-                handle.write(f"# dsl: {text}\n")
+                handle.write(self._header)
                 handle.flush()
 
     def close(self) -> None:
@@ -100,6 +102,7 @@ class RankOutput:
         if handle is None:
             # Append: a restart or a later launch of the same spec adds to, never erases, a log.
             handle = self._files[name] = open(self._log_dir / name, "a", encoding="utf-8")
+            handle.write(self._header)
         handle.write(text + "\n")
         handle.flush()
 

@@ -154,7 +154,7 @@ class Spec(StrictModel):
     run: Run
     """What every rank runs."""
     resources: Resources = Resources()
-    """Where the ranks run."""
+    """Hosts, ranks per host, backend and rendezvous."""
     env: Env = Env()
     """Environment of every rank."""
     engine: EngineConfig = EngineConfig()

@@ -1,0 +1,54 @@
+"""Shared test helpers: run the real `dsl` command, find leftover processes by a marker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DSL = [sys.executable, "-m", "dsl.launcher"]
+
+
+def run_dsl(*args: str, cwd: Path | None = None, timeout: float = 120, env: dict | None = None,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """Run `dsl ARGS` as a user would (a fresh process), capturing stdout and stderr."""
+    full_env = dict(os.environ)
+    full_env.pop("DSL_DEBUG", None)
+    full_env.update(env or {})
+    proc = subprocess.run([*DSL, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dsl {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def processes_with(marker: str) -> list[psutil.Process]:
+    """Live processes whose command line mentions `marker` (zombies excluded)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+                continue
+            if any(marker in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture
+def write(tmp_path: Path):
+    """write("name.yaml", text) -> path, in the test's own folder."""
+
+    def _write(name: str, text: str) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    return _write
