@@ -1,0 +1,55 @@
+"""An unchanged torchrun-style script: reads torchrun's environment, all-reduces over gloo.
+
+Options (argv): --fail-rank R --code C (rank R exits with C after printing), --sleep S (others
+sleep), --kill-rank R (rank R kills itself with SIGKILL), --fail-once FILE (fail only while FILE
+does not exist; creates it), --marker M (ignored; makes the processes findable by tests).
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--fail-rank", type=int, default=-1)
+parser.add_argument("--code", type=int, default=1)
+parser.add_argument("--kill-rank", type=int, default=-1)
+parser.add_argument("--sleep", type=float, default=0.0)
+parser.add_argument("--fail-once", default="")
+parser.add_argument("--marker", default="")
+args = parser.parse_args()
+
+names = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
+         "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "OMP_NUM_THREADS"]
+print("ENV " + json.dumps({n: os.environ.get(n) for n in names}))
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+value = torch.tensor([float(rank + 1)])
+dist.all_reduce(value)
+print(f"ALLREDUCE {value.item():g}")
+print(f"to stderr from {rank}", file=sys.stderr)
+
+if args.fail_once and rank == args.fail_rank and not os.path.exists(args.fail_once):
+    open(args.fail_once, "w").close()
+    print(f"failing once at {time.time():.3f}")
+    sys.exit(args.code)
+if rank == args.fail_rank and not args.fail_once:
+    time.sleep(0.5)
+    print(f"EXITING {args.code} at {time.time():.3f}")
+    sys.exit(args.code)
+if rank == args.kill_rank:
+    time.sleep(0.5)
+    print(f"KILLING myself at {time.time():.3f}")
+    os.kill(os.getpid(), signal.SIGKILL)
+if args.sleep:
+    print("SLEEPING")
+    time.sleep(args.sleep)
+dist.barrier()
+dist.destroy_process_group()
+print("DONE")
