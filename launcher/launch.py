@@ -134,4 +134,8 @@ def _write_atomic(path: Path, content: str) -> None:
 def dry_run_text(prepared: Prepared, as_json: bool) -> str:
     if as_json:
         return json.dumps(prepared.plan.to_json(), indent=2)
-    return prepared.plan.describe()
+    text = prepared.plan.describe()
+    if prepared.spec_file.spec.resources.master_port == "auto":
+        text += ("\n\n# master_port is auto: this port was free just now; "
+                 "`dsl launch` picks (and holds) a free port again when it starts.")
+    return text

@@ -80,13 +80,17 @@ class RankOutput:
                 self._stderr.write(f"[{host}] {line}\n")
                 self._stderr.flush()
 
-    def note(self, text: str) -> None:
-        """A line of dsl's own into every open log (attempt boundaries, restarts)."""
+    def note(self, text: str, ranks: range | None = None) -> None:
+        """A line of dsl's own into the logs (attempt boundaries); opens every rank's log, so a
+        rank that prints nothing still has one."""
         with self._lock:
             self._header = f"# dsl: {text}\n"
             for handle in self._files.values():
                 handle.write(self._header)
                 handle.flush()
+            for rank in ranks or ():
+                if f"rank{rank}.log" not in self._files:
+                    self._open(f"rank{rank}.log").flush()
 
     def close(self) -> None:
         with self._lock:
@@ -98,13 +102,15 @@ class RankOutput:
         return self._log_dir / f"rank{rank}.log"
 
     def _log(self, name: str, text: str) -> None:
-        handle = self._files.get(name)
-        if handle is None:
-            # Append: a restart or a later launch of the same spec adds to, never erases, a log.
-            handle = self._files[name] = open(self._log_dir / name, "a", encoding="utf-8")
-            handle.write(self._header)
+        handle = self._files.get(name) or self._open(name)
         handle.write(text + "\n")
         handle.flush()
+
+    def _open(self, name: str) -> TextIO:
+        # Append: a restart or a later launch of the same spec adds to, never erases, a log.
+        handle = self._files[name] = open(self._log_dir / name, "a", encoding="utf-8")
+        handle.write(self._header)
+        return handle
 
     def _record_failure(self, host: str, payload: str) -> None:
         try:

@@ -67,7 +67,7 @@ def supervise(plan: LaunchPlan, backend: Backend, output: RankOutput) -> Outcome
         attempt = 0
         while True:
             attempt += 1
-            output.note(f"attempt {attempt} of job {plan.name} starts")
+            output.note(f"attempt {attempt} of job {plan.name} starts", range(plan.world_size))
             outcome = _run_attempt(plan, backend, output, stop, attempt)
             if outcome.ok or outcome.interrupted_by or attempt > plan.max_restarts:
                 return outcome
