@@ -1,0 +1,359 @@
+"""The demo trainer the launcher runs on every rank: `python -m dsl.engine.train SPEC.yaml`.
+
+SPEC.yaml is the full resolved dsl spec the launcher wrote; this reads only `run.train`
+(`TrainConfig`), `engine` (`EngineConfig`) and `output_dir`, and ignores every other key (they
+belong to the launcher, which validated them already). An invalid section prints one located
+message (`file:line:col: run.train.steps: ...`) to stderr and exits 2, before torch is imported.
+
+Then, on every rank: process group from torchrun's environment (`dist.setup`), the same model
+weights everywhere (`torch.manual_seed(TrainConfig.seed)` before building the model; the engine
+also broadcasts from rank 0), different synthetic sequences per rank, `steps` optimizer steps of
+`grad_accum` micro-batches of `micro_batch` x `seq_len` tokens.
+
+Output of rank 0 (the other ranks print nothing):
+- stdout, every `log_every` steps and at the last step, one line the launcher parses with
+  `^step (\\d+)/(\\d+) \\| loss ([0-9.]+)`:
+      step 120/300 | loss 2.3456 | lr 2.50e-03 | 12,345 tok/s | eta 0:07
+  loss is that step's loss averaged over micro-batches and ranks (an all_reduce on log steps
+  only); tok/s counts the tokens of all ranks over the interval since the previous line.
+- `{output_dir}/metrics.jsonl`, one JSON object per printed line: step, loss, lr, tokens_per_s,
+  elapsed_s (seconds since the first step started), grad_norm (before clipping).
+- stdout at the end: a summary table (rich, rendered as plain text when piped).
+Exit 0 on success, 2 on a bad spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from dsl.engine.config import EngineConfig, TrainConfig, unsupported_reason
+from dsl.engine.errors import DslError, UserError
+
+__all__ = ["RunSpec", "load_run_spec", "format_progress", "train", "main"]
+
+PROG = "dsl.engine.train"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The parts of a resolved spec the trainer uses."""
+
+    train: TrainConfig
+    engine: EngineConfig
+    output_dir: Path
+
+
+# Spec loading (torch-free) ---------------------------------------------------------------
+
+
+def _node_at(node: yaml.Node | None, loc: tuple[Any, ...], *, key_node: bool) -> yaml.Node | None:
+    """The YAML node at `loc` (the deepest existing one); `key_node` points at the last key."""
+    for depth, part in enumerate(loc):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
+                    node = k if key_node and depth == len(loc) - 1 else v
+                    break
+            else:
+                return node
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return node
+            node = node.value[part]
+        else:
+            return node
+    return node
+
+
+def _where(path: Path, node: yaml.Node | None) -> str:
+    """`file:line:col` of a YAML node (1-based), or the file alone."""
+    if node is None:
+        return str(path)
+    return f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the (nested) model that holds the last element of `loc`."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        nested = field.annotation if field is not None else None
+        if not (isinstance(nested, type) and issubclass(nested, BaseModel)):
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
+def _validation_message(
+    err: ValidationError,
+    model: type[BaseModel],
+    prefix: tuple[str, ...],
+    path: Path,
+    root: yaml.Node | None,
+) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        extra = e["type"] == "extra_forbidden"
+        node = _node_at(root, prefix + loc, key_node=extra)
+        where = _where(path, node)
+        field = ".".join(str(p) for p in prefix + loc)
+        if extra:
+            choices = _field_names(model, loc)
+            close = difflib.get_close_matches(str(loc[-1]), choices, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            msg = f"unknown key (valid keys: {', '.join(choices)}){hint}"
+        elif e["type"] == "missing":
+            msg = e["msg"]
+        else:
+            got = repr(e.get("input"))
+            msg = f"{e['msg']} (got {got[:60]})"
+        lines.append(f"{where}: {field}: {msg}")
+    return "invalid spec:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0]
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _validate(
+    model: type[_M], raw: Any, prefix: tuple[str, ...], path: Path, root: yaml.Node | None
+) -> _M:
+    try:
+        return model.model_validate(raw if raw is not None else {})
+    except ValidationError as err:
+        raise UserError(_validation_message(err, model, prefix, path, root)) from None
+
+
+def load_run_spec(path: str | Path) -> RunSpec:
+    """Read `run.train`, `engine` and `output_dir` of a resolved spec. Raises UserError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise UserError(f"cannot read spec {path}: {err.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: a spec is a mapping of keys (run, engine, output_dir, ...)")
+    run = doc.get("run") or {}
+    if not isinstance(run, dict):
+        raise UserError(f"{path}: run: must be a mapping")
+    train_cfg = _validate(TrainConfig, run.get("train"), ("run", "train"), path, root)
+    engine = _validate(EngineConfig, doc.get("engine"), ("engine",), path, root)
+    output_dir = doc.get("output_dir")
+    if not isinstance(output_dir, str) or not output_dir:
+        raise UserError(
+            f"{path}: output_dir: a directory path (string) is required, got {output_dir!r}"
+        )
+    reason = unsupported_reason(engine)
+    if reason is not None:
+        node = _node_at(root, ("engine",), key_node=False)
+        where = _where(path, node)
+        raise UserError(f"{where}: engine: {reason}")
+    return RunSpec(train=train_cfg, engine=engine, output_dir=Path(output_dir))
+
+
+# Output ----------------------------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """0:07, 12:34, 1:02:03."""
+    total = max(0, int(round(seconds)))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def format_progress(
+    step: int, steps: int, loss: float, lr: float, tokens_per_s: float, eta_s: float
+) -> str:
+    """The progress line the launcher parses:
+
+        step 120/300 | loss 2.3456 | lr 2.50e-03 | 12,345 tok/s | eta 0:07
+    """
+    return (
+        f"step {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | "
+        f"{tokens_per_s:,.0f} tok/s | eta {format_duration(eta_s)}"
+    )
+
+
+def _print_summary(summary: dict[str, Any], out: TextIO) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="training summary", show_header=False)
+    table.add_column("", style="bold")
+    # fold, not ellipsis: a long output_dir must stay complete (a pipe renders 80 columns).
+    table.add_column("", overflow="fold")
+    rows = {
+        "steps": f"{summary['steps']:,}",
+        "tokens seen": f"{summary['tokens']:,}",
+        "tokens/s": f"{summary['tokens_per_s']:,.0f}",
+        "first loss": f"{summary['first_loss']:.4f}",
+        "final loss": f"{summary['final_loss']:.4f}",
+        "time": f"{format_duration(summary['train_s'])} ({summary['train_s']:.1f} s)",
+        "output_dir": str(summary["output_dir"]),
+        "world size": str(summary["world_size"]),
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    Console(file=out, force_terminal=False, highlight=False).print(table)
+
+
+# Training --------------------------------------------------------------------------------
+
+
+def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
+    """Run the whole training on this rank; returns the summary (on every rank).
+
+    Creates and tears down the process group when the environment describes one.
+    """
+    import torch
+
+    from dsl.engine import dist
+    from dsl.engine.core import initialize
+    from dsl.engine.data import SyntheticData
+    from dsl.engine.model import GPT
+    from dsl.engine.schedule import WarmupCosine
+
+    out = sys.stdout if out is None else out
+    tcfg, ecfg = spec.train, spec.engine
+    ctx = dist.setup()
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The launcher sets OMP_NUM_THREADS; without it, ranks sharing a host would each start
+        # one thread per core and oversubscribe the CPU.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.local_world_size))
+
+    torch.manual_seed(tcfg.seed)  # same initial weights on every rank
+    model = GPT(tcfg.model)
+    schedule = WarmupCosine(tcfg.lr, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
+    engine = initialize(model, ecfg, lr=tcfg.lr, weight_decay=tcfg.weight_decay, schedule=schedule)
+    data = SyntheticData(
+        tcfg.data,
+        vocab_size=tcfg.model.vocab_size,
+        seq_len=tcfg.model.seq_len,
+        micro_batch=ecfg.micro_batch,
+        rank=ctx.rank,
+        device=engine.device,
+    )
+
+    def global_mean(value: torch.Tensor) -> float:
+        if ctx.world_size > 1:
+            value = value.clone()
+            torch.distributed.all_reduce(value)
+            value /= ctx.world_size
+        return float(value)
+
+    tokens_per_step = ecfg.micro_batch * tcfg.model.seq_len * ecfg.grad_accum * ctx.world_size
+    metrics = None
+    if ctx.is_main:
+        spec.output_dir.mkdir(parents=True, exist_ok=True)
+        metrics = (spec.output_dir / "metrics.jsonl").open("a")
+        print(
+            f"{PROG}: {ctx.world_size} rank(s), backend {ctx.backend or 'none'}, device "
+            f"{engine.device}, {model.num_params():,} params, zero {ecfg.zero_stage}, "
+            f"{ecfg.precision}, {tokens_per_step:,} tokens/step",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    first_loss = final_loss = float("nan")
+    start = last_time = time.perf_counter()
+    last_step = 0
+    try:
+        for step in range(1, tcfg.steps + 1):
+            loss_sum = torch.zeros((), device=engine.device)
+            for micro_step in range(ecfg.grad_accum):
+                tokens, targets = data.batch(step, micro_step)
+                loss = engine(tokens, targets)
+                loss.backward()
+                loss_sum += loss.detach()
+            engine.step()
+            engine.zero_grad()
+
+            log_now = step % tcfg.log_every == 0 or step == tcfg.steps
+            if not (log_now or step == 1):
+                continue
+            # A collective: every rank reaches it on the same steps.
+            loss_value = global_mean(loss_sum / ecfg.grad_accum)
+            if step == 1:
+                first_loss = loss_value
+            if not log_now:
+                continue
+            final_loss = loss_value
+            now = time.perf_counter()
+            interval_s = max(now - last_time, 1e-9)
+            tokens_per_s = (step - last_step) * tokens_per_step / interval_s
+            eta_s = (tcfg.steps - step) * interval_s / (step - last_step)
+            last_time, last_step = now, step
+            if metrics is not None:
+                print(
+                    format_progress(step, tcfg.steps, loss_value, engine.lr, tokens_per_s, eta_s),
+                    file=out,
+                    flush=True,
+                )
+                row = {
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": engine.lr,
+                    "tokens_per_s": tokens_per_s,
+                    "elapsed_s": now - start,
+                    "grad_norm": engine.last_grad_norm,
+                }
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+    finally:
+        if metrics is not None:
+            metrics.close()
+    train_s = time.perf_counter() - start
+    summary = {
+        "steps": tcfg.steps,
+        "tokens": tcfg.steps * tokens_per_step,
+        "tokens_per_s": tcfg.steps * tokens_per_step / train_s,
+        "first_loss": first_loss,
+        "final_loss": final_loss,
+        "train_s": train_s,
+        "output_dir": spec.output_dir,
+        "world_size": ctx.world_size,
+    }
+    if ctx.is_main:
+        _print_summary(summary, out)
+        out.flush()
+    dist.teardown(ctx)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
+    parser.add_argument("spec", nargs="?", help="resolved dsl spec (YAML)")
+    parser.add_argument("--spec", dest="spec_opt", metavar="SPEC", help="same as positional SPEC")
+    args = parser.parse_args(argv)
+    spec_path = args.spec_opt or args.spec
+    if spec_path is None:
+        parser.error("a spec file is required")
+    try:
+        train(load_run_spec(spec_path))
+    except DslError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
