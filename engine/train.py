@@ -3,7 +3,7 @@
 SPEC.yaml is the full resolved dsl spec the launcher wrote; this reads only `run.train`
 (`TrainConfig`), `engine` (`EngineConfig`) and `output_dir`, and ignores every other key (they
 belong to the launcher, which validated them already). An invalid section prints one located
-message (`file:line:col: run.train.steps: ...`) to stderr and exits 2, before torch is imported.
+message (`file:line:col run.train.steps: ...`) to stderr and exits 2, before torch is imported.
 
 Then, on every rank: process group from torchrun's environment (`dist.setup`), the same model
 weights everywhere (`torch.manual_seed(TrainConfig.seed)` before building the model; the engine
@@ -25,20 +25,17 @@ Exit 0 on success, 2 on a bad spec.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
-
-import yaml
-from pydantic import BaseModel, ValidationError
+from typing import Any, TextIO
 
 from dsl.engine.config import EngineConfig, TrainConfig, unsupported_reason
 from dsl.engine.errors import DslError, UserError
+from dsl.engine.located import load_located, validate_located
 
 __all__ = ["RunSpec", "load_run_spec", "format_progress", "train", "main"]
 
@@ -57,115 +54,28 @@ class RunSpec:
 # Spec loading (torch-free) ---------------------------------------------------------------
 
 
-def _node_at(node: yaml.Node | None, loc: tuple[Any, ...], *, key_node: bool) -> yaml.Node | None:
-    """The YAML node at `loc` (the deepest existing one); `key_node` points at the last key."""
-    for depth, part in enumerate(loc):
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
-                    node = k if key_node and depth == len(loc) - 1 else v
-                    break
-            else:
-                return node
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if part >= len(node.value):
-                return node
-            node = node.value[part]
-        else:
-            return node
-    return node
-
-
-def _where(path: Path, node: yaml.Node | None) -> str:
-    """`file:line:col` of a YAML node (1-based), or the file alone."""
-    if node is None:
-        return str(path)
-    return f"{path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
-
-
-def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Field names of the (nested) model that holds the last element of `loc`."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        nested = field.annotation if field is not None else None
-        if not (isinstance(nested, type) and issubclass(nested, BaseModel)):
-            return []
-        model = nested
-    return list(model.model_fields)
-
-
-def _validation_message(
-    err: ValidationError,
-    model: type[BaseModel],
-    prefix: tuple[str, ...],
-    path: Path,
-    root: yaml.Node | None,
-) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        extra = e["type"] == "extra_forbidden"
-        node = _node_at(root, prefix + loc, key_node=extra)
-        where = _where(path, node)
-        field = ".".join(str(p) for p in prefix + loc)
-        if extra:
-            choices = _field_names(model, loc)
-            close = difflib.get_close_matches(str(loc[-1]), choices, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            msg = f"unknown key (valid keys: {', '.join(choices)}){hint}"
-        elif e["type"] == "missing":
-            msg = e["msg"]
-        else:
-            got = repr(e.get("input"))
-            msg = f"{e['msg']} (got {got[:60]})"
-        lines.append(f"{where}: {field}: {msg}")
-    return "invalid spec:\n  " + "\n  ".join(lines) if len(lines) > 1 else lines[0]
-
-
-_M = TypeVar("_M", bound=BaseModel)
-
-
-def _validate(
-    model: type[_M], raw: Any, prefix: tuple[str, ...], path: Path, root: yaml.Node | None
-) -> _M:
-    try:
-        return model.model_validate(raw if raw is not None else {})
-    except ValidationError as err:
-        raise UserError(_validation_message(err, model, prefix, path, root)) from None
-
-
 def load_run_spec(path: str | Path) -> RunSpec:
     """Read `run.train`, `engine` and `output_dir` of a resolved spec. Raises UserError."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise UserError(f"cannot read spec {path}: {err.strerror}") from None
-    try:
-        doc = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(err, "problem", None) or str(err)
-        raise UserError(f"{where}: not valid YAML: {problem}") from None
+    doc, locations = load_located(text, str(path))
     if not isinstance(doc, dict):
         raise UserError(f"{path}: a spec is a mapping of keys (run, engine, output_dir, ...)")
     run = doc.get("run") or {}
     if not isinstance(run, dict):
-        raise UserError(f"{path}: run: must be a mapping")
-    train_cfg = _validate(TrainConfig, run.get("train"), ("run", "train"), path, root)
-    engine = _validate(EngineConfig, doc.get("engine"), ("engine",), path, root)
+        raise UserError(f"{locations.where(('run',))} run: must be a mapping")
+    train_cfg = validate_located(TrainConfig, run.get("train") or {}, locations, ("run", "train"))
+    engine = validate_located(EngineConfig, doc.get("engine") or {}, locations, ("engine",))
     output_dir = doc.get("output_dir")
     if not isinstance(output_dir, str) or not output_dir:
-        raise UserError(
-            f"{path}: output_dir: a directory path (string) is required, got {output_dir!r}"
-        )
+        raise UserError(f"{locations.where(('output_dir',))} output_dir: a directory path "
+                        f"(string) is required, got {output_dir!r}")
     reason = unsupported_reason(engine)
     if reason is not None:
-        node = _node_at(root, ("engine",), key_node=False)
-        where = _where(path, node)
-        raise UserError(f"{where}: engine: {reason}")
+        raise UserError(f"{locations.where(('engine',))} engine: {reason}")
     return RunSpec(train=train_cfg, engine=engine, output_dir=Path(output_dir))
 
 

@@ -11,20 +11,17 @@ every other tool's output flag.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from dsl.engine.config import EngineConfig, StrictModel, TrainConfig
 from dsl.engine.errors import UserError
-from dsl.launcher.yamlsrc import Locations, dotted, load_located
+from dsl.engine.located import Locations, dotted, load_located, validate_located
 
 Backend = Literal["local", "ssh", "slurm", "mpi"]
 
@@ -207,103 +204,8 @@ def load_spec(path: str | os.PathLike[str]) -> SpecFile:
     if not isinstance(data, dict):
         raise UserError(f"{path}:1:1: a spec is a mapping of fields (name, run, resources, ...); "
                         f"got {type(data).__name__ if data is not None else 'an empty file'}")
-    try:
-        spec = Spec.model_validate(data)
-    except ValidationError as exc:
-        raise UserError("\n".join(_format_errors(exc, locations))) from None
+    spec = validate_located(Spec, data, locations)
     return SpecFile(spec, path, locations)
-
-
-def _format_errors(exc: ValidationError, locations: Locations) -> list[str]:
-    found: dict[tuple[Any, ...], tuple[Any, str]] = {}
-    for error in exc.errors(include_url=False):
-        kind = error["type"]
-        if kind == "extra_forbidden":  # the last element is the unknown key itself
-            loc = _data_path(error["loc"][:-1]) + (error["loc"][-1],)
-            message, mark = _unknown_field(loc), locations.of(loc, key=True)
-        elif kind == "missing":
-            loc = _data_path(error["loc"])
-            message, mark = f"required field is missing{_field_hint(loc)}", locations.of(loc)
-        else:
-            loc = _data_path(error["loc"])
-            message, mark = error["msg"].removeprefix("Value error, "), locations.of(loc)
-            if kind == "literal_error":
-                message += _did_you_mean(error.get("input"), error.get("ctx", {}).get("expected", ""))
-        found.setdefault((loc, message), (mark, f"{dotted(loc)}: {message}"))
-    ordered = sorted(found.values(), key=lambda item: (item[0].line, item[0].col))
-    return [f"{locations.source}:{mark.line}:{mark.col} {text}" for mark, text in ordered]
-
-
-def _did_you_mean(value: Any, expected: str) -> str:
-    if not isinstance(value, str):
-        return ""
-    close = difflib.get_close_matches(value, re.findall(r"'([^']*)'", expected), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def _data_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Drop pydantic's union-member tags (`int`, `literal['auto']`, `function-before[...]`)."""
-    out = []
-    model: Any = Spec
-    for part in loc:
-        if isinstance(part, int):
-            out.append(part)
-            continue
-        fields = _fields_of(model)
-        if fields is None:  # inside a dict field: every key is data
-            out.append(part)
-            continue
-        if part in fields:
-            out.append(part)
-            model = _model_in(fields[part].annotation)
-        # anything else is a pydantic tag, not a YAML key
-    return tuple(out)
-
-
-def _fields_of(model: Any) -> dict[str, Any] | None:
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return model.model_fields
-    return None
-
-
-def _model_in(annotation: Any) -> Any:
-    """The pydantic model inside an annotation such as `TrainConfig | None`, or None."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType, Annotated):
-        for arg in typing.get_args(annotation):
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _model_at(path: tuple[Any, ...]) -> Any:
-    model: Any = Spec
-    for part in path:
-        fields = _fields_of(model)
-        if fields is None or part not in fields:
-            return None
-        model = _model_in(fields[part].annotation)
-    return model
-
-
-def _unknown_field(loc: tuple[Any, ...]) -> str:
-    parent = _model_at(loc[:-1])
-    valid = sorted(parent.model_fields) if parent is not None else []
-    name = str(loc[-1])
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown field '{name}'{hint} (valid fields: {', '.join(valid)})"
-
-
-def _field_hint(loc: tuple[Any, ...]) -> str:
-    parent = _model_at(loc[:-1])
-    if parent is None:
-        return ""
-    info = parent.model_fields.get(str(loc[-1]))
-    return f" ({info.description.splitlines()[0]})" if info and info.description else ""
 
 
 def json_schema() -> dict[str, Any]:
