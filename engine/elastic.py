@@ -9,7 +9,10 @@ torchrun's `run()`; dsl does not reimplement rank spawning. It adds two things t
 - instead of torchrun's Python traceback, a failure is reported as one line
   `[dsl-agent] {"event": "failed", "rank": R, "exitcode": C, ...}` on stderr (the first failing rank,
   torchrun's "root cause"), and this process exits with that rank's exit code (128+N for a rank
-  killed by signal N), the way `deepspeed` and `srun` report a failed rank.
+  killed by signal N), the way `deepspeed` and `srun` report a failed rank;
+- OMP_NUM_THREADS = this host's usable cores / its ranks (at least 1) unless already set: ranks
+  sharing a host otherwise start one thread per core each and fight over the cores (torchrun
+  would set 1, DeepSpeed nothing).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if "OMP_NUM_THREADS" not in os.environ and str(args.nproc_per_node).isdigit():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // int(args.nproc_per_node)))
     try:
         run(args)
     except ChildFailedError as exc:

@@ -8,6 +8,9 @@ starter) and makes sure that when the job ends, for whatever reason, nothing it 
 - On SIGTERM, SIGINT or SIGHUP (and, with --watch-stdin, when its stdin closes, i.e. the SSH
   connection to the launcher is gone) it sends SIGTERM to every descendant at once, waits up to
   `--grace-s` seconds, then SIGKILLs whatever is left.
+- With --env-stdin, the first line of stdin is a JSON object of environment variables for
+  COMMAND: remote backends pass the job's environment (secrets included) this way, so no value
+  appears on a command line that `ps` on the host would show.
 - When COMMAND exits, leftover descendants get the same treatment, and the guard exits with
   COMMAND's exit code (128+N if COMMAND or the guard itself ended by signal N).
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -101,11 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsl.launcher.guard")
     parser.add_argument("--grace-s", type=float, default=3.0)
     parser.add_argument("--watch-stdin", action="store_true")
+    parser.add_argument("--env-stdin", action="store_true")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given")
+
+    env = None
+    if args.env_stdin:
+        try:
+            extra = json.loads(sys.stdin.buffer.readline() or b"{}")
+        except json.JSONDecodeError as exc:
+            print(f"dsl guard: bad environment line on stdin: {exc}", file=sys.stderr, flush=True)
+            return 2
+        env = {**os.environ, **{str(k): str(v) for k, v in extra.items()}}
 
     _become_subreaper()
     stop: dict[str, int] = {}
@@ -126,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # Ranks never read the launcher's terminal; with --watch-stdin the guard owns stdin.
-        child = psutil.Popen(command, stdin=subprocess.DEVNULL)
+        child = psutil.Popen(command, stdin=subprocess.DEVNULL, env=env)
     except OSError as exc:
         print(f"dsl guard: cannot start {command[0]!r}: {exc}", file=sys.stderr, flush=True)
         return 127

@@ -110,7 +110,6 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True) -> Prepa
         cwd=os.getcwd(),
         master_port=master_port,
         env_values=env_values,
-        cpus_per_host={"localhost": os.cpu_count() or 1} if spec.resources.backend == "local" else {},
         set_visible_devices=pin,
     )
     return Prepared(spec_file, render(spec_file, hosts, inputs), port)

@@ -12,19 +12,20 @@ Per host the command is
 
 torchrun gives every rank its environment contract (RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, GROUP_RANK, ROLE_RANK, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_*), so an
-unchanged torchrun script works. NODE_RANK is added by dsl (DeepSpeed's launcher sets it too).
+unchanged torchrun script works. NODE_RANK is added by dsl (DeepSpeed's launcher sets it too), and
+the starter sets OMP_NUM_THREADS to the host's cores / its ranks unless the spec sets it.
 """
 
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from dsl.launcher import shell
 from dsl.launcher.hosts import Host
 from dsl.launcher.spec import SpecFile
 
@@ -46,6 +47,32 @@ class HostLaunch:
 
 
 @dataclass(frozen=True)
+class SshTarget:
+    """How to reach the hosts over ssh (paths resolved, as the spec's `resources.ssh` says)."""
+
+    user: str | None
+    port: int
+    identity_file: str | None
+    known_hosts: str | None
+    config_file: str | None
+    strict_host_key_checking: bool
+    connect_timeout_s: float
+
+    def describe(self, host: str) -> str:
+        """An equivalent OpenSSH command line, for people reading a plan."""
+        argv = ["ssh", "-p", str(self.port), "-o", f"ConnectTimeout={self.connect_timeout_s:g}"]
+        if self.config_file:
+            argv += ["-F", self.config_file]
+        if self.identity_file:
+            argv += ["-i", self.identity_file]
+        if self.known_hosts:
+            argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        argv += ["-o", f"StrictHostKeyChecking={'yes' if self.strict_host_key_checking else 'no'}"]
+        argv.append(f"{self.user}@{host}" if self.user else host)
+        return shell.join(argv)
+
+
+@dataclass(frozen=True)
 class LaunchPlan:
     name: str
     backend: str
@@ -58,6 +85,8 @@ class LaunchPlan:
     secrets: frozenset[str] = frozenset()
     files: Mapping[str, str] = field(default_factory=dict)
     """Files written before the ranks start: path -> content."""
+    ssh: SshTarget | None = None
+    """Set for backends that reach hosts over ssh."""
 
     def redacted_env(self, env: Mapping[str, str]) -> dict[str, str]:
         return {k: (REDACTED if k in self.secrets else v) for k, v in env.items()}
@@ -83,9 +112,13 @@ class LaunchPlan:
             lines.append(f"writes: {path}")
         for h in self.hosts:
             ranks = f"{h.ranks[0]}-{h.ranks[-1]}" if len(h.ranks) > 1 else str(h.ranks[0])
-            env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.redacted_env(h.env).items())
+            env = " ".join(f"{k}={shell.quote(v)}" for k, v in self.redacted_env(h.env).items())
             lines.append(f"\n[{h.host}] node_rank {h.node_rank}, ranks {ranks}, slots {list(h.slots)}")
-            lines.append(f"cd {shlex.quote(h.cwd)} && env {env} {shlex.join(h.argv)}")
+            if self.backend == "ssh" and self.ssh is not None:
+                lines.append(f"{self.ssh.describe(h.host)} {shell.quote(shell.remote_command(h.cwd, h.argv))}")
+                lines.append(f"  environment (sent on stdin): {env}")
+            else:
+                lines.append(f"cd {shell.quote(h.cwd)} && env {env} {shell.join(h.argv)}")
         return "\n".join(lines)
 
 
@@ -97,7 +130,6 @@ class RenderInputs:
     cwd: str
     master_port: int
     env_values: Mapping[str, str]
-    cpus_per_host: Mapping[str, int]
     set_visible_devices: bool
 
 
@@ -130,8 +162,13 @@ def render(spec_file: SpecFile, hosts: list[Host], inputs: RenderInputs) -> Laun
             "--tee=3",
             f"--log-dir={output_dir}/logs/torchelastic/{host.name}",
         ]
-        guard = [python, "-m", "dsl.launcher.guard", f"--grace-s={GUARD_GRACE_S:g}", "--"]
-        env = _host_env(spec_file, host, node_rank, inputs, nproc, output_dir)
+        guard = [python, "-m", "dsl.launcher.guard", f"--grace-s={GUARD_GRACE_S:g}"]
+        if spec.resources.backend == "ssh":
+            # The environment arrives on stdin (no secret on a command line) and the end of
+            # stdin (connection closed or lost) stops every rank of the host.
+            guard += ["--env-stdin", "--watch-stdin"]
+        guard.append("--")
+        env = _host_env(spec_file, host, node_rank, inputs, output_dir)
         launches.append(HostLaunch(
             host=host.name,
             node_rank=node_rank,
@@ -154,7 +191,18 @@ def render(spec_file: SpecFile, hosts: list[Host], inputs: RenderInputs) -> Laun
         hosts=tuple(launches),
         secrets=frozenset(spec.env.secret),
         files={resolved_spec_path: resolved_spec_yaml(spec_file, output_dir)},
+        ssh=ssh_target(spec_file) if spec.resources.backend in ("ssh", "mpi") else None,
     )
+
+
+def ssh_target(spec_file: SpecFile) -> SshTarget:
+    ssh = spec_file.spec.resources.ssh
+
+    def path(value: str | None) -> str | None:
+        return str(spec_file.resolve(value)) if value else None
+
+    return SshTarget(ssh.user, ssh.port, path(ssh.identity_file), path(ssh.known_hosts),
+                     path(ssh.config_file), ssh.strict_host_key_checking, ssh.connect_timeout_s)
 
 
 def _program(spec_file: SpecFile, resolved_spec_path: str) -> list[str]:
@@ -167,7 +215,7 @@ def _program(spec_file: SpecFile, resolved_spec_path: str) -> list[str]:
 
 
 def _host_env(spec_file: SpecFile, host: Host, node_rank: int, inputs: RenderInputs,
-              nproc: int, output_dir: str) -> dict[str, str]:
+              output_dir: str) -> dict[str, str]:
     env: dict[str, str] = {
         # Rank output goes through a pipe; unbuffered, it streams as it is printed.
         "PYTHONUNBUFFERED": "1",
@@ -175,13 +223,9 @@ def _host_env(spec_file: SpecFile, host: Host, node_rank: int, inputs: RenderInp
         "DSL_JOB_NAME": spec_file.spec.name,
         "DSL_OUTPUT_DIR": output_dir,
     }
-    cpus = inputs.cpus_per_host.get(host.name)
-    if cpus:
-        # Without it, every rank starts one thread per core and they fight over the cores.
-        env["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))
     if inputs.set_visible_devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(s) for s in host.slots)
-    env.update(inputs.env_values)  # the user's values win, OMP_NUM_THREADS included
+    env.update(inputs.env_values)  # the user's values win
     return env
 
 

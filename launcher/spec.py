@@ -68,6 +68,25 @@ class Run(StrictModel):
         return self
 
 
+class Ssh(StrictModel):
+    """How the ssh backend (and preflight) reach the hosts."""
+
+    user: str | None = None
+    """Remote user; default: your ssh config's, else your local user name."""
+    port: int = Field(22, ge=1, le=65535)
+    """sshd port on every host."""
+    identity_file: str | None = None
+    """Private key to log in with (relative to the spec file); default: ssh agent and ~/.ssh keys."""
+    known_hosts: str | None = None
+    """known_hosts file to check host keys against; default: ~/.ssh/known_hosts."""
+    config_file: str | None = None
+    """An ssh_config file (ProxyJump, per-host users and keys); default: ~/.ssh/config."""
+    strict_host_key_checking: bool = True
+    """Refuse hosts whose key is unknown or changed. Turning it off is insecure and says so."""
+    connect_timeout_s: float = Field(5.0, gt=0)
+    """Give up on a host that does not answer within this many seconds."""
+
+
 class Resources(StrictModel):
     """Where the ranks run."""
 
@@ -87,6 +106,8 @@ class Resources(StrictModel):
     """Address of rank 0's host; default: the first host (127.0.0.1 for a local run)."""
     master_port: IntOrAuto = "auto"
     """Port of the rendezvous on the master host; `auto` picks a free one per launch."""
+    ssh: Ssh = Ssh()
+    """SSH settings for backend ssh (and for preflight checks of remote hosts)."""
 
     @field_validator("procs_per_node", "master_port")
     @classmethod

@@ -41,7 +41,10 @@ class Backend(Protocol):
     def start(self, plan: LaunchPlan, sink: Sink) -> list[HostProcess]: ...
 
 
-_BACKENDS = {"local": "dsl.launcher.backends.local:LocalBackend"}
+_BACKENDS = {
+    "local": "dsl.launcher.backends.local:LocalBackend",
+    "ssh": "dsl.launcher.backends.ssh:SshBackend",
+}
 
 
 def get_backend(name: str) -> Backend:

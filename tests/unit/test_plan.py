@@ -16,7 +16,7 @@ from dsl.launcher.spec import load_spec
 
 def _inputs(**over):
     base = dict(python="/opt/py/bin/python", cwd="/work/dir", master_port=29511,
-                env_values={}, cpus_per_host={"localhost": 8}, set_visible_devices=False)
+                env_values={}, set_visible_devices=False)
     base.update(over)
     return RenderInputs(**base)
 
@@ -35,7 +35,6 @@ def test_local_train_plan(write):
                  "--master-port=29511", "--max-restarts=0", "--tee=3"):
         assert flag in starter
     assert starter[-3:] == ["-m", "dsl.engine.train", "/work/dir/runs/t/resolved.yaml"]
-    assert host.env["OMP_NUM_THREADS"] == "4"  # 8 cores / 2 ranks
     assert host.env["PYTHONUNBUFFERED"] == "1"
     assert "/work/dir/runs/t/resolved.yaml" in plan.files
 
@@ -44,14 +43,13 @@ def test_multi_host_ranks_and_visible_devices(write):
     spec = load_spec(write("s.yaml", "name: t\nrun: {module: pkg.main, args: [--x, '1']}\n"
                                       "resources: {backend: ssh, hostfile: hf}\n"))
     hosts = [Host("a", (0, 1, 2)), Host("b", (1, 3))]
-    plan = render(spec, hosts, _inputs(set_visible_devices=True, cpus_per_host={}))
+    plan = render(spec, hosts, _inputs(set_visible_devices=True))
     assert [h.ranks for h in plan.hosts] == [(0, 1, 2), (3, 4)]
     assert [h.node_rank for h in plan.hosts] == [0, 1]
     assert plan.master_addr == "a" and plan.world_size == 5
     assert plan.hosts[1].env["CUDA_VISIBLE_DEVICES"] == "1,3"
     assert "--nproc-per-node=2" in plan.hosts[1].argv
     assert list(plan.hosts[1].argv[-4:]) == ["-m", "pkg.main", "--x", "1"]
-    assert "OMP_NUM_THREADS" not in plan.hosts[0].env
 
 
 def test_script_path_is_relative_to_spec_and_args_kept(write, tmp_path):
