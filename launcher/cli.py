@@ -30,6 +30,8 @@ def launch(
     spec: Path = SpecArg,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-host commands; start nothing."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
+    preflight: bool = typer.Option(True, "--preflight/--no-preflight",
+                                   help="Check remote hosts before starting (ssh/mpi backends)."),
 ) -> None:
     """Run SPEC on its hosts, streaming every rank's output with a [host:rank] prefix."""
     from dsl.launcher import console
@@ -41,7 +43,32 @@ def launch(
     if dry_run:
         print(dry_run_text(prepared, as_json))
         return
+    if preflight and prepared.plan.backend in ("ssh", "mpi"):
+        _preflight(prepared.plan)
     raise typer.Exit(_run(prepared))
+
+
+def _preflight(plan) -> None:  # type: ignore[no-untyped-def]
+    from dsl.engine.errors import UserError
+    from dsl.launcher import console
+    from dsl.launcher.preflight import failures, run_preflight, table
+
+    rows = run_preflight(plan)
+    console.err.print(table(rows))
+    problem = failures(rows)
+    if problem:
+        raise UserError(problem)
+
+
+@app.command("preflight")
+def preflight_cmd(spec: Path = SpecArg) -> None:
+    """Check every host of SPEC (reachable, versions, master address, port, slots); start nothing."""
+    from dsl.launcher import console
+
+    console.setup_logging()
+    from dsl.launcher.launch import prepare
+
+    _preflight(prepare(spec, reserve=False).plan)
 
 
 def _run(prepared) -> int:  # type: ignore[no-untyped-def]
