@@ -122,6 +122,30 @@ def _run(prepared) -> int:  # type: ignore[no-untyped-def]
 
 
 @app.command()
+def sbatch(
+    spec: Path = SpecArg,
+    output: Optional[Path] = typer.Option(None, "-o", "--output",
+                                          help="Write the script here (default: print it)."),
+) -> None:
+    """Write the Slurm batch script of SPEC (and the resolved spec it runs) for `sbatch`."""
+    from dsl.launcher import console
+
+    console.setup_logging()
+    from dsl.launcher.launch import prepare, write_run_folder
+    from dsl.launcher.slurm import SCRIPT_NAME
+
+    plan = prepare(spec, reserve=False, backend="slurm").plan
+    write_run_folder(plan)
+    script = next(text for path, text in plan.files.items() if path.endswith("/" + SCRIPT_NAME))
+    if output is None:
+        print(script, end="")
+        return
+    output.write_text(script)
+    output.chmod(0o755)
+    console.message(f"dsl: wrote {output}; submit it with: sbatch {output}")
+
+
+@app.command()
 def validate(specs: List[Path] = typer.Argument(..., help="Spec files to check.")) -> None:
     """Check spec files; print every problem as file:line:col field: message."""
     from dsl.engine.errors import UserError

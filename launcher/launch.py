@@ -7,6 +7,7 @@ the same plan to the backend under supervision.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ from dsl.engine.config import unsupported_reason
 from dsl.engine.errors import UserError
 from dsl.launcher import hosts as hostlib
 from dsl.launcher.envfile import load_env_file
-from dsl.launcher.plan import LaunchPlan, RenderInputs, plan_json, render
+from dsl.launcher.plan import LaunchPlan, RenderInputs, plan_json
+from dsl.launcher.render import render
 from dsl.launcher.ports import PortReservation, hold_port, reserve_port
 from dsl.launcher.spec import SpecFile, load_spec
 from dsl.topology.gpus import count_gpus
@@ -33,10 +35,37 @@ class Prepared:
     port: PortReservation | None
 
 
+def in_slurm_allocation() -> bool:
+    return bool(os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_JOB_NODELIST"))
+
+
+def _slurm_hosts(spec_file: SpecFile) -> list[hostlib.Host]:
+    """Inside an allocation: its hosts. Otherwise placeholders for the nodes sbatch will get."""
+    res = spec_file.spec.resources
+    if res.hostfile:
+        raise UserError(f"{spec_file.where('resources', 'hostfile')}: with backend slurm, Slurm "
+                        "chooses the hosts; remove hostfile (use slurm.constraint or extra_sbatch)")
+    nproc = res.procs_per_node if isinstance(res.procs_per_node, int) else \
+        (res.slurm.gpus_per_node or 1)
+    if in_slurm_allocation():
+        from dsl.launcher.backends.slurm import allocation_hosts
+
+        names = allocation_hosts()
+        if res.nodes and res.nodes > len(names):
+            raise UserError(f"{spec_file.where('resources', 'nodes')}: nodes: {res.nodes} but the "
+                            f"allocation {os.environ['SLURM_JOB_ID']} has {len(names)} node(s)")
+        names = names[:res.nodes] if res.nodes else names
+    else:
+        names = [f"slurm-node{i}" for i in range(res.nodes or 1)]
+    return [hostlib.Host(name, tuple(range(nproc))) for name in names]
+
+
 def resolve_spec_hosts(spec_file: SpecFile) -> tuple[list[hostlib.Host], bool]:
     """The hosts of a spec and whether CUDA_VISIBLE_DEVICES should pin their slots."""
     res = spec_file.spec.resources
     num_procs = res.procs_per_node if isinstance(res.procs_per_node, int) else None
+    if res.backend == "slurm":
+        return _slurm_hosts(spec_file), False
     if res.hostfile:
         try:
             pool = hostlib.load_hostfile(spec_file.resolve(res.hostfile))
@@ -78,9 +107,14 @@ def _env_values(spec_file: SpecFile) -> dict[str, str]:
     return values
 
 
-def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True) -> Prepared:
-    """Everything up to the plan. `reserve=False` (dry run) picks a port without holding it."""
+def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
+            backend: str | None = None) -> Prepared:
+    """Everything up to the plan. `reserve=False` (dry run) picks a port without holding it;
+    `backend` overrides the spec's (`dsl sbatch` renders any spec for Slurm)."""
     spec_file = load_spec(spec_path)
+    if backend is not None and backend != spec_file.spec.resources.backend:
+        resources = spec_file.spec.resources.model_copy(update={"backend": backend})
+        spec_file = dataclasses.replace(spec_file, spec=spec_file.spec.model_copy(update={"resources": resources}))
     spec = spec_file.spec
     if spec.run.train is not None:
         reason = unsupported_reason(spec.engine)
@@ -94,7 +128,9 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True) -> Prepa
     env_values = _env_values(spec_file)
     port: PortReservation | None = None
     master_port = spec.resources.master_port
-    if master_port == "auto":
+    if spec.resources.backend == "slurm":
+        pass  # decided on the nodes: the spec's port, or one derived from the job id
+    elif master_port == "auto":
         port = reserve_port()
         master_port = port.port
         if not reserve:
@@ -111,6 +147,8 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True) -> Prepa
         master_port=master_port,
         env_values=env_values,
         set_visible_devices=pin,
+        in_slurm_allocation=in_slurm_allocation(),
+        is_root=hasattr(os, "geteuid") and os.geteuid() == 0,
     )
     return Prepared(spec_file, render(spec_file, hosts, inputs), port)
 
@@ -134,7 +172,8 @@ def dry_run_text(prepared: Prepared, as_json: bool) -> str:
     if as_json:
         return json.dumps(prepared.plan.to_json(), indent=2)
     text = prepared.plan.describe()
-    if prepared.spec_file.spec.resources.master_port == "auto":
+    res = prepared.spec_file.spec.resources
+    if res.master_port == "auto" and res.backend != "slurm":
         text += ("\n\n# master_port is auto: this port was free just now; "
                  "`dsl launch` picks (and holds) a free port again when it starts.")
     return text

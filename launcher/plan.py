@@ -78,15 +78,22 @@ class LaunchPlan:
     backend: str
     world_size: int
     master_addr: str
-    master_port: int
+    master_port: int | str
+    """A port, or the shell expression that computes it on the host (Slurm, `auto`)."""
     output_dir: str
     max_restarts: int
     hosts: tuple[HostLaunch, ...]
+    """What runs on each host. For mpi and slurm, `submit` starts these, not dsl."""
     secrets: frozenset[str] = frozenset()
     files: Mapping[str, str] = field(default_factory=dict)
     """Files written before the ranks start: path -> content."""
     ssh: SshTarget | None = None
     """Set for backends that reach hosts over ssh."""
+    submit: HostLaunch | None = None
+    """The one command run on this machine for mpi (mpirun) and slurm (sbatch, or bash of the
+    batch script inside an allocation)."""
+    job_output: str | None = None
+    """Slurm: the file the job's output goes to (`%j` = the job id)."""
 
     def redacted_env(self, env: Mapping[str, str]) -> dict[str, str]:
         return {k: (REDACTED if k in self.secrets else v) for k, v in env.items()}
@@ -99,6 +106,9 @@ class LaunchPlan:
         out["hosts"] = [
             {**asdict(h), "argv": list(h.argv), "env": self.redacted_env(h.env)} for h in self.hosts
         ]
+        if self.submit is not None:
+            out["submit"] = {**asdict(self.submit), "argv": list(self.submit.argv),
+                             "env": self.redacted_env(self.submit.env)}
         return out
 
     def describe(self) -> str:
@@ -110,11 +120,18 @@ class LaunchPlan:
         ]
         for path in sorted(self.files):
             lines.append(f"writes: {path}")
+        if self.submit is not None:
+            env = " ".join(f"{k}={shell.quote(v)}" for k, v in self.redacted_env(self.submit.env).items())
+            lines.append(f"\nruns here: cd {shell.quote(self.submit.cwd)} && env {env} "
+                         f"{shell.join(self.submit.argv)}")
+            lines.append("which starts on each host:")
         for h in self.hosts:
             ranks = f"{h.ranks[0]}-{h.ranks[-1]}" if len(h.ranks) > 1 else str(h.ranks[0])
             env = " ".join(f"{k}={shell.quote(v)}" for k, v in self.redacted_env(h.env).items())
             lines.append(f"\n[{h.host}] node_rank {h.node_rank}, ranks {ranks}, slots {list(h.slots)}")
-            if self.backend == "ssh" and self.ssh is not None:
+            if self.submit is not None:
+                lines.append(shell.join(h.argv))
+            elif self.backend == "ssh" and self.ssh is not None:
                 lines.append(f"{self.ssh.describe(h.host)} {shell.quote(shell.remote_command(h.cwd, h.argv))}")
                 lines.append(f"  environment (sent on stdin): {env}")
             else:
@@ -128,70 +145,86 @@ class RenderInputs:
 
     python: str
     cwd: str
-    master_port: int
+    master_port: int | str
     env_values: Mapping[str, str]
     set_visible_devices: bool
+    in_slurm_allocation: bool = False
+    is_root: bool = False
 
 
-def render(spec_file: SpecFile, hosts: list[Host], inputs: RenderInputs) -> LaunchPlan:
+@dataclass(frozen=True)
+class Job:
+    """What every backend's render shares: paths, interpreter, program, master address."""
+
+    spec_file: SpecFile
+    inputs: RenderInputs
+    output_dir: str
+    python: str
+    cwd: str
+    program: list[str]
+    files: dict[str, str]
+
+    @property
+    def spec(self):  # -> Spec
+        return self.spec_file.spec
+
+
+def job_of(spec_file: SpecFile, inputs: RenderInputs) -> Job:
     spec = spec_file.spec
-    output_dir = str((Path(inputs.cwd) / spec_file.output_dir).resolve()) \
-        if not spec_file.output_dir.is_absolute() else str(spec_file.output_dir)
+    output_dir = str(spec_file.output_dir) if spec_file.output_dir.is_absolute() \
+        else str((Path(inputs.cwd) / spec_file.output_dir).resolve())
     resolved_spec_path = f"{output_dir}/resolved.yaml"
-    python = spec.run.python or inputs.python
-    cwd = spec.run.workdir or inputs.cwd
-    local = spec.resources.backend == "local"
-    master_addr = spec.resources.master_addr or ("127.0.0.1" if local else hosts[0].name)
-    world_size = sum(len(h.slots) for h in hosts)
+    return Job(
+        spec_file=spec_file,
+        inputs=inputs,
+        output_dir=output_dir,
+        python=spec.run.python or inputs.python,
+        cwd=spec.run.workdir or inputs.cwd,
+        program=_program(spec_file, resolved_spec_path),
+        files={resolved_spec_path: resolved_spec_yaml(spec_file, output_dir)},
+    )
 
-    program = _program(spec_file, resolved_spec_path)
-    launches = []
-    first_rank = 0
+
+def layout(hosts: list[Host]) -> list[tuple[int, Host, tuple[int, ...]]]:
+    """(node_rank, host, global ranks) in host order: ranks fill hosts in hostfile order."""
+    out, first = [], 0
     for node_rank, host in enumerate(hosts):
-        nproc = len(host.slots)
-        starter = [
-            python, "-m", "dsl.engine.elastic",
-            f"--nnodes={len(hosts)}",
-            f"--node-rank={node_rank}",
-            f"--nproc-per-node={nproc}",
-            f"--master-addr={master_addr}",
-            f"--master-port={inputs.master_port}",
-            "--max-restarts=0",  # dsl restarts the whole job (max_restarts), on every backend
-            "--monitor-interval=0.1",
-            f"--shutdown-timeout={GUARD_GRACE_S:g}",
-            "--tee=3",
-            f"--log-dir={output_dir}/logs/torchelastic/{host.name}",
-        ]
-        guard = [python, "-m", "dsl.launcher.guard", f"--grace-s={GUARD_GRACE_S:g}"]
-        if spec.resources.backend == "ssh":
-            # The environment arrives on stdin (no secret on a command line) and the end of
-            # stdin (connection closed or lost) stops every rank of the host.
-            guard += ["--env-stdin", "--watch-stdin"]
-        guard.append("--")
-        env = _host_env(spec_file, host, node_rank, inputs, output_dir)
+        out.append((node_rank, host, tuple(range(first, first + len(host.slots)))))
+        first += len(host.slots)
+    return out
+
+
+def render_per_host(job: Job, hosts: list[Host]) -> LaunchPlan:
+    """local and ssh: one guard + torchrun per host, started by dsl itself."""
+    spec, inputs = job.spec, job.inputs
+    backend = spec.resources.backend
+    master_addr = spec.resources.master_addr or ("127.0.0.1" if backend == "local" else hosts[0].name)
+    launches = []
+    for node_rank, host, ranks in layout(hosts):
+        starter = starter_argv(job.python, len(hosts), node_rank, len(host.slots), master_addr,
+                               inputs.master_port, f"{job.output_dir}/logs/torchelastic/{host.name}")
+        guard = guard_argv(job.python, remote=backend == "ssh")
         launches.append(HostLaunch(
             host=host.name,
             node_rank=node_rank,
-            ranks=tuple(range(first_rank, first_rank + nproc)),
+            ranks=ranks,
             slots=tuple(host.slots),
-            argv=tuple(guard + starter + program),
-            env=env,
-            cwd=cwd,
+            argv=tuple(guard + starter + job.program),
+            env=host_env(job, host, node_rank),
+            cwd=job.cwd,
         ))
-        first_rank += nproc
-
     return LaunchPlan(
         name=spec.name,
-        backend=spec.resources.backend,
-        world_size=world_size,
+        backend=backend,
+        world_size=sum(len(h.slots) for h in hosts),
         master_addr=master_addr,
         master_port=inputs.master_port,
-        output_dir=output_dir,
+        output_dir=job.output_dir,
         max_restarts=spec.max_restarts,
         hosts=tuple(launches),
         secrets=frozenset(spec.env.secret),
-        files={resolved_spec_path: resolved_spec_yaml(spec_file, output_dir)},
-        ssh=ssh_target(spec_file) if spec.resources.backend in ("ssh", "mpi") else None,
+        files=job.files,
+        ssh=ssh_target(job.spec_file) if backend == "ssh" else None,
     )
 
 
@@ -205,6 +238,39 @@ def ssh_target(spec_file: SpecFile) -> SshTarget:
                      path(ssh.config_file), ssh.strict_host_key_checking, ssh.connect_timeout_s)
 
 
+def starter_argv(python: str, nnodes: int, node_rank: int | str, nproc: int, master_addr: str,
+                 master_port: int | str, log_dir: str) -> list[str]:
+    """torchrun (through dsl.engine.elastic) for one host. node_rank, master_addr, master_port
+    and log_dir may be `shell.Var`s, expanded on the host (Slurm knows them only there)."""
+    def flag(name: str, value: int | str) -> str:
+        if isinstance(value, shell.Var):
+            return shell.Var(f"--{name}={value.prefix}", value.name)
+        return f"--{name}={value}"
+
+    return [
+        python, "-m", "dsl.engine.elastic",
+        f"--nnodes={nnodes}",
+        flag("node-rank", node_rank),
+        f"--nproc-per-node={nproc}",
+        flag("master-addr", master_addr),
+        flag("master-port", master_port),
+        "--max-restarts=0",  # dsl restarts the whole job (max_restarts), on every backend
+        "--monitor-interval=0.1",
+        f"--shutdown-timeout={GUARD_GRACE_S:g}",
+        "--tee=3",
+        flag("log-dir", log_dir),
+    ]
+
+
+def guard_argv(python: str, remote: bool = False) -> list[str]:
+    guard = [python, "-m", "dsl.launcher.guard", f"--grace-s={GUARD_GRACE_S:g}"]
+    if remote:
+        # The environment arrives on stdin (no secret on a command line) and the end of stdin
+        # (connection closed or lost) stops every rank of the host.
+        guard += ["--env-stdin", "--watch-stdin"]
+    return guard + ["--"]
+
+
 def _program(spec_file: SpecFile, resolved_spec_path: str) -> list[str]:
     run = spec_file.spec.run
     if run.train is not None:
@@ -214,18 +280,23 @@ def _program(spec_file: SpecFile, resolved_spec_path: str) -> list[str]:
     return [str(spec_file.resolve(run.script)), *run.args]
 
 
-def _host_env(spec_file: SpecFile, host: Host, node_rank: int, inputs: RenderInputs,
-              output_dir: str) -> dict[str, str]:
-    env: dict[str, str] = {
+def base_env(job: Job) -> dict[str, str]:
+    """Variables dsl sets on every rank of every backend, then the spec's (which win)."""
+    env = {
         # Rank output goes through a pipe; unbuffered, it streams as it is printed.
         "PYTHONUNBUFFERED": "1",
-        "NODE_RANK": str(node_rank),
-        "DSL_JOB_NAME": spec_file.spec.name,
-        "DSL_OUTPUT_DIR": output_dir,
+        "DSL_JOB_NAME": job.spec.name,
+        "DSL_OUTPUT_DIR": job.output_dir,
     }
-    if inputs.set_visible_devices:
+    env.update(job.inputs.env_values)
+    return env
+
+
+def host_env(job: Job, host: Host, node_rank: int) -> dict[str, str]:
+    env = {"NODE_RANK": str(node_rank)}
+    if job.inputs.set_visible_devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(s) for s in host.slots)
-    env.update(inputs.env_values)  # the user's values win
+    env.update(base_env(job))  # the user's values win
     return env
 
 

@@ -12,13 +12,32 @@ import shlex
 from typing import Iterable, Mapping
 
 
+class Var(str):
+    """A word whose tail is a shell variable expanded where the command runs, e.g.
+    `Var("--node-rank=", "SLURM_NODEID")` -> `--node-rank="$SLURM_NODEID"`. As a plain string it
+    reads `--node-rank=$SLURM_NODEID` (for plans shown to people)."""
+
+    def __new__(cls, prefix: str, name: str) -> "Var":
+        word = super().__new__(cls, f"{prefix}${name}")
+        word.prefix, word.name = prefix, name
+        return word
+
+    prefix: str
+    name: str
+
+    def __reduce__(self):  # copy/deepcopy/pickle keep it a Var
+        return (Var, (self.prefix, self.name))
+
+
 def quote(word: str) -> str:
+    if isinstance(word, Var):
+        return (shlex.quote(word.prefix) if word.prefix else "") + f'"${word.name}"'
     return shlex.quote(word)
 
 
 def join(argv: Iterable[str]) -> str:
-    """Shell text that a POSIX shell splits back into exactly `argv`."""
-    return " ".join(shlex.quote(str(word)) for word in argv)
+    """Shell text that a POSIX shell splits back into exactly `argv` (Var words expand there)."""
+    return " ".join(quote(word) for word in argv)
 
 
 def remote_command(cwd: str, argv: Iterable[str]) -> str:

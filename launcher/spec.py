@@ -87,6 +87,49 @@ class Ssh(StrictModel):
     """Give up on a host that does not answer within this many seconds."""
 
 
+class Slurm(StrictModel):
+    """Batch-script settings for backend slurm (`dsl sbatch`, `dsl launch`)."""
+
+    partition: str | None = None
+    """Partition (`--partition`); default: the cluster's default partition."""
+    account: str | None = None
+    """Account to charge (`--account`)."""
+    qos: str | None = None
+    """Quality of service (`--qos`)."""
+    time_min: int | None = Field(None, ge=1)
+    """Time limit in minutes (`--time`); default: the partition's."""
+    gpus_per_node: int | None = Field(None, ge=0)
+    """GPUs per node (`--gpus-per-node`); default: procs_per_node on GPU clusters is up to you."""
+    gres: str | None = None
+    """Generic resources instead of gpus_per_node, e.g. `gpu:h100:8` (`--gres`)."""
+    cpus_per_task: int | None = Field(None, ge=1)
+    """CPUs for each node's task, which runs all ranks of the node (`--cpus-per-task`)."""
+    mem_gb: int | None = Field(None, ge=1)
+    """Memory per node in GB (`--mem`)."""
+    exclusive: bool = False
+    """Whole nodes only (`--exclusive`)."""
+    constraint: str | None = None
+    """Node features (`--constraint`)."""
+    output: str = "slurm-%j.out"
+    """Job output file, relative to output_dir; %j is the job id."""
+    error: str | None = None
+    """Separate error file (relative to output_dir); default: merged into `output`."""
+    signal_before_end_s: int | None = Field(120, ge=1)
+    """Send SIGUSR1 to the ranks this many seconds before the time limit, to checkpoint."""
+    requeue: bool = True
+    """Requeue the job when it is preempted or its node fails (`--requeue`)."""
+    extra_sbatch: list[str] = []
+    """More `#SBATCH` options, one per entry, e.g. `--mail-type=END`."""
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _options(cls, value: list[str]) -> list[str]:
+        for line in value:
+            if "\n" in line or not line.startswith("-"):
+                raise ValueError(f"{line!r}: each entry is one sbatch option such as --mail-type=END")
+        return value
+
+
 class Resources(StrictModel):
     """Where the ranks run."""
 
@@ -108,6 +151,8 @@ class Resources(StrictModel):
     """Port of the rendezvous on the master host; `auto` picks a free one per launch."""
     ssh: Ssh = Ssh()
     """SSH settings for backend ssh (and for preflight checks of remote hosts)."""
+    slurm: Slurm = Slurm()
+    """Batch settings for backend slurm."""
 
     @field_validator("procs_per_node", "master_port")
     @classmethod

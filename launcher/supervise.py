@@ -98,9 +98,12 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
         return Outcome(128 + (stop.signum or signal.SIGINT), attempt, interrupted_by=stop.signum)
     if failed is None:
         return Outcome(0, attempt)
-    report = output.failures.get(failed.host)
+    # mpirun and Slurm report for all hosts through one process: take the first failure seen.
+    report = output.failures.get(failed.host) or next(iter(output.failures.values()), None)
     code = failed.poll() or 1
-    return Outcome(code, attempt, failed_host=failed.host,
+    host = output.rank_hosts.get(report.rank, report.host) if report and report.rank is not None \
+        else failed.host
+    return Outcome(code, attempt, failed_host=host,
                    failed_rank=report.rank if report else None,
                    signal_name=report.signal if report else None)
 

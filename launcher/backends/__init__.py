@@ -44,6 +44,8 @@ class Backend(Protocol):
 _BACKENDS = {
     "local": "dsl.launcher.backends.local:LocalBackend",
     "ssh": "dsl.launcher.backends.ssh:SshBackend",
+    "slurm": "dsl.launcher.backends.slurm:SlurmBackend",
+    "mpi": "dsl.launcher.backends.mpi:MpiBackend",
 }
 
 

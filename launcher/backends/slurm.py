@@ -1,0 +1,187 @@
+"""The slurm backend: submit the batch script, follow the job, cancel it, return its exit code.
+
+Outside an allocation: `sbatch --parsable SCRIPT` (environment, secrets included, passed on by
+sbatch's default `--export=ALL`), then every POLL_S: `scontrol show job -o ID` for the state
+and the node list, and the new lines of the job's output file (srun `--label` tags them with the
+node's task id, mapped here to the host name). Ctrl-C / a failure elsewhere: `scancel ID`.
+When scontrol has forgotten the job (MinJobAge), `sacct` answers.
+
+Inside an allocation (`SLURM_JOB_ID` set): the same script runs under `bash` here, its srun
+output streamed directly (the local backend's process handling).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from dsl.engine.errors import RunError, UserError
+from dsl.launcher.backends import Sink
+from dsl.launcher.backends.local import LocalProcess
+from dsl.launcher.plan import LaunchPlan
+
+log = logging.getLogger(__name__)
+POLL_S = 0.5
+Run = Callable[..., subprocess.CompletedProcess]
+_LABEL = re.compile(r"^\s*(\d+): ?(.*)$", re.DOTALL)
+_DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+         "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, **kwargs)
+    except FileNotFoundError:
+        raise UserError(f"{argv[0]} not found: backend slurm needs the Slurm client commands") from None
+
+
+def allocation_hosts(run: Run = _run) -> list[str]:
+    import os
+
+    proc = run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]])
+    if proc.returncode != 0:
+        raise RunError(f"scontrol show hostnames failed: {proc.stderr.strip()}")
+    return proc.stdout.split()
+
+
+def labelled(sink: Sink, hosts: list[str], fallback: str) -> Sink:
+    """A sink that turns srun's `TASK: line` into the host of that task (one task per node)."""
+
+    def feed(_host: str, stream: str, line: str) -> None:
+        match = _LABEL.match(line)
+        if match and int(match.group(1)) < len(hosts):
+            sink(hosts[int(match.group(1))], stream, match.group(2))
+        else:
+            sink(fallback, stream, line)
+
+    return feed
+
+
+def parse_job(text: str) -> dict[str, str]:
+    """`scontrol show job -o` output -> {Key: value}."""
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def exit_code(state: str, code: str) -> int:
+    """Slurm's `ExitCode=N:S` (code, signal) -> a shell-style exit code."""
+    number, _, signal = code.partition(":")
+    if signal and signal != "0":
+        return 128 + int(signal)
+    if int(number or 0) != 0:
+        return int(number)
+    return 0 if state == "COMPLETED" else 1
+
+
+class SlurmJob:
+    def __init__(self, plan: LaunchPlan, sink: Sink, run: Run = _run):
+        import os
+
+        self._run = run
+        self._sink = sink
+        submit = plan.submit
+        proc = run(list(submit.argv), cwd=submit.cwd, env={**os.environ, **submit.env})
+        if proc.returncode != 0:
+            raise RunError(f"sbatch refused the job: {proc.stderr.strip() or proc.stdout.strip()}")
+        self.job_id = proc.stdout.strip().split(";")[0]
+        self.host = f"slurm job {self.job_id}"
+        log.info("submitted Slurm job %s (squeue -j %s; scancel %s)", self.job_id, self.job_id, self.job_id)
+        self._output_pattern = plan.job_output or f"{plan.output_dir}/slurm-%j.out"
+        self._code: int | None = None
+        self._hosts: list[str] = []
+        self._state = "PENDING"
+        self._stop = threading.Event()
+        self._follower = threading.Thread(target=self._follow, daemon=True)
+        self._follower.start()
+
+    # -- following the job ----------------------------------------------------------------------
+    def _output_path(self) -> Path:
+        return Path(self._output_pattern.replace("%j", self.job_id))
+
+    def _query(self) -> tuple[str, str, str]:
+        proc = self._run(["scontrol", "show", "job", "-o", self.job_id])
+        if proc.returncode == 0 and proc.stdout.strip():
+            job = parse_job(proc.stdout)
+            return job.get("JobState", "UNKNOWN"), job.get("ExitCode", "0:0"), job.get("NodeList", "")
+        acct = self._run(["sacct", "-j", self.job_id, "-X", "-n", "-P", "-o", "State,ExitCode,NodeList"])
+        if acct.returncode == 0 and acct.stdout.strip():
+            state, code, nodes = acct.stdout.strip().splitlines()[0].split("|")
+            return state.split()[0], code, nodes
+        return "UNKNOWN", "0:0", ""
+
+    def _follow(self) -> None:
+        offset, pending, announced = 0, b"", None
+        while True:
+            state, code, nodelist = self._query()
+            if state != announced:
+                log.info("Slurm job %s: %s%s", self.job_id, state, f" on {nodelist}" if nodelist and
+                         nodelist != "(null)" else "")
+                announced = state
+            if nodelist and nodelist != "(null)" and not self._hosts:
+                self._hosts = allocation_hosts_of(nodelist, self._run)
+            offset, pending = self._read(offset, pending)
+            if state in _DONE or state == "UNKNOWN" and self._stop.is_set():
+                offset, pending = self._read(offset, pending)
+                if pending:
+                    self._emit(pending)
+                self._code = exit_code(state, code)
+                return
+            time.sleep(POLL_S)
+
+    def _read(self, offset: int, pending: bytes) -> tuple[int, bytes]:
+        path = self._output_path()
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return offset, pending
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            self._emit(line)
+        return offset + len(data), pending
+
+    def _emit(self, raw: bytes) -> None:
+        labelled(self._sink, self._hosts, self.host)(self.host, "stdout",
+                                                     raw.decode("utf-8", errors="replace"))
+
+    # -- HostProcess ----------------------------------------------------------------------------
+    def poll(self) -> int | None:
+        return self._code
+
+    def terminate(self) -> None:
+        self._stop.set()
+        proc = self._run(["scancel", self.job_id])
+        if proc.returncode != 0:
+            log.warning("scancel %s: %s", self.job_id, proc.stderr.strip())
+
+    def kill(self) -> None:
+        self._run(["scancel", "--signal=KILL", "--full", self.job_id])
+
+    def wait_output(self, timeout_s: float) -> None:
+        self._follower.join(timeout_s)
+
+
+def allocation_hosts_of(nodelist: str, run: Run = _run) -> list[str]:
+    proc = run(["scontrol", "show", "hostnames", nodelist])
+    return proc.stdout.split() if proc.returncode == 0 else []
+
+
+class SlurmBackend:
+    name = "slurm"
+
+    def __init__(self, run: Run = _run):
+        self._run = run
+
+    def start(self, plan: LaunchPlan, sink: Sink) -> Sequence[object]:
+        if plan.submit is None:
+            raise RunError("slurm plan without a submit command")
+        if plan.submit.argv[0] == "bash":  # inside an allocation: run the script here
+            hosts = [h.host for h in plan.hosts]
+            return [LocalProcess(plan.submit, labelled(sink, hosts, "srun"))]
+        return [SlurmJob(plan, sink, self._run)]

@@ -1,0 +1,124 @@
+"""Render the Slurm batch script of a spec (pure; `backends/slurm.py` submits and follows it).
+
+The script starts one task per node with `srun`; each task runs the same guard + torchrun
+command as every other backend, with the node rank, master address and port expanded on the
+node from Slurm's own variables (`$SLURM_NODEID`, the allocation's first host, a port derived
+from the job id when the spec says `master_port: auto`). The same script runs under `sbatch`
+and, inside an existing allocation, under plain `bash`.
+"""
+
+from __future__ import annotations
+
+import string
+from importlib import metadata, resources
+
+from dsl.launcher import shell
+from dsl.launcher.hosts import Host
+from dsl.launcher.plan import HostLaunch, Job, LaunchPlan, base_env, guard_argv, layout, starter_argv
+from dsl.launcher.spec import SpecFile
+
+SCRIPT_NAME = "sbatch.sh"
+AUTO_PORT = "$((20000 + SLURM_JOB_ID % 20000))"  # distinct for concurrent jobs of one node
+
+
+class _Template(string.Template):
+    delimiter = "@@"
+
+
+def sbatch_options(spec_file: SpecFile, output_dir: str, nodes: int) -> list[str]:
+    s = spec_file.spec.resources.slurm
+    opts = [f"--job-name={spec_file.spec.name}", f"--nodes={nodes}", "--ntasks-per-node=1"]
+    for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
+                        ("time", s.time_min), ("gpus-per-node", s.gpus_per_node), ("gres", s.gres),
+                        ("cpus-per-task", s.cpus_per_task), ("constraint", s.constraint)):
+        if value is not None:
+            opts.append(f"--{flag}={value}")
+    if s.mem_gb is not None:
+        opts.append(f"--mem={s.mem_gb}G")
+    if s.exclusive:
+        opts.append("--exclusive")
+    opts.append(f"--output={output_dir}/{s.output}")
+    if s.error:
+        opts.append(f"--error={output_dir}/{s.error}")
+    if s.signal_before_end_s:
+        opts.append(f"--signal=USR1@{s.signal_before_end_s}")
+    opts.append("--requeue" if s.requeue else "--no-requeue")
+    opts.append("--open-mode=append")  # a requeued job adds to its output file
+    opts.extend(s.extra_sbatch)
+    return opts
+
+
+def node_argv(python: str, nodes: int, nproc: int, output_dir: str, program: list[str]) -> list[str]:
+    starter = starter_argv(python, nodes, shell.Var("", "SLURM_NODEID"), nproc,
+                           shell.Var("", "MASTER_ADDR"), shell.Var("", "MASTER_PORT"),
+                           shell.Var(f"{output_dir}/logs/torchelastic/", "SLURMD_NODENAME"))
+    return guard_argv(python) + starter + program
+
+
+def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nodes: int, nproc: int,
+                  python: str, cwd: str, program: list[str], env: dict[str, str]) -> str:
+    spec = spec_file.spec
+    port = spec.resources.master_port
+    node_command = (f"export NODE_RANK=\"$SLURM_NODEID\"; "
+                    f"{shell.remote_command(cwd, node_argv(python, nodes, nproc, output_dir, program))}")
+    srun = ["--nodes=" + str(nodes), "--ntasks=" + str(nodes), "--ntasks-per-node=1",
+            "--kill-on-bad-exit=1", "--label", "--export=ALL"]
+    if spec.resources.slurm.cpus_per_task:
+        # Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch.
+        srun.append(f"--cpus-per-task={spec.resources.slurm.cpus_per_task}")
+    template = resources.files("dsl.templates").joinpath("sbatch.sh.tmpl").read_text()
+    return _Template(template).substitute(
+        name=spec.name,
+        version=_version(),
+        spec_path=str(spec_file.path.resolve()),
+        script_path=shell.quote(script_path),
+        secrets=", ".join(spec.env.secret) or "none",
+        sbatch_lines="\n".join(f"#SBATCH {shell.quote(o)}" for o in sbatch_options(spec_file, output_dir, nodes)),
+        master_port_line=f"MASTER_PORT={AUTO_PORT if port == 'auto' else port}",
+        exports=shell.exports({k: v for k, v in env.items() if k not in spec.env.secret}),
+        srun_options=shell.join(srun),
+        node_command=shell.quote(node_command),
+    )
+
+
+def _version() -> str:
+    try:
+        return metadata.version("dsl")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def render_plan(job: Job, hosts: list[Host]) -> LaunchPlan:
+    """The plan of a Slurm job: the batch script (a file), `sbatch` (or, inside an allocation,
+    `bash`) as the one command run here, and per node what srun starts there."""
+    spec, inputs = job.spec, job.inputs
+    nodes, nproc = len(hosts), len(hosts[0].slots)
+    script_path = f"{job.output_dir}/{SCRIPT_NAME}"
+    env = base_env(job)
+    script = render_script(job.spec_file, output_dir=job.output_dir, script_path=script_path,
+                           nodes=nodes, nproc=nproc, python=job.python, cwd=job.cwd,
+                           program=job.program, env=env)
+    port = spec.resources.master_port
+    launches = [
+        HostLaunch(host=host.name, node_rank=node_rank, ranks=ranks, slots=tuple(host.slots),
+                   argv=tuple(node_argv(job.python, nodes, nproc, job.output_dir, job.program)),
+                   env={"NODE_RANK": str(node_rank)}, cwd=job.cwd)
+        for node_rank, host, ranks in layout(hosts)
+    ]
+    submit_argv = ("bash", script_path) if inputs.in_slurm_allocation \
+        else ("sbatch", "--parsable", script_path)
+    return LaunchPlan(
+        name=spec.name,
+        backend="slurm",
+        world_size=nodes * nproc,
+        master_addr=hosts[0].name if inputs.in_slurm_allocation else "$MASTER_ADDR (first host of the allocation)",
+        master_port=AUTO_PORT if port == "auto" else port,
+        output_dir=job.output_dir,
+        max_restarts=spec.max_restarts,
+        hosts=tuple(launches),
+        secrets=frozenset(spec.env.secret),
+        files={**job.files, script_path: script},
+        submit=HostLaunch(host="submit", node_rank=-1, ranks=(), slots=(), argv=submit_argv,
+                          env=env, cwd=job.cwd),
+        job_output=f"{job.output_dir}/{spec.resources.slurm.output}",
+    )
