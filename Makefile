@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 # Where the demo writes its run (logs, metrics, resolved spec).
 DEMO_SPEC ?= configs/tiny-cpu.yaml
 
-.PHONY: install demo test test-unit test-integration bench lint clean
+.PHONY: install system-deps demo test test-unit test-integration bench lint clean cluster-up cluster-down
 
 # The stamp depends on pyproject.toml: editing the dependencies reinstalls.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -19,20 +19,31 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# Debian packages of the multi-host tests (sshd, Slurm, munge, OpenMPI); a no-op when present.
+system-deps:
+	bash tests/cluster/install.sh
+
 demo: install
 	$(BIN)/dsl launch $(DEMO_SPEC)
 
-test: install
+test: install system-deps
 	$(BIN)/python -m pytest -q tests
 
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
-test-integration: install
+test-integration: install system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
 bench: install
 	@echo "no benchmarks yet (they arrive with the engine and ops issues)"
+
+# The test cluster (host namespaces with sshd, Slurm, OpenMPI); tests start and stop it themselves.
+cluster-up: install system-deps
+	$(BIN)/python -m tests.cluster up
+
+cluster-down:
+	$(BIN)/python -m tests.cluster down
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

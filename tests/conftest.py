@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+pytest_plugins = ["tests.cluster.pytest_plugin"]
+
 ROOT = Path(__file__).resolve().parent.parent
 DSL = [sys.executable, "-m", "dsl.launcher"]
 

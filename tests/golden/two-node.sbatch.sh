@@ -1,0 +1,38 @@
+#!/bin/bash
+# Batch script of dsl job two-node, written by dsl <VERSION> from <ROOT>/tests/golden/two-node.yaml.
+# Submit it with `sbatch /scratch/runs/two-node/sbatch.sh` (`dsl launch` does, and follows the job).
+# Secret variables (HF_TOKEN) are not written here: sbatch passes them on from the environment
+# you submit from.
+#SBATCH --job-name=two-node
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --partition=gpu
+#SBATCH --account=ml-team
+#SBATCH --qos=high
+#SBATCH --time=90
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=32
+#SBATCH --constraint=h100
+#SBATCH --mem=200G
+#SBATCH --exclusive
+#SBATCH --output=/scratch/runs/two-node/slurm-%j.out
+#SBATCH --signal=USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --mail-type=END,FAIL
+#SBATCH '--comment=it'"'"'s "quoted" $HOME'
+set -euo pipefail
+
+# Rank 0 runs on the first host of the allocation.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT
+export PYTHONUNBUFFERED=1
+export DSL_JOB_NAME=two-node
+export DSL_OUTPUT_DIR=/scratch/runs/two-node
+export NCCL_DEBUG=WARN
+export TRICKY='a b; echo pwned $(id) '"'"'q'"'"' "dq"'
+
+# One task per node starts that node's ranks. --kill-on-bad-exit ends every node's task when
+# one fails; --label tags each output line with the node's task id (dsl maps it to the host).
+srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --label --export=ALL --cpus-per-task=32 bash -c 'export NODE_RANK="$SLURM_NODEID"; cd /home/alice/project && exec /opt/venv/bin/python -m dsl.launcher.guard --grace-s=3 -- /opt/venv/bin/python -m dsl.engine.elastic --nnodes=2 --node-rank="$SLURM_NODEID" --nproc-per-node=4 --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0 --monitor-interval=0.1 --shutdown-timeout=3 --tee=3 --log-dir=/scratch/runs/two-node/logs/torchelastic/"$SLURMD_NODENAME" -m dsl.engine.train /scratch/runs/two-node/resolved.yaml'
