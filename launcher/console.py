@@ -21,6 +21,8 @@ def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose or os.environ.get("DSL_DEBUG") else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=err, show_path=False, show_time=False)])
+    # paramiko logs every connection and authentication at INFO.
+    logging.getLogger("paramiko").setLevel(logging.WARNING)
 
 
 def message(text: str, style: str | None = None) -> None:

@@ -101,6 +101,16 @@ def _clean_up(child_pid: int, status: dict[str, int], grace_s: float) -> None:
     _reap(child_pid, status)
 
 
+def _read_line(fd: int) -> bytes:
+    """One line from a raw fd, byte by byte, so nothing after it is consumed."""
+    out = bytearray()
+    while True:
+        byte = os.read(fd, 1)
+        if not byte or byte == b"\n":
+            return bytes(out)
+        out += byte
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsl.launcher.guard")
     parser.add_argument("--grace-s", type=float, default=3.0)
@@ -115,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     env = None
     if args.env_stdin:
         try:
-            extra = json.loads(sys.stdin.buffer.readline() or b"{}")
+            extra = json.loads(_read_line(0) or b"{}")
         except json.JSONDecodeError as exc:
             print(f"dsl guard: bad environment line on stdin: {exc}", file=sys.stderr, flush=True)
             return 2
@@ -132,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.watch_stdin:
         def watch() -> None:
-            while sys.stdin.buffer.read(4096):
+            # Raw reads on fd 0: a buffered sys.stdin held by this thread would abort the
+            # interpreter at exit ("could not acquire lock for <stdin>").
+            while os.read(0, 4096):
                 pass
             stop.setdefault("signal", signal.SIGHUP)
 
@@ -156,4 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no interpreter finalisation racing the stdin watcher thread
