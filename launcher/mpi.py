@@ -1,8 +1,8 @@
 """Render an OpenMPI launch: a hostfile and one `mpirun` run on this machine (pure).
 
 mpirun starts every rank itself (ranks fill hosts in hostfile order, slot by slot, as dsl numbers
-them); each rank first runs `dsl.launcher.mpirank`, which maps `OMPI_COMM_WORLD_*` to torchrun's
-environment and execs the program. Environment values travel by name (`-x NAME`, the value
+them); each rank runs `dsl.launcher.mpirank`, which maps `OMPI_COMM_WORLD_*` to torchrun's
+environment, runs the program and prefixes its lines `[dsl:RANK:LOCAL] ` like torchrun does. Environment values travel by name (`-x NAME`, the value
 taken from mpirun's own environment), so no secret appears on a command line. ssh options reach
 mpirun's rsh agent through `--mca plm_rsh_args`, which mpirun splits on spaces itself: paths in
 the ssh settings must therefore not contain spaces (refused with a message).
@@ -54,7 +54,6 @@ def render_plan(job: Job, hosts: list[Host]) -> LaunchPlan:
         mpirun.append("--allow-run-as-root")
     mpirun += ["--hostfile", hostfile_path, "-np", str(world_size),
                "--map-by", "slot", "--bind-to", "none",  # bound to one core, ranks would share it
-               "--tag-output",  # [job,rank]<stdout>: lines, mapped back to host:rank by dsl
                "--mca", "plm_rsh_args", rsh_args(target)]
     for name in env:
         mpirun += ["-x", name]

@@ -100,12 +100,17 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
         return Outcome(0, attempt)
     # mpirun and Slurm report for all hosts through one process: take the first failure seen.
     report = output.failures.get(failed.host) or next(iter(output.failures.values()), None)
-    code = failed.poll() or 1
+    # The failing rank's own code; a scheduler's job code may be a stopped peer's (143).
+    code = _shell_code(report.exitcode) if report and report.exitcode else (failed.poll() or 1)
     host = output.rank_hosts.get(report.rank, report.host) if report and report.rank is not None \
         else failed.host
     return Outcome(code, attempt, failed_host=host,
                    failed_rank=report.rank if report else None,
                    signal_name=report.signal if report else None)
+
+
+def _shell_code(exitcode: int) -> int:
+    return 128 - exitcode if exitcode < 0 else exitcode
 
 
 def _stop_all(procs: Sequence[HostProcess], stop: _Stop) -> None:

@@ -1,7 +1,7 @@
 """The mpi backend: run the plan's one `mpirun` here and map its tagged output to host:rank.
 
-mpirun (with `--tag-output`) prefixes every rank line `[JOB,RANK]<stdout>:`; the adapter turns
-that into dsl's canonical `[dsl:RANK:LOCAL] ` line of the rank's host. When a rank fails, mpirun
+Every rank line arrives through mpirun already prefixed `[dsl:RANK:LOCAL] ` (by
+`dsl.launcher.mpirank`); the adapter attributes it to the rank's host. When a rank fails, mpirun
 stops every other rank itself and reports "Process name: [[JOB,1],RANK] ... Exit code: N"; the
 adapter turns that report into the failure record the supervisor reads. mpirun runs under the
 guard like any other local command, so a stop or a crash of `dsl launch` leaves nothing.
@@ -17,30 +17,24 @@ from dsl.launcher.backends import Sink
 from dsl.launcher.backends.local import LocalProcess
 from dsl.launcher.plan import GUARD_GRACE_S, HostLaunch, LaunchPlan
 
-_TAGGED = re.compile(r"^\[\d+,(\d+)\]<(stdout|stderr)>: ?(.*)$", re.DOTALL)
+_RANK = re.compile(r"^\[dsl:(\d+):\d+\] ")
 _PROCESS = re.compile(r"Process name:\s*\[\[\d+,\d+\],(\d+)\]")
 _EXIT = re.compile(r"Exit code:\s*(-?\d+)")
 _SIGNAL = re.compile(r"exited on signal (\d+) \((\w+)\)")
 
 
 class MpiOutput:
-    """Sink adapter: tagged rank lines -> canonical rank lines; mpirun's report -> a failure."""
+    """Sink adapter: rank lines -> their host; mpirun's failure report -> a failure record."""
 
     def __init__(self, plan: LaunchPlan, sink: Sink):
         self._sink = sink
-        self._host_of = {}
-        self._local_of = {}
-        for launch in plan.hosts:
-            for local, rank in enumerate(launch.ranks):
-                self._host_of[rank], self._local_of[rank] = launch.host, local
+        self._host_of = {rank: launch.host for launch in plan.hosts for rank in launch.ranks}
         self._failed_rank: int | None = None
 
     def __call__(self, _host: str, stream: str, line: str) -> None:
-        match = _TAGGED.match(line)
+        match = _RANK.match(line)
         if match:
-            rank = int(match.group(1))
-            self._sink(self._host_of.get(rank, "mpirun"), match.group(2),
-                       f"[dsl:{rank}:{self._local_of.get(rank, 0)}] {match.group(3)}")
+            self._sink(self._host_of.get(int(match.group(1)), "mpirun"), stream, line)
             return
         self._sink("mpirun", stream, line)
         process = _PROCESS.search(line)

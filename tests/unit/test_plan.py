@@ -10,7 +10,8 @@ import pytest
 from dsl.engine.errors import UserError
 from dsl.launcher.hosts import Host
 from dsl.launcher.launch import prepare
-from dsl.launcher.plan import REDACTED, RenderInputs, render
+from dsl.launcher.plan import REDACTED, RenderInputs
+from dsl.launcher.render import render
 from dsl.launcher.spec import load_spec
 
 

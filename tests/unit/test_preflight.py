@@ -8,7 +8,8 @@ import sys
 
 from dsl.engine.errors import UserError
 from dsl.launcher.hosts import Host
-from dsl.launcher.plan import RenderInputs, render
+from dsl.launcher.plan import RenderInputs
+from dsl.launcher.render import render
 from dsl.launcher.preflight import PROBE, failures, probe_argv, run_preflight
 from dsl.launcher.spec import load_spec
 
