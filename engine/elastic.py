@@ -10,6 +10,8 @@ torchrun's `run()`; dsl does not reimplement rank spawning. It adds two things t
   `[dsl-agent] {"event": "failed", "rank": R, "exitcode": C, ...}` on stderr (the first failing rank,
   torchrun's "root cause"), and this process exits with that rank's exit code (128+N for a rank
   killed by signal N), the way `deepspeed` and `srun` report a failed rank;
+- SIGUSR1/SIGUSR2 (Slurm's warning before the time limit) are passed on to every rank and the
+  job goes on (torchrun alone would die of them: their default action is to terminate);
 - OMP_NUM_THREADS = this host's usable cores / its ranks (at least 1) unless already set: ranks
   sharing a host otherwise start one thread per core each and fight over the cores (torchrun
   would set 1, DeepSpeed nothing).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 PREFIX_TEMPLATE = "[dsl:${rank}:${local_rank}] "
@@ -29,6 +32,16 @@ def _exit_code(exitcode: int) -> int:
     return 128 - exitcode if exitcode < 0 else (exitcode or 1)
 
 
+def _forward_to_ranks(signum: int, _frame: object) -> None:
+    import psutil
+
+    for child in psutil.Process().children():
+        try:
+            child.send_signal(signum)
+        except psutil.Error:
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = PREFIX_TEMPLATE
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -36,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, _forward_to_ranks)
     if "OMP_NUM_THREADS" not in os.environ and str(args.nproc_per_node).isdigit():
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         os.environ["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // int(args.nproc_per_node)))

@@ -83,7 +83,8 @@ def _run(prepared) -> int:  # type: ignore[no-untyped-def]
     plan = prepared.plan
     backend = get_backend(plan.backend)
     out = write_run_folder(plan)
-    hosts = ", ".join(h.host for h in plan.hosts)
+    hosts = ", ".join(h.host for h in plan.hosts) if plan.backend != "slurm" or plan.submit.argv[0] == "bash" \
+        else f"{len(plan.hosts)} node(s) Slurm allocates"
     console.message(f"dsl: launching {plan.name}: {plan.world_size} rank(s) on {hosts} "
                     f"({plan.backend}), master {plan.master_addr}:{plan.master_port}; run folder {out}")
     started = time.monotonic()

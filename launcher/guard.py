@@ -11,6 +11,8 @@ starter) and makes sure that when the job ends, for whatever reason, nothing it 
 - With --env-stdin, the first line of stdin is a JSON object of environment variables for
   COMMAND: remote backends pass the job's environment (secrets included) this way, so no value
   appears on a command line that `ps` on the host would show.
+- SIGUSR1/SIGUSR2 (Slurm's `--signal` before the time limit: "checkpoint now") are passed to
+  COMMAND, and the guard keeps running.
 - When COMMAND exits, leftover descendants get the same treatment, and the guard exits with
   COMMAND's exit code (128+N if COMMAND or the guard itself ended by signal N).
 
@@ -156,6 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"dsl guard: cannot start {command[0]!r}: {exc}", file=sys.stderr, flush=True)
         return 127
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            child.send_signal(signum)
+        except psutil.Error:
+            pass
+
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, forward)
     status: dict[str, int] = {}
     while "code" not in status and "signal" not in stop:
         _reap(child.pid, status)

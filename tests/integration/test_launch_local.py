@@ -138,3 +138,22 @@ def test_max_restarts_reruns_the_job(tmp_path):
     flag.unlink()
     proc = run_dsl("launch", str(_spec(tmp_path, ["--fail-rank", "1", "--fail-once", str(flag), "--code", "4"])))
     assert proc.returncode == 4
+
+
+def test_usr1_to_the_guard_reaches_every_rank(tmp_path):
+    """What Slurm's `--signal=USR1@T` does before the time limit: ranks get it, the job goes on."""
+    import psutil
+
+    spec = _spec(tmp_path, ["--on-usr1", "--sleep", "300"])
+    dsl = subprocess.Popen([*DSL, "launch", str(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        _wait_for_lines(dsl, "SLEEPING", 2, timeout_s=60)
+        guards = [p for p in processes_with(str(tmp_path / "out")) if "dsl.launcher.guard" in p.cmdline()]
+        assert len(guards) == 1
+        guards[0].send_signal(signal.SIGUSR1)
+        assert dsl.wait(timeout=20) == 0
+        out = dsl.stdout.read()
+        assert "[localhost:0] GOT USR1" in out and "[localhost:1] GOT USR1" in out
+    finally:
+        dsl.kill()

@@ -44,10 +44,25 @@ def _state(cluster, job_id: str) -> str:
     return match.group(1) if match else "GONE"
 
 
-def test_sbatch_script_runs_2_nodes_by_2_ranks(cluster, tmp_path):
+def test_sbatch_script_matches_golden_and_runs_2_nodes_by_2_ranks(cluster, tmp_path):
+    import sys
+
+    from tests.conftest import ROOT
+
     spec = _spec(tmp_path, _script())
     proc = run_dsl_on_head(cluster, "sbatch", spec, "-o", str(tmp_path / "job.sh"))
     assert proc.returncode == 0, proc.stderr
+    # The script that runs below is, but for this run's paths, the golden one.
+    from importlib import metadata
+
+    text = (tmp_path / "job.sh").read_text()
+    for real, stand_in in ((str(tmp_path), "<RUN>"), (sys.executable, "<PYTHON>"), (str(ROOT), "<ROOT>"),
+                           (f"dsl {metadata.version('dsl')}", "dsl <VERSION>")):
+        text = text.replace(real, stand_in)
+    golden = ROOT / "tests/golden/cluster-2node.sbatch.sh"
+    if os.environ.get("DSL_REGEN_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), "run with DSL_REGEN_GOLDEN=1 to accept a deliberate change"
     submitted = _slurm(cluster, "sbatch", "--parsable", str(tmp_path / "job.sh"))
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()

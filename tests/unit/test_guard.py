@@ -51,3 +51,17 @@ def test_sigterm_stops_every_descendant_even_one_ignoring_sigterm():
     assert guard.wait(timeout=10) == 128 + signal.SIGTERM
     assert time.monotonic() - started < 3  # grace 1 s, then SIGKILL
     assert _wait_for(lambda: processes_with(marker) == [], 2)
+
+
+def test_usr1_reaches_the_command_and_the_guard_goes_on(tmp_path):
+    ready, got = tmp_path / "ready", tmp_path / "got"
+    program = (f"import signal, time, pathlib\n"
+               f"signal.signal(signal.SIGUSR1, lambda *a: pathlib.Path({str(got)!r}).write_text('usr1'))\n"
+               f"pathlib.Path({str(ready)!r}).write_text('')\n"
+               f"deadline = time.time() + 20\n"
+               f"while not pathlib.Path({str(got)!r}).exists() and time.time() < deadline: time.sleep(0.05)\n")
+    guard = subprocess.Popen([*GUARD, sys.executable, "-c", program])
+    assert _wait_for(ready.exists, 10)
+    guard.send_signal(signal.SIGUSR1)
+    assert guard.wait(timeout=20) == 0  # the guard survived USR1 and passed on the exit code
+    assert got.read_text() == "usr1"

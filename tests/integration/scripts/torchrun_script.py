@@ -22,7 +22,15 @@ parser.add_argument("--kill-rank", type=int, default=-1)
 parser.add_argument("--sleep", type=float, default=0.0)
 parser.add_argument("--fail-once", default="")
 parser.add_argument("--marker", default="")
+parser.add_argument("--on-usr1", action="store_true", help="print GOT USR1 and exit 0 on SIGUSR1")
 args = parser.parse_args()
+
+if args.on_usr1:
+    def _usr1(signum, frame):
+        print("GOT USR1", flush=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGUSR1, _usr1)
 
 names = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
          "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "OMP_NUM_THREADS"]
