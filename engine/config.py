@@ -1,8 +1,9 @@
-"""What the bundled engine runs: the `engine:` and `run.train:` sections of a spec.
+"""How the bundled engine trains: the `engine:` section of a spec (and `StrictModel`).
 
 Plain pydantic v2 data, no torch, so the launcher can validate and plan on a login node. The
-launcher's `Spec` composes these models; the engine re-validates the same sections on every rank
-from the resolved spec the launcher wrote, so both sides read one schema.
+launcher's `Spec` composes these models with `train_config.TrainConfig` (what is trained); the
+engine re-validates the same sections on every rank from the resolved spec the launcher wrote,
+so both sides read one schema.
 
 Every field carries a docstring: it is the field's description in `dsl schema`.
 """
@@ -18,70 +19,6 @@ class StrictModel(BaseModel):
     """Base of every spec model: unknown keys are errors, docstrings become descriptions."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
-
-
-class ModelConfig(StrictModel):
-    """A GPT-style decoder (pre-norm, causal self-attention, GELU MLP)."""
-
-    vocab_size: int = Field(256, ge=2)
-    """Number of token ids."""
-    hidden: int = Field(64, ge=1)
-    """Width of the residual stream (d_model)."""
-    layers: int = Field(2, ge=1)
-    """Number of transformer blocks."""
-    heads: int = Field(4, ge=1)
-    """Attention heads per block; must divide `hidden`."""
-    ffn: int | None = Field(None, ge=1)
-    """Inner width of the MLP; default 4 x hidden."""
-    seq_len: int = Field(64, ge=2)
-    """Tokens per training sequence (also the context length)."""
-    tied_embeddings: bool = True
-    """Share the input embedding with the output projection."""
-
-    @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> "ModelConfig":
-        if self.hidden % self.heads:
-            raise ValueError(
-                f"heads ({self.heads}) must divide hidden ({self.hidden}); "
-                f"hidden/heads = {self.hidden / self.heads:g}"
-            )
-        return self
-
-    @property
-    def ffn_size(self) -> int:
-        return self.ffn if self.ffn is not None else 4 * self.hidden
-
-
-class DataConfig(StrictModel):
-    """Where training tokens come from."""
-
-    kind: Literal["synthetic"] = "synthetic"
-    """`synthetic`: tokens from a fixed random Markov chain (learnable, needs no files)."""
-    seed: int = 1234
-    """Seed of the synthetic chain; the same seed gives the same tokens on every run."""
-
-
-class TrainConfig(StrictModel):
-    """Settings of a training run of the bundled engine (`run.train`)."""
-
-    model: ModelConfig = ModelConfig()
-    """The model to train."""
-    data: DataConfig = DataConfig()
-    """The training data."""
-    steps: int = Field(300, ge=1)
-    """Optimizer steps to run."""
-    lr: float = Field(3e-3, gt=0)
-    """Peak learning rate."""
-    warmup_steps: int = Field(20, ge=0)
-    """Linear warm-up steps before the cosine decay."""
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    """Final learning rate as a fraction of `lr`."""
-    weight_decay: float = Field(0.0, ge=0)
-    """Decoupled weight decay (AdamW)."""
-    seed: int = 0
-    """Seed of model initialisation; every rank starts from the same weights."""
-    log_every: int = Field(10, ge=1)
-    """Print a progress line (and write metrics.jsonl) every this many steps."""
 
 
 class EngineConfig(StrictModel):

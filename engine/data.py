@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from dsl.engine.config import DataConfig
+from dsl.engine.train_config import DataConfig
 
 __all__ = ["SyntheticData", "SUCCESSORS", "SUCCESSOR_PROBS"]
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsl.engine.config import ModelConfig
+from dsl.engine.train_config import ModelConfig
 
 __all__ = ["GPT"]
 

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from dsl.engine.config import EngineConfig, TrainConfig, unsupported_reason
+from dsl.engine.config import EngineConfig, unsupported_reason
+from dsl.engine.train_config import TrainConfig
 from dsl.engine.errors import DslError, UserError
 from dsl.engine.located import load_located, validate_located
 

@@ -19,7 +19,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from dsl.engine.config import EngineConfig, StrictModel, TrainConfig
+from dsl.engine.config import EngineConfig, StrictModel
+from dsl.engine.train_config import TrainConfig
 from dsl.engine.errors import UserError
 from dsl.engine.located import Locations, dotted, load_located, validate_located
 

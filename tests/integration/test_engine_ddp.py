@@ -44,7 +44,7 @@ def _build(engine_cfg: dict[str, Any]):
     import torch
 
     from dsl.engine import initialize
-    from dsl.engine.config import ModelConfig
+    from dsl.engine.train_config import ModelConfig
     from dsl.engine.model import GPT
 
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ def _build(engine_cfg: dict[str, Any]):
 
 
 def _batches(rank: int, n: int):
-    from dsl.engine.config import DataConfig
+    from dsl.engine.train_config import DataConfig
     from dsl.engine.data import SyntheticData
 
     data = SyntheticData(

@@ -10,7 +10,8 @@ import torch
 import torch.distributed
 
 from dsl.engine import initialize
-from dsl.engine.config import DataConfig, EngineConfig, ModelConfig, unsupported_reason
+from dsl.engine.config import EngineConfig, unsupported_reason
+from dsl.engine.train_config import DataConfig, ModelConfig
 from dsl.engine.data import SyntheticData
 from dsl.engine.errors import UserError
 from dsl.engine.model import GPT

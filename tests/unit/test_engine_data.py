@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from dsl.engine.config import DataConfig
+from dsl.engine.train_config import DataConfig
 from dsl.engine.data import SyntheticData
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dsl.engine.config import ModelConfig
+from dsl.engine.train_config import ModelConfig
 from dsl.engine.model import GPT
 
 SMALL = ModelConfig(vocab_size=50, hidden=32, layers=2, heads=4, seq_len=16)
