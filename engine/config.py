@@ -21,24 +21,109 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
 
+class OptimizerConfig(StrictModel):
+    """The optimizer and its hyper-parameters (DeepSpeed's `optimizer` block)."""
+
+    type: Literal["adamw", "sgd"] = "adamw"
+    """adamw (decoupled weight decay) or sgd (with momentum)."""
+    lr: float = Field(3e-3, gt=0)
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's moment decay rates."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam's epsilon."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay, applied to matrices and embeddings only."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum."""
+
+
+class SchedulerConfig(StrictModel):
+    """Learning-rate schedule: linear warm-up, then a decay to min_lr_ratio x lr."""
+
+    type: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay after warm-up."""
+    warmup_steps: int = Field(20, ge=0)
+    """Steps of linear warm-up from 0 to lr."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Learning rate at the last step, as a fraction of lr."""
+
+
+class OffloadConfig(StrictModel):
+    """What leaves the accelerator (DeepSpeed's offload_optimizer / offload_param)."""
+
+    optimizer: Literal["none", "cpu", "nvme", "auto"] = "none"
+    """Where optimizer states (and the fp32 master weights) live and are updated."""
+    nvme_path: str | None = None
+    """Folder for optimizer-state files with optimizer: nvme (a fast local disk)."""
+    sub_group_mib: float = Field(256.0, gt=0)
+    """NVMe offload swaps optimizer state in sub-groups of this size, overlapping I/O and compute."""
+    params: Literal["none", "cpu"] = "none"
+    """Stage 3 only: keep partitioned parameters in CPU memory between uses."""
+
+
+class LossScaleConfig(StrictModel):
+    """Dynamic loss scaling for fp16 (DeepSpeed's fp16 block)."""
+
+    initial_scale_power: int = Field(16, ge=0, le=64)
+    """The scale starts at 2**initial_scale_power."""
+    growth_interval: int = Field(1000, ge=1)
+    """Double the scale after this many steps without overflow (DeepSpeed: loss_scale_window)."""
+    hysteresis: int = Field(2, ge=1)
+    """Overflows tolerated before the scale is halved."""
+    min_scale: float = Field(1.0, gt=0)
+    """The scale never goes below this."""
+    static: float | None = Field(None, gt=0)
+    """A fixed loss scale instead of a dynamic one."""
+
+
 class EngineConfig(StrictModel):
-    """How the engine trains: parallelism, precision and batch (`engine:` in the spec)."""
+    """How the engine trains: parallelism, precision, optimizer and batch (`engine:` in the spec)."""
 
     zero_stage: Literal[0, 1, 2, 3, "auto"] = 0
     """ZeRO stage: 0 replicates everything, 1 shards optimizer states, 2 also gradients,
     3 also parameters. `auto` lets the planner choose."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Compute precision. bf16/fp16 keep fp32 master weights."""
+    """Compute precision. bf16/fp16 keep fp32 master weights (see low_precision_states)."""
+    low_precision_states: bool = False
+    """Keep parameters and optimizer states in bf16 with no fp32 master copy: about half the
+    memory of model states, at the cost of update precision (see the engine README)."""
     micro_batch: int = Field(8, ge=1)
     """Sequences per rank per forward/backward pass."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step; gradients are exchanged on the last one."""
+    train_batch: int | None = Field(None, ge=1)
+    """Sequences per optimizer step over all ranks; must equal micro_batch x grad_accum x
+    data-parallel size when set (checked at launch)."""
     grad_clip: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value; null disables clipping."""
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    """The optimizer."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    """Optimizer and hyper-parameters."""
+    scheduler: SchedulerConfig = SchedulerConfig()
+    """Learning-rate schedule."""
+    offload: OffloadConfig = OffloadConfig()
+    """CPU/NVMe offload of optimizer states (and of parameters at stage 3)."""
+    loss_scale: LossScaleConfig = LossScaleConfig()
+    """fp16 loss scaling."""
+    activation_checkpointing: bool | Literal["auto"] = False
+    """Recompute each layer's activations in backward instead of keeping them."""
+    sequence_parallel: int | Literal["auto"] = 1
+    """Ulysses sequence-parallel degree (ranks that split one sequence)."""
     bucket_mib: float = Field(25.0, gt=0)
-    """Size of a gradient all-reduce bucket in MiB."""
+    """Size of a gradient communication bucket in MiB."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON config to take the settings above from (relative to the spec file)."""
+
+
+def check_batch(engine: EngineConfig, dp: int) -> str | None:
+    """The reason train_batch disagrees with micro_batch x grad_accum x dp, or None."""
+    if engine.train_batch is None:
+        return None
+    product = engine.micro_batch * engine.grad_accum * dp
+    if product != engine.train_batch:
+        return (f"train_batch ({engine.train_batch}) != micro_batch ({engine.micro_batch}) x "
+                f"grad_accum ({engine.grad_accum}) x data-parallel size ({dp}) = {product}")
+    return None
 
 
 def unsupported_reason(engine: EngineConfig) -> str | None:
@@ -54,4 +139,14 @@ def unsupported_reason(engine: EngineConfig) -> str | None:
         )
     if engine.precision == "fp16":
         return "precision fp16 (dynamic loss scaling) is not implemented yet; use fp32 or bf16"
+    if engine.low_precision_states:
+        return "low_precision_states is not implemented yet"
+    if engine.offload.optimizer not in ("none", "auto") or engine.offload.params != "none":
+        return "offload is not implemented yet; use offload: {optimizer: none}"
+    if engine.activation_checkpointing is True:
+        return "activation_checkpointing is not implemented yet"
+    if engine.sequence_parallel not in (1, "auto"):
+        return "sequence_parallel > 1 (Ulysses) is not implemented yet"
+    if engine.deepspeed_config is not None:
+        return "deepspeed_config is not supported yet; write the engine settings in the spec"
     return None

@@ -2,7 +2,7 @@
 
 Token embedding + learned position embedding, `layers` pre-norm blocks (causal self-attention
 through `F.scaled_dot_product_attention`, GELU MLP of `ffn_size`), a final LayerNorm and an output
-head that shares the token embedding when `tied_embeddings` is set. No dropout: every forward is
+head that shares the token embedding when `tie_word_embeddings` is set. No dropout: every forward is
 deterministic, so ranks that start from the same weights stay comparable and tests can compare
 a distributed step with a single-process one exactly.
 
@@ -55,10 +55,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.hidden)
-        self.attn = CausalSelfAttention(cfg.hidden, cfg.heads)
-        self.ln2 = nn.LayerNorm(cfg.hidden)
-        self.mlp = MLP(cfg.hidden, cfg.ffn_size)
+        self.ln1 = nn.LayerNorm(cfg.hidden_size)
+        self.attn = CausalSelfAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.ln2 = nn.LayerNorm(cfg.hidden_size)
+        self.mlp = MLP(cfg.hidden_size, cfg.ffn_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -75,17 +75,17 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.hidden)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        self.norm = nn.LayerNorm(cfg.hidden)
-        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = nn.LayerNorm(cfg.hidden_size)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
-        residual_std = 0.02 / math.sqrt(2 * cfg.layers)
+        residual_std = 0.02 / math.sqrt(2 * cfg.num_hidden_layers)
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, std=residual_std)
             nn.init.normal_(block.mlp.proj.weight, std=residual_std)
-        if cfg.tied_embeddings:
+        if cfg.tie_word_embeddings:
             # One Parameter used twice: parameters() lists it once, autograd sums both uses.
             self.head.weight = self.tok_emb.weight
 

@@ -153,8 +153,9 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
 
     torch.manual_seed(tcfg.seed)  # same initial weights on every rank
     model = GPT(tcfg.model)
-    schedule = WarmupCosine(tcfg.lr, tcfg.warmup_steps, tcfg.steps, tcfg.min_lr_ratio)
-    engine = initialize(model, ecfg, lr=tcfg.lr, weight_decay=tcfg.weight_decay, schedule=schedule)
+    opt, sched = ecfg.optimizer, ecfg.scheduler
+    schedule = WarmupCosine(opt.lr, sched.warmup_steps, tcfg.steps, sched.min_lr_ratio)
+    engine = initialize(model, ecfg, lr=opt.lr, weight_decay=opt.weight_decay, schedule=schedule)
     data = SyntheticData(
         tcfg.data,
         vocab_size=tcfg.model.vocab_size,

@@ -14,35 +14,74 @@ from dsl.engine.config import StrictModel
 
 
 class ModelConfig(StrictModel):
-    """A GPT-style decoder (pre-norm, causal self-attention, GELU MLP)."""
+    """A Llama-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention), in Hugging Face's
+    names. `preset` fills every field not written explicitly."""
 
+    preset: str | None = None
+    """A named shape (see engine/presets.py): tiny, bench, llama-1b, llama2-7b, llama3-8b,
+    llama2-13b, llama2-70b, llama3-70b. Fields written next to it override the preset's."""
     vocab_size: int = Field(256, ge=2)
     """Number of token ids."""
-    hidden: int = Field(64, ge=1)
+    hidden_size: int = Field(64, ge=1)
     """Width of the residual stream (d_model)."""
-    layers: int = Field(2, ge=1)
+    num_hidden_layers: int = Field(2, ge=1)
     """Number of transformer blocks."""
-    heads: int = Field(4, ge=1)
-    """Attention heads per block; must divide `hidden`."""
-    ffn: int | None = Field(None, ge=1)
-    """Inner width of the MLP; default 4 x hidden."""
+    num_attention_heads: int = Field(4, ge=1)
+    """Query heads per block; must divide hidden_size."""
+    num_key_value_heads: int | None = Field(None, ge=1)
+    """Key/value heads (grouped-query attention); must divide num_attention_heads. Default: as many
+    as query heads (multi-head attention)."""
+    intermediate_size: int | None = Field(None, ge=1)
+    """Inner width of the SwiGLU MLP; default: 8/3 x hidden_size rounded up to a multiple of 16."""
     seq_len: int = Field(64, ge=2)
-    """Tokens per training sequence (also the context length)."""
-    tied_embeddings: bool = True
+    """Tokens per training sequence (also the longest position RoPE is used at)."""
+    tie_word_embeddings: bool = True
     """Share the input embedding with the output projection."""
+    rope_theta: float = Field(10000.0, gt=0)
+    """Base of the rotary position embedding's frequencies."""
+    rms_norm_eps: float = Field(1e-5, gt=0)
+    """Epsilon of RMSNorm."""
+    num_experts: int = Field(0, ge=0)
+    """Mixture-of-experts MLPs per layer (0: dense). Used by the planner; the engine trains dense."""
+    num_experts_per_tok: int = Field(2, ge=1)
+    """Experts each token is routed to (MoE only)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            from dsl.engine.presets import PRESETS
+
+            name = data["preset"]
+            if name not in PRESETS:
+                raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+            return {**PRESETS[name], **data}
+        return data
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> "ModelConfig":
-        if self.hidden % self.heads:
+    def _divisible(self) -> "ModelConfig":
+        if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"heads ({self.heads}) must divide hidden ({self.hidden}); "
-                f"hidden/heads = {self.hidden / self.heads:g}"
-            )
+                f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
+                f"({self.hidden_size}); hidden_size/heads = {self.hidden_size / self.num_attention_heads:g}")
+        if self.num_attention_heads % self.kv_heads:
+            raise ValueError(f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads "
+                             f"({self.num_attention_heads})")
         return self
 
     @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
     def ffn_size(self) -> int:
-        return self.ffn if self.ffn is not None else 4 * self.hidden
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return -(-int(8 * self.hidden_size / 3) // 16) * 16
 
 
 class DataConfig(StrictModel):
@@ -62,16 +101,14 @@ class TrainConfig(StrictModel):
     data: DataConfig = DataConfig()
     """The training data."""
     steps: int = Field(300, ge=1)
-    """Optimizer steps to run."""
-    lr: float = Field(3e-3, gt=0)
-    """Peak learning rate."""
-    warmup_steps: int = Field(20, ge=0)
-    """Linear warm-up steps before the cosine decay."""
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    """Final learning rate as a fraction of `lr`."""
-    weight_decay: float = Field(0.0, ge=0)
-    """Decoupled weight decay (AdamW)."""
+    """Optimizer steps to run (the optimizer and its schedule are in the engine section)."""
     seed: int = 0
     """Seed of model initialisation; every rank starts from the same weights."""
     log_every: int = Field(10, ge=1)
     """Print a progress line (and write metrics.jsonl) every this many steps."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Write a checkpoint to output_dir/checkpoints every this many steps (and at the end)."""
+    keep_checkpoints: int = Field(3, ge=1)
+    """How many of the newest checkpoints to keep."""
+    resume: bool = True
+    """Continue from output_dir/checkpoints/latest when it exists."""

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[2]
 WORLD_SIZE = 2
-MODEL = dict(vocab_size=64, hidden=32, layers=2, heads=2, seq_len=16)
+MODEL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, seq_len=16)
 MICRO_BATCH = 4
 BUCKET_MIB = 0.004  # ~4 KiB: many buckets, so ordering and overlap are exercised
 TIMEOUT_S = 120
@@ -76,7 +76,7 @@ def _worker(rank: int, store: str, out: str) -> None:
 
     results: dict[str, Any] = {}
     # Scenario 1: one micro-step per optimizer step.
-    engine = _build({"optimizer": "sgd", "grad_clip": None})
+    engine = _build({"optimizer": {"type": "sgd"}, "grad_clip": None})
     tdist.all_reduce = counting_all_reduce
     (x, y), = _batches(rank, 1)
     engine(x, y).backward()
@@ -90,7 +90,7 @@ def _worker(rank: int, store: str, out: str) -> None:
     # Scenario 2: grad_accum 2, with clipping; count collectives after each backward.
     tdist.all_reduce = real_all_reduce
     calls.clear()
-    engine = _build({"optimizer": "sgd", "grad_clip": 0.5, "grad_accum": 2})
+    engine = _build({"optimizer": {"type": "sgd"}, "grad_clip": 0.5, "grad_accum": 2})
     tdist.all_reduce = counting_all_reduce
     calls_after_backward = []
     for x, y in _batches(rank, 2):
@@ -172,7 +172,7 @@ def _max_diff(a, b) -> float:
 
 
 def test_two_ranks_average_gradients_like_one_process_on_both_batches(ranks: list[dict[str, Any]]) -> None:
-    cfg = {"optimizer": "sgd", "grad_clip": None}
+    cfg = {"optimizer": {"type": "sgd"}, "grad_clip": None}
     ref = _reference(_batches(0, 1) + _batches(1, 1), cfg)
     ref_params = [p.detach() for p in ref.module.parameters()]
     for rank in ranks:
@@ -206,7 +206,7 @@ def test_grad_accum_communicates_only_on_the_boundary(ranks: list[dict[str, Any]
 
 
 def test_grad_accum_two_ranks_equal_one_process_on_all_four_micro_batches(ranks: list[dict[str, Any]]) -> None:
-    cfg = {"optimizer": "sgd", "grad_clip": 0.5}
+    cfg = {"optimizer": {"type": "sgd"}, "grad_clip": 0.5}
     ref = _reference(_batches(0, 2) + _batches(1, 2), cfg)
     for rank in ranks:
         _assert_all_close(rank["ga2"]["params"], [p.detach() for p in ref.module.parameters()], atol=1e-6)
@@ -225,8 +225,8 @@ def test_train_end_to_end_with_torchrun_two_ranks(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         "name: e2e\nhosts: {localhost: 2}\n"
-        "run:\n  command: ignored-by-the-engine\n  train:\n    steps: 30\n    log_every: 10\n    warmup_steps: 5\n"
-        "engine:\n  micro_batch: 8\n  bucket_mib: 0.1\n"
+        "run:\n  command: ignored-by-the-engine\n  train:\n    steps: 30\n    log_every: 10\n"
+        "engine:\n  micro_batch: 8\n  bucket_mib: 0.1\n  scheduler: {warmup_steps: 5}\n"
         f"output_dir: {out_dir}\n"
     )
     cmd = [

@@ -16,7 +16,7 @@ from dsl.engine.data import SyntheticData
 from dsl.engine.errors import UserError
 from dsl.engine.model import GPT
 
-SMALL = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=2, seq_len=32)
+SMALL = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, seq_len=32)
 
 
 def _engine(model_cfg: ModelConfig = SMALL, seed: int = 0, lr: float = 0.1, **engine: Any):
@@ -39,7 +39,7 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def test_loss_falls_within_50_steps() -> None:
     cfg = ModelConfig()  # the defaults: vocab 256, hidden 64, 2 layers, seq 64
-    engine = _engine(cfg, lr=3e-3, optimizer="adamw", grad_clip=1.0)
+    engine = _engine(cfg, lr=3e-3, optimizer={"type": "adamw"}, grad_clip=1.0)
     data = SyntheticData(DataConfig(), vocab_size=cfg.vocab_size, seq_len=cfg.seq_len, micro_batch=8)
     losses = []
     for step in range(1, 51):
@@ -58,13 +58,13 @@ def test_loss_falls_within_50_steps() -> None:
 @pytest.mark.parametrize(("optimizer", "lr"), [("sgd", 0.1), ("adamw", 1e-3)])
 def test_grad_accum_2x4_equals_1x8(optimizer: str, lr: float) -> None:
     (x0, y0), (x1, y1) = _batches(2, micro_batch=4)
-    accum = _engine(optimizer=optimizer, lr=lr, grad_accum=2, bucket_mib=0.01)  # several buckets
+    accum = _engine(optimizer={"type": optimizer}, lr=lr, grad_accum=2, bucket_mib=0.01)  # several buckets
     assert len(accum.reducer.buckets) > 3
     for x, y in ((x0, y0), (x1, y1)):
         assert accum.is_accumulation_boundary == (accum.micro_step == 1)
         accum(x, y).backward()
     accum.step()
-    whole = _engine(optimizer=optimizer, lr=lr, grad_accum=1)
+    whole = _engine(optimizer={"type": optimizer}, lr=lr, grad_accum=1)
     whole(torch.cat([x0, x1]), torch.cat([y0, y1])).backward()
     whole.step()
     grads = lambda e: [p.grad for p in e.module.parameters()]  # noqa: E731
@@ -74,7 +74,7 @@ def test_grad_accum_2x4_equals_1x8(optimizer: str, lr: float) -> None:
 
 
 def test_gradients_are_views_of_buckets_and_summary_counts_bytes() -> None:
-    engine = _engine(optimizer="adamw", bucket_mib=0.01)
+    engine = _engine(optimizer={"type": "adamw"}, bucket_mib=0.01)
     n = sum(p.numel() for p in engine.module.parameters())
     before = engine.state_summary()
     assert before == {"params_bytes": 4 * n, "grads_bytes": 4 * n, "optimizer_states_bytes": 0, "total_bytes": 8 * n}
@@ -92,7 +92,7 @@ def test_gradients_are_views_of_buckets_and_summary_counts_bytes() -> None:
 def test_clipping_bounds_the_global_norm_and_the_update() -> None:
     max_norm = 0.05
     x, y = _batches(1, 8)[0]
-    engine = _engine(optimizer="sgd", lr=1.0, grad_clip=max_norm)
+    engine = _engine(optimizer={"type": "sgd"}, lr=1.0, grad_clip=max_norm)
     start = _params(engine)
     engine(x, y).backward()
     engine.step()
@@ -103,7 +103,7 @@ def test_clipping_bounds_the_global_norm_and_the_update() -> None:
     update = torch.linalg.vector_norm(torch.stack([(a - b).norm() for a, b in zip(start, _params(engine))]))
     assert float(update) == pytest.approx(max_norm, rel=1e-4)
     # Same as torch's own clipping on an unclipped copy.
-    ref = _engine(optimizer="sgd", lr=1.0, grad_clip=None)
+    ref = _engine(optimizer={"type": "sgd"}, lr=1.0, grad_clip=None)
     ref(x, y).backward()
     ref.reducer.finish()
     torch.nn.utils.clip_grad_norm_(list(ref.module.parameters()), max_norm)
@@ -112,7 +112,7 @@ def test_clipping_bounds_the_global_norm_and_the_update() -> None:
 
 def test_no_clipping_leaves_gradients_untouched() -> None:
     x, y = _batches(1, 8)[0]
-    engine = _engine(optimizer="sgd", grad_clip=None)
+    engine = _engine(optimizer={"type": "sgd"}, grad_clip=None)
     engine(x, y).backward()
     torch.manual_seed(0)
     model = GPT(SMALL)
@@ -139,7 +139,7 @@ def test_optimizer_zero_grad_set_to_none_does_not_break_buckets() -> None:
     batches = _batches(2, 4)
     results = []
     for use_optimizer_zero_grad in (False, True):
-        engine = _engine(optimizer="sgd")
+        engine = _engine(optimizer={"type": "sgd"})
         for x, y in batches:
             engine(x, y).backward()
             engine.step()
@@ -152,7 +152,7 @@ def test_optimizer_zero_grad_set_to_none_does_not_break_buckets() -> None:
 
 
 def test_bf16_trains_with_fp32_params_and_grads() -> None:
-    engine = _engine(lr=3e-3, optimizer="adamw", precision="bf16")
+    engine = _engine(lr=3e-3, optimizer={"type": "adamw"}, precision="bf16")
     batches = _batches(30, 8)
     losses = []
     for x, y in batches:

@@ -10,7 +10,7 @@ import torch
 from dsl.engine.train_config import ModelConfig
 from dsl.engine.model import GPT
 
-SMALL = ModelConfig(vocab_size=50, hidden=32, layers=2, heads=4, seq_len=16)
+SMALL = ModelConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, seq_len=16)
 
 
 def _model(cfg: ModelConfig = SMALL, seed: int = 0) -> GPT:
@@ -59,10 +59,10 @@ def test_attention_is_causal() -> None:
 
 def test_tied_embeddings_share_one_parameter() -> None:
     tied = _model()
-    untied = _model(SMALL.model_copy(update={"tied_embeddings": False}))
+    untied = _model(SMALL.model_copy(update={"tie_word_embeddings": False}))
     assert tied.head.weight is tied.tok_emb.weight
     assert untied.head.weight is not untied.tok_emb.weight
-    assert untied.num_params() - tied.num_params() == SMALL.vocab_size * SMALL.hidden
+    assert untied.num_params() - tied.num_params() == SMALL.vocab_size * SMALL.hidden_size
     # The tied weight gets gradient from both uses.
     x = _tokens(2, 16, SMALL.vocab_size)
     tied(x, x).backward()
@@ -72,9 +72,9 @@ def test_tied_embeddings_share_one_parameter() -> None:
 
 
 def test_ffn_size_sets_mlp_width() -> None:
-    model = _model(SMALL.model_copy(update={"ffn": 40}))
-    assert model.blocks[0].mlp.fc.weight.shape == (40, SMALL.hidden)
-    assert _model().blocks[0].mlp.fc.weight.shape == (4 * SMALL.hidden, SMALL.hidden)
+    model = _model(SMALL.model_copy(update={"intermediate_size": 40}))
+    assert model.blocks[0].mlp.fc.weight.shape == (40, SMALL.hidden_size)
+    assert _model().blocks[0].mlp.fc.weight.shape == (SMALL.ffn_size, SMALL.hidden_size)
 
 
 def test_same_seed_same_weights() -> None:

@@ -56,8 +56,8 @@ def test_other_top_level_keys_are_ignored_and_defaults_apply(tmp_path: Path) -> 
     [
         ("run:\n  train:\n    steps: 0\noutput_dir: o\n", r"spec\.yaml:3:12 run\.train\.steps: .*greater than or equal to 1"),
         (
-            "run:\n  train:\n    model: {hidden: 64, heads: 5}\noutput_dir: o\n",
-            r"spec\.yaml:3:12 run\.train\.model: .*heads \(5\) must divide hidden \(64\)",
+            "run:\n  train:\n    model: {hidden_size: 64, num_attention_heads: 5}\noutput_dir: o\n",
+            r"spec\.yaml:3:12 run\.train\.model: .*num_attention_heads \(5\) must divide hidden_size \(64\)",
         ),
         ("engine:\n  micro_bach: 4\noutput_dir: o\n", r"spec\.yaml:2:3 engine\.micro_bach: unknown field 'micro_bach'; did you mean 'micro_batch'\?"),
         ("engine:\n  zero_stage: 2\noutput_dir: o\n", r"spec\.yaml:2:3 engine: zero_stage 2 is not implemented"),
@@ -74,21 +74,21 @@ def test_bad_spec_exits_2_with_one_located_message(tmp_path: Path, capsys: pytes
 
 
 def test_bad_spec_fails_before_importing_torch(tmp_path: Path) -> None:
-    path = _write(tmp_path, "run:\n  train:\n    lr: -1\noutput_dir: o\n")
+    path = _write(tmp_path, "run:\n  train: {}\nengine:\n  optimizer: {lr: -1}\noutput_dir: o\n")
     code = "import sys; from dsl.engine.train import main; rc = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)"
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stdout.strip() == "False"
-    assert "run.train.lr: Input should be greater than 0" in proc.stderr
+    assert "engine.optimizer.lr: Input should be greater than 0" in proc.stderr
 
 
 def test_single_process_run_logs_metrics_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "run"
     path = _write(
         tmp_path,
-        "run:\n  train:\n    steps: 12\n    log_every: 5\n    warmup_steps: 2\n"
-        "    model: {vocab_size: 64, hidden: 32, layers: 1, heads: 2, seq_len: 32}\n"
-        f"engine:\n  micro_batch: 4\n  grad_accum: 2\noutput_dir: {out_dir}\n",
+        "run:\n  train:\n    steps: 12\n    log_every: 5\n"
+        "    model: {vocab_size: 64, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, seq_len: 32}\n"
+        f"engine:\n  micro_batch: 4\n  grad_accum: 2\n  scheduler: {{warmup_steps: 2}}\noutput_dir: {out_dir}\n",
     )
     assert main([str(path)]) == 0
     stdout = capsys.readouterr().out.splitlines()

@@ -50,9 +50,9 @@ def test_every_error_reported_in_file_order(write):
 
 
 def test_nested_field_path_and_cross_field_numbers(write):
-    text = GOOD.replace("    steps: 10\n", "    steps: 10\n    model:\n      hidden: 64\n      heads: 5\n")
+    text = GOOD.replace("    steps: 10\n", "    steps: 10\n    model:\n      hidden_size: 64\n      num_attention_heads: 5\n")
     message = _error(write, text)
-    assert ":6:7 run.train.model: heads (5) must divide hidden (64)" in message
+    assert ":6:7 run.train.model: num_attention_heads (5) must divide hidden_size (64)" in message
 
 
 def test_missing_name_and_two_programs(write):
