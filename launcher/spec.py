@@ -11,6 +11,7 @@ every other tool's output flag.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from dsl.engine.train_config import TrainConfig
 from dsl.engine.errors import UserError
 from dsl.engine.located import Locations, dotted, load_located, validate_located
 
+log = logging.getLogger(__name__)
 Backend = Literal["local", "ssh", "slurm", "mpi"]
 
 
@@ -271,8 +273,38 @@ def load_spec(path: str | os.PathLike[str]) -> SpecFile:
     if not isinstance(data, dict):
         raise UserError(f"{path}:1:1: a spec is a mapping of fields (name, run, resources, ...); "
                         f"got {type(data).__name__ if data is not None else 'an empty file'}")
+    data = _with_deepspeed_config(data, path, locations)
     spec = validate_located(Spec, data, locations)
     return SpecFile(spec, path, locations)
+
+
+def _with_deepspeed_config(data: dict[str, Any], path: Path, locations: Locations) -> dict[str, Any]:
+    """engine.deepspeed_config: the DeepSpeed JSON's settings, under what the spec writes itself.
+    The resolved spec then carries plain engine settings; the engine never reads the JSON."""
+    engine = data.get("engine")
+    if not isinstance(engine, dict) or not engine.get("deepspeed_config"):
+        return data
+    from dsl.engine.dsconfig import load_deepspeed_config
+
+    where = f"{locations.where(('engine', 'deepspeed_config'))} engine.deepspeed_config"
+    json_path = (path.parent / os.path.expanduser(str(engine["deepspeed_config"]))).resolve()
+    mapped, notes = load_deepspeed_config(json_path, where)
+    for note in notes:
+        log.info("%s: %s", json_path.name, note)
+    explicit = {k: v for k, v in engine.items() if k != "deepspeed_config"}
+    overridden = sorted(set(explicit) & set(mapped))
+    if overridden:
+        log.info("%s: the spec's engine.%s override the DeepSpeed config", json_path.name,
+                 ", engine.".join(overridden))
+    return {**data, "engine": _merge(mapped, explicit)}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 def json_schema() -> dict[str, Any]:
