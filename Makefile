@@ -35,8 +35,10 @@ test-unit: install
 test-integration: install system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
+# Side-by-side benchmarks (dsl vs DeepSpeed 0.19.8, DDP, FSDP2); writes docs/benchmarks.md.
 bench: install
-	@echo "no benchmarks yet (they arrive with the engine and ops issues)"
+	bash tests/bench/setup_deepspeed.sh
+	$(BIN)/python tests/bench/run.py
 
 # The test cluster (host namespaces with sshd, Slurm, OpenMPI); tests start and stop it themselves.
 cluster-up: install system-deps
