@@ -18,17 +18,7 @@ HOSTFILE_NAME = "mpi-hostfile"
 
 
 def rsh_args(target: SshTarget) -> str:
-    words = ["-p", str(target.port), "-o", f"ConnectTimeout={target.connect_timeout_s:g}",
-             "-o", "BatchMode=yes",
-             "-o", f"StrictHostKeyChecking={'yes' if target.strict_host_key_checking else 'no'}"]
-    if target.config_file:
-        words += ["-F", target.config_file]
-    if target.identity_file:
-        words += ["-i", target.identity_file]
-    if target.known_hosts:
-        words += ["-o", f"UserKnownHostsFile={target.known_hosts}"]
-    if target.user:
-        words += ["-l", target.user]
+    words = [*target.options(), "-o", "BatchMode=yes"]
     for word in words:
         if any(ch.isspace() for ch in word) or not word:
             raise UserError(f"mpirun splits its ssh options on spaces; {word!r} cannot be passed "

@@ -58,9 +58,9 @@ class SshTarget:
     strict_host_key_checking: bool
     connect_timeout_s: float
 
-    def describe(self, host: str) -> str:
-        """An equivalent OpenSSH command line, for people reading a plan."""
-        argv = ["ssh", "-p", str(self.port), "-o", f"ConnectTimeout={self.connect_timeout_s:g}"]
+    def options(self) -> list[str]:
+        """These settings as OpenSSH client options (for plans shown to people, and mpirun)."""
+        argv = ["-p", str(self.port), "-o", f"ConnectTimeout={self.connect_timeout_s:g}"]
         if self.config_file:
             argv += ["-F", self.config_file]
         if self.identity_file:
@@ -68,8 +68,13 @@ class SshTarget:
         if self.known_hosts:
             argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
         argv += ["-o", f"StrictHostKeyChecking={'yes' if self.strict_host_key_checking else 'no'}"]
-        argv.append(f"{self.user}@{host}" if self.user else host)
-        return shell.join(argv)
+        if self.user:
+            argv += ["-l", self.user]
+        return argv
+
+    def describe(self, host: str) -> str:
+        """An equivalent OpenSSH command line, for people reading a plan."""
+        return shell.join(["ssh", *self.options(), host])
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def test_dry_run_shows_exact_ssh_command_lines(cluster, tmp_path):
     proc = run_dsl_on_head(cluster, "launch", str(spec), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("ssh ")]
-    assert len(lines) == 2 and "root@node1" in lines[0] and "root@node2" in lines[1]
+    assert len(lines) == 2 and "-l root node1 " in lines[0] and "-l root node2 " in lines[1]
     assert "--node-rank=1" in lines[1] and "--env-stdin --watch-stdin" in lines[1]
     assert "hunter2" not in proc.stdout and "SECRET_X='<secret>'" in proc.stdout
     assert job_processes(cluster, str(tmp_path)) == {h: [] for h in cluster.hosts}
