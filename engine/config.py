@@ -87,7 +87,8 @@ class EngineConfig(StrictModel):
     """Compute precision. bf16/fp16 keep fp32 master weights (see low_precision_states)."""
     low_precision_states: bool = False
     """Keep parameters and optimizer states in bf16 with no fp32 master copy: about half the
-    memory of model states, at the cost of update precision (see the engine README)."""
+    memory of model states, at the cost of update precision (engine/optim.py: stochastic
+    rounding keeps small updates in expectation). Needs precision: bf16."""
     micro_batch: int = Field(8, ge=1)
     """Sequences per rank per forward/backward pass."""
     grad_accum: int = Field(1, ge=1)
@@ -132,19 +133,13 @@ def unsupported_reason(engine: EngineConfig) -> str | None:
     Checked by the launcher at plan time (so `dsl launch` fails before starting anything) and by
     the engine itself on every rank.
     """
-    if engine.zero_stage not in (0, "auto"):
-        return (
-            f"zero_stage {engine.zero_stage} is not implemented in this version of the bundled "
-            "engine; use zero_stage: 0"
-        )
-    if engine.precision == "fp16":
-        return "precision fp16 (dynamic loss scaling) is not implemented yet; use fp32 or bf16"
-    if engine.low_precision_states:
-        return "low_precision_states is not implemented yet"
-    if engine.offload.optimizer not in ("none", "auto") or engine.offload.params != "none":
-        return "offload is not implemented yet; use offload: {optimizer: none}"
-    if engine.activation_checkpointing is True:
-        return "activation_checkpointing is not implemented yet"
+    if engine.low_precision_states and engine.precision != "bf16":
+        return (f"low_precision_states keeps bf16 parameters and optimizer states; it needs "
+                f"precision: bf16 (got precision: {engine.precision})")
+    if engine.offload.optimizer == "nvme" and not engine.offload.nvme_path:
+        return "offload.optimizer: nvme needs offload.nvme_path (a folder on a fast local disk)"
+    if engine.offload.params != "none":
+        return "offload.params: cpu (stage-3 parameter offload) is not implemented yet; use params: none"
     if engine.sequence_parallel not in (1, "auto"):
         return "sequence_parallel > 1 (Ulysses) is not implemented yet"
     if engine.deepspeed_config is not None:

@@ -1,254 +1,126 @@
-"""The engine: `initialize(model, config) -> Engine`, ZeRO stage 0 (data parallel, DDP-style).
+"""The engine: `initialize(model, config) -> Engine`; the step around the ZeRO stages.
 
 Usage, in plain PyTorch style::
 
-    engine = initialize(model, EngineConfig(grad_accum=2), lr=3e-3, schedule=WarmupCosine(...))
-    for step in range(steps):
+    engine = initialize(model, {"zero_stage": 2, "grad_accum": 2}, total_steps=1000)
+    for step in range(1, 1001):
         for micro_step in range(engine.grad_accum):
-            loss = engine(tokens, targets)      # forward under engine.autocast()
+            loss = engine(tokens, targets)      # = engine.module(...) under engine.autocast()
             loss.backward()                     # mean loss of this micro-batch
-        engine.step()                           # wait for gradients, clip, lr, optimizer step
+        engine.step()                           # = engine.optimizer.step()
         engine.zero_grad()
+        if step % 100 == 0:
+            engine.save_checkpoint(out / "checkpoints", step=step, keep=3)
 
-Stage 0 keeps everything replicated: every rank holds all parameters (fp32), all gradients
-(fp32, in flat buckets) and all optimizer states. Only gradients are communicated.
+What the engine owns (one module each):
+- zero/stage{0,1,2,3}.py: where parameters, gradients and optimizer states live and the
+  gradient/parameter collectives (each docstring states its communication plan);
+- offload.py: where optimizer states live and the update runs (device, CPU, NVMe);
+- optim.py: the AdamW / SGD update on flat pieces; precision.py: autocast, loss scaling;
+- checkpoint.py: the rank-count- and stage-independent checkpoint format; schedule.py: lr.
 
-Communication plan (stage 0)
-----------------------------
-- At `initialize`: `broadcast` of every parameter and buffer from rank 0, so all ranks start from
-  identical weights even if their seeds differ (as DDP does).
-- During the backward of the *last* micro-step of an optimizer step (the accumulation boundary):
-  the gradients live in flat fp32 buckets of at most `bucket_mib` (each `param.grad` is a view
-  into its bucket, so no copies are made). A post-accumulate-grad hook counts the parameters of
-  each bucket whose gradient is final; when a bucket is complete it is divided by
-  `world_size * grad_accum` and an asynchronous `all_reduce(SUM)` is launched on it at once, so
-  communication overlaps the rest of the backward. Buckets follow the reverse parameter order
-  (roughly the order in which backward produces gradients) and are launched strictly in index
-  order, so every rank issues the same collectives in the same order. At the end of the backward
-  an autograd callback launches any bucket still incomplete (a parameter that got no gradient
-  contributes zeros).
-- On the other micro-steps: no communication; autograd accumulates into the bucket views.
-- At `step()`: wait for every bucket's all_reduce; then the gradients are the mean over ranks and
-  micro-steps of the per-micro-batch mean loss. Clipping and the optimizer need no further
-  communication because every rank holds the same full gradient.
-- world_size 1 runs exactly this path; only the all_reduce is skipped.
+`engine.step()`:
+1. the stage waits for this step's gradient communication (`finish`); it refuses a number of
+   backward passes other than `grad_accum`;
+2. the global gradient norm: each rank's sum of squares of its gradient partition; at stages 1-3
+   one `all_reduce(SUM)` of [sum of squares, overflow flag] (the flag: this rank's partition
+   holds inf/nan); stage 0 needs none (every rank holds the same full gradient, so inf/nan
+   reached every rank through the all_reduce);
+3. fp16 with an overflow: the step is skipped on every rank (parameters and optimizer states
+   unchanged, `last_step_skipped` True), gradients are zeroed, the loss scale updated;
+4. otherwise one pass multiplies the gradients by (1 / loss scale) x clip coefficient
+   (`grad_clip / (norm + 1e-6)`, capped at 1, as `torch.nn.utils.clip_grad_norm_`), the lr is
+   set from the schedule, the optimizer updates this rank's partition, and the stage makes the
+   parameters current on every rank (`after_update`).
 
-Gradient accumulation: the engine counts backward passes (an autograd end-of-backward callback
-counts one per `loss.backward()`). The `grad_accum`-th backward since the last `step()` is the
-boundary; `step()` refuses to run after any other number of backward passes, and an extra
-backward before `step()` is refused too, so a loop that does not match `grad_accum` fails loudly
-instead of silently averaging the wrong gradients. `engine.is_accumulation_boundary` tells
-whether the next backward is the boundary.
+`global_step` counts `step()` calls (skipped ones too; the schedule follows it, as the trainer's
+step counter does); `optimizer_steps` counts applied updates (Adam's bias correction follows it).
 
-Later stages (ZeRO 1-3, fp16 loss scaling, offload) replace `BucketedAllReduce` by reducers that
-reduce-scatter the same buckets; the Engine around it (optimizer, clipping, schedule, autocast,
-accounting) stays.
+Gradient accumulation: stages 0 and 1 communicate only during the last micro-step's backward;
+stages 2 and 3 reduce-scatter during every backward into the partitioned accumulator (keeping
+no full gradient is their purpose). `engine.is_accumulation_boundary` tells whether the next
+backward is the last of the step.
 
-`zero_stage: auto` runs as stage 0, the only stage of this version.
+`zero_stage: auto` and `offload.optimizer: auto` reaching the engine (the planner did not
+resolve them) run as stage 0 and no offload.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import random
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as tdist
 from pydantic import ValidationError
 from torch import nn
-from torch.autograd import Variable
+from torch.autograd.graph import saved_tensors_hooks
 
-from dsl.engine import dist
+from dsl.engine import checkpoint, dist, precision
 from dsl.engine.config import EngineConfig, unsupported_reason
 from dsl.engine.errors import UserError
+from dsl.engine.offload import build_states
+from dsl.engine.optim import Hyper
+from dsl.engine.zero import build_stage
+from dsl.engine.zero.base import named_trainable
 
-__all__ = ["initialize", "Engine", "BucketedAllReduce"]
+__all__ = ["initialize", "Engine", "EngineOptimizer", "seed_everything"]
 
 log = logging.getLogger(__name__)
 
 _MIB = 1 << 20
 
 
-class _Bucket:
-    """A flat gradient buffer shared by consecutive parameters (views into it are their .grad)."""
-
-    def __init__(self, index: int, params: list[nn.Parameter]) -> None:
-        self.index = index
-        self.params = params
-        first = params[0]
-        self.flat = torch.zeros(
-            sum(p.numel() for p in params), dtype=first.dtype, device=first.device
-        )
-        self.views: list[torch.Tensor] = []
-        offset = 0
-        for p in params:
-            self.views.append(self.flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-        self.pending = len(params)
-        self.work: Any = None  # torch.distributed Work of the in-flight all_reduce
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python's `random` and numpy (when installed) with `seed`."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed % (1 << 32))
 
 
-class BucketedAllReduce:
-    """Stage-0 gradient reducer: bucketed, overlapped all_reduce on the accumulation boundary.
+class EngineOptimizer:
+    """`engine.optimizer`: a torch-optimizer-shaped handle whose `step()` is the whole engine
+    step (gradient wait, clipping, loss scale, update, parameter all_gather) and whose
+    `zero_grad()` is `engine.zero_grad()`. `param_groups` show the lr and weight decay in use
+    (decay: matrices and embeddings; no decay: gains and biases)."""
 
-    Owns the gradient memory: `param.grad` of every trainable parameter is a view into a bucket.
-    """
-
-    def __init__(
-        self,
-        params: list[nn.Parameter],
-        *,
-        bucket_bytes: int,
-        grad_accum: int,
-        world_size: int,
-    ) -> None:
-        self.grad_accum = grad_accum
-        self.world_size = world_size
-        self.buckets = self._make_buckets(list(reversed(params)), bucket_bytes)
-        self._slot: dict[int, tuple[_Bucket, torch.Tensor]] = {}
-        for bucket in self.buckets:
-            for p, view in zip(bucket.params, bucket.views):
-                self._slot[id(p)] = (bucket, view)
-                p.grad = view
-        self.micro_step = 0
-        """Backward passes since the last `step()`."""
-        self.collectives_launched = 0
-        """all_reduce calls issued so far (0 forever at world_size 1)."""
-        self._in_backward = False
-        self._next_launch = 0
-        self._hooks = [
-            p.register_post_accumulate_grad_hook(self._on_grad_accumulated) for p in params
+    def __init__(self, engine: "Engine", params: list[nn.Parameter], lr: float, weight_decay: float) -> None:
+        self._engine = engine
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.param_groups = [
+            g
+            for g in (
+                {"params": decay, "lr": lr, "weight_decay": weight_decay},
+                {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+            )
+            if g["params"]
         ]
 
-    @staticmethod
-    def _make_buckets(params: list[nn.Parameter], bucket_bytes: int) -> list[_Bucket]:
-        groups: list[list[nn.Parameter]] = []
-        size = 0
-        for p in params:
-            nbytes = p.numel() * p.element_size()
-            fits = groups and size + nbytes <= bucket_bytes
-            last = groups[-1][0] if groups else None
-            same_kind = last is not None and (last.dtype, last.device) == (p.dtype, p.device)
-            if fits and same_kind:
-                groups[-1].append(p)
-                size += nbytes
-            else:  # a parameter larger than a bucket gets a bucket of its own
-                groups.append([p])
-                size = nbytes
-        return [_Bucket(i, group) for i, group in enumerate(groups)]
+    def step(self, closure: Callable[[], Any] | None = None) -> None:
+        if closure is not None:
+            raise UserError("engine.optimizer.step() takes no closure")
+        self._engine.step()
 
-    @property
-    def is_boundary(self) -> bool:
-        """True while (or before) running the backward that completes the accumulation."""
-        return self.micro_step == self.grad_accum - 1
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._engine.zero_grad()
 
-    def _on_grad_accumulated(self, param: torch.Tensor) -> None:
-        if not self._in_backward:
-            if self.micro_step >= self.grad_accum:
-                raise UserError(
-                    f"backward pass {self.micro_step + 1} since the last engine.step(), but "
-                    f"grad_accum is {self.grad_accum}: call engine.step() and engine.zero_grad() "
-                    f"after every {self.grad_accum} backward passes"
-                )
-            self._in_backward = True
-            Variable._execution_engine.queue_callback(self._on_backward_end)
-        bucket, view = self._slot[id(param)]
-        grad = param.grad
-        if grad is None or grad.data_ptr() != view.data_ptr():
-            # Someone replaced .grad (optimizer.zero_grad(set_to_none=True), a manual
-            # assignment), so autograd stored a fresh tensor: bring it back into the bucket.
-            if grad is None:
-                view.zero_()
-            else:
-                view.copy_(grad)
-            param.grad = view
-        if self.is_boundary:
-            bucket.pending -= 1
-            if bucket.pending == 0:
-                self._launch_ready()
-
-    def _launch_ready(self) -> None:
-        while self._next_launch < len(self.buckets):
-            bucket = self.buckets[self._next_launch]
-            if bucket.pending:
-                return
-            self._launch(bucket)
-
-    def _launch(self, bucket: _Bucket) -> None:
-        divisor = self.world_size * self.grad_accum
-        if divisor > 1:
-            # Pre-divide: the SUM then yields the mean without a second pass over the buffer.
-            bucket.flat.div_(divisor)
-        if self.world_size > 1:
-            bucket.work = tdist.all_reduce(bucket.flat, op=tdist.ReduceOp.SUM, async_op=True)
-            self.collectives_launched += 1
-        self._next_launch = bucket.index + 1
-
-    def _on_backward_end(self) -> None:
-        boundary = self.is_boundary
-        self._in_backward = False
-        self.micro_step += 1
-        if boundary:
-            # Buckets with parameters that received no gradient in this backward.
-            for bucket in self.buckets[self._next_launch :]:
-                self._launch(bucket)
-
-    def finish(self) -> None:
-        """Wait until every bucket holds the averaged gradient; call once per optimizer step."""
-        if self.micro_step != self.grad_accum:
-            raise UserError(
-                f"engine.step() after {self.micro_step} backward passes, but grad_accum is "
-                f"{self.grad_accum}: run loss.backward() once per micro-batch, "
-                f"{self.grad_accum} times per step"
-            )
-        for bucket in self.buckets:
-            if bucket.work is not None:
-                bucket.work.wait()
-            bucket.work = None
-            bucket.pending = len(bucket.params)
-        self._next_launch = 0
-        self.micro_step = 0
-
-    def zero_(self) -> None:
-        for bucket in self.buckets:
-            bucket.flat.zero_()
-            for p, view in zip(bucket.params, bucket.views):
-                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
-                    p.grad = view
-
-    def flats(self) -> list[torch.Tensor]:
-        return [bucket.flat for bucket in self.buckets]
-
-    def grads_bytes(self) -> int:
-        return sum(b.flat.numel() * b.flat.element_size() for b in self.buckets)
-
-
-def _make_optimizer(
-    cfg: EngineConfig, params: list[nn.Parameter], *, lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    # Decay matrices (linear weights, embeddings), not biases and norm gains (as GPT-2/nanoGPT).
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        g
-        for g in (
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        )
-        if g["params"]
-    ]
-    if cfg.optimizer.type == "adamw":
-        # fused=True: one kernel over all tensors; works on CPU and CUDA (FACTS.md: ~6x faster
-        # than the per-tensor loop on CPU).
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps, fused=True)
-    # Plain SGD barely moves a transformer at these learning rates; momentum 0.9 is the usual.
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.optimizer.momentum)
+    def _set_lr(self, lr: float) -> None:
+        for g in self.param_groups:
+            g["lr"] = lr
 
 
 class Engine:
-    """A model, its optimizer and the stage-0 gradient reducer. Build it with `initialize`."""
+    """A model, its ZeRO stage, optimizer states and precision policy. Build it with `initialize`."""
 
     def __init__(
         self,
@@ -272,149 +144,297 @@ class Engine:
         self.base_lr = lr
         self.schedule = schedule
         self.global_step = 0
-        """Optimizer steps taken."""
+        """`step()` calls so far (skipped fp16 steps included)."""
+        self.optimizer_steps = 0
+        """Updates applied so far."""
+        self.skipped_steps = 0
+        """fp16 steps skipped because of an overflow."""
+        self.last_step_skipped = False
         self.module = model.to(self.device)
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        if not params:
+        named = named_trainable(self.module)
+        if not named:
             raise UserError("the model has no trainable parameters")
-        not_float = sorted({str(p.dtype) for p in params if not p.is_floating_point()})
+        not_float = sorted({str(p.dtype) for _, p in named if not p.is_floating_point()})
         if not_float:
             raise UserError(f"trainable parameters must be floating point, found {not_float}")
+        dtype = precision.param_dtype(config)
+        stage = 0 if config.zero_stage == "auto" else int(config.zero_stage)
         if self.world_size > 1:
-            self._broadcast_from_rank0()
-        self.reducer = BucketedAllReduce(
-            params,
+            with torch.no_grad():
+                for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
+                    if not (isinstance(t, nn.Parameter) and t.requires_grad):
+                        tdist.broadcast(t.data, src=0)
+        self.stage = build_stage(
+            stage,
+            self.module,
+            named,
             bucket_bytes=max(1, int(config.bucket_mib * _MIB)),
             grad_accum=config.grad_accum,
             world_size=self.world_size,
+            rank=self.rank,
+            dtype=dtype,
+            device=self.device,
         )
-        self.optimizer = _make_optimizer(config, params, lr=lr, weight_decay=weight_decay)
+        self.reducer = self.stage
+        """The same object as `stage` (the first engine's name for it)."""
+        opt = config.optimizer
+        self.hyper = Hyper(opt.type, tuple(opt.betas), opt.eps, weight_decay, opt.momentum)
+        offload = "none" if config.offload.optimizer == "auto" else config.offload.optimizer
+        self.states = build_states(
+            self.stage, self.hyper, offload=offload, dtype=dtype, device=self.device,
+            sub_group_mib=config.offload.sub_group_mib, nvme_path=config.offload.nvme_path,
+        )  # fmt: skip
+        self.scaler = precision.LossScaler(config.loss_scale) if config.precision == "fp16" else None
+        self.optimizer = EngineOptimizer(self, [p for _, p in named], lr, weight_decay)
+        self._last_grad_norm: float | None = None
+        self._lr = lr
+        self._refresh_lr()
+        # Activation accounting and fp16 loss scaling at the module boundary, so that both
+        # engine(...) and engine.module(...) are covered.
+        self._activation_bytes = 0
+        self._act_ctx: Any = None
+        self._act_seen: dict[int, int] = {}
+        self._param_storages = self._collect_param_storages()
+        self._module_hooks = [
+            self.module.register_forward_pre_hook(self._before_forward),
+            self.module.register_forward_hook(self._after_forward, always_call=True),
+        ]
         model._dsl_engine_attached = True
-        self._last_grad_norm: torch.Tensor | None = None
-        self._lr = schedule(1) if schedule is not None else lr
 
-    def _broadcast_from_rank0(self) -> None:
-        with torch.no_grad():
-            for tensor in [*self.module.parameters(), *self.module.buffers()]:
-                tdist.broadcast(tensor.data, src=0)
+    def _collect_param_storages(self) -> set[int]:
+        ids = {p.untyped_storage()._cdata for p in self.module.parameters()}
+        ids |= {b.untyped_storage()._cdata for b in self.module.buffers()}
+        extra = getattr(self.stage, "param_storages", None)
+        return ids | (extra() if extra is not None else set())
 
     # Forward -----------------------------------------------------------------------------
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """bf16: autocast the forward (params and grads stay fp32). fp32: no-op."""
-        if self.config.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """bf16/fp16: autocast the forward (parameters and gradients keep their dtype). fp32: no-op."""
+        return precision.autocast(self.config, self.device)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """`module(*args, **kwargs)` under `autocast()`."""
         with self.autocast():
             return self.module(*args, **kwargs)
 
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if self._act_ctx is not None:  # a nested call of the root module
+            return
+        seen: dict[int, int] = {}
+        params = self._param_storages
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key not in params and key not in seen:
+                seen[key] = storage.nbytes()
+            return t
+
+        self._act_seen = seen
+        self._act_ctx = saved_tensors_hooks(pack, lambda t: t)
+        self._act_ctx.__enter__()
+
+    def _after_forward(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if self._act_ctx is not None:
+            self._act_ctx.__exit__(None, None, None)
+            self._act_ctx = None
+            self._activation_bytes = sum(self._act_seen.values())
+        if self.scaler is not None and output is not None and torch.is_grad_enabled():
+            return precision.scale_outputs(output, self.scaler.scale)
+        return output
+
     # Step --------------------------------------------------------------------------------
 
     @property
     def is_accumulation_boundary(self) -> bool:
-        """True when the next `loss.backward()` is the last micro-step (it communicates)."""
-        return self.reducer.is_boundary
+        """True when the next `loss.backward()` is the last micro-step of the step."""
+        return self.stage.is_boundary
 
     @property
     def micro_step(self) -> int:
         """Backward passes since the last `step()`."""
-        return self.reducer.micro_step
+        return self.stage.micro_step
+
+    def _refresh_lr(self) -> None:
+        """lr of step `global_step` (of step 1 before any step)."""
+        if self.schedule is not None:
+            self._lr = self.schedule(max(1, self.global_step))
+        else:
+            self._lr = self.base_lr
+        self.optimizer._set_lr(self._lr)
+
+    def _grad_stats(self, grads: torch.Tensor) -> tuple[float, bool]:
+        """(global sum of squares, any rank has inf/nan) of the gradient (scaled at fp16)."""
+        local = torch.linalg.vector_norm(grads, dtype=torch.float32) if grads.numel() else torch.zeros(())
+        sumsq = local * local
+        bad = not bool(torch.isfinite(local))
+        # A non-finite norm can also come from huge finite values; the flag is only for inf/nan.
+        flag = float(bad and not bool(torch.isfinite(grads).all()))
+        if self.stage.partitioned and self.world_size > 1:
+            stats = torch.stack([sumsq, torch.tensor(flag)])
+            tdist.all_reduce(stats, op=tdist.ReduceOp.SUM)
+            return float(stats[0]), bool(stats[1] > 0)
+        return float(sumsq), flag > 0
 
     def step(self) -> None:
-        """Wait for the averaged gradients, clip them, set the lr and step the optimizer."""
-        self.reducer.finish()
-        self._last_grad_norm = self._clip_grads()
-        step = self.global_step + 1
-        self._lr = self.schedule(step) if self.schedule is not None else self.base_lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = self._lr
-        self.optimizer.step()
-        self.global_step = step
-
-    def _clip_grads(self) -> torch.Tensor:
-        """Global L2 norm of the gradients before clipping; scales them to `grad_clip` if above.
-
-        Same rule as torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6)), computed
-        on the flat buckets: a handful of reductions instead of one per parameter.
-        """
-        flats = self.reducer.flats()
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(f) for f in flats]))
+        """Wait for the averaged gradients, check overflow, clip and unscale, set the lr, update
+        this rank's partition and bring every rank's parameters up to date."""
+        self.stage.finish()
+        grads = self.stage.grad_flat
+        sumsq, overflow = self._grad_stats(grads)
+        self.global_step += 1
+        self._refresh_lr()
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        if self.scaler is not None and overflow:
+            self.scaler.update(True)
+            self.skipped_steps += 1
+            self.last_step_skipped = True
+            self._last_grad_norm = math.inf
+            self.stage.zero_grad()
+            log.info("step %d skipped: fp16 gradient overflow; loss scale now %g",
+                     self.global_step, self.scaler.scale)
+            return
+        norm = math.sqrt(sumsq) / scale
+        self._last_grad_norm = norm
+        coef = 1.0 / scale
         if self.config.grad_clip is not None:
-            coef = torch.clamp(self.config.grad_clip / (norm + 1e-6), max=1.0)
-            for f in flats:
-                f.mul_(coef)
-        return norm
+            coef *= min(1.0, self.config.grad_clip / (norm + 1e-6))
+        if coef != 1.0:
+            grads.mul_(coef)
+        self.optimizer_steps += 1
+        # One seed on every rank: at stage 0 each rank updates the same replicated values, and
+        # stochastic rounding (low_precision_states) must round them identically.
+        self.states.step(grads, step=self.optimizer_steps, lr=self._lr, seed=0)
+        self.stage.after_update()
+        self.last_step_skipped = False
+        if self.scaler is not None:
+            self.scaler.update(False)
 
     def zero_grad(self) -> None:
-        """Zero the gradient buckets in place (gradients stay views of them)."""
-        self.reducer.zero_()
+        """Zero the gradients in place (stages 0-1: gradients stay views of the buckets)."""
+        self.stage.zero_grad()
 
     @property
     def last_grad_norm(self) -> float | None:
-        """Global gradient norm (before clipping) of the last `step()`."""
-        return None if self._last_grad_norm is None else float(self._last_grad_norm)
+        """Global gradient norm (unscaled, before clipping) of the last `step()`; inf when it
+        was skipped for an fp16 overflow."""
+        return self._last_grad_norm
 
     @property
     def lr(self) -> float:
         """Learning rate of the last step (of the first step before any)."""
         return self._lr
 
+    @property
+    def loss_scale(self) -> float:
+        """The fp16 loss scale in use (1.0 without fp16)."""
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    # Checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, directory: str | Path, *, step: int, extra: dict[str, Any] | None = None, keep: int | None = None
+    ) -> Path:
+        """Write `directory/step-NNNNNN/` atomically and point `directory/latest` at it; keep the
+        newest `keep` checkpoints. Collective: call on every rank. See checkpoint.py."""
+        return checkpoint.save(self, directory, step=step, extra=extra, keep=keep)
+
+    def load_checkpoint(self, directory: str | Path) -> dict[str, Any]:
+        """Restore the checkpoint `directory/latest` names (any world size or stage); returns its
+        `extra` plus "step". Collective."""
+        return checkpoint.load(self, directory)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full trainable parameters by name on every rank (gathers at stages 1-3). Collective."""
+        return checkpoint.gather_full(self, optimizer=False)[0]
+
     # Accounting --------------------------------------------------------------------------
 
     def state_summary(self) -> dict[str, int]:
-        """Bytes this rank holds for parameters, gradients and optimizer states.
+        """Bytes this rank holds now, by term (each exact, from the buffers' storage sizes):
 
-        Optimizer states count once they exist (AdamW creates them at the first step).
+        - params_bytes: parameter storage: stages 0-2 the padded flat buffer of all parameters;
+          stage 3 this rank's padded partition plus the units gathered right now (none between
+          steps); plus frozen parameters. Under autocast these are the fp32 master weights.
+        - grads_bytes: stage 0 the flat gradient buffer; stage 1 that plus this rank's gradient
+          partition; stages 2-3 the partition plus staging buffers alive now (none between
+          steps; up to zero.stage2.MAX_IN_FLIGHT buckets/units during backward).
+        - optimizer_states_bytes: optimizer states on the device (AdamW: exp_avg + exp_avg_sq;
+          SGD: momentum) over this rank's padded partition; allocated at initialize. 0 with
+          offload (there is no separate master copy without offload).
+        - activations_bytes: distinct storages autograd saved for backward during the last
+          forward of the module (saved_tensors_hooks), excluding parameter and buffer storage;
+          includes autocast's low-precision weight copies and saved inputs.
+        - total_bytes: the sum of the four above (device memory for model state + activations).
+        - offload_cpu_bytes: CPU memory of offloaded master weights, states and buffers.
+        - offload_nvme_bytes: bytes in NVMe offload files.
+        Module buffers are not counted.
         """
-        params_bytes = sum(p.numel() * p.element_size() for p in self.module.parameters())
-        states_bytes = sum(
-            t.numel() * t.element_size()
-            for state in self.optimizer.state.values()
-            for t in state.values()
-            if isinstance(t, torch.Tensor)
-        )
-        grads_bytes = self.reducer.grads_bytes()
-        return {
-            "params_bytes": params_bytes,
-            "grads_bytes": grads_bytes,
-            "optimizer_states_bytes": states_bytes,
-            "total_bytes": params_bytes + grads_bytes + states_bytes,
+        mem = self.stage.memory()
+        frozen = sum(p.untyped_storage().nbytes() for p in self.module.parameters() if not p.requires_grad)
+        st = self.states.memory()
+        out = {
+            "params_bytes": mem["params_bytes"] + frozen,
+            "grads_bytes": mem["grads_bytes"],
+            "optimizer_states_bytes": st["optimizer_states_bytes"],
+            "activations_bytes": self._activation_bytes,
         }
+        out["total_bytes"] = sum(out.values())
+        out["offload_cpu_bytes"] = st["offload_cpu_bytes"]
+        out["offload_nvme_bytes"] = st["offload_nvme_bytes"]
+        return out
+
+    def close(self) -> None:
+        """Remove the engine's hooks and delete offload files. The engine is unusable after."""
+        for h in self._module_hooks:
+            h.remove()
+        self._module_hooks.clear()
+        self.stage.close()
+        self.states.close()
+
+
+def _validate(config: EngineConfig | Mapping[str, Any] | None) -> EngineConfig:
+    if config is None:
+        return EngineConfig()
+    if isinstance(config, EngineConfig):
+        return config
+    try:
+        return EngineConfig.model_validate(dict(config))
+    except ValidationError as err:
+        lines = [f"engine.{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise UserError("invalid engine config:\n  " + "\n  ".join(lines)) from None
 
 
 def initialize(
     model: nn.Module,
     config: EngineConfig | Mapping[str, Any] | None = None,
     *,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
+    lr: float | None = None,
+    weight_decay: float | None = None,
     schedule: Callable[[int], float] | None = None,
+    total_steps: int | None = None,
     device: torch.device | str | None = None,
 ) -> Engine:
     """Wrap `model` for training with `config` (an EngineConfig or the `engine:` mapping).
 
-    `schedule(step) -> lr` for 1-based steps (e.g. `schedule.WarmupCosine`); None keeps `lr`.
+    lr and weight_decay default to `config.optimizer`. The lr schedule: `schedule(step) -> lr`
+    for 1-based steps when given; else, with `total_steps`, the `config.scheduler` block
+    (warm-up + cosine/linear/constant, schedule.from_config); else a constant lr.
     Uses the process group that exists (see `dist.setup`); without one it runs a single process.
     The device defaults to the rank's device (cuda:LOCAL_RANK with nccl, else cpu).
     Raises UserError for a config this version cannot run.
     """
-    if config is None:
-        config = EngineConfig()
-    elif not isinstance(config, EngineConfig):
-        try:
-            config = EngineConfig.model_validate(dict(config))
-        except ValidationError as err:
-            lines = [
-                f"engine.{'.'.join(str(part) for part in e['loc'])}: {e['msg']}"
-                for e in err.errors()
-            ]
-            raise UserError("invalid engine config:\n  " + "\n  ".join(lines)) from None
+    config = _validate(config)
     reason = unsupported_reason(config)
     if reason is not None:
         raise UserError(reason)
+    lr = config.optimizer.lr if lr is None else lr
+    weight_decay = config.optimizer.weight_decay if weight_decay is None else weight_decay
+    if schedule is None and total_steps is not None:
+        from dsl.engine.schedule import from_config
+
+        schedule = from_config(config.scheduler, lr, total_steps)
     return Engine(
         model,
         config,

@@ -1,14 +1,41 @@
-"""The model the bundled engine trains: a small GPT-style decoder built from `ModelConfig`.
+"""The model the bundled engine trains: a Llama-style decoder built from `ModelConfig`.
 
-Token embedding + learned position embedding, `layers` pre-norm blocks (causal self-attention
-through `F.scaled_dot_product_attention`, GELU MLP of `ffn_size`), a final LayerNorm and an output
-head that shares the token embedding when `tie_word_embeddings` is set. No dropout: every forward is
-deterministic, so ranks that start from the same weights stay comparable and tests can compare
-a distributed step with a single-process one exactly.
+    tokens [B, T] int64
+      -> embed_tokens                                   [B, T, hidden]
+      -> num_hidden_layers x DecoderLayer:
+           x = x + self_attn(input_layernorm(x))        RMSNorm -> GQA causal attention with RoPE
+           x = x + mlp(post_attention_layernorm(x))     RMSNorm -> SwiGLU (gate, up, down)
+      -> norm (RMSNorm) -> lm_head                       [B, T, vocab_size]
 
-Initialisation follows GPT-2: N(0, 0.02) everywhere, residual output projections scaled by
-1/sqrt(2 * layers) so the residual stream does not grow with depth. Callers seed torch before
+No biases and no dropout: every forward is deterministic, so ranks that start from the same
+weights stay comparable, activation checkpointing recomputes exactly what it dropped, and tests
+compare a distributed step with a single-process one exactly.
+
+Parameter names are Hugging Face's `LlamaForCausalLM` names without the `model.` prefix
+(`embed_tokens`, `layers.N.self_attn.q_proj`, `layers.N.mlp.gate_proj`, `norm`, `lm_head`), and
+RoPE uses HF's "rotate_half" layout (dimension i is paired with i + head_dim/2), so an HF Llama
+state dict maps onto this model by renaming keys alone.
+
+Attention is `F.scaled_dot_product_attention(is_causal=True)`; with fewer key/value heads than
+query heads (grouped-query attention) it is called with `enable_gqa=True`, which shares each
+key/value head among `heads / kv_heads` query heads without materialising repeated copies
+(torch >= 2.5; older torch repeats the heads explicitly).
+
+Dtypes: parameters are fp32 (the engine keeps fp32 masters). Under bf16 autocast the matmuls run
+in bf16, while RMSNorm, the RoPE angles and the loss are computed in fp32; the residual stream
+stays fp32 (embedding output fp32 + bf16 branch outputs promote to fp32).
+
+Initialisation (GPT-2 / Llama practice): N(0, 0.02) for every matrix and the embedding, the two
+residual output projections of each layer (`o_proj`, `down_proj`) N(0, 0.02 / sqrt(2 * layers))
+so the residual stream does not grow with depth, RMSNorm gains 1. Callers seed torch before
 building the model (`torch.manual_seed(TrainConfig.seed)`) to get the same weights on every rank.
+
+Activation checkpointing (`Llama(cfg, activation_checkpointing=True)` or setting the attribute):
+each decoder layer runs under `torch.utils.checkpoint.checkpoint(use_reentrant=False)`, so
+backward keeps only each layer's input [B, T, hidden] (plus the shared RoPE tables) and
+recomputes the layer's internals (attention, the 3 x ffn_size-wide MLP activations) when its
+gradient is needed: about one extra forward of the layers per step, for a fraction of the
+activation memory. Losses and gradients are bitwise those of the plain forward.
 """
 
 from __future__ import annotations
@@ -18,93 +45,185 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsl.engine.train_config import ModelConfig
 
-__all__ = ["GPT"]
+__all__ = ["Llama", "GPT", "RMSNorm", "Attention", "SwiGLU", "DecoderLayer", "rope_tables", "apply_rope"]
+
+# enable_gqa arrived in torch 2.5 (pyproject allows 2.4).
+_SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last axis, computed in fp32.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, hidden] -> [B, T, hidden]."""
-        b, t, h = x.shape
-        # [B, T, 3, heads, head_dim] -> three [B, heads, T, head_dim]
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, h))
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, ffn_size: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(hidden, ffn_size)
-        self.proj = nn.Linear(ffn_size, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.hidden_size)
-        self.attn = CausalSelfAttention(cfg.hidden_size, cfg.num_attention_heads)
-        self.ln2 = nn.LayerNorm(cfg.hidden_size)
-        self.mlp = MLP(cfg.hidden_size, cfg.ffn_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class GPT(nn.Module):
-    """GPT-style decoder. `forward(tokens[B,T] int64, targets[B,T] int64 | None)`.
-
-    Returns logits [B, T, vocab_size] without targets, else the mean cross entropy over all
-    B*T positions (a 0-dim fp32 tensor, also under bf16 autocast).
+    x: [..., dim] any float dtype -> same shape and dtype as x (times the fp32 weight, so the
+    result is fp32 whenever x is). The fp32 upcast is what HF Llama does: a bf16 mean of squares
+    loses the small components of wide vectors.
     """
 
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, fp32, for `apply_rope`.
+
+    positions: [T] or [B, T] integer positions (any offsets; a sequence-parallel shard passes
+    its own). Returns (cos, sin), each [T, head_dim] for [T] positions or [B, 1, T, head_dim] for
+    [B, T] positions (the 1 broadcasts over heads). Frequency j (< head_dim/2) is
+    theta^(-2j/head_dim); columns j and j + head_dim/2 carry the same angle (rotate_half layout).
+    """
+    inv_freq = theta ** (
+        -torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim
+    )
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., T, head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [..., T, head_dim]
+    if positions.dim() == 2:
+        angles = angles.unsqueeze(1)  # [B, 1, T, head_dim]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x: [B, heads, T, head_dim] by the angles of `rope_tables` (same shape and dtype as x).
+
+    Pairs (x[..., i], x[..., i + head_dim/2]) are rotated by angle_i: the dot product of a query
+    rotated at position m with a key rotated at position n then depends on m - n only.
+    """
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with RoPE: [B, T, hidden] -> [B, T, hidden]."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.kv_heads
+        self.head_dim = cfg.head_dim
+        hidden = cfg.hidden_size
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        # [B, T, heads * head_dim] -> [B, heads, T, head_dim]
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_heads == self.heads:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif _SDPA_HAS_GQA:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # query head h reads kv head h // (heads / kv_heads), as enable_gqa does
+            group = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): [B, T, hidden] -> [B, T, hidden], inner width ffn_size."""
+
+    def __init__(self, hidden: int, ffn_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, ffn_size, bias=False)
+        self.up_proj = nn.Linear(hidden, ffn_size, bias=False)
+        self.down_proj = nn.Linear(ffn_size, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). [B, T, hidden] -> same."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Llama-style decoder.
+
+    `forward(tokens, targets=None, *, positions=None)`:
+    - tokens: [B, T] int64 token ids, T <= seq_len.
+    - targets: [B, T] int64 next-token ids, or None.
+    - positions: [T] or [B, T] int64 RoPE positions; default 0..T-1.
+    Returns logits [B, T, vocab_size] (fp32; bf16 under bf16 autocast) without targets, else the
+    mean cross entropy over all B*T positions (a 0-dim fp32 tensor, also under autocast).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, activation_checkpointing: bool = False) -> None:
+        super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.hidden_size)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = nn.LayerNorm(cfg.hidden_size)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.apply(self._init_weights)
-        residual_std = 0.02 / math.sqrt(2 * cfg.num_hidden_layers)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, std=residual_std)
-            nn.init.normal_(block.mlp.proj.weight, std=residual_std)
+        self.activation_checkpointing = activation_checkpointing
+        """Recompute each decoder layer in backward instead of keeping its activations."""
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             # One Parameter used twice: parameters() lists it once, autograd sums both uses.
-            self.head.weight = self.tok_emb.weight
+            self.lm_head.weight = self.embed_tokens.weight
+        self._init_weights()
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def _init_weights(self) -> None:
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.num_hidden_layers)
+        # named_parameters() lists a tied weight once, so it is drawn once.
+        for name, param in self.named_parameters():
+            if isinstance(self.get_submodule(name.rpartition(".")[0]), RMSNorm):
+                nn.init.ones_(param)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, std=residual_std)
+            else:
+                nn.init.normal_(param, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        _, t = tokens.shape
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        t = tokens.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence of {t} tokens is longer than seq_len ({self.cfg.seq_len})")
-        positions = torch.arange(t, device=tokens.device)
-        x = self.tok_emb(tokens) + self.pos_emb(positions)
-        for block in self.blocks:
-            x = block(x)
-        logits = self.head(self.norm(x))
+        if positions is None:
+            positions = torch.arange(t, device=tokens.device)
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.embed_tokens(tokens)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        for layer in self.layers:
+            if recompute:
+                # preserve_rng_state=False: a layer draws no random numbers (no dropout), so
+                # stashing the RNG state per layer would be wasted work. Adding dropout needs it.
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False, preserve_rng_state=False)
+            else:
+                x = layer(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits
         # fp32 log-softmax: under bf16 autocast the logits are bf16, whose 8-bit mantissa would
@@ -114,3 +233,7 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         """Distinct parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
+
+
+GPT = Llama
+"""The engine's model under its former name (the engine's own tests build `GPT(cfg)`)."""

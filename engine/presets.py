@@ -12,9 +12,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo.
     "tiny": dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, intermediate_size=176, seq_len=64),
-    # The shape of the peer baseline in ../shared/docs/FACTS.md (7.36M parameters).
+    # The shape of the peer baseline in ../shared/docs/FACTS.md: 7.36M parameters, which counts
+    # the output head apart from the embedding (HF LlamaConfig's default; tied it would be 5.26M).
     "bench": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=8, intermediate_size=688, seq_len=256),
+                  num_key_value_heads=8, intermediate_size=688, seq_len=256,
+                  tie_word_embeddings=False),
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, intermediate_size=8192, seq_len=4096, tie_word_embeddings=True,
                      rope_theta=500000.0),

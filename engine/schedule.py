@@ -1,9 +1,11 @@
-"""Learning-rate schedule: linear warm-up, then cosine decay to `min_lr_ratio * lr`.
+"""Learning-rate schedules: linear warm-up, then a cosine, linear or no decay to `min_lr_ratio * lr`.
 
 Steps are counted from 1 (the first optimizer step is step 1, as in the progress lines):
 - step <= warmup_steps: lr * step / warmup_steps (reaches the peak exactly at step warmup_steps),
-- after that: cosine from lr down to min_lr_ratio * lr, reached exactly at step total_steps,
+- after that: cosine (or linear) from lr down to min_lr_ratio * lr, reached exactly at step
+  total_steps; `constant` stays at lr,
 - past total_steps: stays at min_lr_ratio * lr.
+`from_config(SchedulerConfig, lr, total_steps)` builds the one the `engine.scheduler` block names.
 Pure Python (no torch), so it is cheap to call every step and easy to test.
 """
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["WarmupCosine"]
+from dsl.engine.config import SchedulerConfig
+
+__all__ = ["WarmupCosine", "WarmupLinear", "WarmupConstant", "from_config"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,10 @@ class WarmupCosine:
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of lr."""
 
+    def _decay(self, progress: float) -> float:
+        """Fraction of (lr - min_lr) left at `progress` in [0, 1] of the decay."""
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
     def __call__(self, step: int) -> float:
         if step < 1:
             raise ValueError(f"steps count from 1, got step {step}")
@@ -38,4 +46,26 @@ class WarmupCosine:
             return self.lr
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         min_lr = self.min_lr_ratio * self.lr
-        return min_lr + (self.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return min_lr + (self.lr - min_lr) * self._decay(progress)
+
+
+@dataclass(frozen=True)
+class WarmupLinear(WarmupCosine):
+    """Linear warm-up, then a straight line down to min_lr_ratio * lr at total_steps."""
+
+    def _decay(self, progress: float) -> float:
+        return 1.0 - progress
+
+
+@dataclass(frozen=True)
+class WarmupConstant(WarmupCosine):
+    """Linear warm-up, then lr for ever (min_lr_ratio is unused)."""
+
+    def _decay(self, progress: float) -> float:
+        return 1.0
+
+
+def from_config(cfg: SchedulerConfig, lr: float, total_steps: int) -> WarmupCosine:
+    """The schedule of an `engine.scheduler` block for a run of `total_steps` optimizer steps."""
+    kind = {"cosine": WarmupCosine, "linear": WarmupLinear, "constant": WarmupConstant}[cfg.type]
+    return kind(lr=lr, warmup_steps=cfg.warmup_steps, total_steps=total_steps, min_lr_ratio=cfg.min_lr_ratio)

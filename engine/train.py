@@ -5,10 +5,23 @@ SPEC.yaml is the full resolved dsl spec the launcher wrote; this reads only `run
 belong to the launcher, which validated them already). An invalid section prints one located
 message (`file:line:col run.train.steps: ...`) to stderr and exits 2, before torch is imported.
 
-Then, on every rank: process group from torchrun's environment (`dist.setup`), the same model
-weights everywhere (`torch.manual_seed(TrainConfig.seed)` before building the model; the engine
-also broadcasts from rank 0), different synthetic sequences per rank, `steps` optimizer steps of
-`grad_accum` micro-batches of `micro_batch` x `seq_len` tokens.
+Then, on every rank: process group from torchrun's environment (`dist.setup`); data-parallel
+size dp = world_size / engine.sequence_parallel, and `engine.train_batch` (when set) must equal
+micro_batch x grad_accum x dp; the same model weights everywhere (`torch.manual_seed(
+TrainConfig.seed)` before building the Llama model; the engine also broadcasts from rank 0), with
+per-layer activation checkpointing when `engine.activation_checkpointing` is true ("auto" is the
+planner's to resolve and stays off here); the optimizer and learning-rate schedule of
+`engine.optimizer` / `engine.scheduler`, the decay ending at `run.train.steps`; `steps` optimizer
+steps of `grad_accum` micro-batches of `micro_batch` x `seq_len` tokens, each rank reading its
+slice of the global batch by global sample index (see engine/data.py).
+
+Checkpoints: with `checkpoint_every` set, every that many steps and at the last step every rank
+calls `engine.save_checkpoint(output_dir/checkpoints, step=, extra=, keep=keep_checkpoints)`;
+`extra` holds the data position (`samples_seen`, `global_batch`, the data section). With
+`resume` (the default) and output_dir/checkpoints/latest present, the run starts with
+`engine.load_checkpoint` and continues after the returned step, reading the data from
+`samples_seen` on (so a run can resume on another number of ranks), and says so on stderr.
+metrics.jsonl is appended to, so a resumed run continues its rows.
 
 Output of rank 0 (the other ranks print nothing):
 - stdout, every `log_every` steps and at the last step, one line the launcher parses with
@@ -17,7 +30,7 @@ Output of rank 0 (the other ranks print nothing):
   loss is that step's loss averaged over micro-batches and ranks (an all_reduce on log steps
   only); tok/s counts the tokens of all ranks over the interval since the previous line.
 - `{output_dir}/metrics.jsonl`, one JSON object per printed line: step, loss, lr, tokens_per_s,
-  elapsed_s (seconds since the first step started), grad_norm (before clipping).
+  elapsed_s (seconds since the first step of this process started), grad_norm (before clipping).
 - stdout at the end: a summary table (rich, rendered as plain text when piped).
 Exit 0 on success, 2 on a bad spec.
 """
@@ -33,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from dsl.engine.config import EngineConfig, unsupported_reason
+from dsl.engine.config import EngineConfig, check_batch, unsupported_reason
 from dsl.engine.train_config import TrainConfig
 from dsl.engine.errors import DslError, UserError
 from dsl.engine.located import load_located, validate_located
@@ -114,6 +127,7 @@ def _print_summary(summary: dict[str, Any], out: TextIO) -> None:
     table.add_column("", overflow="fold")
     rows = {
         "steps": f"{summary['steps']:,}",
+        **({"resumed at step": f"{summary['start_step']:,}"} if summary["start_step"] else {}),
         "tokens seen": f"{summary['tokens']:,}",
         "tokens/s": f"{summary['tokens_per_s']:,.0f}",
         "first loss": f"{summary['first_loss']:.4f}",
@@ -130,18 +144,38 @@ def _print_summary(summary: dict[str, Any], out: TextIO) -> None:
 # Training --------------------------------------------------------------------------------
 
 
+def data_parallel_size(engine: EngineConfig, world_size: int) -> int:
+    """Ranks that read different samples: world_size / sequence_parallel. Raises UserError."""
+    sp = 1 if engine.sequence_parallel == "auto" else engine.sequence_parallel
+    if world_size % sp:
+        raise UserError(f"engine.sequence_parallel ({sp}) must divide the number of ranks "
+                        f"({world_size})")
+    dp = world_size // sp
+    reason = check_batch(engine, dp)
+    if reason is not None:
+        raise UserError(f"engine.train_batch: {reason}")
+    return dp
+
+
+def _require_checkpoints(engine: Any, why: str) -> None:
+    # Engine.save_checkpoint/load_checkpoint are added to engine/core.py separately; an engine
+    # without them must fail here, before training, not at the first checkpoint step.
+    if not (hasattr(engine, "save_checkpoint") and hasattr(engine, "load_checkpoint")):
+        raise UserError(f"{why}, but this version of the engine cannot save or load checkpoints")
+
+
 def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
     """Run the whole training on this rank; returns the summary (on every rank).
 
-    Creates and tears down the process group when the environment describes one.
+    Creates and tears down the process group when the environment describes one. Resumes from
+    output_dir/checkpoints/latest when `run.train.resume` is set and it exists.
     """
     import torch
 
     from dsl.engine import dist
     from dsl.engine.core import initialize
-    from dsl.engine.data import SyntheticData
-    from dsl.engine.model import GPT
-    from dsl.engine.schedule import WarmupCosine
+    from dsl.engine.data import open_data
+    from dsl.engine.model import Llama
 
     out = sys.stdout if out is None else out
     tcfg, ecfg = spec.train, spec.engine
@@ -150,18 +184,41 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
         # The launcher sets OMP_NUM_THREADS; without it, ranks sharing a host would each start
         # one thread per core and oversubscribe the CPU.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.local_world_size))
+    dp = data_parallel_size(ecfg, ctx.world_size)
+    sp = ctx.world_size // dp
+    # Consecutive ranks form a sequence-parallel group and read the same samples.
+    dp_rank = ctx.rank // sp
 
     torch.manual_seed(tcfg.seed)  # same initial weights on every rank
-    model = GPT(tcfg.model)
-    opt, sched = ecfg.optimizer, ecfg.scheduler
-    schedule = WarmupCosine(opt.lr, sched.warmup_steps, tcfg.steps, sched.min_lr_ratio)
-    engine = initialize(model, ecfg, lr=opt.lr, weight_decay=opt.weight_decay, schedule=schedule)
-    data = SyntheticData(
+    # activation_checkpointing "auto" is the planner's to decide; unresolved, it stays off.
+    model = Llama(tcfg.model, activation_checkpointing=ecfg.activation_checkpointing is True)
+    # lr, weight decay and the schedule come from engine.optimizer / engine.scheduler; the
+    # schedule's decay ends at run.train.steps.
+    engine = initialize(model, ecfg, total_steps=tcfg.steps)
+
+    checkpoint_dir = spec.output_dir / "checkpoints"
+    if tcfg.checkpoint_every is not None:
+        _require_checkpoints(engine, "run.train.checkpoint_every is set")
+    start_step = resume_sample = 0
+    resumed_data = None
+    if tcfg.resume and (checkpoint_dir / "latest").exists():
+        _require_checkpoints(engine, f"{checkpoint_dir}/latest exists and run.train.resume is on")
+        extra = engine.load_checkpoint(checkpoint_dir)
+        start_step = int(extra["step"])
+        # Where the data stream stood; older checkpoints without it assume this global batch.
+        resume_sample = int(extra.get("samples_seen", start_step * ecfg.micro_batch * ecfg.grad_accum * dp))
+        resumed_data = extra.get("data")
+
+    data = open_data(
         tcfg.data,
         vocab_size=tcfg.model.vocab_size,
         seq_len=tcfg.model.seq_len,
         micro_batch=ecfg.micro_batch,
-        rank=ctx.rank,
+        rank=dp_rank,
+        dp_size=dp,
+        grad_accum=ecfg.grad_accum,
+        resume_step=start_step,
+        resume_sample=resume_sample,
         device=engine.device,
     )
 
@@ -172,24 +229,34 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
             value /= ctx.world_size
         return float(value)
 
-    tokens_per_step = ecfg.micro_batch * tcfg.model.seq_len * ecfg.grad_accum * ctx.world_size
+    tokens_per_step = data.global_batch * tcfg.model.seq_len
     metrics = None
     if ctx.is_main:
         spec.output_dir.mkdir(parents=True, exist_ok=True)
         metrics = (spec.output_dir / "metrics.jsonl").open("a")
         print(
-            f"{PROG}: {ctx.world_size} rank(s), backend {ctx.backend or 'none'}, device "
-            f"{engine.device}, {model.num_params():,} params, zero {ecfg.zero_stage}, "
-            f"{ecfg.precision}, {tokens_per_step:,} tokens/step",
+            f"{PROG}: {ctx.world_size} rank(s) (data-parallel {dp}), backend "
+            f"{ctx.backend or 'none'}, device {engine.device}, {model.num_params():,} params, "
+            f"zero {ecfg.zero_stage}, {ecfg.precision}, {tokens_per_step:,} tokens/step, "
+            f"{tcfg.data.kind} data"
+            + (", activation checkpointing" if model.activation_checkpointing else ""),
             file=sys.stderr,
             flush=True,
         )
+        if start_step:
+            print(f"{PROG}: resumed from {checkpoint_dir} at step {start_step} "
+                  f"({resume_sample:,} samples seen)", file=sys.stderr, flush=True)
+            if resumed_data is not None and resumed_data != tcfg.data.model_dump(mode="json"):
+                print(f"{PROG}: warning: run.train.data differs from the checkpoint's "
+                      f"({resumed_data}); continuing at sample {resume_sample:,} of the new data",
+                      file=sys.stderr, flush=True)
 
+    first_step = start_step + 1
     first_loss = final_loss = float("nan")
     start = last_time = time.perf_counter()
-    last_step = 0
+    last_step = start_step
     try:
-        for step in range(1, tcfg.steps + 1):
+        for step in range(first_step, tcfg.steps + 1):
             loss_sum = torch.zeros((), device=engine.device)
             for micro_step in range(ecfg.grad_accum):
                 tokens, targets = data.batch(step, micro_step)
@@ -199,12 +266,26 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
             engine.step()
             engine.zero_grad()
 
+            if tcfg.checkpoint_every is not None and (
+                step % tcfg.checkpoint_every == 0 or step == tcfg.steps
+            ):
+                engine.save_checkpoint(
+                    checkpoint_dir,
+                    step=step,
+                    extra={
+                        "samples_seen": data.samples_seen(step),
+                        "global_batch": data.global_batch,
+                        "data": tcfg.data.model_dump(mode="json"),
+                    },
+                    keep=tcfg.keep_checkpoints,
+                )
+
             log_now = step % tcfg.log_every == 0 or step == tcfg.steps
-            if not (log_now or step == 1):
+            if not (log_now or step == first_step):
                 continue
             # A collective: every rank reaches it on the same steps.
             loss_value = global_mean(loss_sum / ecfg.grad_accum)
-            if step == 1:
+            if step == first_step:
                 first_loss = loss_value
             if not log_now:
                 continue
@@ -234,10 +315,12 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
         if metrics is not None:
             metrics.close()
     train_s = time.perf_counter() - start
+    steps_run = tcfg.steps - start_step if tcfg.steps > start_step else 0
     summary = {
         "steps": tcfg.steps,
-        "tokens": tcfg.steps * tokens_per_step,
-        "tokens_per_s": tcfg.steps * tokens_per_step / train_s,
+        "start_step": start_step,
+        "tokens": steps_run * tokens_per_step,
+        "tokens_per_s": steps_run * tokens_per_step / train_s,
         "first_loss": first_loss,
         "final_loss": final_loss,
         "train_s": train_s,
@@ -245,7 +328,11 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
         "world_size": ctx.world_size,
     }
     if ctx.is_main:
-        _print_summary(summary, out)
+        if steps_run:
+            _print_summary(summary, out)
+        else:
+            print(f"{PROG}: the checkpoint is at step {start_step} and run.train.steps is "
+                  f"{tcfg.steps}: nothing to train", file=sys.stderr, flush=True)
         out.flush()
     dist.teardown(ctx)
     return summary

@@ -64,6 +64,10 @@ class ModelConfig(StrictModel):
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
                 f"({self.hidden_size}); hidden_size/heads = {self.hidden_size / self.num_attention_heads:g}")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim = hidden_size / num_attention_heads = {self.hidden_size} / "
+                f"{self.num_attention_heads} = {self.head_dim} must be even (RoPE rotates pairs)")
         if self.num_attention_heads % self.kv_heads:
             raise ValueError(f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads "
                              f"({self.num_attention_heads})")
@@ -85,12 +89,34 @@ class ModelConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """Where training tokens come from."""
+    """Where training tokens come from (`run.train.data`). Every rank reads by global sample
+    index, so any split of a global batch over ranks and micro-steps reads the same samples."""
 
-    kind: Literal["synthetic"] = "synthetic"
-    """`synthetic`: tokens from a fixed random Markov chain (learnable, needs no files)."""
+    kind: Literal["synthetic", "tokens"] = "synthetic"
+    """`synthetic`: tokens from a fixed random Markov chain (learnable, needs no files).
+    `tokens`: sequences cut from a flat file of token ids (`path`, `dtype`)."""
     seed: int = 1234
-    """Seed of the synthetic chain; the same seed gives the same tokens on every run."""
+    """Seed of the synthetic chain, or of the window order of a token file with order: shuffle;
+    the same seed gives the same sequences on every run."""
+    path: str | None = None
+    """kind: tokens only: a flat binary file of token ids (nanoGPT's train.bin format: no header,
+    native byte order), memory-mapped, never loaded whole. Relative paths start at the ranks'
+    working directory (run.workdir; default where `dsl launch` runs)."""
+    dtype: Literal["uint16", "uint32"] = "uint16"
+    """kind: tokens only: the integer type of each token id in `path` (uint16 for vocabularies of
+    up to 65,536 ids)."""
+    order: Literal["shuffle", "sequential"] = "shuffle"
+    """kind: tokens only: read the file's seq_len-token windows in a permutation drawn anew for
+    every epoch from `seed` (shuffle), or front to back (sequential); both wrap around at the end."""
+
+    @model_validator(mode="after")
+    def _path_with_tokens(self) -> "DataConfig":
+        if self.kind == "tokens" and self.path is None:
+            raise ValueError("kind: tokens needs path: the token file to read")
+        if self.kind == "synthetic" and self.path is not None:
+            raise ValueError(f"path ({self.path!r}) is read only with kind: tokens; "
+                             "set kind: tokens or remove path")
+        return self
 
 
 class TrainConfig(StrictModel):

@@ -209,6 +209,90 @@ def hosts(
             print(f"{h.name} slots={','.join(map(str, h.slots))}")
 
 
+@app.command("plan")
+def plan_cmd(
+    spec: Path = SpecArg,
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (choice, candidates, terms)."),
+    topology: Optional[str] = typer.Option(None, "--topology", "-t",
+                                           help="Plan for a recorded machine (dsl probe --list) or a "
+                                                "topology/recording file instead of this host."),
+) -> None:
+    """Choose ZeRO stage, offload, sequence parallelism, checkpointing and batch split for SPEC's
+    `auto` fields; show memory per term, candidates, and the commands dsl launch would run.
+    Exit 1 when nothing fits (the report says what would)."""
+    from dsl.launcher import console
+
+    console.setup_logging()
+    from dsl.engine.errors import UserError
+    from dsl.launcher.launch import prepare
+
+    prepared = prepare(spec, reserve=False, topology=topology, refuse_unfit=False)
+    memory = prepared.memory
+    if memory is None:
+        raise UserError(f"{spec}: nothing to plan: dsl plan needs run.train (the bundled engine)")
+    if as_json:
+        import json
+
+        print(json.dumps({**memory.to_json(), "launch": prepared.plan.to_json()}, indent=1))
+    else:
+        from rich.console import Console
+
+        from dsl.launcher.planner import render
+
+        out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+        commands = prepared.plan.describe() if memory.launch_choice is not None else None
+        render(memory, prepared.spec_file.spec.name, commands, out)
+    if memory.choice is None:
+        raise typer.Exit(1)
+
+
+@app.command()
+def probe(
+    as_json: bool = typer.Option(False, "--json", help="Print the topology as JSON."),
+    record: Optional[Path] = typer.Option(None, "--record",
+                                          help="Write the raw NVML answers and host facts to FILE "
+                                               "(a recording: usable as --topology and as a fixture)."),
+    topology: Optional[str] = typer.Option(None, "--topology", "-t",
+                                           help="Show a recorded machine (fixture name or file) instead."),
+    measure_nvme: Optional[Path] = typer.Option(None, "--measure-nvme", metavar="DIR",
+                                                help="Measure sequential O_DIRECT read/write bandwidth by "
+                                                     "writing a temporary file (<= 512 MiB, <= 5 s each way) "
+                                                     "in DIR."),
+    list_fixtures: bool = typer.Option(False, "--list", help="List the recorded machines shipped with dsl."),
+) -> None:
+    """Show this host: GPUs (NVML), their links, CPU, RAM, NUMA, NVMe, network. Nothing is
+    initialised on the GPUs (no CUDA context); NVMe is measured only with --measure-nvme."""
+    import json
+
+    from dsl.engine.errors import UserError
+    from dsl.topology import probe as probelib
+
+    if list_fixtures:
+        for name in probelib.fixture_names():
+            topo = probelib.load_topology(name)
+            print(f"{name:28} {topo.description or ''}")
+        return
+    if topology is not None:
+        if record is not None or measure_nvme is not None:
+            raise UserError("--record and --measure-nvme probe this host; they do not apply to --topology")
+        topo = probelib.load_topology(topology)
+    else:
+        topo, recording = probelib.probe_local()
+        if measure_nvme is not None:
+            topo, recording = probelib.with_disk_measurement(recording, measure_nvme)
+        if record is not None:
+            record.write_text(json.dumps(recording, indent=1) + "\n")
+            print(f"dsl: wrote {record} (use it as --topology {record})", file=sys.stderr)
+    if as_json:
+        print(json.dumps(topo.to_json(), indent=1))
+        return
+    from rich.console import Console
+
+    from dsl.topology.show import render
+
+    render(topo, Console(highlight=False, width=None if sys.stdout.isatty() else 160))
+
+
 def main() -> None:
     from dsl.engine.errors import DslError
 

@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dsl.engine.config import unsupported_reason
 from dsl.engine.errors import UserError
@@ -33,6 +34,8 @@ class Prepared:
     spec_file: SpecFile
     plan: LaunchPlan
     port: PortReservation | None
+    memory: Any = None
+    """The planner's answer (launcher.planner.Plan) for a bundled-engine run, else None."""
 
 
 def in_slurm_allocation() -> bool:
@@ -108,9 +111,12 @@ def _env_values(spec_file: SpecFile) -> dict[str, str]:
 
 
 def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
-            backend: str | None = None) -> Prepared:
+            backend: str | None = None, topology: str | None = None,
+            refuse_unfit: bool = True) -> Prepared:
     """Everything up to the plan. `reserve=False` (dry run) picks a port without holding it;
-    `backend` overrides the spec's (`dsl sbatch` renders any spec for Slurm)."""
+    `backend` overrides the spec's (`dsl sbatch` renders any spec for Slurm); `topology`
+    overrides resources.topology; `refuse_unfit=False` (`dsl plan`) returns a plan that does not
+    fit instead of raising."""
     spec_file = load_spec(spec_path)
     if backend is not None and backend != spec_file.spec.resources.backend:
         resources = spec_file.spec.resources.model_copy(update={"backend": backend})
@@ -124,7 +130,15 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
         script = spec_file.resolve(spec.run.script)
         if not script.is_file():
             raise UserError(f"{spec_file.where('run', 'script')}: no such script: {script}")
-    hosts, pin = resolve_spec_hosts(spec_file)
+    # A recorded topology (resources.topology, --topology) stands for this host: it decides
+    # procs_per_node auto; then the planner fills `auto` engine fields from memory + topology
+    # and refuses what does not fit, before anything starts.
+    from dsl.launcher import planner
+
+    hosts, pin = planner.recorded_hosts(spec_file, topology) or resolve_spec_hosts(spec_file)
+    spec_file, hosts, pin, memory_plan = planner.resolve(
+        spec_file, hosts, pin, topology=topology, refuse=refuse_unfit, runnable=unsupported_reason)
+    spec = spec_file.spec
     env_values = _env_values(spec_file)
     port: PortReservation | None = None
     master_port = spec.resources.master_port
@@ -150,7 +164,7 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
         in_slurm_allocation=in_slurm_allocation(),
         is_root=hasattr(os, "geteuid") and os.geteuid() == 0,
     )
-    return Prepared(spec_file, render(spec_file, hosts, inputs), port)
+    return Prepared(spec_file, render(spec_file, hosts, inputs), port, memory_plan)
 
 
 def write_run_folder(plan: LaunchPlan) -> Path:

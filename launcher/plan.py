@@ -309,6 +309,10 @@ def resolved_spec_yaml(spec_file: SpecFile, output_dir: str) -> str:
     """The spec as it runs (defaults filled in, output_dir absolute, secret values redacted)."""
     data = spec_file.spec.model_dump(mode="json")
     data["output_dir"] = output_dir
+    train = data["run"].get("train") or {}
+    token_file = (train.get("data") or {}).get("path")
+    if token_file:  # spec paths are relative to the spec file; the ranks may run elsewhere
+        train["data"]["path"] = str(spec_file.resolve(token_file))
     secrets = set(spec_file.spec.env.secret)
     data["env"]["vars"] = {k: (REDACTED if k in secrets else v) for k, v in data["env"]["vars"].items()}
     header = f"# resolved from {spec_file.path.resolve()} by dsl launch; what actually ran\n"

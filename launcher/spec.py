@@ -156,6 +156,10 @@ class Resources(StrictModel):
     """SSH settings for backend ssh (and for preflight checks of remote hosts)."""
     slurm: Slurm = Slurm()
     """Batch settings for backend slurm."""
+    topology: str | None = None
+    """The machine type to plan for instead of probing this host: a recorded fixture
+    (`dsl probe --list`, e.g. h100-sxm-8x) or a file written by `dsl probe --record` or
+    `dsl probe --json` (relative to the spec file). Every host is assumed to be like it."""
 
     @field_validator("procs_per_node", "master_port")
     @classmethod

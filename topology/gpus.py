@@ -1,8 +1,8 @@
 """How many GPUs this host has, asked of NVML without initialising CUDA.
 
-The full topology probe (links, NUMA, NVMe) is a later module; the launcher needs only the count
-today to fill `procs_per_node: auto`. NVML is always shut down after use, and an absent driver is
-an answer (0 GPUs, with the reason), not an exception.
+The launcher needs only the count to fill `procs_per_node: auto`, so this stays a few cheap calls;
+the full topology (links, NUMA, NVMe) is `probe.probe_local()`. NVML is always shut down after
+use, and an absent driver is an answer (0 GPUs, with the reason), not an exception.
 """
 
 from __future__ import annotations

@@ -77,13 +77,23 @@ def test_gradients_are_views_of_buckets_and_summary_counts_bytes() -> None:
     engine = _engine(optimizer={"type": "adamw"}, bucket_mib=0.01)
     n = sum(p.numel() for p in engine.module.parameters())
     before = engine.state_summary()
-    assert before == {"params_bytes": 4 * n, "grads_bytes": 4 * n, "optimizer_states_bytes": 0, "total_bytes": 8 * n}
-    engine(*_batches(1, 4)[0]).backward()
+    # AdamW's exp_avg and exp_avg_sq (fp32) exist from initialize on; no activations yet.
+    assert before == {"params_bytes": 4 * n, "grads_bytes": 4 * n, "optimizer_states_bytes": 8 * n,
+                      "activations_bytes": 0, "total_bytes": 16 * n,
+                      "offload_cpu_bytes": 0, "offload_nvme_bytes": 0}
+    x, y = _batches(1, 4)[0]
+    engine(x, y).backward()
     engine.step()
     after = engine.state_summary()
-    # AdamW: exp_avg and exp_avg_sq (fp32) per element, plus a scalar step per tensor.
-    n_tensors = len(list(engine.module.parameters()))
-    assert after["optimizer_states_bytes"] == 8 * n + 4 * n_tensors
+    assert after["optimizer_states_bytes"] == 8 * n
+    assert after["activations_bytes"] > 0
+    assert after["total_bytes"] == 16 * n + after["activations_bytes"]
+    # The same forward saves the same bytes; a larger batch saves more.
+    engine(x, y)
+    assert engine.state_summary()["activations_bytes"] == after["activations_bytes"]
+    x2, y2 = _batches(1, 8)[0]
+    engine(x2, y2)
+    assert engine.state_summary()["activations_bytes"] > after["activations_bytes"]
     flats = {b.flat.data_ptr(): b.flat for b in engine.reducer.buckets}
     for p in engine.module.parameters():
         assert any(f.data_ptr() <= p.grad.data_ptr() < f.data_ptr() + f.numel() * 4 for f in flats.values())
@@ -177,13 +187,28 @@ def test_schedule_sets_the_lr_of_each_step() -> None:
         assert all(g["lr"] == pytest.approx(0.01 * step) for g in engine.optimizer.param_groups)
 
 
-@pytest.mark.parametrize("engine_cfg", [{"zero_stage": 1}, {"zero_stage": 3}, {"precision": "fp16"}])
-def test_unsupported_configs_raise_user_error_with_the_reason(engine_cfg: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("engine_cfg", "words"),
+    [
+        ({"low_precision_states": True}, "precision: fp32"),
+        ({"offload": {"optimizer": "nvme"}}, "nvme_path"),
+        ({"zero_stage": 3, "offload": {"params": "cpu"}}, "offload.params"),
+        ({"sequence_parallel": 2}, "sequence_parallel"),
+    ],
+)
+def test_unsupported_configs_raise_user_error_with_the_reason(engine_cfg: dict[str, Any], words: str) -> None:
     reason = unsupported_reason(EngineConfig(**engine_cfg))
-    assert reason
+    assert reason and words in reason
     with pytest.raises(UserError) as info:
         initialize(GPT(SMALL), engine_cfg)
     assert str(info.value) == reason
+
+
+@pytest.mark.parametrize("engine_cfg", [{"zero_stage": s} for s in (0, 1, 2, 3)] + [
+    {"precision": "fp16"}, {"precision": "bf16", "low_precision_states": True},
+    {"offload": {"optimizer": "cpu"}}, {"zero_stage": "auto", "offload": {"optimizer": "auto"}}])
+def test_implemented_features_are_supported(engine_cfg: dict[str, Any]) -> None:
+    assert unsupported_reason(EngineConfig(**engine_cfg)) is None
 
 
 def test_invalid_engine_mapping_names_the_field() -> None:
@@ -209,3 +234,123 @@ def test_step_and_backward_counts_must_match_grad_accum() -> None:
     engine(x, y).backward()
     with pytest.raises(UserError, match="backward pass 3 since the last engine.step"):
         engine(x, y).backward()
+
+
+def test_lr_and_weight_decay_default_to_the_config_and_total_steps_builds_its_schedule() -> None:
+    torch.manual_seed(0)
+    cfg = {"optimizer": {"lr": 0.02, "weight_decay": 0.1}, "scheduler": {"type": "linear", "warmup_steps": 2, "min_lr_ratio": 0.5}}
+    engine = initialize(GPT(SMALL), cfg, total_steps=6)
+    assert engine.lr == pytest.approx(0.01)  # step 1 of a 2-step warm-up
+    assert engine.optimizer.param_groups[0]["weight_decay"] == 0.1
+    lrs = []
+    for x, y in _batches(6, 2):
+        engine(x, y).backward()
+        engine.optimizer.step()  # the whole engine step
+        engine.optimizer.zero_grad()
+        lrs.append(engine.lr)
+    assert engine.global_step == 6
+    assert lrs == pytest.approx([0.01, 0.02, 0.02 - 0.01 / 4, 0.02 - 0.01 / 2, 0.02 - 0.03 / 4, 0.01])
+    # Without a schedule or total_steps: the config's lr, constant; explicit kwargs override.
+    assert initialize(GPT(SMALL), cfg).lr == 0.02
+    assert initialize(GPT(SMALL), cfg, lr=0.5, weight_decay=0.0).optimizer.param_groups[0]["weight_decay"] == 0.0
+
+
+def test_schedule_shapes() -> None:
+    from dsl.engine.config import SchedulerConfig
+    from dsl.engine.schedule import WarmupConstant, WarmupLinear, from_config
+
+    linear = WarmupLinear(lr=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.0)
+    assert [linear(s) for s in (5, 10, 60, 110, 200)] == pytest.approx([0.5, 1.0, 0.5, 0.0, 0.0])
+    const = WarmupConstant(lr=1.0, warmup_steps=4, total_steps=10)
+    assert [const(s) for s in (2, 4, 10, 50)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    cosine = from_config(SchedulerConfig(type="cosine", warmup_steps=0, min_lr_ratio=0.0), 1.0, 100)
+    assert cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_stage_trains_like_stage_0_in_one_process(stage: int) -> None:
+    """world_size 1 runs the stages' own code (partition = everything); same losses and weights."""
+    runs = []
+    for s in (0, stage):
+        engine = _engine(lr=1e-2, optimizer={"type": "adamw"}, zero_stage=s, grad_accum=2, bucket_mib=0.01)
+        losses = []
+        for step in range(1, 6):
+            for m, (x, y) in enumerate(_batches(2, 4, step=step)):
+                loss = engine(x, y)
+                loss.backward()
+            engine.step()
+            engine.zero_grad()
+            losses.append(loss.item())
+        runs.append((losses, engine.full_state_dict()))
+    (l0, p0), (l1, p1) = runs
+    assert l0 == pytest.approx(l1, abs=1e-6)
+    assert max(float((p0[n] - p1[n]).abs().max()) for n in p0) < 1e-6
+    assert l0[-1] < l0[0]
+
+
+def test_fp16_scales_gradients_and_grows_the_scale_after_the_interval() -> None:
+    x, y = _batches(1, 8)[0]
+    ref = _engine(optimizer={"type": "sgd"}, lr=0.1)
+    ref(x, y).backward()
+    ref.reducer.finish()
+    engine = _engine(optimizer={"type": "sgd"}, lr=0.1, precision="fp16",
+                     loss_scale={"initial_scale_power": 8, "growth_interval": 2})
+    loss = engine(x, y)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(ref.module(x, y).item(), abs=1e-2)
+    loss.backward()
+    # Gradients arrive multiplied by the loss scale (fp16 compute: about 3 significant digits).
+    for p, q in zip(engine.module.parameters(), ref.module.parameters()):
+        torch.testing.assert_close(p.grad / 256, q.grad, atol=2e-4, rtol=2e-2)
+    engine.step()
+    engine.zero_grad()
+    assert engine.last_grad_norm == pytest.approx(ref._grad_stats(ref.stage.grad_flat)[0] ** 0.5, rel=2e-2)
+    assert not engine.last_step_skipped and engine.loss_scale == 256
+    engine(x, y).backward()
+    engine.step()
+    assert engine.loss_scale == 512  # 2 clean steps = growth_interval
+
+
+def test_static_loss_scale_never_changes_and_overflow_still_skips() -> None:
+    engine = _engine(optimizer={"type": "sgd"}, precision="fp16", loss_scale={"static": 4.0})
+    x, y = _batches(1, 4)[0]
+    before = _params(engine)
+    engine(x, y).backward()
+    next(engine.module.parameters()).grad.view(-1)[0] = float("nan")
+    engine.step()
+    assert engine.last_step_skipped and engine.loss_scale == 4.0
+    assert _max_diff(before, _params(engine)) == 0.0
+
+
+def test_low_precision_states_keep_bf16_parameters_and_states_and_train() -> None:
+    engine = _engine(lr=3e-3, optimizer={"type": "adamw"}, precision="bf16", low_precision_states=True)
+    n = sum(p.numel() for p in engine.module.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
+    s = engine.state_summary()
+    assert (s["params_bytes"], s["grads_bytes"], s["optimizer_states_bytes"]) == (2 * n, 2 * n, 4 * n)
+    losses = []
+    for x, y in _batches(30, 8):
+        loss = engine(x, y)
+        loss.backward()
+        engine.step()
+        engine.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_seed_everything_makes_models_identical() -> None:
+    from dsl.engine.core import seed_everything
+
+    seed_everything(7)
+    a = [p.detach().clone() for p in GPT(SMALL).parameters()]
+    seed_everything(7)
+    b = [p.detach().clone() for p in GPT(SMALL).parameters()]
+    assert _max_diff(a, b) == 0.0
+
+
+def test_close_removes_the_hooks() -> None:
+    engine = _engine()
+    model = engine.module
+    engine.close()
+    x, y = _batches(1, 2)[0]
+    for _ in range(3):  # more backwards than grad_accum: nobody counts them any more
+        model(x, y).backward()

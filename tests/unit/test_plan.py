@@ -85,8 +85,8 @@ def test_secret_without_value_is_an_error(write):
 
 
 def test_unsupported_engine_is_refused_at_plan_time(write):
-    with pytest.raises(UserError, match=r"s.yaml:4:3 engine: zero_stage 3 is not implemented"):
-        prepare(write("s.yaml", "name: t\nrun: {train: {}}\nengine:\n  zero_stage: 3\n"), reserve=False)
+    with pytest.raises(UserError, match=r"s.yaml:4:3 engine: sequence_parallel > 1 \(Ulysses\) is not implemented"):
+        prepare(write("s.yaml", "name: t\nrun: {train: {}}\nengine:\n  sequence_parallel: 2\n"), reserve=False)
 
 
 def test_missing_script_and_hostfile_errors_are_located(write):
@@ -108,3 +108,12 @@ def test_hostfile_selection_reaches_the_plan(write):
     plan = prepare(spec_path, reserve=False).plan
     assert [(h.host, h.slots) for h in plan.hosts] == [("worker-1", (1, 3)), ("worker-2", (0, 1))]
     assert plan.master_port == 29600 and plan.world_size == 4
+
+
+def test_token_file_path_is_resolved_against_the_spec(write, tmp_path):
+    import yaml
+
+    spec = load_spec(write("sub/s.yaml", "name: t\nrun:\n  train:\n    data: {kind: tokens, path: data/tok.bin}\n"))
+    plan = render(spec, [Host("localhost", (0,))], _inputs())
+    resolved = yaml.safe_load(next(iter(plan.files.values())))
+    assert resolved["run"]["train"]["data"]["path"] == str(tmp_path / "sub/data/tok.bin")

@@ -1,0 +1,624 @@
+"""Bytes per rank of a training configuration, term by term (torch-free: plain arithmetic).
+
+The planner (`dsl plan`, `dsl launch` with `auto` fields) and the engine (to report what it
+expects next to what it measures) use this one module. Every term is per rank (one device) and
+says where the bytes live: `device_bytes` on the accelerator, `host_bytes` in host RAM (pinned
+buffers included), `nvme_bytes` on local NVMe. On a CPU-only host the "device" is host RAM too.
+
+    estimate(model, engine, dp=8, sp=1, micro_batch=2) -> Breakdown   # every term
+    model_states(params, stage=2, shards=8, precision="bf16")         # parameters .. optimizer
+    expected_state_summary(model, engine, dp, micro_batch)            # keys of Engine.state_summary
+
+Symbols below: P parameters, N ZeRO shards (= dp x sp: sequence-parallel ranks hold replicas
+of the same weights, so ZeRO shards over the whole world, as DeepSpeed-Ulysses does), b micro
+batch, s sequence length, h hidden, f ffn size, a query heads, k kv heads, V vocabulary, L layers.
+
+Model states (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
+Parameter Models", sec. 3.1 and 5): mixed-precision Adam holds 2P (16-bit params) + 2P (16-bit
+grads) + KP (K = 12: fp32 master, momentum, variance). Stage 1 shards the K term, stage 2 also
+the gradients, stage 3 also the parameters:
+
+    stage 0: (2 + 2 + K) P          stage 1: (2 + 2) P + K P / N
+    stage 2: 2 P + (2 + K) P / N    stage 3: (2 + 2 + K) P / N
+
+The paper's example (P = 7.5e9, N = 64) gives 120 / 31.4 / 16.6 / 1.9 GB (tested). Per-parameter
+bytes by precision (`state_bytes`):
+
+    precision             param  grad  master  optimizer (adamw / sgd)
+    fp32                    4      4     0       8 / 4
+    bf16|fp16, "master"     2      2     4       8 / 4     ZeRO paper, DeepSpeed
+    bf16|fp16, "fp32_params" 4     4     0       8 / 4     the bundled engine: fp32 params under autocast
+    low_precision_states    2      2     0       4 / 2     bf16 params and moments, no master
+
+Both mixed layouts total 16 B/param unsharded; they split differently under ZeRO-1/2, and
+"fp32_params" also keeps autocast's 16-bit weight copies for backward (2 B/param).
+`ENGINE_MIXED_LAYOUT` names the engine's.
+
+Offload (Ren et al. 2021, "ZeRO-Offload"; Rajbhandari et al. 2021, "ZeRO-Infinity"), as the
+engine does it (engine/offload.py): the optimizer keeps its own master copy of the rank's shard
+(fp32; bf16 with low_precision_states) and the moments in host RAM (`cpu`) or in files (`nvme`),
+and runs the step there; the device keeps its gradient shard, which streams out through one
+sub-group buffer of `offload.sub_group_mib` (cpu), or through 3 buffers of [master + moments] per
+sub-group (nvme: read-ahead, update, write-behind); updated parameters stream back. Parameter
+offload (stage 3, planned, not in the engine yet) would keep each rank's parameter shard in host
+RAM between uses.
+
+Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models", sec. 4.1): a GPT layer with 16-bit activations keeps s b h (34 + 5 a s / h) bytes; the
+5 a s^2 b part is the attention scores, softmax and dropout. `korthikanti_layer_bytes` gives that
+reference. dsl's model is Llama-style (no dropout, RMSNorm, SwiGLU, GQA), so `_layer_saved`
+lists what autograd actually saves per layer for it, tensor by tensor, with c the compute
+element size and r the residual/norm element size (r = 4 under the engine's autocast, whose
+residual stream and RMSNorm stay fp32; r = c otherwise):
+
+    attention: norm input r bsh, rstd 4 bs, norm output r bsh, [autocast: 3 input casts c bsh],
+               q c bsh, k and v 2 c bsh k/a, flash output c bsh + logsumexp 4 b a s
+               (math attention instead: softmax probabilities c b a s^2), o_proj input c bsh
+    mlp:       norm input r bsh, rstd 4 bs, norm output r bsh, [autocast: 2 input casts c bsh],
+               gate, up, silu(gate), product: 4 c bsf (x experts per token for MoE)
+
+Flash attention never materialises the s^2 scores (it saves the output and the logsumexp and
+recomputes scores in backward): this is the difference between the two attention lines.
+Sequence parallelism (Ulysses) divides every term by sp (each rank holds s/sp tokens, or all s
+tokens of a/sp heads inside attention). Activation checkpointing keeps each layer's input
+(r b s h) and recomputes one layer at a time in backward: L r bsh saved, plus one full layer
+while it is rebuilt (the `recomputation peak` term).
+Under autocast every matmul also saves the 16-bit copy of its weight for backward: c x (matmul
+parameters), at every stage (stage 3 gathers fp32 units and autocast casts them); checkpointing
+keeps only lm_head's (a recomputed layer's come back in the recomputation peak).
+
+Logits: the fp32 log-softmax output of the loss (saved), its gradient and the gradient of the
+logits coexist in backward: 12 b s V / sp bytes (tiled loss would cut this; not yet).
+
+Buffers: stages 1-3 reduce-scatter gradients through 2 buckets of `bucket_mib` in flight (stage 0
+keeps gradients inside its buckets, so no extra); stage 3 holds the gathered parameters of the
+largest unit it gathers (a decoder layer, or the embedding/head) twice (current + prefetched)
+plus that unit's unsharded gradient. A CUDA rank also holds ~1 GiB of CUDA context, NCCL and
+cuBLAS workspaces (`runtime`); a CPU rank ~0.4 GiB of torch itself.
+
+Model construction: at stages 0-2 the trainer builds the full model in fp32 on the host before
+the engine moves it, so each rank needs 4P bytes of host RAM for a moment (`transient`). Stage 3
+is assumed to build it unit by unit, sharded as it goes (DeepSpeed's zero_init, FSDP2's
+meta-device init), so the transient is one unit.
+
+Comparison with DeepSpeed's estimators (`deepspeed_estimate`, reimplemented from
+deepspeed/runtime/zero/stage_1_and_2.py and stage3.py, DeepSpeed 0.19): they cover model states
+only (no activations, logits or buffers), count full 16-bit gradients plus a 16/N fp32 partition
+at stage 1-2 on the GPU (4P + 16P/N, vs. the paper's 2P + 14P/N at stage 2), and multiply every
+CPU figure by additional_buffer_factor = 1.5, a fudge factor for allocator and pinned-buffer
+overheads; without zero_init their CPU figure also charges 4 bytes x P per GPU for every process
+loading the fp32 model, which dsl reports as the transient `model construction` term instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from dsl.engine.config import EngineConfig
+    from dsl.engine.train_config import ModelConfig
+
+GB = 10**9
+GiB = 1 << 30
+MiB = 1 << 20
+
+Layout = Literal["fp32_params", "master"]
+ENGINE_MIXED_LAYOUT: Layout = "fp32_params"
+"""How the bundled engine holds bf16/fp16 training state (see the table in the module docstring):
+fp32 parameters (which are the master weights) and fp32 gradients, 16-bit compute under
+autocast, at every stage (engine/model.py, engine/zero/*). "master" is the ZeRO paper's and
+DeepSpeed's layout (16-bit parameters and gradients, fp32 master copy in the optimizer)."""
+
+GPU_RUNTIME_BYTES = 1 * GiB
+CPU_RUNTIME_BYTES = 400 * MiB
+NVME_SWAP_BUFFERS = 3
+
+# Term names (stable: they are JSON keys and table rows).
+PARAMETERS = "parameters"
+GRADIENTS = "gradients"
+MASTER = "master weights"
+OPTIMIZER = "optimizer states"
+ACTIVATIONS = "activations"
+WEIGHT_COPIES = "autocast weight copies"
+RECOMPUTE = "recomputation peak"
+LOGITS = "logits"
+BUCKETS = "communication buckets"
+GATHERED = "gathered parameters"
+OFFLOAD_BUFFERS = "offload buffers"
+RUNTIME = "runtime"
+MODEL_INIT = "model construction"
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# The model ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions that decide memory: a Llama-style decoder (engine/model.py)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    seq_len: int
+    tied: bool
+    experts: int = 0
+    experts_per_tok: int = 2
+
+    @classmethod
+    def of(cls, model: "ModelConfig | ModelShape | str") -> "ModelShape":
+        """From a ModelConfig, a preset name, or itself."""
+        if isinstance(model, ModelShape):
+            return model
+        if isinstance(model, str):
+            from dsl.engine.train_config import ModelConfig
+
+            model = ModelConfig(preset=model)
+        return cls(layers=model.num_hidden_layers, hidden=model.hidden_size,
+                   heads=model.num_attention_heads, kv_heads=model.kv_heads, ffn=model.ffn_size,
+                   vocab=model.vocab_size, seq_len=model.seq_len, tied=model.tie_word_embeddings,
+                   experts=model.num_experts, experts_per_tok=model.num_experts_per_tok)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def attention_params(self) -> int:
+        """q, k, v, o projections, no biases."""
+        d = self.head_dim
+        return self.hidden * self.heads * d * 2 + self.hidden * self.kv_heads * d * 2
+
+    @property
+    def mlp_params(self) -> int:
+        """SwiGLU gate/up/down (per expert), plus the router for MoE."""
+        per_expert = 3 * self.hidden * self.ffn
+        if self.experts:
+            return per_expert * self.experts + self.hidden * self.experts
+        return per_expert
+
+    @property
+    def layer_params(self) -> int:
+        return self.attention_params + self.mlp_params + 2 * self.hidden  # + two RMSNorm gains
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def head_params(self) -> int:
+        return 0 if self.tied else self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        """All parameters (a tied embedding counts once)."""
+        return self.layers * self.layer_params + self.embedding_params + self.head_params + self.hidden
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters used as matmul weights in one forward (autocast casts each of them)."""
+        experts_used = min(self.experts, self.experts_per_tok) if self.experts else 1
+        return self.layers * (self.attention_params + 3 * self.hidden * self.ffn * experts_used) \
+            + self.vocab * self.hidden
+
+    @property
+    def flop_params(self) -> int:
+        """Parameters a token multiplies through (MoE: only its experts; the lookup is free)."""
+        return self.matmul_params
+
+    @property
+    def largest_unit_params(self) -> int:
+        """The largest unit ZeRO-3 gathers at once: one decoder layer, or the embedding/head."""
+        return max(self.layer_params, self.embedding_params, self.head_params)
+
+    def with_seq_len(self, seq_len: int) -> "ModelShape":
+        from dataclasses import replace
+
+        return replace(self, seq_len=seq_len)
+
+
+# Model states -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter of each model-state term, and per element of activations."""
+
+    param: int
+    grad: int
+    master: int
+    optimizer: int
+    compute: int
+    """Activation element size: 2 under bf16/fp16, 4 in fp32."""
+    residual: int
+    """Element size of the residual stream and RMSNorm (4 under the engine's autocast)."""
+    autocast: bool
+    """16-bit compute on fp32 parameters: every matmul casts (and saves) its weight and input."""
+
+
+def state_bytes(precision: str = "bf16", low_precision_states: bool = False, optimizer: str = "adamw",
+                layout: Layout | None = None) -> StateBytes:
+    moments = 2 if optimizer == "adamw" else 1  # Adam: momentum + variance; SGD: momentum
+    if precision == "fp32":
+        return StateBytes(4, 4, 0, 4 * moments, 4, 4, False)
+    if low_precision_states:
+        return StateBytes(2, 2, 0, 2 * moments, 2, 2, False)
+    if (layout or ENGINE_MIXED_LAYOUT) == "master":
+        return StateBytes(2, 2, 4, 4 * moments, 2, 2, False)
+    return StateBytes(4, 4, 0, 4 * moments, 2, 4, True)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One line of a memory breakdown, per rank."""
+
+    name: str
+    device_bytes: int = 0
+    host_bytes: int = 0
+    nvme_bytes: int = 0
+    formula: str = ""
+    transient: bool = False
+    """Only for a moment (model construction), not at the same time as the training state."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "device_bytes": self.device_bytes, "host_bytes": self.host_bytes,
+                "nvme_bytes": self.nvme_bytes, "formula": self.formula, "transient": self.transient}
+
+
+def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16",
+                 low_precision_states: bool = False, optimizer: str = "adamw",
+                 offload_optimizer: str = "none", offload_params: str = "none",
+                 layout: Layout | None = None, sub_group_mib: float = 256.0) -> tuple[Term, ...]:
+    """Parameters, gradients, master weights, optimizer states (and offload buffers), per rank."""
+    sb = state_bytes(precision, low_precision_states, optimizer, layout)
+    n = max(1, shards)
+
+    def part(per_param: int, sharded: bool) -> tuple[int, str]:
+        if sharded and n > 1:
+            return _ceil_div(per_param * params, n), f"{per_param} B x {params:,} / {n}"
+        return per_param * params, f"{per_param} B x {params:,}"
+
+    p_bytes, p_f = part(sb.param, stage >= 3)
+    g_bytes, g_f = part(sb.grad, stage >= 2)
+    if stage == 1 and n > 1 and (layout or ENGINE_MIXED_LAYOUT) == "fp32_params" and not sb.master:
+        # The bundled engine keeps the full gradient buckets and reduce-scatters them into a
+        # separate partition buffer at stage 1 (engine/zero/stage1.py).
+        shard, shard_f = part(sb.grad, True)
+        g_bytes, g_f = g_bytes + shard, f"{g_f} + shard {shard_f}"
+    terms = []
+    if offload_params == "cpu":
+        terms.append(Term(PARAMETERS, host_bytes=p_bytes, formula=p_f + " (offloaded to host)"))
+    else:
+        terms.append(Term(PARAMETERS, device_bytes=p_bytes, formula=p_f))
+    terms.append(Term(GRADIENTS, device_bytes=g_bytes, formula=g_f))
+    if offload_optimizer == "none":
+        m_bytes, m_f = part(sb.master, stage >= 1)
+        o_bytes, o_f = part(sb.optimizer, stage >= 1)
+        if not sb.master:
+            m_f = "none: the parameters are the fp32 master weights"
+        terms.append(Term(MASTER, device_bytes=m_bytes, formula=m_f))
+        terms.append(Term(OPTIMIZER, device_bytes=o_bytes, formula=o_f))
+        return tuple(terms)
+    # Offload (engine/offload.py): the optimizer keeps its own master copy of the shard (fp32, or
+    # bf16 with low_precision_states) next to the states, in host RAM (cpu) or files (nvme), and
+    # streams the device's gradient shard through sub-groups of `sub_group_mib`.
+    elem = sb.master or sb.param
+    moments = sb.optimizer // elem
+    shard_numel = _ceil_div(params, n) if stage >= 1 else params
+    sub = min(shard_numel, max(1, int(sub_group_mib * MiB) // elem))
+    m_bytes, m_f = part(elem, stage >= 1)
+    o_bytes, o_f = part(sb.optimizer, stage >= 1)
+    where = "host_bytes" if offload_optimizer == "cpu" else "nvme_bytes"
+    terms.append(Term(MASTER, **{where: m_bytes}, formula=f"{m_f} (offloaded to {offload_optimizer})"))
+    terms.append(Term(OPTIMIZER, **{where: o_bytes}, formula=f"{o_f} (offloaded to {offload_optimizer})"))
+    if offload_optimizer == "cpu":
+        terms.append(Term(OFFLOAD_BUFFERS, host_bytes=elem * sub,
+                          formula=f"one gradient sub-group: {elem} B x {sub:,}"))
+    else:
+        terms.append(Term(OFFLOAD_BUFFERS, host_bytes=NVME_SWAP_BUFFERS * (1 + moments) * elem * sub,
+                          formula=f"{NVME_SWAP_BUFFERS} swap buffers x [master + {moments} states] x {elem} B x {sub:,}"))
+    return tuple(terms)
+
+
+# Activations --------------------------------------------------------------------------------
+
+
+def _layer_saved(shape: ModelShape, tokens: int, seq_len: int, micro_batch: int, sp: int,
+                 sb: StateBytes, flash: bool) -> list[tuple[str, int]]:
+    """(what, bytes) autograd saves in one decoder layer of one rank (module docstring).
+
+    Checked against the engine's saved-tensor accounting (Engine.state_summary, distinct
+    storages): RMSNorm keeps its input, rstd and the normalised value before the gain, and the
+    next matmul keeps the norm's output (under autocast: one 16-bit cast of it per matmul);
+    flash attention's output is laid out so that the transpose + reshape feeding o_proj is a
+    view (math attention's is a copy).
+    """
+    h, f, a, k = shape.hidden, shape.ffn, shape.heads, shape.kv_heads
+    c, r = sb.compute, sb.residual
+    experts = min(shape.experts, shape.experts_per_tok) if shape.experts else 1
+    norm = [("norm input", r * tokens * h), ("norm rstd", 4 * tokens), ("norm before gain", r * tokens * h)]
+    if not sb.autocast:  # under autocast the matmuls save 16-bit casts of it instead (below)
+        norm.append(("norm output", r * tokens * h))
+    out = [(f"attention {n}", b) for n, b in norm]
+    if sb.autocast:
+        out.append(("q/k/v input casts", 3 * c * tokens * h))
+    out += [("q", c * tokens * h), ("k, v", 2 * c * tokens * h * k // a)]
+    if flash:
+        out += [("attention output = o_proj input", c * tokens * h), ("logsumexp", 4 * tokens * a)]
+    else:
+        # All s^2 scores of a/sp heads over the full sequence: b * a/sp * s^2 elements.
+        out += [("softmax probabilities", c * micro_batch * a * seq_len * seq_len // sp),
+                ("o_proj input", c * tokens * h)]
+    out += [(f"mlp {n}", b) for n, b in norm]
+    if sb.autocast:
+        out.append(("gate/up input casts", 2 * c * tokens * h))
+        # RoPE's angle tables are cast to the compute dtype for q and k: 4 small copies per layer.
+        out.append(("rope table casts", 4 * c * (seq_len // sp) * shape.head_dim))
+    out.append(("gate, up, silu, product", 4 * c * tokens * f * experts))
+    return out
+
+
+def layer_activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int | None = None, sp: int = 1,
+                           sb: StateBytes | None = None, flash_attention: bool = True) -> int:
+    """Bytes one decoder layer keeps for backward on one rank (no checkpointing)."""
+    seq = seq_len or shape.seq_len
+    tokens = micro_batch * seq // sp
+    return sum(b for _, b in _layer_saved(shape, tokens, seq, micro_batch, sp, sb or state_bytes(), flash_attention))
+
+
+def activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
+                checkpointing: bool = False, flash_attention: bool = True,
+                sb: StateBytes | None = None, stage: int = 0) -> tuple[Term, Term, Term]:
+    """(activations saved by the forward, autocast weight copies, recomputation peak) of one rank
+    for one micro-batch."""
+    sb = sb or state_bytes()
+    seq = seq_len or shape.seq_len
+    tokens = micro_batch * seq // sp
+    layer = layer_activation_bytes(shape, micro_batch, seq, sp, sb, flash_attention)
+    h, r, c = shape.hidden, sb.residual, sb.compute
+    # Final norm (input, rstd, before gain; its output, or under autocast the output's cast for
+    # lm_head), the token ids of the embedding and of the loss (int64), and RoPE's fp32 angle
+    # tables (under autocast only their per-layer casts are saved, counted in the layers).
+    final = 2 * r * tokens * h + 4 * tokens + (c if sb.autocast else r) * tokens * h + 16 * tokens
+    if not sb.autocast or checkpointing:  # checkpoint() keeps its inputs, the fp32 tables among them
+        final += 2 * 4 * (seq // sp) * shape.head_dim
+    attn = "flash" if flash_attention else "math (s^2 scores)"
+    recompute = 0
+    per_layer_copies = c * (shape.matmul_params - shape.vocab * h) // shape.layers if sb.autocast else 0
+    if checkpointing:
+        acts = shape.layers * r * tokens * h + final
+        formula = f"{shape.layers} layer inputs x {r} B x {tokens:,} tokens x {h} ({attn})"
+        recompute = layer + per_layer_copies
+    else:
+        acts = shape.layers * layer + final
+        formula = f"{shape.layers} layers x {layer / MiB:,.1f} MiB ({tokens:,} tokens/rank, {attn})"
+    acts_term = Term(ACTIVATIONS, device_bytes=acts, formula=formula)
+    recompute_term = Term(RECOMPUTE, device_bytes=recompute,
+                          formula=f"one layer's activations ({layer / MiB:,.1f} MiB) and weight casts rebuilt in backward"
+                          if checkpointing else "none: no checkpointing")
+    copies = 0
+    copies_f = "none: parameters are already in the compute dtype"
+    if sb.autocast:
+        layers_kept = 0 if checkpointing else shape.layers
+        copies = layers_kept * per_layer_copies + c * shape.vocab * h
+        copies_f = (f"{c} B x matmul weights of {layers_kept} layer(s) + lm_head, saved for backward"
+                    + (" (a recomputed layer's are in the recomputation peak)" if checkpointing else ""))
+    return acts_term, Term(WEIGHT_COPIES, device_bytes=copies, formula=copies_f), recompute_term
+
+
+def logits(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1) -> Term:
+    tokens = micro_batch * (seq_len or shape.seq_len) // sp
+    return Term(LOGITS, device_bytes=12 * tokens * shape.vocab,
+                formula=f"12 B x {tokens:,} tokens x {shape.vocab:,} vocab (fp32 log-softmax, its grad, logits grad)")
+
+
+def korthikanti_layer_bytes(seq_len: int, micro_batch: int, hidden: int, heads: int) -> int:
+    """Korthikanti et al. 2022, eq. (1): s b h (34 + 5 a s / h), a GPT layer, 16-bit, no parallelism."""
+    s, b, h, a = seq_len, micro_batch, hidden, heads
+    return s * b * h * 34 + 5 * a * s * s * b
+
+
+# Whole configuration ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Every term of one configuration, per rank."""
+
+    terms: tuple[Term, ...]
+    params: int
+    shards: int
+    stage: int
+    micro_batch: int
+    sp: int
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(t.device_bytes for t in self.terms if not t.transient)
+
+    @property
+    def host_bytes(self) -> int:
+        """Steady host RAM of the rank."""
+        return sum(t.host_bytes for t in self.terms if not t.transient)
+
+    @property
+    def host_peak_bytes(self) -> int:
+        """Host RAM at its worst moment: training, or building the model before it moves."""
+        transient = sum(t.host_bytes for t in self.terms if t.transient)
+        return max(self.host_bytes, transient)
+
+    @property
+    def nvme_bytes(self) -> int:
+        return sum(t.nvme_bytes for t in self.terms)
+
+    def term(self, name: str) -> Term:
+        for t in self.terms:
+            if t.name == name:
+                return t
+        return Term(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"params": self.params, "shards": self.shards, "device_bytes": self.device_bytes,
+                "host_bytes": self.host_bytes, "host_peak_bytes": self.host_peak_bytes,
+                "nvme_bytes": self.nvme_bytes, "terms": [t.to_json() for t in self.terms]}
+
+
+def _fixed(engine: "EngineConfig", name: str, value: Any) -> Any:
+    if value == "auto":
+        raise ValueError(f"engine.{name} is auto; the planner fills it (dsl plan) before memory can be estimated")
+    return value
+
+
+def estimate(model: "ModelConfig | ModelShape | str", engine: "EngineConfig", *, dp: int, sp: int | None = None,
+             micro_batch: int | None = None, seq_len: int | None = None, flash_attention: bool = True,
+             accelerator: bool = True, layout: Layout | None = None) -> Breakdown:
+    """Every memory term of one rank training `model` with `engine` on dp x sp ranks.
+
+    `accelerator=False` plans CPU ranks: the device is host RAM (no offload buffers apply, no
+    CUDA runtime). `engine` fields must be concrete (not `auto`).
+    """
+    return breakdown(
+        ModelShape.of(model),
+        stage=_fixed(engine, "zero_stage", engine.zero_stage),
+        dp=dp,
+        sp=_fixed(engine, "sequence_parallel", engine.sequence_parallel) if sp is None else sp,
+        micro_batch=micro_batch or engine.micro_batch,
+        precision=engine.precision,
+        low_precision_states=engine.low_precision_states,
+        optimizer=engine.optimizer.type,
+        offload_optimizer=_fixed(engine, "offload.optimizer", engine.offload.optimizer),
+        offload_params=engine.offload.params,
+        checkpointing=bool(_fixed(engine, "activation_checkpointing", engine.activation_checkpointing)),
+        bucket_mib=engine.bucket_mib,
+        sub_group_mib=engine.offload.sub_group_mib,
+        seq_len=seq_len, flash_attention=flash_attention, accelerator=accelerator, layout=layout)
+
+
+def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batch: int, precision: str = "bf16",
+              low_precision_states: bool = False, optimizer: str = "adamw", offload_optimizer: str = "none",
+              offload_params: str = "none", checkpointing: bool = False, bucket_mib: float = 25.0,
+              sub_group_mib: float = 256.0, seq_len: int | None = None, flash_attention: bool = True,
+              accelerator: bool = True, layout: Layout | None = None) -> Breakdown:
+    """`estimate` with plain values instead of an EngineConfig (the planner's inner loop)."""
+    mb = micro_batch
+    sb = state_bytes(precision, low_precision_states, optimizer, layout)
+    shards = dp * sp
+    terms = list(model_states(shape.params, stage=stage, shards=shards, precision=precision,
+                              low_precision_states=low_precision_states,
+                              optimizer=optimizer, offload_optimizer=offload_optimizer,
+                              offload_params=offload_params, layout=layout,
+                              sub_group_mib=sub_group_mib))
+    acts, copies, recompute = activations(shape, micro_batch=mb, seq_len=seq_len, sp=sp,
+                                          checkpointing=checkpointing, flash_attention=flash_attention,
+                                          sb=sb, stage=stage)
+    terms += [acts, copies, recompute, logits(shape, micro_batch=mb, seq_len=seq_len, sp=sp)]
+    bucket = int(bucket_mib * MiB)
+    terms.append(Term(BUCKETS, device_bytes=2 * bucket if stage >= 1 and shards > 1 else 0,
+                      formula=f"2 x {bucket_mib:g} MiB reduce-scatter buckets in flight"
+                      if stage >= 1 and shards > 1 else "none: stage 0 reduces inside the gradient buckets"))
+    if stage >= 3:
+        unit = shape.largest_unit_params
+        gather = sb.param  # the engine gathers its parameter dtype (fp32 under autocast)
+        terms.append(Term(GATHERED, device_bytes=2 * gather * unit + sb.grad * unit,
+                          formula=f"2 x {gather} B x {unit:,} (largest unit, current + prefetched) "
+                                  f"+ its {sb.grad} B gradient"))
+    runtime = GPU_RUNTIME_BYTES if accelerator else CPU_RUNTIME_BYTES
+    terms.append(Term(RUNTIME, device_bytes=runtime,
+                      formula="CUDA context, NCCL, cuBLAS workspaces" if accelerator else "torch and Python"))
+    if accelerator and stage < 3:
+        terms.append(Term(MODEL_INIT, host_bytes=4 * shape.params, transient=True,
+                          formula=f"4 B x {shape.params:,}: the fp32 model built on the host before it moves"))
+    elif accelerator:
+        unit = shape.largest_unit_params
+        terms.append(Term(MODEL_INIT, host_bytes=4 * unit, transient=True,
+                          formula=f"4 B x {unit:,}: stage 3 builds the model unit by unit, sharded (zero_init)"))
+    else:
+        # On CPU the model is built where it trains; only what sharding later frees is extra.
+        steady_params = terms[0].device_bytes
+        terms.append(Term(MODEL_INIT, device_bytes=0, host_bytes=max(0, 4 * shape.params - steady_params),
+                          transient=True, formula="the full fp32 model before stage 3 shards it"))
+    if not accelerator:
+        # Device and host are the same RAM: report everything as device bytes of the rank.
+        terms = [Term(t.name, t.device_bytes + (0 if t.transient else t.host_bytes), t.host_bytes if t.transient else 0,
+                      t.nvme_bytes, t.formula, t.transient) for t in terms]
+    return Breakdown(tuple(terms), shape.params, shards, stage, mb, sp)
+
+
+def expected_state_summary(model: "ModelConfig | ModelShape | str", engine: "EngineConfig", *, dp: int,
+                           micro_batch: int | None = None, sp: int = 1, accelerator: bool = False,
+                           flash_attention: bool = True) -> dict[str, int]:
+    """What `Engine.state_summary()` should report on one rank after a step, by the same keys.
+
+    params/grads/optimizer_states/activations are device-side (optimizer_states_bytes is 0 with
+    offload; offload_cpu_bytes / offload_nvme_bytes hold the offloaded master copy, moments and
+    buffers); activations_bytes is what autograd saves during one forward (activations +
+    autocast weight copies + the fp32 log-softmax output of the loss, 4 B per logit); total_bytes
+    the sum of the first four, as the engine defines it.
+    """
+    b = estimate(model, engine, dp=dp, sp=sp, micro_batch=micro_batch, accelerator=accelerator,
+                 flash_attention=flash_attention)
+    shape = ModelShape.of(model)
+    tokens = (micro_batch or engine.micro_batch) * shape.seq_len // sp
+    t = b.term
+    host = sum(x.host_bytes for x in b.terms if not x.transient and x.name in (MASTER, OPTIMIZER, OFFLOAD_BUFFERS))
+    nvme = sum(x.nvme_bytes for x in b.terms)
+    if not accelerator:  # estimate() folded host terms into device bytes for CPU ranks
+        host = sum(t(n).device_bytes for n in (MASTER, OPTIMIZER, OFFLOAD_BUFFERS)) if engine.offload.optimizer != "none" else 0
+    out = {
+        "params_bytes": t(PARAMETERS).device_bytes,
+        "grads_bytes": t(GRADIENTS).device_bytes,
+        "optimizer_states_bytes": 0 if engine.offload.optimizer != "none" else t(MASTER).device_bytes + t(OPTIMIZER).device_bytes,
+        "activations_bytes": t(ACTIVATIONS).device_bytes + t(WEIGHT_COPIES).device_bytes + 4 * tokens * shape.vocab,
+    }
+    out["total_bytes"] = sum(out.values())
+    out["offload_cpu_bytes"] = host
+    out["offload_nvme_bytes"] = nvme
+    return out
+
+
+# DeepSpeed's estimators, for comparison ------------------------------------------------------
+
+
+def deepspeed_estimate(params: int, largest_layer_params: int, stage: int, *, gpus_per_node: int,
+                       nodes: int = 1, offload_optimizer: bool = False, offload_params: bool = False,
+                       zero_init: bool = True, additional_buffer_factor: float = 1.5) -> dict[str, Any] | None:
+    """(cpu_bytes per node, gpu_bytes per GPU) as DeepSpeed's estimate_zero2/zero3_model_states_mem_needs
+    compute them, or None for stage 0 (DeepSpeed has no estimator for it)."""
+    total_gpus = nodes * gpus_per_node
+    if stage in (1, 2):
+        if offload_optimizer:
+            gpu = 2 * params
+            cpu = params * max(4 * total_gpus, 16) * additional_buffer_factor
+        else:
+            gpu = 4 * params + int(16 * params / total_gpus)
+            cpu = params * 4 * gpus_per_node * additional_buffer_factor
+        return {"function": "estimate_zero2_model_states_mem_needs", "cpu_bytes": int(cpu), "gpu_bytes": int(gpu),
+                "why_different": "DeepSpeed counts full 16-bit params and grads on every GPU plus a 16/N fp32 "
+                                 "partition (4P + 16P/N) and multiplies CPU figures by 1.5; it has no activations, "
+                                 "logits or buffers"}
+    if stage == 3:
+        largest = 4 * largest_layer_params
+        gpus_factor = 1 / nodes
+        if offload_optimizer:
+            if offload_params:
+                gpu = largest
+                per = 18 * gpus_factor if zero_init else max(4 * gpus_per_node, 18 * gpus_factor)
+            else:
+                gpu = largest + int(2 * params / total_gpus)
+                per = 16 * gpus_factor if zero_init else max(4 * gpus_per_node, 16 * gpus_factor)
+            cpu = params * per * additional_buffer_factor
+        else:
+            gpu = largest + int(18 * params / total_gpus)
+            cpu = (largest_layer_params if zero_init else params) * 4 * gpus_per_node * additional_buffer_factor
+        return {"function": "estimate_zero3_model_states_mem_needs", "cpu_bytes": int(cpu), "gpu_bytes": int(gpu),
+                "why_different": "DeepSpeed charges 18P/N (an extra 16-bit parameter partition) plus 4 B x the "
+                                 "largest layer on the GPU, multiplies CPU figures by 1.5, and has no activations, "
+                                 "logits or buffers"}
+    return None

@@ -1,0 +1,316 @@
+"""Where the optimizer states live and the update runs: on the device, in CPU memory, or on NVMe.
+
+All three hold this rank's shard space (zero/layout.py): the optimizer states of its partition,
+and update the stage's parameter partition (`stage.param_piece(segment)`) from this rank's
+gradient partition (`stage.grad_flat`).
+
+- `DeviceStates` (offload none): states are flat device tensors; the update writes the
+  parameter pieces in place (under autocast-style mixed precision the fp32 parameters are the
+  master weights, so there is no separate master copy).
+- `CpuOffload` (offload.optimizer: cpu): fp32 master weights and states in CPU memory. Per
+  sub-group of `sub_group_mib` (shard space in order): the gradient piece is copied out to a CPU
+  buffer, `torch.optim.adamw.adamw(fused=True)` updates the CPU master, and the updated master is
+  copied back into the device parameters. On a CPU-only host "device" and "CPU" are the same
+  memory, but the copies are real (the same code moves data across PCIe on a GPU host; pinned
+  buffers would make them asynchronous there, and `pin_memory()` fails without an accelerator).
+  Holds: master + states (CPU) and one sub-group-sized gradient buffer.
+- `NvmeOffload` (offload.optimizer: nvme): master weights and states of each sub-group in one file
+  under `nvme_path` (`[master | state_1 | state_2]` back to back). A step streams the sub-groups
+  through three CPU buffers: while sub-group i is updated, sub-group i+1 is read and i-1 written
+  by a 2-thread pool (file I/O releases the GIL, so it overlaps the update). Holds: three
+  buffers in CPU memory and the files on disk; `close()` (also at interpreter exit) deletes
+  the files and their folder.
+
+All of them expose `step(grad_flat, step=, lr=)`, `read(name)` / `write(name, flat)` of a whole
+shard-space tensor (`master` or a state name, for checkpoints), `sync_from_params()` (take the
+master weights from the device parameters after a checkpoint load) and `memory()`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from dsl.engine.errors import UserError
+from dsl.engine.optim import STATE_NAMES, Hyper, update
+from dsl.engine.zero.base import ZeroStage, nbytes
+from dsl.engine.zero.layout import Segment, clip_segments
+
+__all__ = ["DeviceStates", "CpuOffload", "NvmeOffload", "build_states"]
+
+_MIB = 1 << 20
+
+
+class DeviceStates:
+    """Optimizer states on the device, parameters updated in place."""
+
+    kind = "none"
+
+    def __init__(self, stage: ZeroStage, hyper: Hyper, dtype: torch.dtype, device: torch.device) -> None:
+        self.stage = stage
+        self.hyper = hyper
+        self.names = STATE_NAMES[hyper.kind]
+        n = stage.layout.shard_numel
+        self.flats = {name: torch.zeros(n, dtype=dtype, device=device) for name in self.names}
+        segs = stage.layout.segments
+        self._params = [stage.param_piece(s) for s in segs]
+        self._states = {k: [_piece(f, s) for s in segs] for k, f in self.flats.items()}
+        self._decay = [s.decay for s in segs]
+
+    def step(self, grad_flat: torch.Tensor, *, step: int, lr: float, seed: int = 0) -> None:
+        grads = [_piece(grad_flat, s) for s in self.stage.layout.segments]
+        update(self.hyper, self._params, grads, self._states, self._decay, step=step, lr=lr, seed=seed)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.flats[name]
+
+    def write(self, name: str, flat: torch.Tensor) -> None:
+        self.flats[name].copy_(flat)
+
+    def sync_from_params(self) -> None:
+        """Nothing: the parameters are the master weights."""
+
+    def memory(self) -> dict[str, int]:
+        return {"optimizer_states_bytes": sum(nbytes(f) for f in self.flats.values()),
+                "offload_cpu_bytes": 0, "offload_nvme_bytes": 0}
+
+    def close(self) -> None:
+        pass
+
+
+def _piece(flat: torch.Tensor, seg: Segment, base: int = 0) -> torch.Tensor:
+    lo = seg.shard_lo - base
+    return flat[lo : lo + seg.numel]
+
+
+_ALIGN = 256
+"""Sub-group boundaries inside a segment fall on multiples of this many elements from the
+segment's start: the fused kernel handles the same elements in its vector loop and its scalar
+tail as an unsplit update would, so offloaded runs match non-offloaded ones bit for bit."""
+
+
+def _chunks(segments: list[Segment], total: int, size: int) -> list[tuple[int, int]]:
+    """Sub-groups [lo, hi) of about `size` elements covering shard space [0, total)."""
+    out, lo = [], 0
+    size = max(size, _ALIGN)
+    while lo < total:
+        hi = min(lo + size, total)
+        inside = next((s for s in segments if s.shard_lo < hi < s.shard_lo + s.numel), None)
+        if inside is not None:
+            hi = inside.shard_lo + (hi - inside.shard_lo) // _ALIGN * _ALIGN
+            if hi <= lo:
+                hi = min(inside.shard_lo + ((lo - inside.shard_lo) // _ALIGN + 1) * _ALIGN,
+                         inside.shard_lo + inside.numel)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+class CpuOffload:
+    """Master weights and optimizer states in CPU memory; gradients out, parameters back."""
+
+    kind = "cpu"
+
+    def __init__(self, stage: ZeroStage, hyper: Hyper, dtype: torch.dtype, sub_group_numel: int) -> None:
+        self.stage = stage
+        self.hyper = hyper
+        self.names = STATE_NAMES[hyper.kind]
+        n = stage.layout.shard_numel
+        cpu = torch.device("cpu")
+        self.master = torch.zeros(n, dtype=dtype, device=cpu)
+        self.flats = {name: torch.zeros(n, dtype=dtype, device=cpu) for name in self.names}
+        self.chunks = _chunks(stage.layout.segments, n, sub_group_numel)
+        self._grad_buf = torch.empty(max((hi - lo for lo, hi in self.chunks), default=0), dtype=dtype, device=cpu)
+        self.sync_from_params()
+
+    def sync_from_params(self) -> None:
+        with torch.no_grad():
+            for s in self.stage.layout.segments:
+                _piece(self.master, s).copy_(self.stage.param_piece(s))
+
+    def step(self, grad_flat: torch.Tensor, *, step: int, lr: float, seed: int = 0) -> None:
+        segments = self.stage.layout.segments
+        for lo, hi in self.chunks:
+            segs = clip_segments(segments, lo, hi)
+            if not segs:
+                continue
+            grad = self._grad_buf[: hi - lo]
+            grad.copy_(grad_flat[lo:hi])  # device -> CPU
+            params = [_piece(self.master, s) for s in segs]
+            update(
+                self.hyper, params, [_piece(grad, s, lo) for s in segs],
+                {k: [_piece(f, s) for s in segs] for k, f in self.flats.items()},
+                [s.decay for s in segs], step=step, lr=lr, seed=seed,
+            )  # fmt: skip
+            for s, p in zip(segs, params):
+                self.stage.param_piece(s).copy_(p)  # CPU -> device
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.master if name == "master" else self.flats[name]
+
+    def write(self, name: str, flat: torch.Tensor) -> None:
+        self.read(name).copy_(flat)
+
+    def memory(self) -> dict[str, int]:
+        host = nbytes(self.master) + sum(nbytes(f) for f in self.flats.values()) + nbytes(self._grad_buf)
+        return {"optimizer_states_bytes": 0, "offload_cpu_bytes": host, "offload_nvme_bytes": 0}
+
+    def close(self) -> None:
+        pass
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class NvmeOffload:
+    """Master weights and optimizer states in files, streamed through CPU buffers per sub-group."""
+
+    kind = "nvme"
+    _BUFFERS = 3
+
+    def __init__(
+        self, stage: ZeroStage, hyper: Hyper, dtype: torch.dtype, sub_group_numel: int, path: str | os.PathLike
+    ) -> None:
+        self.stage = stage
+        self.hyper = hyper
+        self.names = STATE_NAMES[hyper.kind]
+        self.fields = ("master", *self.names)
+        self.dtype = dtype
+        self.chunks = _chunks(stage.layout.segments, stage.layout.shard_numel, sub_group_numel)
+        self.dir = Path(path) / f"dsl-optimizer-rank{stage.rank}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.dir.mkdir(parents=True)
+        # Delete the files even when close() is never called (interpreter exit, engine dropped).
+        self._finalizer = weakref.finalize(self, _remove_tree, self.dir)
+        width = max((hi - lo for lo, hi in self.chunks), default=0)
+        self._bufs = [torch.zeros(len(self.fields) * width, dtype=dtype) for _ in range(self._BUFFERS)]
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dsl-nvme")
+        for i, (lo, hi) in enumerate(self.chunks):
+            buf = self._bufs[0]
+            buf.zero_()
+            self._fill_master(buf, lo, hi)
+            self._write_file(i, buf)
+
+    # Files -------------------------------------------------------------------------------
+
+    def _file(self, i: int) -> Path:
+        return self.dir / f"subgroup-{i:05d}.bin"
+
+    def _nbytes(self, i: int) -> int:
+        lo, hi = self.chunks[i]
+        return len(self.fields) * (hi - lo) * self._bufs[0].element_size()
+
+    def _bytes_view(self, buf: torch.Tensor, i: int) -> memoryview:
+        return memoryview(buf.view(torch.uint8).numpy())[: self._nbytes(i)]
+
+    def _read_file(self, i: int, buf: torch.Tensor) -> None:
+        with open(self._file(i), "rb", buffering=0) as f:
+            view, done = self._bytes_view(buf, i), 0
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise OSError(f"{self._file(i)}: {done} of {len(view)} bytes")
+                done += got
+
+    def _write_file(self, i: int, buf: torch.Tensor) -> None:
+        with open(self._file(i), "wb", buffering=0) as f:
+            view, done = self._bytes_view(buf, i), 0
+            while done < len(view):
+                done += f.write(view[done:])
+
+    def _field(self, buf: torch.Tensor, i: int, name: str) -> torch.Tensor:
+        lo, hi = self.chunks[i]
+        k = self.fields.index(name)
+        return buf[k * (hi - lo) : (k + 1) * (hi - lo)]
+
+    def _fill_master(self, buf: torch.Tensor, lo: int, hi: int) -> None:
+        master = buf[: hi - lo]
+        with torch.no_grad():
+            for s in clip_segments(self.stage.layout.segments, lo, hi):
+                _piece(master, s, lo).copy_(self.stage.param_piece(s))
+
+    # Step --------------------------------------------------------------------------------
+
+    def step(self, grad_flat: torch.Tensor, *, step: int, lr: float, seed: int = 0) -> None:
+        n = len(self.chunks)
+        bufs = self._bufs
+        reads: dict[int, Future] = {}
+        writes: dict[int, Future] = {}
+        if n:
+            reads[0] = self._pool.submit(self._read_file, 0, bufs[0])
+        segments = self.stage.layout.segments
+        try:
+            for i, (lo, hi) in enumerate(self.chunks):
+                buf = bufs[i % self._BUFFERS]
+                reads.pop(i).result()
+                if i + 1 < n:
+                    # Buffer (i+1) % 3 was last used by the write of sub-group i-2.
+                    if i - 2 in writes:
+                        writes.pop(i - 2).result()
+                    reads[i + 1] = self._pool.submit(self._read_file, i + 1, bufs[(i + 1) % self._BUFFERS])
+                segs = clip_segments(segments, lo, hi)
+                master = self._field(buf, i, "master")
+                params = [_piece(master, s, lo) for s in segs]
+                update(
+                    self.hyper, params, [_piece(grad_flat, s) for s in segs],
+                    {k: [_piece(self._field(buf, i, k), s, lo) for s in segs] for k in self.names},
+                    [s.decay for s in segs], step=step, lr=lr, seed=seed,
+                )  # fmt: skip
+                for s, p in zip(segs, params):
+                    self.stage.param_piece(s).copy_(p)
+                writes[i] = self._pool.submit(self._write_file, i, buf)
+        finally:
+            for f in [*reads.values(), *writes.values()]:
+                f.result()
+
+    # Whole-tensor access (checkpoints) -----------------------------------------------------
+
+    def read(self, name: str) -> torch.Tensor:
+        out = torch.empty(self.stage.layout.shard_numel, dtype=self.dtype)
+        buf = self._bufs[0]
+        for i, (lo, hi) in enumerate(self.chunks):
+            self._read_file(i, buf)
+            out[lo:hi].copy_(self._field(buf, i, name))
+        return out
+
+    def write(self, name: str, flat: torch.Tensor) -> None:
+        buf = self._bufs[0]
+        for i, (lo, hi) in enumerate(self.chunks):
+            self._read_file(i, buf)
+            self._field(buf, i, name).copy_(flat[lo:hi])
+            self._write_file(i, buf)
+
+    def sync_from_params(self) -> None:
+        buf = self._bufs[0]
+        for i, (lo, hi) in enumerate(self.chunks):
+            self._read_file(i, buf)
+            self._fill_master(buf, lo, hi)
+            self._write_file(i, buf)
+
+    def memory(self) -> dict[str, int]:
+        files = sum(self._nbytes(i) for i in range(len(self.chunks)))
+        return {"optimizer_states_bytes": 0, "offload_cpu_bytes": sum(nbytes(b) for b in self._bufs),
+                "offload_nvme_bytes": files}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._finalizer()
+
+
+def build_states(stage: ZeroStage, hyper: Hyper, *, offload: str, dtype: torch.dtype, device: torch.device,
+                 sub_group_mib: float, nvme_path: str | None):
+    """The state holder for `offload` (none | cpu | nvme)."""
+    sub_group_numel = max(1, int(sub_group_mib * _MIB) // torch.empty((), dtype=dtype).element_size())
+    if offload == "cpu":
+        return CpuOffload(stage, hyper, dtype, sub_group_numel)
+    if offload == "nvme":
+        if not nvme_path:
+            raise UserError("offload.optimizer: nvme needs offload.nvme_path (a folder on a fast disk)")
+        return NvmeOffload(stage, hyper, dtype, sub_group_numel, nvme_path)
+    return DeviceStates(stage, hyper, dtype, device)

@@ -1,0 +1,132 @@
+"""Mixed precision: autocast, fp16 dynamic loss scaling, and the dtypes of each state.
+
+Policy (`EngineConfig.precision`, `low_precision_states`):
+
+| precision | low_precision_states | parameters (= master) | gradients | optimizer states | forward |
+|---|---|---|---|---|---|
+| fp32 | false | fp32 | fp32 | fp32 | fp32 |
+| bf16 | false | fp32 | fp32 | fp32 | `torch.autocast(bfloat16)` |
+| fp16 | false | fp32 | fp32 (scaled) | fp32 | `torch.autocast(float16)` + loss scaling |
+| bf16 | true | bf16 | bf16 | bf16 | `torch.autocast(bfloat16)`, no fp32 master |
+
+Autocast-style, decided on purpose: the parameters the module holds are the fp32 master weights
+and no low-precision copy of them is kept; autocast casts each weight to bf16/fp16 when an op
+uses it (the cast is cached for the rest of that forward, and autograd keeps it for backward).
+Gradients are fp32, so accumulation over micro-steps and the all-reduce/reduce-scatter lose
+nothing, and master weights need no extra 4 bytes per parameter on top of the parameters. The
+price: communication moves fp32 (stage 3 gathers fp32 weights, twice the bytes of a bf16 gather)
+and every forward re-casts the weights. Ops autocast keeps in fp32 (softmax, norms, the loss)
+stay fp32.
+
+fp16 on CPU: torch 2.13's CPU autocast runs fp16 matmuls (measured), so fp16 is real fp16
+compute. DeepSpeed refuses fp16 on CPU. fp16's 5-bit exponent underflows small activation
+gradients, hence the loss scale: the engine multiplies the gradient flowing into the module's
+outputs by `scale` (a `_ScaleGrad` node added by a forward hook on the module, equivalent to
+`(loss * scale).backward()` while `loss` keeps its true value for logging). Gradients are fp32
+and scaled; `engine.step()` checks them for inf/nan (any rank; see core.py for the one
+collective), skips the step on overflow, and otherwise unscales them in the same pass as
+clipping.
+
+`LossScaler` follows DeepSpeed's dynamic loss scaler (`loss_scale_window` = growth_interval,
+`delayed_shift` = hysteresis, consecutive_hysteresis false):
+- start at 2**initial_scale_power;
+- on an overflow the step is skipped; if fewer than `hysteresis` overflows remain tolerated the
+  scale is halved (never below `min_scale`), else the tolerance counter decreases;
+- after `growth_interval` consecutive clean steps the scale doubles and the tolerance resets;
+- `static`: a fixed scale; overflowing steps are still skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_map
+
+from dsl.engine.config import EngineConfig, LossScaleConfig
+
+__all__ = ["param_dtype", "compute_dtype", "autocast", "LossScaler", "scale_outputs"]
+
+
+def param_dtype(config: EngineConfig) -> torch.dtype:
+    """dtype of parameters, gradients and optimizer states."""
+    return torch.bfloat16 if config.low_precision_states else torch.float32
+
+
+def compute_dtype(config: EngineConfig) -> torch.dtype | None:
+    """autocast dtype of the forward, None for fp32."""
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+
+
+def autocast(config: EngineConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    dtype = compute_dtype(config)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class LossScaler:
+    """Dynamic (or static) fp16 loss scale; see the module docstring for the rules."""
+
+    def __init__(self, cfg: LossScaleConfig) -> None:
+        self.cfg = cfg
+        self.scale = float(cfg.static) if cfg.static is not None else float(2**cfg.initial_scale_power)
+        self.hysteresis_left = cfg.hysteresis
+        self.clean_steps = 0
+        """Steps without overflow since the last overflow or growth."""
+        self.overflows = 0
+        """Skipped steps so far."""
+
+    def update(self, overflow: bool) -> None:
+        """Record one step's outcome (call on every rank with the same `overflow`)."""
+        if overflow:
+            self.overflows += 1
+            self.clean_steps = 0
+            if self.cfg.static is not None:
+                return
+            if self.hysteresis_left <= 1:
+                self.scale = max(self.scale / 2, self.cfg.min_scale)
+            else:
+                self.hysteresis_left -= 1
+            return
+        self.clean_steps += 1
+        if self.cfg.static is None and self.clean_steps % self.cfg.growth_interval == 0:
+            self.scale *= 2
+            self.hysteresis_left = self.cfg.hysteresis
+            self.clean_steps = 0
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"scale": self.scale, "hysteresis_left": self.hysteresis_left,
+                "clean_steps": self.clean_steps, "overflows": self.overflows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale = float(state["scale"])
+        self.hysteresis_left = int(state["hysteresis_left"])
+        self.clean_steps = int(state["clean_steps"])
+        self.overflows = int(state["overflows"])
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def scale_outputs(output: Any, scale: float) -> Any:
+    """`output` (any pytree) with every floating tensor that requires grad routed through
+    `_ScaleGrad`: values unchanged, gradients flowing back into the module times `scale`."""
+
+    def wrap(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point():
+            return _ScaleGrad.apply(x, scale)
+        return x
+
+    return tree_map(wrap, output)

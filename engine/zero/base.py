@@ -1,0 +1,139 @@
+"""What every ZeRO stage shares: counting backward passes, the accumulation boundary, the
+interface the engine drives, and the gather of a partitioned buffer.
+
+The engine drives a stage through:
+
+- `_begin_backward()` / `_end_backward()` (from autograd hooks): one backward pass per
+  `loss.backward()`; the `grad_accum`-th since the last step is the *boundary*. A backward past
+  the boundary is refused (UserError) before it communicates anything of its own.
+- `finish()`: wait for this step's gradient communication; afterwards `grad_flat` (shard space,
+  see layout.py) holds this rank's partition of the gradient averaged over ranks and micro-steps.
+- `param_piece(segment)` / `param_part(group)`: views of where this rank's partition of the
+  parameters lives (the optimizer updates them in place, or an offload copies into them).
+- `after_update()`: make every rank's parameters current again (stages 1-2: all_gather).
+- `zero_grad()`, `memory()`, `close()`.
+
+`partitioned` says whether `grad_flat` is a partition (stages 1-3: the global gradient norm
+needs one all_reduce) or the whole gradient (stage 0: every rank already holds the same sum).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.autograd import Variable
+
+from dsl.engine.errors import UserError
+from dsl.engine.zero.layout import FlatGroup, Layout, Segment
+
+__all__ = ["ZeroStage", "nbytes"]
+
+
+def nbytes(t: torch.Tensor | None) -> int:
+    """Bytes a tensor's storage holds now (0 for a released stage-3 buffer)."""
+    if t is None:
+        return 0
+    return t.untyped_storage().nbytes()
+
+
+class ZeroStage:
+    """Base of the stages; see the module docstring for the protocol."""
+
+    stage = -1
+    partitioned = True
+
+    layout: Layout
+    grad_flat: torch.Tensor
+
+    def __init__(self, *, grad_accum: int, world_size: int, rank: int) -> None:
+        self.grad_accum = grad_accum
+        self.world_size = world_size
+        self.rank = rank
+        self.micro_step = 0
+        """Backward passes since the last `finish()`."""
+        self.collectives_launched = 0
+        """Gradient collectives issued so far (0 forever at world_size 1)."""
+        self._in_backward = False
+        self._hooks: list[Any] = []
+
+    # Backward counting -------------------------------------------------------------------
+
+    @property
+    def is_boundary(self) -> bool:
+        """True while (or before) running the backward that completes the accumulation."""
+        return self.micro_step == self.grad_accum - 1
+
+    def _begin_backward(self) -> None:
+        if self._in_backward:
+            return
+        if self.micro_step >= self.grad_accum:
+            raise UserError(
+                f"backward pass {self.micro_step + 1} since the last engine.step(), but "
+                f"grad_accum is {self.grad_accum}: call engine.step() and engine.zero_grad() "
+                f"after every {self.grad_accum} backward passes"
+            )
+        self._in_backward = True
+        Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _end_backward(self) -> None:
+        self._backward_end(self.is_boundary)
+        self._in_backward = False
+        self.micro_step += 1
+
+    def _backward_end(self, boundary: bool) -> None:
+        """Subclass hook: runs inside autograd's final callback of every backward."""
+
+    def check_step(self) -> None:
+        if self.micro_step != self.grad_accum:
+            raise UserError(
+                f"engine.step() after {self.micro_step} backward passes, but grad_accum is "
+                f"{self.grad_accum}: run loss.backward() once per micro-batch, "
+                f"{self.grad_accum} times per step"
+            )
+
+    # Interface ---------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+    def param_piece(self, seg: Segment) -> torch.Tensor:
+        raise NotImplementedError
+
+    def param_part(self, group: FlatGroup) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_update(self) -> None:
+        """Default: nothing to do (stage 0 updates the replicated parameters in place)."""
+
+    def zero_grad(self) -> None:
+        raise NotImplementedError
+
+    def memory(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # Shared helpers ----------------------------------------------------------------------
+
+    def gather_group(self, part: torch.Tensor, group: FlatGroup) -> torch.Tensor:
+        """[group.padded] from every rank's [group.part_numel] partition (all_gather)."""
+        if self.layout.parts == 1:
+            return part
+        out = torch.empty(group.padded, dtype=part.dtype, device=part.device)
+        tdist.all_gather_single(out, part.contiguous())
+        return out
+
+    def divisor(self) -> int:
+        """Gradients are pre-divided by this before the SUM, so the SUM is the mean."""
+        return self.world_size * self.grad_accum
+
+
+def named_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every trainable parameter, a tied one once, in definition order."""
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]

@@ -1,0 +1,84 @@
+"""ZeRO stage 1: optimizer states (and offloaded master weights) partitioned across ranks.
+
+Holds on every rank: all parameters (flat buffer, `param.data` views, as stage 0), all gradients
+(flat bucket buffer, `param.grad` views, as stage 0) plus this rank's partition of the averaged
+gradient (`grad_flat`, 1/world_size of the padded total), and the optimizer states of its
+partition only. Each bucket is padded to a multiple of world_size and cut into equal partitions;
+rank r owns partition r of every bucket (layout.py).
+
+Communication plan
+------------------
+- At `initialize`: `broadcast` of the flat parameter buffer and module buffers from rank 0.
+- During the backward of the *last* micro-step only (the accumulation boundary): a complete
+  bucket is divided by `world_size * grad_accum` and an asynchronous
+  `reduce_scatter_single(SUM)` is launched from the bucket into this rank's partition of
+  `grad_flat`, in bucket index order, overlapping the rest of the backward (same triggers as
+  stage 0). Reduce-scatter moves half the bytes of stage 0's all_reduce; the bucket itself keeps
+  this rank's local (unreduced) sum, so `param.grad` is NOT the averaged gradient at stage 1.
+- Other micro-steps: no communication; autograd accumulates into the bucket views.
+- `engine.step()`: `finish()` waits for the reduce-scatters; one `all_reduce` of [sum of squares,
+  overflow flag] (done by the engine) gives the global gradient norm and the fp16 overflow
+  decision; the optimizer updates this rank's partition of the parameter buffer in place; then
+  `after_update()` launches one asynchronous `all_gather_single` per bucket (from a copy of the
+  rank's partition into the bucket's slice of the parameter buffer) and waits for all of them.
+- world_size 1: one partition; the reduce-scatter becomes a copy into `grad_flat` and the
+  all_gather is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from dsl.engine.zero.base import nbytes
+from dsl.engine.zero.stage0 import Bucket, Stage0
+
+__all__ = ["Stage1"]
+
+
+class Stage1(Stage0):
+    """Stage 0's buckets, reduce-scattered into a partitioned gradient; partitioned optimizer."""
+
+    stage = 1
+    partitioned = True
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]], **kwargs) -> None:
+        super().__init__(named, **kwargs)
+        self._grad_shard = torch.zeros(
+            self.layout.shard_numel, dtype=self.params_flat.dtype, device=self.params_flat.device
+        )
+
+    def _parts(self) -> int:
+        return self.world_size
+
+    @property
+    def grad_flat(self) -> torch.Tensor:  # type: ignore[override]
+        return self._grad_shard
+
+    def _reduce(self, bucket: Bucket) -> None:
+        g = bucket.group
+        out = self._grad_shard[g.shard_offset : g.shard_offset + g.part_numel]
+        if self.world_size > 1:
+            bucket.work = tdist.reduce_scatter_single(out, bucket.flat, op=tdist.ReduceOp.SUM, async_op=True)
+            self.collectives_launched += 1
+        else:
+            out.copy_(bucket.flat)
+
+    def after_update(self) -> None:
+        if self.world_size == 1:
+            return
+        works = []
+        for g in self.layout.groups:
+            # A copy: the input must not alias the output it is gathered into.
+            part = self.param_part(g).clone()
+            full = self.params_flat[g.base : g.base + g.padded]
+            works.append((tdist.all_gather_single(full, part, async_op=True), part))
+        for work, _ in works:
+            work.wait()
+
+    def memory(self) -> dict[str, int]:
+        return {
+            "params_bytes": nbytes(self.params_flat),
+            "grads_bytes": nbytes(self.grads_full) + nbytes(self._grad_shard),
+        }

@@ -1,0 +1,413 @@
+"""ZeRO stage 3: parameters, gradients and optimizer states partitioned; parameters gathered per
+module for its forward and backward, prefetched one module ahead and released after use.
+
+Units. The model is cut into *units*: every child of an `nn.ModuleList` / `nn.ModuleDict` (the
+repeated blocks of a transformer; outermost lists only), or, for a model without such lists, the
+direct children of the root. The *root unit* holds every other trainable parameter (embeddings,
+final norm, output head) and any parameter used by more than one unit (a tied embedding), so a
+shared parameter is always gathered when any of its users runs. Each unit is one flat group
+(layout.py), padded to a multiple of world_size; rank r keeps partition r of every unit in
+`master` (shard space): these are the only persistent parameter bytes (fp32 master weights
+under autocast-style mixed precision, bf16 with low_precision_states).
+
+While gathered, a unit's parameters are views of one flat [unit.padded] buffer whose storage is
+allocated for the gather and resized to 0 at release (FSDP1's trick): tensors autograd saved for
+backward keep pointing at that storage and see the re-gathered values in backward.
+
+Communication plan
+------------------
+- At `initialize`: `broadcast` of every unit's flat buffer from rank 0, then each rank keeps its
+  partition and releases the rest.
+- Forward: the root unit's `all_gather_single` (master partition -> flat buffer) runs in the root
+  module's forward pre-hook and stays gathered until the end of the backward. A unit's forward
+  pre-hook waits for its gather (or issues it) and issues an asynchronous gather for the next unit
+  in the forward order recorded during the first forward (prefetch); its forward post-hook
+  releases it and registers a pre-backward hook on its outputs.
+- Backward: a unit's pre-backward hook (the gradient of one of its outputs arrived) gathers it
+  again (usually prefetched already) and prefetches the unit whose backward comes next. Each
+  parameter's post-accumulate-grad hook copies its gradient into the unit's staging buffer and
+  frees it; when all of a unit's gradients are in, the staging buffer is divided by
+  `world_size * grad_accum` and an asynchronous `reduce_scatter_single(SUM)` into a
+  partition-sized buffer is launched (strictly in reverse forward order, identical on all ranks),
+  and the unit is released. Completed reduce-scatters are added into `grad_flat`; at most
+  `MAX_IN_FLIGHT` are alive. This happens on every micro-step (accumulation in the partition).
+  At the end of the backward a callback reduces the remaining units (missing gradients are
+  zeros), waits for all reductions and releases every unit.
+- `engine.step()`: one `all_reduce` of [sum of squares, overflow flag] (by the engine); the
+  optimizer updates `master` in place; nothing else: the next forward gathers the new values.
+- world_size 1: the "gather" is a copy of the partition into the flat buffer and the
+  reduce-scatter an add; the same hooks run.
+
+A released parameter has its full shape but no storage: read parameters through
+`engine.full_state_dict()` or a checkpoint, not `module.state_dict()`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from dsl.engine.zero.base import ZeroStage, nbytes
+from dsl.engine.zero.layout import FlatGroup, Layout, Segment
+from dsl.engine.zero.stage2 import MAX_IN_FLIGHT
+
+__all__ = ["Stage3", "choose_units"]
+
+_RELEASED, _GATHERING, _GATHERED = 0, 1, 2
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def choose_units(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the units: the children of the outermost ModuleLists/ModuleDicts, else
+    the root's direct children."""
+    units: list[tuple[str, nn.Module]] = []
+    taken: list[str] = []
+    for name, m in module.named_modules():
+        if any(name == t or name.startswith(t + ".") for t in taken):
+            continue
+        if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
+            for child_name, child in m.named_children():
+                units.append((f"{name}.{child_name}" if name else child_name, child))
+            taken.append(name)
+    if not units:
+        units = list(module.named_children())
+    return units
+
+
+def _assign(module: nn.Module, units: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Parameter]], list[list[tuple[str, nn.Parameter]]]]:
+    """Trainable parameters of the root unit and of each unit; a parameter reached from more than
+    one owner belongs to the root."""
+    owners: dict[int, set[int]] = {}
+    first_name: dict[int, str] = {}
+    params: dict[int, nn.Parameter] = {}
+    canonical = {id(p): n for n, p in module.named_parameters()}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        owner = -1
+        for i, (unit_name, _) in enumerate(units):
+            if name.startswith(unit_name + "."):
+                owner = i
+                break
+        owners.setdefault(id(p), set()).add(owner)
+        first_name.setdefault(id(p), canonical[id(p)])
+        params[id(p)] = p
+    root: list[tuple[str, nn.Parameter]] = []
+    per_unit: list[list[tuple[str, nn.Parameter]]] = [[] for _ in units]
+    for key in params:  # definition order
+        who = owners[key]
+        entry = (first_name[key], params[key])
+        if len(who) == 1 and -1 not in who:
+            per_unit[next(iter(who))].append(entry)
+        else:
+            root.append(entry)
+    return root, per_unit
+
+
+class _Unit:
+    def __init__(self, group: FlatGroup, module: nn.Module, full: torch.Tensor) -> None:
+        self.group = group
+        self.index = group.index
+        self.module = module
+        self.full = full
+        """[group.padded] flat parameter buffer; storage of size 0 while released."""
+        self.state = _RELEASED
+        self.work: Any = None
+        self.backward_ready = False
+        self.reduced = False
+
+
+class Stage3(ZeroStage):
+    """Fully sharded parameters, gradients and optimizer states."""
+
+    stage = 3
+    partitioned = True
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        grad_accum: int,
+        world_size: int,
+        rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__(grad_accum=grad_accum, world_size=world_size, rank=rank)
+        unit_modules = choose_units(module)
+        root_named, per_unit = _assign(module, unit_modules)
+        kept = [(m, named) for (_, m), named in zip(unit_modules, per_unit) if named]
+        named_groups = [root_named] + [named for _, named in kept]
+        modules = [module] + [m for m, _ in kept]
+        if not root_named:  # the root still needs a (possibly empty) unit for its hooks
+            named_groups, modules = named_groups[1:], modules[1:]
+            self._root_has_params = False
+        else:
+            self._root_has_params = True
+        self.layout = Layout(named_groups, parts=world_size, rank=rank)
+        self.device = device
+        self.master = torch.empty(self.layout.shard_numel, dtype=dtype, device=device)
+        """This rank's partition of every unit (shard space): the persistent parameters."""
+        self._grad_shard = torch.zeros(self.layout.shard_numel, dtype=dtype, device=device)
+        self.units: list[_Unit] = []
+        self._where: dict[int, tuple[_Unit, int, int]] = {}
+        with torch.no_grad():
+            for g, m in zip(self.layout.groups, modules):
+                full = torch.zeros(g.padded, dtype=dtype, device=device)
+                for slot, p in zip(g.slots, g.params):
+                    full[slot.offset : slot.offset + slot.numel].copy_(p.detach().reshape(-1))
+                if world_size > 1:
+                    tdist.broadcast(full, src=0)
+                lo, hi = self.layout.part_range(g)
+                self.master[g.shard_offset : g.shard_offset + g.part_numel].copy_(full[lo:hi])
+                unit = _Unit(g, m, full)
+                for slot, p in zip(g.slots, g.params):
+                    p.data = full[slot.offset : slot.offset + slot.numel].view(slot.shape)
+                    p.grad = None
+                    self._where[id(p)] = (unit, slot.offset, slot.numel)
+                full.untyped_storage().resize_(0)
+                self.units.append(unit)
+        self._root = self.units[0] if self._root_has_params else None
+        self._root_module = module
+        self._order: list[int] = []
+        """Unit indices in the order of the first forward (the root first when it has params)."""
+        self._recording = True
+        self._staging: dict[int, torch.Tensor] = {}
+        self._filled: dict[int, set[int]] = {}
+        self._pending = [len(g.params) for g in self.layout.groups]
+        self._reduce_pos = 0
+        self._in_flight: deque[tuple[Any, FlatGroup, torch.Tensor, torch.Tensor]] = deque()
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._on_grad) for g in self.layout.groups for p in g.params
+        ]
+        self._hooks.append(module.register_forward_pre_hook(self._root_pre_forward))
+        self._hooks.append(module.register_forward_hook(self._root_post_forward, always_call=True))
+        for unit in self.units:
+            if unit is self._root:
+                continue
+            self._hooks.append(unit.module.register_forward_pre_hook(
+                lambda m, args, unit=unit: self._pre_forward(unit)))
+            self._hooks.append(unit.module.register_forward_hook(
+                lambda m, args, out, unit=unit: self._post_forward(unit, out)))
+
+    @property
+    def grad_flat(self) -> torch.Tensor:  # type: ignore[override]
+        return self._grad_shard
+
+    @property
+    def unit_names(self) -> list[list[str]]:
+        """Parameter names of each unit (the root's first)."""
+        return [[s.name for s in u.group.slots] for u in self.units]
+
+    # Gather / release --------------------------------------------------------------------
+
+    def _gather(self, unit: _Unit) -> None:
+        if unit.state != _RELEASED:
+            return
+        g = unit.group
+        unit.full.untyped_storage().resize_(g.padded * unit.full.element_size())
+        part = self.master[g.shard_offset : g.shard_offset + g.part_numel]
+        # The parameters are views of `full`; writing into it must not look like an in-place
+        # change of a tensor autograd saved (it restores the same values).
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(unit.full):
+            if self.world_size > 1:
+                unit.work = tdist.all_gather_single(unit.full, part, async_op=True)
+                unit.state = _GATHERING
+            else:
+                unit.full.copy_(part)
+                unit.state = _GATHERED
+
+    def _wait(self, unit: _Unit) -> None:
+        if unit.state == _GATHERING:
+            unit.work.wait()
+            unit.work = None
+            unit.state = _GATHERED
+
+    def _release(self, unit: _Unit) -> None:
+        if unit.state == _RELEASED:
+            return
+        self._wait(unit)
+        unit.full.untyped_storage().resize_(0)
+        unit.state = _RELEASED
+
+    def _use(self, unit: _Unit) -> None:
+        self._gather(unit)
+        self._wait(unit)
+
+    # Forward hooks -----------------------------------------------------------------------
+
+    def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
+        if self._root is not None:
+            self._use(self._root)
+            if self._recording and self._root.index not in self._order:
+                self._order.append(self._root.index)
+
+    def _root_post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._recording = False
+        if self._root is not None:
+            if torch.is_grad_enabled():
+                self._register_pre_backward(self._root, output)
+            elif not _in_backward():
+                self._release(self._root)
+
+    def _pre_forward(self, unit: _Unit) -> None:
+        self._use(unit)
+        if self._recording:
+            if unit.index not in self._order:
+                self._order.append(unit.index)
+        elif not _in_backward():
+            pos = self._order.index(unit.index) if unit.index in self._order else -1
+            if 0 <= pos < len(self._order) - 1:
+                self._gather(self.units[self._order[pos + 1]])
+
+    def _post_forward(self, unit: _Unit, output: Any) -> None:
+        if torch.is_grad_enabled():
+            self._register_pre_backward(unit, output)
+        if not _in_backward():
+            self._release(unit)
+
+    def _register_pre_backward(self, unit: _Unit, output: Any) -> None:
+        for t in tree_flatten(output)[0]:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(lambda grad, unit=unit: self._pre_backward(unit))
+
+    def _backward_sequence(self) -> list[int]:
+        """Units in the order their backward runs: the root, then the others reversed."""
+        rest = [i for i in self._order if self._root is None or i != self._root.index]
+        head = [self._root.index] if self._root is not None else []
+        return head + rest[::-1]
+
+    def _pre_backward(self, unit: _Unit) -> None:
+        self._begin_backward()
+        if unit.backward_ready:
+            return
+        unit.backward_ready = True
+        self._use(unit)
+        seq = self._backward_sequence()
+        if unit.index in seq:
+            pos = seq.index(unit.index)
+            for nxt in seq[pos + 1 :]:
+                if not self.units[nxt].reduced:
+                    self._gather(self.units[nxt])
+                    break
+
+    # Gradients ---------------------------------------------------------------------------
+
+    def _reduce_sequence(self) -> list[int]:
+        """Units in reduce-scatter order: reverse forward order, the root last."""
+        seq = self._backward_sequence()
+        if self._root is not None:
+            seq = seq[1:] + seq[:1]
+        seen = set(seq)
+        return seq + [u.index for u in self.units if u.index not in seen]
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        self._begin_backward()
+        unit, offset, numel = self._where[id(param)]
+        if param.grad is not None:
+            self._staging_for(unit.group)[offset : offset + numel].copy_(param.grad.reshape(-1))
+            self._filled.setdefault(unit.index, set()).add(offset)
+            param.grad = None
+        self._pending[unit.index] -= 1
+        if self._pending[unit.index] == 0:
+            self._launch_ready()
+
+    def _staging_for(self, g: FlatGroup) -> torch.Tensor:
+        buf = self._staging.get(g.index)
+        if buf is None:
+            buf = torch.empty(g.padded, dtype=g.dtype, device=self.device)
+            buf[g.numel :].zero_()
+            self._staging[g.index] = buf
+        return buf
+
+    def _launch_ready(self) -> None:
+        seq = self._reduce_sequence()
+        while self._reduce_pos < len(seq) and self._pending[seq[self._reduce_pos]] == 0:
+            self._launch(self.units[seq[self._reduce_pos]])
+            self._reduce_pos += 1
+
+    def _launch(self, unit: _Unit) -> None:
+        g = unit.group
+        staging = self._staging_for(g)
+        filled = self._filled.pop(g.index, set())
+        for slot in g.slots:
+            if slot.offset not in filled:
+                staging[slot.offset : slot.offset + slot.numel].zero_()
+        divisor = self.divisor()
+        if divisor > 1:
+            staging.div_(divisor)
+        if self.world_size > 1:
+            out = torch.empty(g.part_numel, dtype=g.dtype, device=self.device)
+            work = tdist.reduce_scatter_single(out, staging, op=tdist.ReduceOp.SUM, async_op=True)
+            self.collectives_launched += 1
+        else:
+            out, work = staging, None
+        self._in_flight.append((work, g, out, staging))
+        del self._staging[g.index]
+        self._pending[g.index] = len(g.params)
+        unit.reduced = True
+        self._release(unit)
+        while len(self._in_flight) > MAX_IN_FLIGHT:
+            self._complete_oldest()
+
+    def _complete_oldest(self) -> None:
+        work, g, out, _staging = self._in_flight.popleft()
+        if work is not None:
+            work.wait()
+        self._grad_shard[g.shard_offset : g.shard_offset + g.part_numel].add_(out)
+
+    def _backward_end(self, boundary: bool) -> None:
+        seq = self._reduce_sequence()
+        for i in seq[self._reduce_pos :]:
+            self._launch(self.units[i])
+        self._reduce_pos = 0
+        while self._in_flight:
+            self._complete_oldest()
+        for unit in self.units:
+            unit.backward_ready = False
+            unit.reduced = False
+            self._release(unit)
+
+    def finish(self) -> None:
+        self.check_step()
+        self.micro_step = 0
+
+    # Parameters --------------------------------------------------------------------------
+
+    def param_piece(self, seg: Segment) -> torch.Tensor:
+        return self.master[seg.shard_lo : seg.shard_lo + seg.numel]
+
+    def param_part(self, group: FlatGroup) -> torch.Tensor:
+        return self.master[group.shard_offset : group.shard_offset + group.part_numel]
+
+    def after_update(self) -> None:
+        # A unit still gathered (a forward without backward) holds stale values now.
+        for unit in self.units:
+            self._release(unit)
+
+    def zero_grad(self) -> None:
+        self._grad_shard.zero_()
+        for g in self.layout.groups:
+            for p in g.params:
+                p.grad = None
+
+    def param_storages(self) -> set[int]:
+        """Storage ids of the gathered-parameter buffers (to tell parameters from activations)."""
+        return {u.full.untyped_storage()._cdata for u in self.units}
+
+    def memory(self) -> dict[str, int]:
+        gathered = sum(nbytes(u.full) for u in self.units)
+        staging = sum(nbytes(t) for t in self._staging.values())
+        staging += sum(nbytes(s) + (nbytes(o) if o is not s else 0) for _, _, o, s in self._in_flight)
+        return {
+            "params_bytes": nbytes(self.master) + gathered,
+            "grads_bytes": nbytes(self._grad_shard) + staging,
+        }

@@ -1,0 +1,1041 @@
+"""The planner: fill every `auto` field of a spec's engine section from memory + topology.
+
+    plan = search(shape, engine, hardware, target_batch, free=...)  # pure: candidates + choice
+    spec_file, hosts, pin, plan = resolve(spec_file, hosts, pin)      # what `dsl launch` calls
+
+For each combination of the free fields (ZeRO stage 0-3; optimizer offload none/cpu/nvme and, at
+stage 3, parameter offload; sequence-parallel degree; activation checkpointing) it takes the
+largest micro-batch whose memory fits, with train_batch = micro_batch x grad_accum x dp exactly,
+and estimates the step time. The choice is the fastest candidate that fits with a 10% safety
+margin; among candidates within 3% of it, the simplest (lower stage, no offload, no sp, no
+checkpointing) wins, because the time model is rough and simple configurations fail less.
+
+Fields the spec leaves out count as free too for micro_batch, grad_accum and offload.params
+(they have no `auto` value; writing them fixes them). sequence_parallel must divide the query
+heads, the sequence length and the host's ranks (an SP group never leaves a host: its
+all-to-alls run on every layer), and the kv heads must divide it or be a multiple of it
+(Ulysses replicates kv heads when there are fewer than sp). ZeRO shards over dp x sp ranks.
+
+Step time (rough, to rank candidates, not to promise a number):
+- compute: 6 x (parameters a token passes through) + 6 x layers x hidden x seq (causal
+  attention) FLOPs per token, x 4/3 with checkpointing (one more forward), at MFU 40% of the
+  accelerator's dense peak (topology/specs.py) for the precision;
+- communication, ring volumes per rank: stage 0 all-reduces gradients once per step (2x);
+  stage 1 reduce-scatters once and all-gathers the updated parameters; stage 2 reduce-scatters
+  every micro-step; stage 3 all-gathers parameters twice (forward, backward) and reduce-scatters
+  gradients every micro-step; Ulysses adds 4 all-to-alls per layer forward and backward. Each
+  at the bus bandwidth of the slowest link class the group spans (NVSwitch / NVLink / PCIe with
+  or without P2P / the network per rank), at 80% of nominal. Gradient reduction and stage-3
+  gathers overlap compute; the parameter all-gather after the step and all-to-alls do not;
+- offload: gradients out and parameters back over each GPU's host link (PCIe or NVLink-C2C),
+  the optimizer step on the CPU at its memory bandwidth (28 + param bytes per parameter, at 50%),
+  NVMe reads and writes of the optimizer state; not overlapped.
+The largest of compute, communication and offload is named as the dominant term. The host link
+is what makes offload cheap or not: over NVLink-C2C (GH200, ~450 GB/s) moving the optimizer to
+Grace costs a few percent of a step and beats sharding across slower links; over PCIe it only
+wins when nothing else fits.
+
+On a CPU-only host the ranks are CPU processes: each one's "device" is its share of host RAM,
+there is no offload, collectives run over gloo's shared memory and compute at a rough per-core
+peak. `Plan.choice` is the best plan; `Plan.launch_choice` the best one this version of the
+engine can run (`engine.config.unsupported_reason`), which `dsl launch` writes into the resolved
+spec, or refuses the job, saying what would fit (more devices, more host RAM, bigger devices,
+shorter sequences), before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from dsl.engine import memory
+from dsl.engine.config import EngineConfig
+from dsl.engine.errors import UserError
+from dsl.engine.memory import GB, GiB, Breakdown, ModelShape
+from dsl.topology.model import HostTopology
+from dsl.topology.specs import accelerator_spec
+
+if TYPE_CHECKING:
+    from dsl.launcher.hosts import Host
+    from dsl.launcher.spec import SpecFile
+
+log = logging.getLogger(__name__)
+
+SAFETY_MARGIN = 0.10
+"""Plans keep 10% of device and host memory free (allocator fragmentation, stray buffers)."""
+MFU_GPU = 0.40
+MFU_CPU = 0.30
+LINK_EFFICIENCY = 0.80
+CPU_OPTIMIZER_EFFICIENCY = 0.50
+TIE_WINDOW = 0.03
+MICRO_STEP_OVERHEAD_S = {True: 0.003, False: 0.002}
+"""Launch and Python overhead per micro-step (GPU, CPU): favours fewer, larger micro-batches."""
+ASSUMED_SOCKET_MEMORY_GB_S = 100.0
+ASSUMED_NETWORK_GBIT_S = 100.0
+ASSUMED_NVME_GB_S = (2.0, 1.0)
+GLOO_SHM_GB_S = 1.0  # ../shared/docs/FACTS.md: gloo on CPU moves 0.3-2 GB/s
+
+
+# Hardware ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Link:
+    gb_s: float
+    """Effective bus bandwidth per rank, per direction."""
+    kind: str
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the planner needs to know about the hosts, derived from one HostTopology."""
+
+    topology: HostTopology
+    hosts: int
+    ranks_per_host: int
+    accelerator: bool
+    device_name: str
+    device_memory_bytes: int
+    """Capacity per rank: the GPU's memory, or a CPU rank's share of host RAM."""
+    host_ram_bytes: int
+    peak_tflops: float
+    peak_note: str
+    host_link: Link | None
+    network: Link | None
+    """Network bandwidth per host (to other hosts); None on one host."""
+    host_memory_gb_s: float
+    nvme_free_bytes: int
+    nvme_read_gb_s: float
+    nvme_write_gb_s: float
+    device_memory_gb_s: float | None
+    notes: tuple[str, ...] = ()
+    _links: dict[int, Link] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def world(self) -> int:
+        return self.hosts * self.ranks_per_host
+
+    def group_link(self, size: int) -> Link:
+        """Bus bandwidth of a collective over `size` consecutive ranks (ranks fill hosts in order)."""
+        if size <= 1:
+            return Link(math.inf, "none")
+        cached = self._links.get(size)
+        if cached is None:
+            cached = self._links[size] = self._group_link(size)
+        return cached
+
+    def _group_link(self, size: int) -> Link:
+        if not self.accelerator:
+            intra = Link(GLOO_SHM_GB_S, "gloo over shared memory")
+        else:
+            intra = _intra_link(self.topology, list(range(min(size, self.ranks_per_host))))
+        if size <= self.ranks_per_host or self.network is None:
+            return intra
+        per_rank = self.network.gb_s / self.ranks_per_host
+        return intra if intra.gb_s <= per_rank else Link(per_rank, self.network.kind)
+
+    def describe(self) -> str:
+        per = f"{self.ranks_per_host} x {self.device_name} ({_gib(self.device_memory_bytes)})" \
+            if self.accelerator else f"{self.ranks_per_host} CPU rank(s) ({_gib(self.device_memory_bytes)} RAM each)"
+        hosts = f"{self.hosts} host(s) x " if self.hosts > 1 else ""
+        link = f", host link {self.host_link.kind}" if self.host_link and self.accelerator else ""
+        intra = self.group_link(self.ranks_per_host)
+        between = f", {intra.kind} between ranks" if self.ranks_per_host > 1 else ""
+        return f"{hosts}{per}, {_gib(self.host_ram_bytes)} host RAM{between}{link}"
+
+
+def _intra_link(topo: HostTopology, slots: list[int]) -> Link:
+    if len(slots) < 2 or len(topo.accelerators) < 2:
+        return Link(math.inf, "none")
+    pairs = [topo.link(a, b) for i, a in enumerate(slots) for b in slots[i + 1:]]
+    if any(p is None for p in pairs):
+        return Link(10.0, "unknown links (assumed 10 GB/s)")
+    kinds = {p.kind for p in pairs}  # type: ignore[union-attr]
+    if kinds <= {"nvswitch", "nvlink"}:
+        bw = min(p.bandwidth_gb_s or 25.0 for p in pairs)  # type: ignore[union-attr]
+        name = "NVSwitch" if kinds == {"nvswitch"} else "NVLink"
+        return Link(bw * LINK_EFFICIENCY, f"{name} {bw:g} GB/s")
+    pcie = [p for p in pairs if p.kind == "pcie"]  # type: ignore[union-attr]
+    bw = min(p.bandwidth_gb_s or 16.0 for p in pcie)
+    if any(p.p2p is False for p in pcie):
+        # Without P2P, NCCL stages every transfer through host memory: about half the link.
+        return Link(bw * LINK_EFFICIENCY / 2, f"PCIe {bw:g} GB/s without P2P (through host memory)")
+    return Link(bw * LINK_EFFICIENCY, f"PCIe {bw:g} GB/s P2P")
+
+
+def hardware_of(topo: HostTopology, *, hosts: int = 1, ranks_per_host: int | None = None,
+                precision: str = "bf16") -> Hardware:
+    notes: list[str] = []
+    gpus = list(topo.accelerators)
+    accelerator = bool(gpus)
+    ram = topo.usable_ram_bytes
+    if ram is None:
+        ram = 16 * GiB
+        notes.append("host RAM unknown: assumed 16 GiB")
+    if ranks_per_host is None:
+        ranks_per_host = len(gpus) or 1
+    if accelerator and ranks_per_host > len(gpus):
+        notes.append(f"{ranks_per_host} ranks per host but {len(gpus)} GPU(s): ranks would share GPUs; "
+                     "planned as one GPU per rank")
+    sockets = topo.cpu.sockets or 1
+    mem_bw = topo.memory_bandwidth_gb_s
+    if mem_bw is None:
+        mem_bw = ASSUMED_SOCKET_MEMORY_GB_S * sockets
+        notes.append(f"host memory bandwidth unknown: assumed {mem_bw:g} GB/s")
+    if accelerator:
+        dev = gpus[0]
+        mem = min((g.memory_bytes for g in gpus if g.memory_bytes), default=None)
+        if mem is None:
+            mem = 16 * GiB
+            notes.append("GPU memory unknown: assumed 16 GiB")
+        spec = accelerator_spec(dev.name)
+        if spec is None:
+            peak = 100.0 if precision != "fp32" else 20.0
+            peak_note = f"{dev.name} is not in topology/specs.py: assumed {peak:g} TFLOP/s"
+            notes.append(peak_note)
+            device_bw = None
+        else:
+            peak = spec.bf16_tflops if precision != "fp32" else spec.fp32_tflops
+            peak_note = f"{peak:g} TFLOP/s {'bf16' if precision != 'fp32' else 'fp32'} peak ({spec.family})"
+            device_bw = spec.memory_bandwidth_gb_s
+        hl = topo.host_link()
+        if hl is None or hl.bandwidth_gb_s is None:
+            host_link = Link(16.0 * LINK_EFFICIENCY, "unknown (assumed PCIe Gen4 x16 at half rate)")
+            notes.append("GPU host link unknown: assumed 12.8 GB/s")
+        else:
+            host_link = Link(hl.bandwidth_gb_s * LINK_EFFICIENCY, hl.describe())
+        name = dev.name.removeprefix("NVIDIA ")
+    else:
+        mem = ram // ranks_per_host
+        cpus = (topo.cpu.usable_cpus or topo.cpu.logical_cpus or 1) / ranks_per_host
+        flags = set(topo.cpu.flags)
+        per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "sve", "sve2"} & flags else 16
+        bf16 = precision != "fp32" and bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
+        peak = cpus * 2.5e9 * per_cycle * (1.85 if bf16 else 1.0) / 1e12
+        peak_note = (f"{peak:.2f} TFLOP/s: {cpus:g} CPU(s) per rank x 2.5 GHz x {per_cycle} FLOP/cycle"
+                     + (" x 1.85 for bf16" if bf16 else "") + " (rough)")
+        device_bw = None
+        host_link = None
+        name = "CPU"
+    network = None
+    if hosts > 1:
+        gbit = topo.network_gbit_s()
+        if gbit is None:
+            gbit = ASSUMED_NETWORK_GBIT_S
+            notes.append(f"network speed unknown: assumed {gbit:g} Gb/s per host")
+        network = Link(gbit / 8 * LINK_EFFICIENCY, f"network {gbit:g} Gb/s per host")
+    free_by_mount: dict[str, int] = {}
+    read = write = 0.0
+    measured = True
+    for disk in topo.nvme:
+        key = disk.mountpoint or disk.name
+        if disk.free_bytes is not None:
+            free_by_mount[key] = max(free_by_mount.get(key, 0), disk.free_bytes)
+        if disk.read_gb_s is None or disk.write_gb_s is None:
+            measured = False
+        read += disk.read_gb_s or ASSUMED_NVME_GB_S[0]
+        write += disk.write_gb_s or ASSUMED_NVME_GB_S[1]
+    if topo.nvme and not measured:
+        notes.append("NVMe bandwidth not measured (dsl probe --measure-nvme DIR): assumed "
+                     f"{ASSUMED_NVME_GB_S[0]:g}/{ASSUMED_NVME_GB_S[1]:g} GB/s read/write per drive")
+    return Hardware(topo, hosts, ranks_per_host, accelerator, name, int(mem), int(ram), peak, peak_note,
+                    host_link, network, mem_bw, sum(free_by_mount.values()), read, write, device_bw,
+                    tuple(notes))
+
+
+# Candidates ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute_s: float
+    communication_s: float
+    """All collective time; `exposed_s` of it is not hidden behind compute."""
+    exposed_s: float
+    offload_s: float
+    total_s: float
+    dominant: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    zero_stage: int
+    offload: str
+    """Optimizer-state offload: none, cpu or nvme."""
+    offload_params: str
+    sp: int
+    dp: int
+    micro_batch: int
+    grad_accum: int
+    activation_checkpointing: bool
+    breakdown: Breakdown
+    device_bytes: int
+    """Per rank, on its device (for CPU ranks: its RAM)."""
+    host_bytes: int
+    """Per host: every rank's host RAM at the worst moment."""
+    nvme_bytes: int
+    """Per host."""
+    fits: bool
+    why_not: str | None
+    step: StepTime
+    unsupported: str | None = None
+    """Why this version of the engine cannot run it yet (it may still be the best plan)."""
+
+    def label(self) -> str:
+        off = self.offload if self.offload_params == "none" else f"{self.offload}+params"
+        return (f"zero_stage {self.zero_stage}, offload {off}, sp {self.sp}, micro_batch {self.micro_batch}, "
+                f"grad_accum {self.grad_accum}, activation_checkpointing {str(self.activation_checkpointing).lower()}")
+
+    def simplicity(self) -> tuple[int, int]:
+        return (self.zero_stage + (2 if self.offload != "none" else 0) + (1 if self.offload == "nvme" else 0)
+                + (2 if self.offload_params != "none" else 0) + (2 if self.sp > 1 else 0)
+                + (1 if self.activation_checkpointing else 0), -self.micro_batch)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "zero_stage": self.zero_stage, "offload": self.offload, "offload_params": self.offload_params,
+            "sp": self.sp, "dp": self.dp, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
+            "activation_checkpointing": self.activation_checkpointing,
+            "device_bytes": self.device_bytes, "host_bytes": self.host_bytes, "nvme_bytes": self.nvme_bytes,
+            "fits": self.fits, "why_not": self.why_not, "unsupported": self.unsupported,
+            "step_time_s": round(self.step.total_s, 4),
+            "step": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self.step).items()},
+            "terms": [t.to_json() for t in self.breakdown.terms],
+        }
+
+
+@dataclass(frozen=True)
+class Free:
+    """Which engine fields the planner may choose (the others are taken from the spec)."""
+
+    zero_stage: bool = True
+    offload: bool = True
+    offload_params: bool = True
+    sp: bool = True
+    activation_checkpointing: bool = True
+    micro_batch: bool = True
+    grad_accum: bool = True
+
+    def any(self) -> bool:
+        return any(dataclasses.astuple(self))
+
+
+def valid_sp(shape: ModelShape, sp: int, ranks_per_host: int, world: int) -> str | None:
+    """Why `sp` cannot be the sequence-parallel degree, or None."""
+    if sp < 1:
+        return f"sequence_parallel must be >= 1, got {sp}"
+    if shape.heads % sp:
+        return f"num_attention_heads ({shape.heads}) is not divisible by sp ({sp})"
+    if shape.kv_heads % sp and sp % shape.kv_heads:
+        return f"num_key_value_heads ({shape.kv_heads}) and sp ({sp}) must divide one another"
+    if shape.seq_len % sp:
+        return f"seq_len ({shape.seq_len}) is not divisible by sp ({sp})"
+    if sp > ranks_per_host or ranks_per_host % sp:
+        return f"sp ({sp}) must divide the ranks of one host ({ranks_per_host}): SP groups stay inside a host"
+    if world % sp:
+        return f"sp ({sp}) must divide the world size ({world})"
+    return None
+
+
+def _divisors(n: int) -> list[int]:
+    return sorted({d for i in range(1, int(math.isqrt(n)) + 1) if n % i == 0 for d in (i, n // i)})
+
+
+def _config(engine: EngineConfig, stage: int, offload: str, offload_params: str, sp: int, ckpt: bool,
+            micro: int, accum: int) -> EngineConfig:
+    return engine.model_copy(update={
+        "zero_stage": stage, "sequence_parallel": sp, "activation_checkpointing": ckpt,
+        "micro_batch": micro, "grad_accum": accum,
+        "offload": engine.offload.model_copy(update={"optimizer": offload, "params": offload_params}),
+    })
+
+
+def step_time(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: int, offload: str,
+              offload_params: str, sp: int, micro: int, accum: int, ckpt: bool, target_batch: int) -> StepTime:
+    world = hw.world
+    shards = world
+    p = shape.params
+    sb = memory.state_bytes(engine.precision, engine.low_precision_states, engine.optimizer.type)
+    tokens = target_batch * shape.seq_len
+    flops_per_token = 6 * shape.flop_params + 6 * shape.layers * shape.hidden * shape.seq_len
+    flops = tokens * flops_per_token * (4 / 3 if ckpt else 1.0)
+    mfu = MFU_GPU if hw.accelerator else MFU_CPU
+    compute = flops / (world * hw.peak_tflops * 1e12 * mfu) + accum * MICRO_STEP_OVERHEAD_S[hw.accelerator]
+    ring = (shards - 1) / shards if shards > 1 else 0.0
+    zero_link = hw.group_link(shards)
+    grad_full, param_full = sb.grad * p, sb.param * p
+    gather = sb.compute if sb.autocast else sb.param
+    overlapped = exposed = 0.0
+    if ring:
+        if stage == 0:
+            overlapped = 2 * grad_full * ring
+        elif stage == 1:
+            overlapped, exposed = grad_full * ring, param_full * ring
+        elif stage == 2:
+            overlapped, exposed = accum * grad_full * ring, param_full * ring
+        else:
+            overlapped = accum * (2 * gather * p + grad_full) * ring
+    overlapped_s = overlapped / (zero_link.gb_s * 1e9)
+    exposed_s = exposed / (zero_link.gb_s * 1e9)
+    a2a_s = 0.0
+    if sp > 1:
+        local = micro * shape.seq_len // sp * shape.hidden * sb.compute
+        per_layer = local * (2 + 2 * shape.kv_heads / shape.heads)  # q, out; k, v
+        a2a = 2 * shape.layers * per_layer * (sp - 1) / sp * accum
+        a2a_s = a2a / (hw.group_link(sp).gb_s * 1e9)
+        exposed_s += a2a_s
+    offload_s = 0.0
+    shard_params = p / shards
+    opt_bytes = (28 + sb.param) * shard_params
+    parts = []
+    if offload != "none":
+        link = hw.host_link.gb_s if hw.host_link else math.inf
+        transfer = (4 + sb.param) * shard_params / (link * 1e9)
+        cpu_step = hw.ranks_per_host * opt_bytes / (hw.host_memory_gb_s * CPU_OPTIMIZER_EFFICIENCY * 1e9)
+        offload_s += transfer + cpu_step
+        parts.append(f"host link {transfer:.2f} s, CPU optimizer {cpu_step:.2f} s")
+        if offload == "nvme":
+            state = (sb.master + sb.optimizer) * shard_params * hw.ranks_per_host
+            nvme_s = state / (hw.nvme_read_gb_s * 1e9) + state / (hw.nvme_write_gb_s * 1e9)
+            offload_s += nvme_s
+            parts.append(f"NVMe {nvme_s:.2f} s")
+    elif hw.accelerator and hw.device_memory_gb_s:
+        offload_s = 0.0
+        compute += opt_bytes / (hw.device_memory_gb_s * 0.7 * 1e9)
+    else:
+        compute += hw.ranks_per_host * opt_bytes / (hw.host_memory_gb_s * CPU_OPTIMIZER_EFFICIENCY * 1e9)
+    if offload_params == "cpu":
+        link = hw.host_link.gb_s if hw.host_link else math.inf
+        fetch = accum * 2 * sb.param * shard_params / (link * 1e9)
+        offload_s += fetch
+        parts.append(f"parameter fetches {fetch:.2f} s")
+    comm = overlapped_s + exposed_s
+    total = max(compute, overlapped_s) + exposed_s + offload_s
+    terms = {"compute": compute, "communication": comm, "offload": offload_s}
+    dominant = max(terms, key=terms.__getitem__)
+    detail = (f"compute {compute:.2f} s at {mfu:.0%} MFU of {hw.peak_note}; communication {comm:.2f} s over "
+              f"{zero_link.kind if ring else 'nothing (one rank)'}"
+              + (f" ({exposed_s:.2f} s not overlapped)" if exposed_s else "")
+              + (f"; offload {offload_s:.2f} s ({', '.join(parts)})" if offload_s else ""))
+    return StepTime(compute, comm, exposed_s, offload_s, total, dominant, detail)
+
+
+def evaluate(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: int, offload: str,
+             offload_params: str, sp: int, micro: int, accum: int, ckpt: bool, target_batch: int,
+             flash_attention: bool = True) -> Candidate:
+    dp = hw.world // sp
+    b = memory.breakdown(shape, stage=stage, dp=dp, sp=sp, micro_batch=micro, precision=engine.precision,
+                         low_precision_states=engine.low_precision_states, optimizer=engine.optimizer.type,
+                         offload_optimizer=offload, offload_params=offload_params, checkpointing=ckpt,
+                         bucket_mib=engine.bucket_mib, sub_group_mib=engine.offload.sub_group_mib,
+                         accelerator=hw.accelerator, flash_attention=flash_attention)
+    device = b.device_bytes
+    host = hw.ranks_per_host * b.host_peak_bytes
+    nvme = hw.ranks_per_host * b.nvme_bytes
+    why = []
+    dev_cap = hw.device_memory_bytes * (1 - SAFETY_MARGIN)
+    host_cap = hw.host_ram_bytes * (1 - SAFETY_MARGIN)
+    what = "device" if hw.accelerator else "each CPU rank"
+    if device > dev_cap:
+        why.append(f"{what} needs {_gb(device)} > {_gb(dev_cap)} usable ({_gib(hw.device_memory_bytes)} - "
+                   f"{SAFETY_MARGIN:.0%})")
+    if hw.accelerator and host > host_cap:
+        why.append(f"host needs {_gb(host)} > {_gb(host_cap)} usable RAM ({hw.ranks_per_host} rank(s) x "
+                   f"{_gb(b.host_peak_bytes)})")
+    if nvme and nvme > hw.nvme_free_bytes * (1 - SAFETY_MARGIN):
+        why.append(f"NVMe needs {_gb(nvme)} > {_gb(hw.nvme_free_bytes * (1 - SAFETY_MARGIN))} free")
+    st = step_time(shape, engine, hw, stage=stage, offload=offload, offload_params=offload_params, sp=sp,
+                   micro=micro, accum=accum, ckpt=ckpt, target_batch=target_batch)
+    return Candidate(stage, offload, offload_params, sp, dp, micro, accum, ckpt, b, device, host, nvme,
+                     not why, "; ".join(why) or None, st)
+
+
+# The search ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """The planner's answer: every candidate, the choice and why, or what would fit."""
+
+    shape: ModelShape
+    hardware: Hardware
+    target_batch: int
+    fixed: dict[str, Any]
+    candidates: list[Candidate]
+    choice: Candidate | None
+    """The best plan that fits (it may need engine features not built yet: `unsupported`)."""
+    launch_choice: Candidate | None = None
+    """The best plan that fits and this version of the engine can run: what `dsl launch` uses."""
+    reasons: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def engine_config(self, base: EngineConfig, candidate: Candidate | None = None) -> EngineConfig:
+        c = candidate or self.launch_choice
+        if c is None:
+            raise ValueError("no configuration fits")
+        return _config(base, c.zero_stage, c.offload, c.offload_params, c.sp, c.activation_checkpointing,
+                       c.micro_batch, c.grad_accum)
+
+    def deepspeed_comparison(self) -> dict[str, Any] | None:
+        c = self.choice
+        if c is None or not self.hardware.accelerator:
+            return None
+        return memory.deepspeed_estimate(
+            self.shape.params, self.shape.largest_unit_params, c.zero_stage,
+            gpus_per_node=self.hardware.ranks_per_host, nodes=self.hardware.hosts,
+            offload_optimizer=c.offload != "none", offload_params=c.offload_params != "none")
+
+    def to_json(self) -> dict[str, Any]:
+        hw = self.hardware
+        return {
+            "model": {"params": self.shape.params, **dataclasses.asdict(self.shape)},
+            "hardware": {
+                "topology": hw.topology.source, "hosts": hw.hosts, "ranks_per_host": hw.ranks_per_host,
+                "accelerator": hw.device_name if hw.accelerator else None,
+                "device_memory_bytes": hw.device_memory_bytes, "host_ram_bytes": hw.host_ram_bytes,
+                "peak_tflops": hw.peak_tflops, "mfu": MFU_GPU if hw.accelerator else MFU_CPU,
+                "between_ranks": hw.group_link(hw.ranks_per_host).kind,
+                "host_link": hw.host_link.kind if hw.host_link else None,
+            },
+            "target_batch": self.target_batch,
+            "fixed": self.fixed,
+            "safety_margin": SAFETY_MARGIN,
+            "choice": self.choice.to_json() if self.choice else None,
+            "launch_choice": self.launch_choice.to_json() if self.launch_choice else None,
+            "reasons": self.reasons,
+            "suggestions": self.suggestions,
+            "notes": self.notes,
+            "deepspeed": self.deepspeed_comparison(),
+            "candidates": [c.to_json() for c in self.candidates],
+        }
+
+
+def _options(engine: EngineConfig, free: Free, shape: ModelShape, hw: Hardware) -> dict[str, list[Any]]:
+    stages = [0, 1, 2, 3] if free.zero_stage else [engine.zero_stage]
+    if free.offload:
+        offloads = ["none"]
+        if hw.accelerator:
+            offloads.append("cpu")
+            if hw.topology.nvme:
+                offloads.append("nvme")
+    else:
+        offloads = [engine.offload.optimizer]
+    if free.sp:
+        sps = [s for s in _divisors(hw.ranks_per_host) if valid_sp(shape, s, hw.ranks_per_host, hw.world) is None]
+    else:
+        sps = [engine.sequence_parallel]
+    ckpts = [False, True] if free.activation_checkpointing else [bool(engine.activation_checkpointing)]
+    return {"stage": stages, "offload": offloads, "sp": sps, "ckpt": ckpts}
+
+
+def search(shape: ModelShape, engine: EngineConfig, hw: Hardware, target_batch: int, free: Free, *,
+           runnable: Callable[[EngineConfig], str | None] | None = None, suggest: bool = True,
+           flash_attention: bool = True) -> Plan:
+    """Every candidate over the free fields, and the choice (see the module docstring)."""
+    opts = _options(engine, free, shape, hw)
+    candidates: list[Candidate] = []
+    skipped: list[str] = []
+    for stage in opts["stage"]:
+        for offload in opts["offload"]:
+            if offload != "none" and stage == 0:
+                continue  # offload needs a partitioned optimizer (ZeRO >= 1), as in DeepSpeed
+            param_opts = (["none", "cpu"] if free.offload_params and stage == 3 and hw.accelerator
+                          and offload != "none" else
+                          [engine.offload.params if not free.offload_params else "none"])
+            for offload_params in param_opts:
+                if offload_params != "none" and stage != 3:
+                    continue
+                for sp in opts["sp"]:
+                    dp = hw.world // sp
+                    if target_batch % dp:
+                        skipped.append(f"sp {sp}: train_batch {target_batch} is not divisible by dp {dp}")
+                        continue
+                    per_rank = target_batch // dp
+                    if not free.micro_batch:
+                        micros = [engine.micro_batch] if per_rank % engine.micro_batch == 0 and (
+                            free.grad_accum or per_rank == engine.micro_batch * engine.grad_accum) else []
+                    elif not free.grad_accum:
+                        micros = [per_rank // engine.grad_accum] if per_rank % engine.grad_accum == 0 else []
+                    else:
+                        micros = [m for m in _divisors(per_rank)][::-1]
+                    if not micros:
+                        skipped.append(f"sp {sp}: train_batch {target_batch} = micro_batch x grad_accum x dp "
+                                       f"({dp}) has no solution with micro_batch {engine.micro_batch}, "
+                                       f"grad_accum {engine.grad_accum}")
+                        continue
+                    for ckpt in opts["ckpt"]:
+                        def at(micro: int) -> Candidate:
+                            return evaluate(shape, engine, hw, stage=stage, offload=offload,
+                                            offload_params=offload_params, sp=sp, micro=micro,
+                                            accum=per_rank // micro, ckpt=ckpt, target_batch=target_batch,
+                                            flash_attention=flash_attention)
+                        candidates.append(_largest_fitting(micros, at))
+    if runnable is not None:
+        candidates = [dataclasses.replace(c, unsupported=runnable(_config(
+            engine, c.zero_stage, c.offload, c.offload_params, c.sp, c.activation_checkpointing,
+            c.micro_batch, c.grad_accum))) for c in candidates]
+    fitting = sorted((c for c in candidates if c.fits), key=lambda c: c.step.total_s)
+    choice = _choose(fitting)
+    others = sorted((c for c in candidates if not c.fits),
+                    key=lambda c: (c.device_bytes / hw.device_memory_bytes, c.step.total_s))
+    plan = Plan(shape, hw, target_batch, {}, fitting + others, choice,
+                launch_choice=_choose([c for c in fitting if c.unsupported is None]),
+                notes=list(hw.notes) + sorted(set(skipped)))
+    if choice is not None:
+        plan.reasons = _reasons(plan, choice)
+    if choice is None and suggest:
+        plan.suggestions = _suggestions(shape, engine, hw, target_batch, free, flash_attention)
+    return plan
+
+
+def _largest_fitting(micros: list[int], at: Callable[[int], Candidate]) -> Candidate:
+    """The candidate at the largest micro-batch that fits (memory grows with it: bisect), else
+    the smallest micro-batch's (which says why it does not fit). `micros` is descending."""
+    smallest = at(micros[-1])
+    if not smallest.fits or len(micros) == 1:
+        return smallest
+    lo, hi = 0, len(micros) - 1  # micros[hi] fits; find the first index that fits
+    best = smallest
+    while lo < hi:
+        mid = (lo + hi) // 2
+        cand = at(micros[mid])
+        if cand.fits:
+            best, hi = cand, mid
+        else:
+            lo = mid + 1
+    return best
+
+
+def _choose(fitting: list[Candidate]) -> Candidate | None:
+    if not fitting:
+        return None
+    fastest = fitting[0].step.total_s
+    near = [c for c in fitting if c.step.total_s <= fastest * (1 + TIE_WINDOW)]
+    return min(near, key=lambda c: c.simplicity())
+
+
+def _reasons(plan: Plan, choice: Candidate) -> list[str]:
+    hw = plan.hardware
+    out = [f"fits: {_gb(choice.device_bytes)} of {_gb(hw.device_memory_bytes * (1 - SAFETY_MARGIN))} usable per "
+           f"{'device' if hw.accelerator else 'rank'}"
+           + (f", {_gb(choice.host_bytes)} of {_gb(hw.host_ram_bytes * (1 - SAFETY_MARGIN))} host RAM"
+              if hw.accelerator else "")]
+    st = choice.step
+    out.append(f"step ~{st.total_s:.2f} s, dominated by {st.dominant}: {st.detail}")
+    # Why not something simpler: the best candidate of each simpler family that was rejected.
+    families: dict[str, list[Candidate]] = {}
+    for c in plan.candidates:
+        if c is choice:
+            continue
+        if c.zero_stage < choice.zero_stage and c.offload == "none":
+            families.setdefault(f"ZeRO stage {c.zero_stage}", []).append(c)
+        if choice.offload != "none" and c.offload == "none":
+            families.setdefault("no offload", []).append(c)
+        if choice.offload == "none" and c.offload == "cpu":
+            families.setdefault("CPU offload", []).append(c)
+        if choice.activation_checkpointing and not c.activation_checkpointing:
+            families.setdefault("no activation checkpointing", []).append(c)
+        if not choice.activation_checkpointing and c.activation_checkpointing:
+            families.setdefault("activation checkpointing", []).append(c)
+        if choice.sp > 1 and c.sp == 1:
+            families.setdefault("no sequence parallelism", []).append(c)
+        if choice.sp == 1 and c.sp > 1:
+            families.setdefault("sequence parallelism", []).append(c)
+    for name, members in families.items():
+        fit = [c for c in members if c.fits]
+        if fit:
+            best = min(fit, key=lambda c: c.step.total_s)
+            slower = best.step.total_s / st.total_s - 1 if st.total_s else 0.0
+            if slower > TIE_WINDOW:
+                out.append(f"{name} fits too ({best.label()}) but its step is {slower:.0%} slower "
+                           f"(~{best.step.total_s:.2f} s, {best.step.dominant}-bound)")
+            else:
+                out.append(f"{name} ({best.label()}) is within {TIE_WINDOW:.0%} in time; the simpler plan wins")
+        else:
+            closest = min(members, key=lambda c: c.device_bytes)
+            out.append(f"{name} does not fit: {closest.why_not} (at {closest.label()})")
+    if choice.offload != "none" and hw.host_link is not None:
+        share = st.offload_s / st.total_s if st.total_s else 0.0
+        out.append(f"offload goes over {hw.host_link.kind}: {st.offload_s:.2f} s per step ({share:.0%} of it)")
+    return out
+
+
+def _summary(c: Candidate) -> str:
+    return f"{c.label()} (~{c.step.total_s:.2f} s/step)"
+
+
+def _suggestions(shape: ModelShape, engine: EngineConfig, hw: Hardware, target_batch: int, free: Free,
+                 flash_attention: bool) -> list[str]:
+    """What would make a job that fits nowhere fit: one change at a time, then two together."""
+    out = []
+    every = Free()  # with every engine field free: the user can set them to auto
+    topo = hw.topology
+    kind = "GPUs" if hw.accelerator else "CPU ranks"
+
+    def bigger(factor: int) -> tuple[Hardware, int]:
+        more = hardware_of(topo, hosts=hw.hosts * factor, ranks_per_host=hw.ranks_per_host,
+                           precision=engine.precision)
+        return more, -(-target_batch // more.world) * more.world  # the batch rounded up to the world
+
+    seqs = [shape.seq_len // d for d in (2, 4, 8) if shape.seq_len // d >= 128]
+    factors = (2, 4, 8, 16, 32, 64, 128)
+    for factor in factors:
+        more, batch = bigger(factor)
+        p = search(shape, engine, more, batch, every, suggest=False, flash_attention=flash_attention)
+        if p.choice is not None:
+            extra = f", train_batch {batch}" if batch != target_batch else ""
+            out.append(f"more devices: {more.hosts} hosts like this one ({more.world} {kind}{extra}) fit with "
+                       f"{_summary(p.choice)}")
+            break
+    else:
+        found = None
+        for seq in seqs:
+            for factor in factors:
+                more, batch = bigger(factor)
+                p = search(shape.with_seq_len(seq), engine, more, batch, every, suggest=False,
+                           flash_attention=flash_attention)
+                if p.choice is not None:
+                    found = (seq, more, p.choice)
+                    break
+            if found:
+                break
+        if found:
+            seq, more, choice = found
+            out.append(f"more devices and shorter sequences: {more.hosts} hosts like this one ({more.world} {kind}) "
+                       f"with seq_len {seq} fit with {_summary(choice)}")
+        else:
+            out.append(f"more devices: even {hw.hosts * factors[-1]} hosts like this one do not fit")
+    full = search(shape, engine, hw, target_batch, every, suggest=False, flash_attention=flash_attention)
+    if full.choice is not None and free != every:
+        out.append(f"freeing the fixed engine fields (set them to auto) fits: {_summary(full.choice)}")
+    dev_cap = hw.device_memory_bytes * (1 - SAFETY_MARGIN)
+    host_cap = hw.host_ram_bytes * (1 - SAFETY_MARGIN)
+    device_ok = [c for c in full.candidates if c.device_bytes <= dev_cap]
+    if hw.accelerator and device_ok:
+        need = min(device_ok, key=lambda c: c.host_bytes)
+        out.append(f"more host RAM: {_gb(need.host_bytes / (1 - SAFETY_MARGIN))} per host (have "
+                   f"{_gb(hw.host_ram_bytes)}) fits {_summary(need)}")
+    host_ok = [c for c in full.candidates if not hw.accelerator or c.host_bytes <= host_cap]
+    if host_ok:
+        need = min(host_ok, key=lambda c: c.device_bytes)
+        out.append(f"bigger devices: {_gib(need.device_bytes / (1 - SAFETY_MARGIN))} per "
+                   f"{'device' if hw.accelerator else 'rank'} (have {_gib(hw.device_memory_bytes)}) fit "
+                   f"{_summary(need)}")
+    if hw.accelerator and not device_ok and full.candidates:
+        need = min(full.candidates, key=lambda c: (c.device_bytes, c.host_bytes))
+        out.append(f"a bigger machine: {_gib(need.device_bytes / (1 - SAFETY_MARGIN))} per device and "
+                   f"{_gb(need.host_bytes / (1 - SAFETY_MARGIN))} of host RAM fit {_summary(need)}")
+    for seq in seqs:
+        p = search(shape.with_seq_len(seq), engine, hw, target_batch, every, suggest=False,
+                   flash_attention=flash_attention)
+        if p.choice is not None:
+            out.append(f"shorter sequences: seq_len {seq} fits with {_summary(p.choice)}")
+            break
+    else:
+        common = dict(stage=3, shards=hw.world, precision=engine.precision,
+                      low_precision_states=engine.low_precision_states, optimizer=engine.optimizer.type)
+        on_device = sum(t.device_bytes for t in memory.model_states(shape.params, **common))
+        on_host = hw.ranks_per_host * sum(t.host_bytes for t in memory.model_states(
+            shape.params, offload_optimizer="cpu", offload_params="cpu", **common))
+        out.append(f"shorter sequences alone do not help: the model states (ZeRO-3 over {hw.world} rank(s)) need "
+                   f"{_gb(on_device)} per device, or {_gb(on_host)} of host RAM with CPU offload")
+    return out
+
+
+# The spec ------------------------------------------------------------------------------------
+
+
+def _written(spec_file: "SpecFile", *path: str) -> bool:
+    return tuple(path) in spec_file.locations.values
+
+
+def free_fields(spec_file: "SpecFile") -> Free:
+    e = spec_file.spec.engine
+    return Free(
+        zero_stage=e.zero_stage == "auto",
+        offload=e.offload.optimizer == "auto",
+        offload_params=not _written(spec_file, "engine", "offload", "params") and e.offload.params == "none",
+        sp=e.sequence_parallel == "auto",
+        activation_checkpointing=e.activation_checkpointing == "auto",
+        micro_batch=not _written(spec_file, "engine", "micro_batch"),
+        grad_accum=not _written(spec_file, "engine", "grad_accum"),
+    )
+
+
+def target_batch_of(engine: EngineConfig, world: int) -> int:
+    """train_batch when set, else micro_batch x grad_accum x world (the batch the spec implies at sp 1)."""
+    return engine.train_batch or engine.micro_batch * engine.grad_accum * world
+
+
+def _concrete(engine: EngineConfig, free: Free) -> EngineConfig:
+    """Placeholders for auto fields, so the engine config validates while the planner varies them."""
+    return engine.model_copy(update={
+        "zero_stage": 0 if engine.zero_stage == "auto" else engine.zero_stage,
+        "sequence_parallel": 1 if engine.sequence_parallel == "auto" else engine.sequence_parallel,
+        "activation_checkpointing": False if engine.activation_checkpointing == "auto" else engine.activation_checkpointing,
+        "offload": engine.offload.model_copy(update={
+            "optimizer": "none" if engine.offload.optimizer == "auto" else engine.offload.optimizer}),
+    })
+
+
+def plan_spec(spec_file: "SpecFile", topology: HostTopology, *, hosts: int, ranks_per_host: int,
+              runnable: Callable[[EngineConfig], str | None] | None = None) -> Plan:
+    """The plan of a spec's bundled-engine run on `hosts` hosts like `topology`."""
+    spec = spec_file.spec
+    if spec.run.train is None:
+        raise UserError(f"{spec_file.where('run')}: dsl plan needs run.train (the bundled engine); "
+                        "the memory of a script or module is unknown to dsl")
+    shape = ModelShape.of(spec.run.train.model)
+    free = free_fields(spec_file)
+    engine = spec.engine
+    hw = hardware_of(topology, hosts=hosts, ranks_per_host=ranks_per_host, precision=engine.precision)
+    if engine.sequence_parallel != "auto":
+        reason = valid_sp(shape, engine.sequence_parallel, hw.ranks_per_host, hw.world)
+        if reason:
+            raise UserError(f"{spec_file.where('engine', 'sequence_parallel')}: {reason}")
+    if engine.offload.optimizer in ("cpu", "nvme") and engine.zero_stage == 0:
+        raise UserError(f"{spec_file.where('engine', 'offload', 'optimizer')}: offload needs zero_stage >= 1 "
+                        "(or auto): stage 0 has no partitioned optimizer to move")
+    if engine.offload.params == "cpu" and engine.zero_stage not in (3, "auto"):
+        raise UserError(f"{spec_file.where('engine', 'offload', 'params')}: offload.params needs zero_stage 3")
+    batch = target_batch_of(engine, hw.world)
+    plan = search(shape, _concrete(engine, free), hw, batch, free, runnable=runnable)
+    plan.fixed = {name: value for name, value in (
+        ("zero_stage", engine.zero_stage), ("offload.optimizer", engine.offload.optimizer),
+        ("offload.params", engine.offload.params), ("sequence_parallel", engine.sequence_parallel),
+        ("activation_checkpointing", engine.activation_checkpointing), ("micro_batch", engine.micro_batch),
+        ("grad_accum", engine.grad_accum)) if not getattr(free, _FREE_NAME[name])}
+    plan.fixed["precision"] = engine.precision
+    if engine.train_batch is None:
+        plan.notes.append(f"train_batch not set: planning for {batch} sequences per step "
+                          f"(micro_batch {engine.micro_batch} x grad_accum {engine.grad_accum} x {hw.world} ranks)")
+    return plan
+
+
+_FREE_NAME = {"zero_stage": "zero_stage", "offload.optimizer": "offload", "offload.params": "offload_params",
+              "sequence_parallel": "sp", "activation_checkpointing": "activation_checkpointing",
+              "micro_batch": "micro_batch", "grad_accum": "grad_accum"}
+
+
+def spec_topology(spec_file: "SpecFile", override: str | None = None) -> HostTopology | None:
+    """The topology a spec selects (`--topology` beats `resources.topology`), or None: probe."""
+    from dsl.topology.probe import load_topology
+
+    name = override or spec_file.spec.resources.topology
+    if name is None:
+        return None
+    base = None if override else spec_file.path.parent
+    key = (name, str(base))
+    try:
+        if key not in _TOPOLOGIES:
+            _TOPOLOGIES[key] = load_topology(name, base=base)
+        return _TOPOLOGIES[key]
+    except UserError as exc:
+        where = "--topology" if override else spec_file.where("resources", "topology")
+        raise UserError(f"{where}: {exc}") from None
+
+
+_TOPOLOGIES: dict[tuple[str, str], HostTopology] = {}
+
+
+def recorded_hosts(spec_file: "SpecFile", topology: str | None = None) -> "tuple[list[Host], bool] | None":
+    """(hosts, pin CUDA_VISIBLE_DEVICES) when a recorded topology decides them: local backend,
+    no hostfile, procs_per_node auto -> one rank per recorded GPU. Otherwise None."""
+    from dsl.launcher import hosts as hostlib
+
+    res = spec_file.spec.resources
+    if res.procs_per_node != "auto" or res.backend != "local" or res.hostfile:
+        return None
+    topo = spec_topology(spec_file, topology)
+    if topo is None:
+        return None
+    return hostlib.local_host(len(topo.accelerators) or 1), bool(topo.accelerators)
+
+
+def resolve(spec_file: "SpecFile", hosts: "list[Host]", pin: bool, *, topology: str | None = None,
+            refuse: bool = True, runnable: Callable[[EngineConfig], str | None] | None = None,
+            ) -> "tuple[SpecFile, list[Host], bool, Plan | None]":
+    """Fill the spec's `auto` engine fields (and refuse what does not fit) before anything starts.
+
+    Returns the spec with concrete engine fields, the hosts and whether to pin
+    CUDA_VISIBLE_DEVICES (unchanged: see `recorded_hosts`), and the plan (None when there is
+    nothing to plan: a script or module, or remote hosts without a recorded topology and no
+    auto field). Remote hosts are not probed yet (a probe over ssh/srun is future work): a
+    recorded topology stands for every host.
+    """
+    spec = spec_file.spec
+    if spec.run.train is None:
+        return spec_file, hosts, pin, None
+    topo = spec_topology(spec_file, topology)
+    res = spec.resources
+    auto = any(v == "auto" for v in (spec.engine.zero_stage, spec.engine.offload.optimizer,
+                                    spec.engine.sequence_parallel, spec.engine.activation_checkpointing))
+    if topo is None:
+        if res.backend == "local":
+            from dsl.topology.probe import probe_local
+
+            topo, _ = probe_local()
+        elif auto or not refuse:
+            raise UserError(f"{spec_file.where('resources')}: backend {res.backend}'s hosts are not probed yet; "
+                            "set resources.topology to a recorded machine (dsl probe --list, or "
+                            "`dsl probe --record FILE` on one host) so the planner can fill the auto fields")
+        else:
+            log.debug("hosts of backend %s not probed: memory not checked", res.backend)
+            return spec_file, hosts, pin, None
+    ranks = max(len(h.slots) for h in hosts)
+    plan = plan_spec(spec_file, topo, hosts=len(hosts), ranks_per_host=ranks, runnable=runnable)
+    if plan.launch_choice is None:
+        if refuse:
+            raise UserError(refusal(spec_file, plan))
+        return spec_file, hosts, pin, plan
+    engine = plan.engine_config(spec.engine)
+    for name, old, new in (("zero_stage", spec.engine.zero_stage, engine.zero_stage),
+                           ("offload.optimizer", spec.engine.offload.optimizer, engine.offload.optimizer),
+                           ("sequence_parallel", spec.engine.sequence_parallel, engine.sequence_parallel),
+                           ("activation_checkpointing", spec.engine.activation_checkpointing,
+                            engine.activation_checkpointing),
+                           ("micro_batch", spec.engine.micro_batch, engine.micro_batch),
+                           ("grad_accum", spec.engine.grad_accum, engine.grad_accum)):
+        if old != new:
+            log.info("planner: engine.%s %s -> %s", name, old, new)
+    new_spec = spec.model_copy(update={"engine": engine})
+    return dataclasses.replace(spec_file, spec=new_spec), hosts, pin, plan
+
+
+def refusal(spec_file: "SpecFile", plan: Plan) -> str:
+    hw = plan.hardware
+    closest = min(plan.candidates, key=lambda c: c.device_bytes, default=None)
+    lines = [f"{spec_file.where('engine')}: {spec_file.spec.name} does not fit on {hw.describe()} "
+             f"({hw.topology.source}):"]
+    if plan.choice is not None and plan.choice.unsupported:
+        lines.append(f"  it would fit with {plan.choice.label()}, but {plan.choice.unsupported}")
+    elif closest is not None:
+        lines.append(f"  closest: {closest.label()}: {closest.why_not}")
+    if plan.suggestions:
+        lines.append("  what would fit:")
+        lines += [f"  - {s}" for s in plan.suggestions]
+    return "\n".join(lines)
+
+
+def _gb(n: float) -> str:
+    if n >= 0.95 * GB or n == 0:
+        return f"{n / GB:,.1f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:,.1f} MB"
+    return f"{n / 1e3:,.1f} kB"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:,.1f} GiB"
+
+
+# Output --------------------------------------------------------------------------------------
+
+BAR_WIDTH = 40
+MAX_ROWS = 16
+
+
+def _bars(terms: list[tuple[str, int, str]], capacity: float) -> list[str]:
+    """One line per non-zero term: name, bytes, a bar scaled to `capacity`, the formula."""
+    lines = []
+    for name, n, formula in terms:
+        if not n:
+            continue
+        width = max(1, round(BAR_WIDTH * n / capacity)) if capacity else 1
+        bar = "█" * min(width, BAR_WIDTH) + ("▶" if width > BAR_WIDTH else "")
+        lines.append(f"  {name:<30} {_gb(n):>10}  [cyan]{bar:<{BAR_WIDTH + 1}}[/cyan] [dim]{formula}[/dim]")
+    return lines
+
+
+def render(plan: Plan, name: str, commands: str | None, console: Any) -> None:
+    """`dsl plan`'s report, printed with rich (markup) on `console`."""
+    from rich.markup import escape
+
+    hw, shape = plan.hardware, plan.shape
+    p = console.print
+    count = f"{shape.params / 1e9:.2f} B" if shape.params >= 1e9 else f"{shape.params:,}"
+    p(f"[bold]{escape(name)}[/bold]: {count} parameters ({shape.layers} layers, hidden "
+      f"{shape.hidden}, {shape.heads} heads / {shape.kv_heads} kv, ffn {shape.ffn}, vocab {shape.vocab:,}), "
+      f"seq_len {shape.seq_len}, train_batch {plan.target_batch} ({plan.target_batch * shape.seq_len:,} tokens/step)")
+    p(f"hardware: {escape(hw.describe())} [dim]({escape(hw.topology.source)})[/dim]")
+    p("fixed by the spec: " + (", ".join(f"{k} {str(v).lower() if isinstance(v, bool) else v}"
+                                         for k, v in plan.fixed.items()) or "nothing"))
+    c = plan.choice
+    if c is None:
+        p("\n[bold red]nothing fits.[/bold red]")
+        closest = min(plan.candidates, key=lambda x: x.device_bytes, default=None)
+        if closest is not None:
+            p(f"closest: {closest.label()}: {escape(closest.why_not or '')}")
+        p("what would fit:")
+        for s in plan.suggestions:
+            p(f"  • {escape(s)}")
+    else:
+        p(f"\n[bold green]choice[/bold green]: [bold]{c.label()}[/bold]")
+        if c.unsupported:
+            launch = plan.launch_choice
+            then = f"dsl launch would use {launch.label()} instead" if launch else "dsl launch would refuse this job"
+            p(f"  [yellow]this version of the engine cannot run it yet ({escape(c.unsupported)}); {then}[/yellow]")
+        p("why:")
+        for r in plan.reasons:
+            p(f"  • {escape(r)}")
+        usable = hw.device_memory_bytes * (1 - SAFETY_MARGIN)
+        where = "device" if hw.accelerator else "CPU rank"
+        p(f"\nmemory per {where}: {_gb(c.device_bytes)} of {_gb(usable)} usable")
+        for line in _bars([(t.name, t.device_bytes, t.formula) for t in c.breakdown.terms if not t.transient],
+                          usable):
+            p(line)
+        if hw.accelerator:
+            host_usable = hw.host_ram_bytes * (1 - SAFETY_MARGIN)
+            per_rank = [(t.name + (" (transient)" if t.transient else ""), hw.ranks_per_host * t.host_bytes,
+                         f"x {hw.ranks_per_host} rank(s): {t.formula}") for t in c.breakdown.terms if t.host_bytes]
+            p(f"host RAM per host: {_gb(c.host_bytes)} at the largest moment, of {_gb(host_usable)} usable")
+            for line in _bars(per_rank, host_usable):
+                p(line)
+            if c.nvme_bytes:
+                p(f"NVMe per host: {_gb(c.nvme_bytes)} of {_gb(hw.nvme_free_bytes)} free")
+        ds = plan.deepspeed_comparison()
+        if ds is not None:
+            names = (memory.PARAMETERS, memory.GRADIENTS, memory.MASTER, memory.OPTIMIZER, memory.OFFLOAD_BUFFERS)
+            states = sum(c.breakdown.term(n).device_bytes for n in names)
+            host = hw.ranks_per_host * sum(c.breakdown.term(n).host_bytes for n in names)
+            p(f"\nDeepSpeed's {ds['function']} for this layout: {_gb(ds['gpu_bytes'])} per GPU, "
+              f"{_gb(ds['cpu_bytes'])} CPU per node; dsl's model states: {_gb(states)} per GPU"
+              + (f", {_gb(host)} host RAM per node" if host else "")
+              + f". [dim]{escape(ds['why_different'])}[/dim]")
+    # A plain fixed-width table (rich's Table costs more time than the whole plan).
+    header = ("stage", "offload", "sp", "ckpt", "micro x accum", "device", "host", "step", "bound by", "fits")
+    rows = []
+    for cand in plan.candidates[:MAX_ROWS]:
+        fits = "yes" if cand.fits else f"no: {cand.why_not or ''}"
+        if cand.fits and cand.unsupported:
+            fits += " (engine: not yet)"
+        rows.append((str(cand.zero_stage), cand.offload + ("+params" if cand.offload_params != "none" else ""),
+                     str(cand.sp), "yes" if cand.activation_checkpointing else "no",
+                     f"{cand.micro_batch} x {cand.grad_accum}", _gb(cand.device_bytes), _gb(cand.host_bytes),
+                     f"{cand.step.total_s:.2f} s", cand.step.dominant, fits, cand is c))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    right = {0, 2, 4, 5, 6, 7}
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                         for i, (cell, w) in enumerate(zip(cells, widths))) + "  " + cells[-1]
+
+    p("\n[bold]candidates[/bold] (fitting first, fastest first)")
+    p(f"[bold]{escape(line(header))}[/bold]")
+    for row in rows:
+        text = escape(line(row[:-1]))
+        p(f"[bold]{text}[/bold]" if row[-1] else text, soft_wrap=True)
+    if len(plan.candidates) > MAX_ROWS:
+        p(f"[dim]... and {len(plan.candidates) - MAX_ROWS} more (dsl plan --json lists all)[/dim]")
+    if plan.notes:
+        p("\nassumptions:")
+        for n in plan.notes:
+            p(f"  • {escape(n)}")
+    if commands:
+        p("\n[bold]commands[/bold] (what dsl launch runs; dsl launch --dry-run):")
+        p(escape(commands), soft_wrap=True)
