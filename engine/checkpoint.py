@@ -29,11 +29,13 @@ briefly holds one full copy of parameters and optimizer states.
 Atomicity: rank 0 writes every file into `.tmp-step-XXXXXX-<id>/`, fsyncs each file and the
 folder, renames the folder to `step-XXXXXX` and fsyncs the parent, then writes `latest` the same
 way (temporary file, fsync, `os.replace`, fsync the parent). A writer killed at any moment leaves
-either the previous state or the new one, plus at most a `.tmp-*` folder that the next save
-removes; `latest` never names a partial folder. Re-saving an existing step renames the old
-folder aside first (`.old-*`), and `resolve()` falls back to it, or to the newest complete
-`step-*` folder, if `latest` names a folder that is missing. `keep=K` deletes all but the newest
-K `step-*` folders after `latest` moved (never the one `latest` names).
+either the previous state or the new one, plus leftovers the next save removes (`.tmp-*`,
+`.del-*`, `.latest-*`): `latest` never names a partial folder, and a `step-*` folder is always
+complete, because folders are renamed out of that name (`.del-*`) before they are deleted.
+Re-saving an existing step renames the old folder aside first (`.old-*`); `resolve()` falls back
+to it, or to the newest `step-*` folder, if `latest` names a folder that is missing. `keep=K`
+deletes all but the newest K `step-*` folders before writing and again after `latest` moved
+(never the one `latest` names), so at most K + 1 exist at any moment.
 
 RNG: rank r restores entry r when the checkpoint has one (same or smaller world size), else
 keeps its own state. With the same ranks and stage, a resumed fp32 run is bit-identical to an
@@ -101,13 +103,30 @@ def _step_folders(root: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def _delete(path: Path, root: Path, token: str) -> None:
+    """Rename `path` out of the `step-*` namespace first, so a kill during the (non-atomic)
+    delete never leaves a half-deleted folder that looks like a checkpoint."""
+    doomed = root / f".del-{path.name}-{token}"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def write_folder(root: Path, name: str, files: dict[str, Any], meta: dict[str, Any], keep: int | None) -> Path:
     """Atomically create `root/name` holding `files` (torch.save) and meta.json; point `latest`
     at it; apply retention. Single writer (rank 0)."""
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    # Leftovers of a writer killed earlier: partial folders, folders being deleted, pointers.
+    for stale in [*root.glob(".tmp-*"), *root.glob(".del-*"), *root.glob(f".{LATEST}-*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     token = uuid.uuid4().hex[:8]
+    # Retention before writing too, so a writer killed before its own clean-up never lets
+    # folders pile up: at most keep + 1 `step-*` folders exist at any moment.
+    current = root / LATEST
+    named = current.read_text(encoding="utf-8").strip() if current.is_file() else None
+    _retain(root, keep, protect={named}, token=token)
     tmp = root / f".tmp-{name}-{token}"
     tmp.mkdir()
     for fname, obj in files.items():
@@ -125,16 +144,20 @@ def write_folder(root: Path, name: str, files: dict[str, Any], meta: dict[str, A
     _write_text(pointer, name + "\n")
     os.replace(pointer, root / LATEST)
     _fsync_dir(root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".old-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if keep is not None:
-        folders = _step_folders(root)
-        for _, path in folders[: max(0, len(folders) - keep)]:
-            if path.name != name:
-                shutil.rmtree(path, ignore_errors=True)
+    for aside in root.glob(".old-*"):  # `latest` names a complete folder now
+        _delete(aside, root, token)
+    _retain(root, keep, protect={name}, token=token)
     return final
+
+
+def _retain(root: Path, keep: int | None, *, protect: set[str | None], token: str) -> None:
+    """Delete all but the newest `keep` `step-*` folders, never one named in `protect`."""
+    if keep is None:
+        return
+    folders = _step_folders(root)
+    for _, path in folders[: max(0, len(folders) - keep)]:
+        if path.name not in protect:
+            _delete(path, root, token)
 
 
 def resolve(directory: str | os.PathLike) -> Path:

@@ -82,7 +82,6 @@ class FlatGroup:
         """Start of this group in full space (set by Layout)."""
         self.shard_offset = 0
         """Start of this rank's partition in shard space (set by Layout)."""
-        self.dtype = self.params[0].dtype
 
 
 class Layout:

@@ -94,7 +94,7 @@ class Stage2(ZeroStage):
     def _staging_for(self, g: FlatGroup) -> torch.Tensor:
         buf = self._staging.get(g.index)
         if buf is None:
-            buf = torch.empty(g.padded, dtype=g.dtype, device=self.params_flat.device)
+            buf = torch.empty(g.padded, dtype=self.params_flat.dtype, device=self.params_flat.device)
             buf[g.numel :].zero_()
             self._staging[g.index] = buf
         return buf
@@ -128,7 +128,7 @@ class Stage2(ZeroStage):
         if divisor > 1:
             staging.div_(divisor)
         if self.world_size > 1:
-            out = torch.empty(g.part_numel, dtype=g.dtype, device=staging.device)
+            out = torch.empty(g.part_numel, dtype=staging.dtype, device=staging.device)
             work = tdist.reduce_scatter_single(out, staging, op=tdist.ReduceOp.SUM, async_op=True)
             self.collectives_launched += 1
         else:

@@ -323,7 +323,7 @@ class Stage3(ZeroStage):
     def _staging_for(self, g: FlatGroup) -> torch.Tensor:
         buf = self._staging.get(g.index)
         if buf is None:
-            buf = torch.empty(g.padded, dtype=g.dtype, device=self.device)
+            buf = torch.empty(g.padded, dtype=self.master.dtype, device=self.device)
             buf[g.numel :].zero_()
             self._staging[g.index] = buf
         return buf
@@ -345,7 +345,7 @@ class Stage3(ZeroStage):
         if divisor > 1:
             staging.div_(divisor)
         if self.world_size > 1:
-            out = torch.empty(g.part_numel, dtype=g.dtype, device=self.device)
+            out = torch.empty(g.part_numel, dtype=staging.dtype, device=self.device)
             work = tdist.reduce_scatter_single(out, staging, op=tdist.ReduceOp.SUM, async_op=True)
             self.collectives_launched += 1
         else:

@@ -24,12 +24,12 @@ import torch.distributed as dist
 
 
 def _model(preset: str):
-    from dsl.engine.model import GPT
+    from dsl.engine.model import Llama
     from dsl.engine.train_config import ModelConfig
 
     torch.manual_seed(0)
     cfg = ModelConfig(preset=preset)
-    return GPT(cfg), cfg
+    return Llama(cfg), cfg
 
 
 def _batches(cfg, micro_batch: int, rank: int, n: int):
@@ -80,8 +80,8 @@ def _fsdp2(model, args):
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if args.precision == "bf16" \
         else MixedPrecisionPolicy()
-    for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)  # fused AdamW does not take DTensors
 
