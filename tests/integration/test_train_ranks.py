@@ -102,18 +102,6 @@ def test_train_batch_that_does_not_match_the_ranks_fails_on_every_rank(tmp_path:
     assert "train_batch (4) != micro_batch (4) x grad_accum (1) x data-parallel size (2) = 8" in proc.stderr
 
 
-def _engine_has_checkpoints() -> bool:
-    from dsl.engine.core import Engine
-
-    return hasattr(Engine, "save_checkpoint") and hasattr(Engine, "load_checkpoint")
-
-
-needs_checkpoints = pytest.mark.skipif(
-    not _engine_has_checkpoints(), reason="Engine.save_checkpoint/load_checkpoint have not landed in engine/core.py yet"
-)
-
-
-@needs_checkpoints
 def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path: Path) -> None:
     whole = tmp_path / "whole"
     _run(_spec(tmp_path, "whole", whole, steps=20, engine="  micro_batch: 4\n"), 2, tmp_path)
@@ -129,7 +117,6 @@ def test_resume_from_checkpoint_continues_like_an_uninterrupted_run(tmp_path: Pa
     assert [resumed[s] for s in range(11, 21)] == [expected[s] for s in range(11, 21)]  # bitwise (fp32, same ranks)
 
 
-@needs_checkpoints
 def test_checkpoint_of_two_ranks_resumes_on_one_rank_with_accumulation(tmp_path: Path) -> None:
     whole = tmp_path / "whole"
     _run(_spec(tmp_path, "whole", whole, steps=16, engine="  micro_batch: 4\n"), 2, tmp_path)
