@@ -133,6 +133,24 @@ class ZeroStage:
         """Gradients are pre-divided by this before the SUM, so the SUM is the mean."""
         return self.world_size * self.grad_accum
 
+    def reduce_scatter_group(self, g: FlatGroup, staging: torch.Tensor, filled: set[int]) -> tuple[torch.Tensor, Any]:
+        """Stages 2-3: launch the reduce-scatter of one group's full gradient staging buffer.
+
+        Slots whose parameter got no gradient in this backward contribute zeros; the buffer is
+        pre-divided so the SUM is the mean. Returns (this rank's partition, async work or None)."""
+        for slot in g.slots:
+            if slot.offset not in filled:
+                staging[slot.offset : slot.offset + slot.numel].zero_()
+        divisor = self.divisor()
+        if divisor > 1:
+            staging.div_(divisor)
+        if self.world_size == 1:
+            return staging, None
+        out = torch.empty(g.part_numel, dtype=staging.dtype, device=staging.device)
+        work = tdist.reduce_scatter_single(out, staging, op=tdist.ReduceOp.SUM, async_op=True)
+        self.collectives_launched += 1
+        return out, work
+
 
 def named_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every trainable parameter, a tied one once, in definition order."""

@@ -337,19 +337,7 @@ class Stage3(ZeroStage):
     def _launch(self, unit: _Unit) -> None:
         g = unit.group
         staging = self._staging_for(g)
-        filled = self._filled.pop(g.index, set())
-        for slot in g.slots:
-            if slot.offset not in filled:
-                staging[slot.offset : slot.offset + slot.numel].zero_()
-        divisor = self.divisor()
-        if divisor > 1:
-            staging.div_(divisor)
-        if self.world_size > 1:
-            out = torch.empty(g.part_numel, dtype=staging.dtype, device=self.device)
-            work = tdist.reduce_scatter_single(out, staging, op=tdist.ReduceOp.SUM, async_op=True)
-            self.collectives_launched += 1
-        else:
-            out, work = staging, None
+        out, work = self.reduce_scatter_group(g, staging, self._filled.pop(g.index, set()))
         self._in_flight.append((work, g, out, staging))
         del self._staging[g.index]
         self._pending[g.index] = len(g.params)
