@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 STEP = ROOT / "tests/bench/engine_step.py"
 
@@ -89,15 +92,13 @@ def main() -> int:
             results.append(result)
     text = table(results)
     print(text)
-    command = "make bench  (python tests/bench/run.py)"
-    doc = (f"# Benchmarks\n\nProduced by `{command}` on {time.strftime('%Y-%m-%d')}: 2 gloo ranks on this "
-           "2-core CPU machine, 1 thread per rank, model preset `bench` (vocab 8192, hidden 256, 4 layers, "
-           f"8 heads, SwiGLU 688, seq 256), micro-batch 8, AdamW, median of {args.steps} steps after "
-           f"{args.warmup} warm-up steps. Peak = the largest rank's peak resident memory.\n"
-           "Differences under ~5% are run-to-run noise here.\n\n## Engine step\n\n" + text + "\n\n"
-           "Raw results:\n\n```\n" + "\n".join(json.dumps(r) for r in results) + "\n```\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(doc)
+    body = ("2 gloo ranks, 1 thread per rank, model preset `bench` (vocab 8192, hidden 256, 4 layers, "
+            f"8 heads, SwiGLU 688, seq 256), micro-batch 8, AdamW, median of {args.steps} steps after "
+            f"{args.warmup} warm-up steps. Peak = the largest rank's peak resident memory. "
+            "Differences under ~5% are run-to-run noise here.\n\n" + text + "\n\nRaw results:\n\n```\n"
+            + "\n".join(json.dumps(r) for r in results) + "\n```\n")
+    write_section("engine", "Engine step: dsl vs DeepSpeed 0.19.8, DDP, FSDP2",
+                  "make bench  (python tests/bench/run.py)", body, Path(args.out))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
