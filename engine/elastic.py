@@ -32,6 +32,25 @@ def _exit_code(exitcode: int) -> int:
     return 128 - exitcode if exitcode < 0 else (exitcode or 1)
 
 
+def _collateral(exitcode: int) -> int:
+    """How likely a failure is the consequence of another rank's, not the cause (0 = least)."""
+    if exitcode < 0:
+        return 2  # killed by a signal: gloo aborts (SIGABRT) or torchrun's SIGTERM after a peer died
+    return 1 if exitcode == 1 else 0  # 1 is what Python exits with when a collective's peer vanished
+
+
+def root_cause(failures: dict) -> int:
+    """The rank whose failure caused the others'.
+
+    torchrun's `get_first_failure` takes the earliest timestamp, but a rank that exits without an
+    error file is stamped to the whole second when the agent notices it, so the failing rank and
+    the peers it takes down (a gloo rank typically aborts with SIGABRT when its peer's socket
+    closes) usually tie, and the lowest rank wins the tie. Within the earliest second we prefer a
+    specific exit code over exit 1 over death by signal, then the lowest rank.
+    """
+    return min(failures, key=lambda r: (int(failures[r].timestamp), _collateral(failures[r].exitcode), r))
+
+
 def _forward_to_ranks(signum: int, _frame: object) -> None:
     import psutil
 
@@ -57,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        rank, first = exc.get_first_failure()
+        rank = root_cause(exc.failures)
+        first = exc.failures[rank]
         report = {
             "event": "failed",
             "rank": rank,
