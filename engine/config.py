@@ -16,9 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StrictModel(BaseModel):
-    """Base of every spec model: unknown keys are errors, docstrings become descriptions."""
+    """Base of every spec model: unknown keys are errors; the docstring under a field is its
+    description (read lazily by engine/fielddocs.py for `dsl schema` and error hints)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class OptimizerConfig(StrictModel):

@@ -208,8 +208,11 @@ def _field_hint(root: type[BaseModel], loc: tuple[Any, ...]) -> str:
     parent = _model_at(root, loc[:-1])
     if parent is None:
         return ""
+    from dsl.engine.fielddocs import field_doc
+
     info = parent.model_fields.get(str(loc[-1]))
-    return f" ({info.description.splitlines()[0]})" if info and info.description else ""
+    doc = (info.description if info else None) or field_doc(parent, str(loc[-1]))
+    return f" ({doc.splitlines()[0]})" if doc else ""
 
 
 def _dotted(path: Path_) -> str:

@@ -312,4 +312,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def json_schema() -> dict[str, Any]:
-    return Spec.model_json_schema()
+    from dsl.engine.fielddocs import describe_schema
+
+    return describe_schema(Spec.model_json_schema(), Spec)
