@@ -78,6 +78,15 @@ class LossScaleConfig(StrictModel):
     """A fixed loss scale instead of a dynamic one."""
 
 
+class TiledConfig(StrictModel):
+    """Run a computation over chunks of tokens, recomputing each chunk in backward (engine/long/)."""
+
+    enabled: bool = False
+    """Tile this computation."""
+    chunk_tokens: int = Field(4096, ge=1)
+    """Tokens (micro_batch x sequence positions of this rank) per chunk."""
+
+
 class EngineConfig(StrictModel):
     """How the engine trains: parallelism, precision, optimizer and batch (`engine:` in the spec)."""
 
@@ -110,7 +119,20 @@ class EngineConfig(StrictModel):
     activation_checkpointing: bool | Literal["auto"] = False
     """Recompute each layer's activations in backward instead of keeping them."""
     sequence_parallel: int | Literal["auto"] = 1
-    """Ulysses sequence-parallel degree (ranks that split one sequence)."""
+    """Ulysses sequence-parallel degree: ranks that split one sequence (each holds seq_len / sp
+    tokens; attention all-to-alls to heads / sp full-sequence heads). Must divide the world, the
+    query heads and seq_len, and divide or be a multiple of the kv heads; `auto` lets the planner
+    choose. ZeRO shards over all ranks (data-parallel x sequence-parallel)."""
+    tiled_loss: TiledConfig = TiledConfig()
+    """Cross entropy over chunks of chunk_tokens tokens, recomputed per chunk in backward: never
+    materialises the full tokens x vocab logits (the `logits` memory term shrinks to one chunk)."""
+    tiled_mlp: TiledConfig = TiledConfig()
+    """The SwiGLU MLP over chunks of chunk_tokens tokens, recomputed per chunk in backward: its
+    tokens x ffn_size intermediates exist for one chunk at a time."""
+    activation_offload: bool = False
+    """With activation_checkpointing, keep each layer's checkpointed input in host memory instead
+    of on the device (copied out during forward and back before the layer is recomputed,
+    overlapped with compute on CUDA). Needs activation_checkpointing: true (or auto)."""
     bucket_mib: float = Field(25.0, gt=0)
     """Size of a gradient communication bucket in MiB."""
     deepspeed_config: str | None = None
@@ -141,8 +163,9 @@ def unsupported_reason(engine: EngineConfig) -> str | None:
         return "offload.optimizer: nvme needs offload.nvme_path (a folder on a fast local disk)"
     if engine.offload.params != "none":
         return "offload.params: cpu (stage-3 parameter offload) is not implemented yet; use params: none"
-    if engine.sequence_parallel not in (1, "auto"):
-        return "sequence_parallel > 1 (Ulysses) is not implemented yet"
+    if engine.activation_offload and engine.activation_checkpointing is False:
+        return ("activation_offload moves activation checkpoints to host memory; it needs "
+                "activation_checkpointing: true")
     if engine.deepspeed_config is not None:
         return "deepspeed_config is not supported yet; write the engine settings in the spec"
     return None

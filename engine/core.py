@@ -64,6 +64,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from dsl.engine import checkpoint, dist, precision
 from dsl.engine.config import EngineConfig, unsupported_reason
 from dsl.engine.errors import UserError
+from dsl.engine.long import setup as long_setup
 from dsl.engine.offload import build_states
 from dsl.engine.optim import Hyper
 from dsl.engine.zero import build_stage
@@ -164,6 +165,9 @@ class Engine:
                 for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
                     if not (isinstance(t, nn.Parameter) and t.requires_grad):
                         tdist.broadcast(t.data, src=0)
+        # Long context (engine/long/): SP/DP groups (collective), tiled loss/MLP, checkpoint offload.
+        self.groups = long_setup.apply(self.module, config, world_size=self.world_size, rank=self.rank)
+        """This rank's place in the dp x sp grid; ZeRO below shards over all dp x sp ranks."""
         self.stage = build_stage(
             stage,
             self.module,
@@ -369,6 +373,8 @@ class Engine:
         - total_bytes: the sum of the four above (device memory for model state + activations).
         - offload_cpu_bytes: CPU memory of offloaded master weights, states and buffers.
         - offload_nvme_bytes: bytes in NVMe offload files.
+        Activation checkpoints moved to host memory (engine.activation_offload) are not in
+        activations_bytes; `module.activation_offload.offloaded_bytes` has them.
         Module buffers are not counted.
         """
         mem = self.stage.memory()

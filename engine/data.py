@@ -29,7 +29,16 @@ same samples: 2 ranks x micro 4 and 1 rank x grad_accum 2 x micro 4 read samples
 with another global batch (`resume_step`, `resume_sample`).
 
 `batch(step, micro_step) -> (tokens[micro_batch, seq_len], targets[micro_batch, seq_len])`, both
-int64 on `device`, `targets[:, i] == tokens[:, i + 1]`. Positions outside the layout (a rank >=
+int64 on `device`, `targets[:, i] == tokens[:, i + 1]`.
+
+Sequence parallelism (`sp_size` > 1, Ulysses): the sp ranks of one group share a data-parallel
+rank, so they read the same samples; each then keeps its contiguous slice of seq_len / sp
+positions, `[sp_rank * seq_len / sp, (sp_rank + 1) * seq_len / sp)`, of both tokens and targets.
+The shift happens before the split: the sequence is read as seq_len + 1 tokens, targets are
+tokens shifted by one over the whole sequence, and only then both are cut, so the last target of
+shard r is the first token of shard r + 1 (no position loses its target at a shard boundary).
+`positions` is the shard's [seq_len / sp] int64 RoPE positions. Every run cuts at the same
+positions: the slice depends on sp_rank and sp_size only. Positions outside the layout (a rank >=
 dp_size, a micro-step >= grad_accum) are not refused: they address the samples of other slots,
 which is what a single-process test that emulates several ranks wants. The trainer only asks for
 positions inside its layout.
@@ -98,13 +107,19 @@ class TokenBatches:
         resume_step: int = 0,
         resume_sample: int = 0,
         device: torch.device | str = "cpu",
+        sp_rank: int = 0,
+        sp_size: int = 1,
     ) -> None:
         for name, value, low in (("seq_len", seq_len, 1), ("micro_batch", micro_batch, 1),
                                  ("dp_size", dp_size, 1), ("grad_accum", grad_accum, 1),
                                  ("rank", rank, 0), ("resume_step", resume_step, 0),
-                                 ("resume_sample", resume_sample, 0)):  # fmt: skip
+                                 ("resume_sample", resume_sample, 0), ("sp_size", sp_size, 1),
+                                 ("sp_rank", sp_rank, 0)):  # fmt: skip
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
+        if sp_rank >= sp_size or seq_len % sp_size:
+            raise ValueError(f"sequence shard {sp_rank} of {sp_size}: sp_size must divide seq_len "
+                             f"({seq_len}) and sp_rank lie in [0, sp_size)")
         self.seq_len = seq_len
         self.micro_batch = micro_batch
         self.rank = rank
@@ -116,6 +131,13 @@ class TokenBatches:
         self.resume_sample = resume_sample
         """Global samples consumed by the first `resume_step` steps."""
         self.device = torch.device(device)
+        self.sp_rank = sp_rank
+        """This rank's sequence shard."""
+        self.sp_size = sp_size
+        """Ranks one sequence is split over."""
+        shard = seq_len // sp_size
+        self.positions = torch.arange(sp_rank * shard, (sp_rank + 1) * shard, device=self.device)
+        """[seq_len / sp_size] int64: positions of this rank's shard (RoPE's `positions`)."""
 
     @property
     def global_batch(self) -> int:
@@ -139,7 +161,11 @@ class TokenBatches:
 
     def batch(self, step: int, micro_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         seq = self.sequences(self.first_sample(step, micro_step), self.micro_batch).to(self.device)
-        return seq[:, :-1], seq[:, 1:]
+        tokens, targets = seq[:, :-1], seq[:, 1:]  # shifted over the whole sequence, then cut
+        if self.sp_size == 1:
+            return tokens, targets
+        shard = slice(int(self.positions[0]), int(self.positions[-1]) + 1)
+        return tokens[:, shard].contiguous(), targets[:, shard].contiguous()
 
 
 class SyntheticData(TokenBatches):

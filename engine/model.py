@@ -36,10 +36,23 @@ backward keeps only each layer's input [B, T, hidden] (plus the shared RoPE tabl
 recomputes the layer's internals (attention, the 3 x ffn_size-wide MLP activations) when its
 gradient is needed: about one extra forward of the layers per step, for a fraction of the
 activation memory. Losses and gradients are bitwise those of the plain forward.
+
+Long-context switches (engine/long/; the engine sets them from its config, `long.setup.apply`):
+- `Attention.sequence_group`: a process group of sp ranks (Ulysses). Each rank then holds T/sp
+  tokens of every sequence (pass their `positions`, so RoPE rotates by the true positions), and
+  attention all-to-alls to full-sequence head shards and back (engine/long/ulysses.py).
+- `SwiGLU.chunk_tokens`: run the MLP over token chunks, recomputed per chunk in backward
+  (engine/long/tiled_mlp.py).
+- `Llama.loss_chunk_tokens`: the loss over token chunks, never holding the full
+  [tokens, vocab] logits (engine/long/tiled_loss.py).
+- `Llama.activation_offload`: with activation checkpointing, each layer's saved input lives in
+  host memory (engine/long/act_offload.py).
+Every switch keeps losses and gradients equal to the plain path (up to summation order).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -47,6 +60,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dsl.engine.long.tiled_loss import tiled_cross_entropy
+from dsl.engine.long.tiled_mlp import tiled_swiglu
+from dsl.engine.long.ulysses import ulysses_attention
 from dsl.engine.train_config import ModelConfig
 
 __all__ = ["Llama", "GPT", "RMSNorm", "Attention", "SwiGLU", "DecoderLayer", "rope_tables", "apply_rope"]
@@ -118,6 +134,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+        self.sequence_group: object | None = None
+        """Ulysses: the sequence-parallel process group x's tokens are split over (None: no split)."""
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -126,6 +144,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.sequence_group is not None:
+            return self.o_proj(ulysses_attention(q, k, v, self.sequence_group))
         if self.kv_heads == self.heads:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif _SDPA_HAS_GQA:
@@ -145,8 +165,13 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden, ffn_size, bias=False)
         self.up_proj = nn.Linear(hidden, ffn_size, bias=False)
         self.down_proj = nn.Linear(ffn_size, hidden, bias=False)
+        self.chunk_tokens: int | None = None
+        """Tiled MLP: tokens per chunk (None: one pass over all tokens)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chunk_tokens is not None:
+            return tiled_swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
+                                self.chunk_tokens)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -171,7 +196,8 @@ class Llama(nn.Module):
     `forward(tokens, targets=None, *, positions=None)`:
     - tokens: [B, T] int64 token ids, T <= seq_len.
     - targets: [B, T] int64 next-token ids, or None.
-    - positions: [T] or [B, T] int64 RoPE positions; default 0..T-1.
+    - positions: [T] or [B, T] int64 RoPE positions; default 0..T-1. A sequence-parallel rank
+      passes its shard's positions (engine/data.py `TokenBatches.positions`).
     Returns logits [B, T, vocab_size] (fp32; bf16 under bf16 autocast) without targets, else the
     mean cross entropy over all B*T positions (a 0-dim fp32 tensor, also under autocast).
     """
@@ -181,6 +207,10 @@ class Llama(nn.Module):
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
         """Recompute each decoder layer in backward instead of keeping its activations."""
+        self.loss_chunk_tokens: int | None = None
+        """Tiled loss: tokens per chunk of the cross entropy (None: the full logits at once)."""
+        self.activation_offload: object | None = None
+        """An engine.long.act_offload.ActivationOffload: checkpointed inputs live in host memory."""
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -216,13 +246,21 @@ class Llama(nn.Module):
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.embed_tokens(tokens)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        offload = self.activation_offload if recompute else None
+        if offload is not None:
+            offload.begin_forward()
         for layer in self.layers:
             if recompute:
                 # preserve_rng_state=False: a layer draws no random numbers (no dropout), so
                 # stashing the RNG state per layer would be wasted work. Adding dropout needs it.
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False, preserve_rng_state=False)
+                with offload.hooks() if offload is not None else contextlib.nullcontext():
+                    x = checkpoint(layer, x, cos, sin, use_reentrant=False, preserve_rng_state=False)
             else:
                 x = layer(x, cos, sin)
+        if targets is not None and self.loss_chunk_tokens is not None:
+            hidden = self.norm(x)
+            return tiled_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                       self.loss_chunk_tokens)
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits

@@ -220,6 +220,8 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
         resume_step=start_step,
         resume_sample=resume_sample,
         device=engine.device,
+        sp_rank=engine.groups.sp_rank,  # an SP group reads the same samples, each rank its slice
+        sp_size=engine.groups.sp,
     )
 
     def global_mean(value: torch.Tensor) -> float:
@@ -235,7 +237,8 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
         spec.output_dir.mkdir(parents=True, exist_ok=True)
         metrics = (spec.output_dir / "metrics.jsonl").open("a")
         print(
-            f"{PROG}: {ctx.world_size} rank(s) (data-parallel {dp}), backend "
+            f"{PROG}: {ctx.world_size} rank(s) (data-parallel {dp}"
+            + (f", sequence-parallel {sp}" if sp > 1 else "") + "), backend "
             f"{ctx.backend or 'none'}, device {engine.device}, {model.num_params():,} params, "
             f"zero {ecfg.zero_stage}, {ecfg.precision}, {tokens_per_step:,} tokens/step, "
             f"{tcfg.data.kind} data"
@@ -260,7 +263,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
             loss_sum = torch.zeros((), device=engine.device)
             for micro_step in range(ecfg.grad_accum):
                 tokens, targets = data.batch(step, micro_step)
-                loss = engine(tokens, targets)
+                loss = engine(tokens, targets, positions=data.positions)
                 loss.backward()
                 loss_sum += loss.detach()
             engine.step()

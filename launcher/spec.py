@@ -279,7 +279,23 @@ def load_spec(path: str | os.PathLike[str]) -> SpecFile:
                         f"got {type(data).__name__ if data is not None else 'an empty file'}")
     data = _with_deepspeed_config(data, path, locations)
     spec = validate_located(Spec, data, locations)
+    _check_sequence_parallel(spec, locations)
     return SpecFile(spec, path, locations)
+
+
+def _check_sequence_parallel(spec: Spec, locations: Locations) -> None:
+    """A sequence-parallel degree the model cannot be split by (heads, kv heads, seq_len) is an
+    error of the spec itself; whether it fits the hosts is the planner's to say."""
+    from dsl.engine.long.degrees import sp_reason
+
+    sp = spec.engine.sequence_parallel
+    if spec.run.train is None or sp == "auto":
+        return
+    m = spec.run.train.model
+    reason = sp_reason(sp, heads=m.num_attention_heads, kv_heads=m.kv_heads, seq_len=m.seq_len)
+    if reason is not None:
+        field = ("engine", "sequence_parallel")
+        raise UserError(f"{locations.where(field)} {dotted(field)}: {reason}")
 
 
 def _with_deepspeed_config(data: dict[str, Any], path: Path, locations: Locations) -> dict[str, Any]:

@@ -193,7 +193,7 @@ def test_schedule_sets_the_lr_of_each_step() -> None:
         ({"low_precision_states": True}, "precision: fp32"),
         ({"offload": {"optimizer": "nvme"}}, "nvme_path"),
         ({"zero_stage": 3, "offload": {"params": "cpu"}}, "offload.params"),
-        ({"sequence_parallel": 2}, "sequence_parallel"),
+        ({"activation_offload": True}, "activation_checkpointing: true"),
     ],
 )
 def test_unsupported_configs_raise_user_error_with_the_reason(engine_cfg: dict[str, Any], words: str) -> None:

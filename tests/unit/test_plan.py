@@ -85,8 +85,8 @@ def test_secret_without_value_is_an_error(write):
 
 
 def test_unsupported_engine_is_refused_at_plan_time(write):
-    with pytest.raises(UserError, match=r"s.yaml:4:3 engine: sequence_parallel > 1 \(Ulysses\) is not implemented"):
-        prepare(write("s.yaml", "name: t\nrun: {train: {}}\nengine:\n  sequence_parallel: 2\n"), reserve=False)
+    with pytest.raises(UserError, match=r"s.yaml:4:3 engine: activation_offload .* needs activation_checkpointing"):
+        prepare(write("s.yaml", "name: t\nrun: {train: {}}\nengine:\n  activation_offload: true\n"), reserve=False)
 
 
 def test_missing_script_and_hostfile_errors_are_located(write):
