@@ -248,6 +248,9 @@ def plan_cmd(
 
 @app.command()
 def probe(
+    spec: Optional[Path] = typer.Argument(None, help="Probe every host of this spec over its backend "
+                                                     "(ssh, mpi, Slurm inside an allocation) instead "
+                                                     "of this host.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the topology as JSON."),
     record: Optional[Path] = typer.Option(None, "--record",
                                           help="Write the raw NVML answers and host facts to FILE "
@@ -260,13 +263,32 @@ def probe(
                                                      "in DIR."),
     list_fixtures: bool = typer.Option(False, "--list", help="List the recorded machines shipped with dsl."),
 ) -> None:
-    """Show this host: GPUs (NVML), their links, CPU, RAM, NUMA, NVMe, network. Nothing is
-    initialised on the GPUs (no CUDA context); NVMe is measured only with --measure-nvme."""
+    """Show this host (or every host of SPEC): GPUs (NVML), their links, CPU, RAM, NUMA, NVMe,
+    network. Nothing is initialised on the GPUs (no CUDA context); NVMe is measured only with
+    --measure-nvme."""
     import json
 
     from dsl.engine.errors import UserError
     from dsl.topology import probe as probelib
 
+    if spec is not None:
+        if record is not None or measure_nvme is not None or topology is not None or list_fixtures:
+            raise UserError("dsl probe SPEC probes the spec's hosts; --record, --measure-nvme, "
+                            "--topology and --list apply to this host only")
+        from dsl.launcher.launch import probe_spec_hosts
+
+        probed = probe_spec_hosts(spec)
+        if as_json:
+            print(json.dumps({"hosts": {h: t.to_json() for h, t in probed.items()}}, indent=1))
+            return
+        from rich.console import Console
+
+        from dsl.topology.show import render
+
+        console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+        for topo in probed.values():
+            render(topo, console)
+        return
     if list_fixtures:
         for name in probelib.fixture_names():
             topo = probelib.load_topology(name)

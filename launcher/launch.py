@@ -110,6 +110,51 @@ def _env_values(spec_file: SpecFile) -> dict[str, str]:
     return values
 
 
+def _render_inputs(spec_file: SpecFile, pin: bool, reserve: bool) -> tuple[RenderInputs, PortReservation | None]:
+    """What render needs from this machine: env values, interpreter, and the master port (held
+    until the ranks start when `reserve`)."""
+    spec = spec_file.spec
+    port: PortReservation | None = None
+    master_port = spec.resources.master_port
+    if spec.resources.backend == "slurm":
+        pass  # decided on the nodes: the spec's port, or one derived from the job id
+    elif master_port == "auto":
+        port = reserve_port()
+        master_port = port.port
+        if not reserve:
+            port.release()
+            port = None
+    elif reserve and spec.resources.backend == "local":
+        try:
+            port = hold_port(master_port)
+        except UserError as exc:
+            raise UserError(f"{spec_file.where('resources', 'master_port')}: {exc}") from None
+    inputs = RenderInputs(
+        python=sys.executable,
+        cwd=os.getcwd(),
+        master_port=master_port,
+        env_values=_env_values(spec_file),
+        set_visible_devices=pin,
+        in_slurm_allocation=in_slurm_allocation(),
+        is_root=hasattr(os, "geteuid") and os.geteuid() == 0,
+    )
+    return inputs, port
+
+
+def probe_spec_hosts(spec_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """`dsl probe SPEC`: every host of the spec, probed over its backend -> {host: HostTopology}."""
+    from dsl.launcher import remote_probe
+
+    spec_file = load_spec(spec_path)
+    if spec_file.spec.resources.backend == "slurm" and not in_slurm_allocation():
+        raise UserError(f"{spec_file.where('resources', 'backend')}: Slurm has not allocated the hosts "
+                        "yet; run `dsl probe SPEC` inside an allocation (salloc), or probe a node "
+                        "with `srun -N1 dsl probe`")
+    hosts, pin = resolve_spec_hosts(spec_file)
+    inputs, _ = _render_inputs(spec_file, pin, reserve=False)
+    return remote_probe.probe_hosts(render(spec_file, hosts, inputs))
+
+
 def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
             backend: str | None = None, topology: str | None = None,
             refuse_unfit: bool = True) -> Prepared:
@@ -136,34 +181,25 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
     from dsl.launcher import planner
 
     hosts, pin = planner.recorded_hosts(spec_file, topology) or resolve_spec_hosts(spec_file)
+    inputs, port = _render_inputs(spec_file, pin, reserve)
+    backend = spec.resources.backend
+    dry_run = not reserve and refuse_unfit
+
+    def probe_remote():
+        """The weakest host's topology, probed over the backend (None: hosts not allocated yet).
+        A dry run reaches remote hosts only when `auto` fields need their hardware."""
+        if backend == "slurm" and not inputs.in_slurm_allocation:
+            return None
+        from dsl.launcher import remote_probe
+
+        probed = remote_probe.probe_hosts(render(spec_file, hosts, inputs))
+        name, topo = remote_probe.weakest(probed)
+        log.info("planner: planning for %s, the weakest of %d probed host(s)", name, len(probed))
+        return topo
+
     spec_file, hosts, pin, memory_plan = planner.resolve(
-        spec_file, hosts, pin, topology=topology, refuse=refuse_unfit, runnable=unsupported_reason)
-    spec = spec_file.spec
-    env_values = _env_values(spec_file)
-    port: PortReservation | None = None
-    master_port = spec.resources.master_port
-    if spec.resources.backend == "slurm":
-        pass  # decided on the nodes: the spec's port, or one derived from the job id
-    elif master_port == "auto":
-        port = reserve_port()
-        master_port = port.port
-        if not reserve:
-            port.release()
-            port = None
-    elif reserve and spec.resources.backend == "local":
-        try:
-            port = hold_port(master_port)
-        except UserError as exc:
-            raise UserError(f"{spec_file.where('resources', 'master_port')}: {exc}") from None
-    inputs = RenderInputs(
-        python=sys.executable,
-        cwd=os.getcwd(),
-        master_port=master_port,
-        env_values=env_values,
-        set_visible_devices=pin,
-        in_slurm_allocation=in_slurm_allocation(),
-        is_root=hasattr(os, "geteuid") and os.geteuid() == 0,
-    )
+        spec_file, hosts, pin, topology=topology, refuse=refuse_unfit, runnable=unsupported_reason,
+        probe=probe_remote, probe_only_for_auto=dry_run)
     return Prepared(spec_file, render(spec_file, hosts, inputs), port, memory_plan)
 
 

@@ -859,14 +859,16 @@ def recorded_hosts(spec_file: "SpecFile", topology: str | None = None) -> "tuple
 
 def resolve(spec_file: "SpecFile", hosts: "list[Host]", pin: bool, *, topology: str | None = None,
             refuse: bool = True, runnable: Callable[[EngineConfig], str | None] | None = None,
+            probe: "Callable[[], HostTopology | None] | None" = None, probe_only_for_auto: bool = False,
             ) -> "tuple[SpecFile, list[Host], bool, Plan | None]":
     """Fill the spec's `auto` engine fields (and refuse what does not fit) before anything starts.
 
     Returns the spec with concrete engine fields, the hosts and whether to pin
     CUDA_VISIBLE_DEVICES (unchanged: see `recorded_hosts`), and the plan (None when there is
-    nothing to plan: a script or module, or remote hosts without a recorded topology and no
-    auto field). Remote hosts are not probed yet (a probe over ssh/srun is future work): a
-    recorded topology stands for every host.
+    nothing to plan: a script or module, or Slurm hosts not allocated yet and no auto field).
+    A recorded topology (resources.topology, --topology) stands for every host; otherwise the
+    local host is probed, and remote hosts by `probe` (launcher/remote_probe.py: every host over
+    the backend, the weakest one), which returns None when the hosts are not known yet (sbatch).
     """
     spec = spec_file.spec
     if spec.run.train is None:
@@ -880,10 +882,14 @@ def resolve(spec_file: "SpecFile", hosts: "list[Host]", pin: bool, *, topology: 
             from dsl.topology.probe import probe_local
 
             topo, _ = probe_local()
+        elif probe is not None and (auto or not probe_only_for_auto) and (
+                topo := _probe_remote(probe, required=auto or not refuse)) is not None:
+            pass
         elif auto or not refuse:
-            raise UserError(f"{spec_file.where('resources')}: backend {res.backend}'s hosts are not probed yet; "
-                            "set resources.topology to a recorded machine (dsl probe --list, or "
-                            "`dsl probe --record FILE` on one host) so the planner can fill the auto fields")
+            raise UserError(f"{spec_file.where('resources')}: backend {res.backend}'s hosts are not known "
+                            "before Slurm allocates them; set resources.topology to a recorded machine "
+                            "(dsl probe --list, or `dsl probe --record FILE` on one node) so the planner "
+                            "can fill the auto fields, or run inside an allocation (salloc)")
         else:
             log.debug("hosts of backend %s not probed: memory not checked", res.backend)
             return spec_file, hosts, pin, None
@@ -905,6 +911,18 @@ def resolve(spec_file: "SpecFile", hosts: "list[Host]", pin: bool, *, topology: 
             log.info("planner: engine.%s %s -> %s", name, old, new)
     new_spec = spec.model_copy(update={"engine": engine})
     return dataclasses.replace(spec_file, spec=new_spec), hosts, pin, plan
+
+
+def _probe_remote(probe: "Callable[[], HostTopology | None]", required: bool) -> HostTopology | None:
+    """The probed topology; when only a memory check needs it (nothing auto), a host that cannot
+    be probed is left to preflight, which names it with the fix."""
+    try:
+        return probe()
+    except UserError as exc:
+        if required:
+            raise
+        log.info("memory not checked: %s", exc)
+        return None
 
 
 def refusal(spec_file: "SpecFile", plan: Plan) -> str:

@@ -134,3 +134,15 @@ def with_disk_measurement(recording: dict[str, Any], folder: os.PathLike[str] | 
     host["nvme"] = disks
     recording = {**recording, "host": host}
     return assemble(host, recording["nvml"], "probe"), recording
+
+
+def main() -> int:
+    """`python -m dsl.topology.probe`: this host's recording as one JSON line on stdout (what
+    `dsl probe SPEC` and the planner run on every remote host; stdlib + psutil + pynvml only)."""
+    _, recording = probe_local()
+    print(json.dumps(recording))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -117,3 +117,21 @@ def test_inside_an_allocation_srun_runs_directly(cluster, tmp_path):
     assert "submitted Slurm job" not in proc.stderr  # no batch job: srun in the allocation
     hosts = dict(re.findall(r"^\[(node\d):(\d)\] ENV", proc.stdout, re.M))
     assert hosts == {"node1": "0", "node2": "1"}
+
+
+def test_probe_inside_an_allocation_runs_on_each_node(cluster, tmp_path):
+    import json
+    import sys
+
+    spec = _spec(tmp_path, _script(), procs=1)
+    argv = cluster.on_head(["salloc", "-N", "2", "--time=5", sys.executable, "-m", "dsl.launcher",
+                            "probe", spec, "--json"])
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **cluster.env()})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hosts = json.loads(proc.stdout[proc.stdout.index("{"):])["hosts"]
+    assert {name: topo["hostname"] for name, topo in hosts.items()} == {"node1": "node1", "node2": "node2"}
+    # Outside an allocation the hosts are not known yet: one clear error.
+    outside = subprocess.run(cluster.on_head([sys.executable, "-m", "dsl.launcher", "probe", spec]),
+                             capture_output=True, text=True, timeout=60, env={**os.environ, **cluster.env()})
+    assert outside.returncode == 2 and "inside an allocation" in outside.stderr

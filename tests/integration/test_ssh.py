@@ -134,3 +134,28 @@ def test_unknown_host_key_is_refused(cluster, tmp_path):
     proc = run_dsl_on_head(cluster, "preflight", str(spec), timeout=60)
     assert proc.returncode == 2
     assert "node1: reachable: node1: host key unknown" in proc.stderr
+
+
+def test_probe_and_plan_reach_every_host_over_ssh(cluster, tmp_path):
+    spec = write_spec(cluster, tmp_path, "ssh", "  train: {steps: 5}",
+                      extra="engine: {zero_stage: auto, offload: {optimizer: auto}}\n")
+    proc = run_dsl_on_head(cluster, "probe", str(spec), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hosts = json.loads(proc.stdout)["hosts"]
+    # Each host answered from its own namespace (its own hostname), not the head's.
+    assert {name: topo["hostname"] for name, topo in hosts.items()} == {"node1": "node1", "node2": "node2"}
+    assert all(topo["source"] == f"probe of {name}" for name, topo in hosts.items())
+    plan = run_dsl_on_head(cluster, "plan", str(spec), "--json")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    data = json.loads(plan.stdout)
+    assert data["choice"]["zero_stage"] in (0, 1, 2, 3) and data["choice"]["fits"]
+    assert "probe of node" in plan.stdout
+    # No rank ran anywhere: only the probes.
+    assert job_processes(cluster, str(tmp_path)) == {h: [] for h in cluster.hosts}
+
+
+def test_probe_names_a_host_that_cannot_be_reached(cluster, tmp_path):
+    spec = write_spec(cluster, tmp_path, "ssh", "  train: {steps: 5}", hosts=("node1", "node-missing"))
+    proc = run_dsl_on_head(cluster, "probe", str(spec))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot probe every host" in proc.stderr and "node-missing" in proc.stderr

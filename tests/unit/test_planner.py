@@ -195,7 +195,7 @@ engine: {precision: bf16, train_batch: 64, zero_stage: 0}
     assert not (tmp_path / "runs").exists()
 
 
-def test_remote_hosts_without_a_topology_cannot_fill_auto_fields(write):
+def test_remote_hosts_are_probed_for_auto_fields_and_an_unreachable_one_is_named(write):
     from dsl.launcher.launch import prepare
 
     write("hostfile", "worker-0 slots=2\n")
@@ -205,9 +205,10 @@ run: {train: {}}
 resources: {backend: ssh, hostfile: hostfile}
 engine: {zero_stage: auto}
 """)
-    with pytest.raises(UserError, match="set resources.topology to a recorded machine"):
+    with pytest.raises(UserError, match="cannot probe every host") as err:
         prepare(spec, reserve=False)
-    # Nothing auto: launches as before, without a memory check.
+    assert "worker-0" in str(err.value)
+    # Nothing auto: a dry run does not reach the hosts (no memory check).
     fixed = write("ssh-fixed.yaml", "name: remote\nrun: {train: {}}\nresources: {backend: ssh, hostfile: hostfile}\n")
     assert prepare(fixed, reserve=False).memory is None
 
