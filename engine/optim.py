@@ -3,9 +3,15 @@
 The engine keeps parameters, gradients and optimizer states in flat buffers (zero/layout.py) and
 updates lists of same-shaped pieces (`Segment`s of this rank's partition) with `update()`:
 
-- AdamW, fp32 (or any dtype but bf16 states): torch's fused kernel (`torch.optim.adamw.adamw`
-  with `fused=True`; FACTS.md: memory-bandwidth bound on CPU), called once for the pieces that
-  decay and once for those that do not, so the math is exactly `torch.optim.AdamW`'s.
+- AdamW, fp32 parameters and states: dsl's fused Adam (`dsl.ops.adam`, one pass per piece; the
+  C++ kernel on CPU tensors, which is also the CPU-offload path, Triton on CUDA tensors). Its
+  per-element math is reference.py's; against `torch.optim.AdamW` it differs by a few fp32 ulp
+  per step (torch divides by sqrt(bias correction) and lerps exp_avg): tests hold it to rtol
+  1e-6 over several steps. The overflow decision is the engine's (core.py all-reduces it before
+  any rank updates), so the op runs with `check_finite=False`. When the C++ kernel cannot be
+  built, `dsl.ops.adam` warns once and runs its reference (the same numbers, slower); on CUDA
+  without triton, or for other dtypes, torch's fused kernel (`torch.optim.adamw.adamw` with
+  `fused=True`) runs instead, once for the pieces that decay and once for those that do not.
 - SGD: `buf = grad` on the first step, then `buf = momentum * buf + grad`; `p -= lr * buf`
   (torch.optim.SGD without dampening/nesterov).
 - Weight decay is decoupled for both (`p *= 1 - lr * weight_decay` before the update), applied to
@@ -29,10 +35,13 @@ be exact but needs a second bf16 buffer per parameter, which gives back half of 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch.optim import adamw as _adamw
+
+from dsl.ops.adam import adam_step_coef, coefficients
 
 __all__ = ["Hyper", "STATE_NAMES", "update", "update_reference", "stochastic_round_bf16"]
 
@@ -77,7 +86,12 @@ def update(
         wd = hyper.weight_decay if want else 0.0
         ps = [params[i] for i in idx]
         gs = [grads[i] for i in idx]
-        if hyper.kind == "adamw":
+        if hyper.kind == "adamw" and _fusable(ps, gs, [states[k][i] for k in STATE_NAMES["adamw"] for i in idx]):
+            b1, b2 = hyper.betas
+            coef = coefficients(step=step, lr=lr, beta1=b1, beta2=b2, eps=hyper.eps, weight_decay=wd, decoupled=True)
+            for p, g, i in zip(ps, gs, idx):
+                adam_step_coef(p, g, states["exp_avg"][i], states["exp_avg_sq"][i], coef, check_finite=False)
+        elif hyper.kind == "adamw":
             # A fresh step tensor per piece: the kernel increments each one it is given.
             steps = [torch.tensor(float(step - 1), dtype=torch.float32) for _ in idx]
             _adamw.adamw(
@@ -94,6 +108,27 @@ def update(
                 else:
                     buf.mul_(hyper.momentum).add_(g)
                 p.add_(buf, alpha=-lr)
+
+
+def _fusable(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[torch.Tensor]) -> bool:
+    """dsl's fused Adam takes fp32 parameters/states, contiguous pieces, CPU or CUDA (with triton)."""
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (*params, *states)):
+        return False
+    if any(g.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not g.is_contiguous() for g in grads):
+        return False
+    device = params[0].device.type
+    if device == "cuda":
+        return _triton_available()
+    return device == "cpu"
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
