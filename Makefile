@@ -38,10 +38,14 @@ test-unit: install
 test-integration: install system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
-# Side-by-side benchmarks (dsl vs DeepSpeed 0.19.8, DDP, FSDP2); writes docs/benchmarks.md.
-bench: install
+# Side-by-side benchmarks; each writes its own section of docs/benchmarks.md:
+# engine step (dsl vs DeepSpeed 0.19.8, DDP, FSDP2), fused optimizer GB/s, 1-bit compressed
+# all-reduce on a 1 Gbit/s link (needs root: test-cluster namespaces + tc), memory model vs
+# measured, long-context sequence lengths. `make bench BENCH=memory` runs one.
+BENCH ?= run optim onebit memory longctx
+bench: install system-deps
 	bash tests/bench/setup_deepspeed.sh
-	$(BIN)/python tests/bench/run.py
+	set -e; for b in $(BENCH); do echo "== tests/bench/$$b.py" >&2; $(BIN)/python tests/bench/$$b.py; done
 
 # The test cluster (host namespaces with sshd, Slurm, OpenMPI); tests start and stop it themselves.
 cluster-up: install system-deps

@@ -1,0 +1,76 @@
+"""Run engine cases on 2 gloo ranks and return each rank's `Engine.state_summary()`.
+
+Shared by the predicted-vs-measured test (tests/unit/test_memory_measured.py) and its benchmark
+(tests/bench/memory.py). Both ranks run in one pair of processes, case after case, so a whole
+comparison costs one torch start-up per rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+WORKER = r"""
+import json, sys, torch
+from dsl.engine import dist, initialize
+from dsl.engine.model import Llama
+from dsl.engine.train_config import ModelConfig
+cases, model = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+ctx = dist.setup()
+cfg = ModelConfig(**model)
+out = []
+for case in cases:
+    torch.manual_seed(0)
+    net = Llama(cfg, activation_checkpointing=case.get("activation_checkpointing") is True)
+    engine = initialize(net, case)
+    g = torch.Generator().manual_seed(ctx.rank)
+    tokens = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g)
+    targets = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g)
+    engine(tokens, targets).backward()
+    engine.step()
+    engine.zero_grad()
+    out.append(engine.state_summary())
+    engine.close()
+print("RESULT " + json.dumps(out), flush=True)
+dist.teardown(ctx)
+"""
+
+TERMS = ("params_bytes", "grads_bytes", "optimizer_states_bytes", "activations_bytes", "offload_cpu_bytes",
+         "offload_nvme_bytes")
+
+
+def measure(cases: list[dict], model: dict, timeout: float = 900) -> list[list[dict]]:
+    """[rank][case] -> state_summary of that case after one training step."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    with tempfile.TemporaryDirectory(prefix="dsl-measure-") as cwd:
+        for rank in range(2):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+            procs.append(subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(cases), json.dumps(model)],
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          cwd=cwd))
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        if proc.returncode != 0 or "RESULT " not in out:
+            raise AssertionError(f"rank exited {proc.returncode}:\n{err[-4000:]}")
+    return [json.loads(out.split("RESULT ", 1)[1]) for out, _ in outputs]
+
+
+def expected(model: dict, case: dict, dp: int = 2) -> dict:
+    from dsl.engine.config import EngineConfig
+    from dsl.engine.memory import expected_state_summary
+    from dsl.engine.train_config import ModelConfig
+
+    return expected_state_summary(ModelConfig(**model), EngineConfig(**case), dp=dp, micro_batch=case["micro_batch"])
+
+
+def case_id(case: dict) -> str:
+    extra = [k for k in ("activation_checkpointing", "offload") if k in case]
+    return f"stage{case['zero_stage']}-{case['precision']}" + "".join(f"-{k}" for k in extra)
