@@ -32,6 +32,13 @@ def _exit_code(exitcode: int) -> int:
     return 128 - exitcode if exitcode < 0 else (exitcode or 1)
 
 
+def set_omp_threads(ranks_on_host: int) -> None:
+    """OMP_NUM_THREADS = usable cores / ranks on this host (at least 1), unless already set."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // max(1, ranks_on_host)))
+
+
 def _collateral(exitcode: int) -> int:
     """How likely a failure is the consequence of another rank's, not the cause (0 = least)."""
     if exitcode < 0:
@@ -70,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     for sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, _forward_to_ranks)
-    if "OMP_NUM_THREADS" not in os.environ and str(args.nproc_per_node).isdigit():
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // int(args.nproc_per_node)))
+    if str(args.nproc_per_node).isdigit():
+        set_omp_threads(int(args.nproc_per_node))
     try:
         run(args)
     except ChildFailedError as exc:

@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.visible_devices:
         env.pop("CUDA_VISIBLE_DEVICES", None)
     os.environ.update(env)
-    if "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // int(env["LOCAL_WORLD_SIZE"])))
+    from dsl.engine.elastic import set_omp_threads
+
+    set_omp_threads(int(env["LOCAL_WORLD_SIZE"]))
     return run_prefixed(program, f"[dsl:{env['RANK']}:{env['LOCAL_RANK']}] ".encode())
 
 
