@@ -60,7 +60,10 @@ residual stream and RMSNorm stay fp32; r = c otherwise):
 Flash attention never materialises the s^2 scores (it saves the output and the logsumexp and
 recomputes scores in backward): this is the difference between the two attention lines.
 Sequence parallelism (Ulysses) divides every term by sp (each rank holds s/sp tokens, or all s
-tokens of a/sp heads inside attention). Activation checkpointing keeps each layer's input
+tokens of a/sp heads inside attention), with two exceptions: the attention output and o_proj's
+input are separate tensors (the head -> seq all-to-all sits between them: + c bsh / sp), and with
+fewer kv heads than sp each rank holds one replicated kv head (k -> max(k, sp) above).
+Activation checkpointing keeps each layer's input
 (r b s h) and recomputes one layer at a time in backward: L r bsh saved, plus one full layer
 while it is rebuilt (the `recomputation peak` term).
 Under autocast every matmul also saves the 16-bit copy of its weight for backward: c x (matmul
@@ -68,7 +71,17 @@ parameters), at every stage (stage 3 gathers fp32 units and autocast casts them)
 keeps only lm_head's (a recomputed layer's come back in the recomputation peak).
 
 Logits: the fp32 log-softmax output of the loss (saved), its gradient and the gradient of the
-logits coexist in backward: 12 b s V / sp bytes (tiled loss would cut this; not yet).
+logits coexist in backward: 12 b s V / sp bytes.
+
+Long-sequence switches (engine/long/, `long_context(engine)` reads them from the config):
+- tiled loss (chunk t_l tokens): no log-softmax output is saved (- 4 b s V / sp) and no 16-bit
+  copy of lm_head's weight or input (the fp32 final-norm output is saved instead); the logits
+  term is one chunk, 12 min(t_l, bs/sp) V;
+- tiled MLP (chunk t_m tokens): an MLP saves only its input (the fp32 norm output, r bsh), not
+  gate, up, silu, product (4 c bsf) nor, under autocast, its input casts and weight copies; one
+  tile's 4 c t_m f is rebuilt in backward (added to the recomputation peak);
+- activation offload (with checkpointing): the L layer inputs (r bsh each) and RoPE tables that
+  checkpointing keeps move to host memory (`offloaded activations`, host bytes).
 
 Buffers: stages 1-3 reduce-scatter gradients through 2 buckets of `bucket_mib` in flight (stage 0
 keeps gradients inside its buckets, so no extra); stage 3 holds the gathered parameters of the
@@ -128,6 +141,7 @@ GATHERED = "gathered parameters"
 OFFLOAD_BUFFERS = "offload buffers"
 RUNTIME = "runtime"
 MODEL_INIT = "model construction"
+OFFLOADED_ACTIVATIONS = "offloaded activations"
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -331,7 +345,7 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
 
 
 def _layer_saved(shape: ModelShape, tokens: int, seq_len: int, micro_batch: int, sp: int,
-                 sb: StateBytes, flash: bool) -> list[tuple[str, int]]:
+                 sb: StateBytes, flash: bool, tiled_mlp: bool = False) -> list[tuple[str, int]]:
     """(what, bytes) autograd saves in one decoder layer of one rank (module docstring).
 
     Checked against the engine's saved-tensor accounting (Engine.state_summary, distinct
@@ -349,8 +363,12 @@ def _layer_saved(shape: ModelShape, tokens: int, seq_len: int, micro_batch: int,
     out = [(f"attention {n}", b) for n, b in norm]
     if sb.autocast:
         out.append(("q/k/v input casts", 3 * c * tokens * h))
-    out += [("q", c * tokens * h), ("k, v", 2 * c * tokens * h * k // a)]
-    if flash:
+    # Ulysses replicates kv heads up to sp when there are fewer (engine/long/ulysses.py).
+    out += [("q", c * tokens * h), ("k, v", 2 * c * tokens * h * max(k, sp) // a)]
+    if flash and sp > 1:  # the head -> seq all-to-all separates the output from o_proj's input
+        out += [("attention output", c * tokens * h), ("logsumexp", 4 * tokens * a),
+                ("o_proj input", c * tokens * h)]
+    elif flash:
         out += [("attention output = o_proj input", c * tokens * h), ("logsumexp", 4 * tokens * a)]
     else:
         # All s^2 scores of a/sp heads over the full sequence: b * a/sp * s^2 elements.
@@ -358,65 +376,117 @@ def _layer_saved(shape: ModelShape, tokens: int, seq_len: int, micro_batch: int,
                 ("o_proj input", c * tokens * h)]
     out += [(f"mlp {n}", b) for n, b in norm]
     if sb.autocast:
-        out.append(("gate/up input casts", 2 * c * tokens * h))
         # RoPE's angle tables are cast to the compute dtype for q and k: 4 small copies per layer.
         out.append(("rope table casts", 4 * c * (seq_len // sp) * shape.head_dim))
+    if tiled_mlp:  # the tiled MLP keeps only its input, the norm's fp32 output
+        if sb.autocast:
+            out.append(("mlp norm output (tiled MLP input)", r * tokens * h))
+        return out
+    if sb.autocast:
+        out.append(("gate/up input casts", 2 * c * tokens * h))
     out.append(("gate, up, silu, product", 4 * c * tokens * f * experts))
     return out
 
 
 def layer_activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int | None = None, sp: int = 1,
-                           sb: StateBytes | None = None, flash_attention: bool = True) -> int:
+                           sb: StateBytes | None = None, flash_attention: bool = True,
+                           tiled_mlp: bool = False) -> int:
     """Bytes one decoder layer keeps for backward on one rank (no checkpointing)."""
     seq = seq_len or shape.seq_len
     tokens = micro_batch * seq // sp
-    return sum(b for _, b in _layer_saved(shape, tokens, seq, micro_batch, sp, sb or state_bytes(), flash_attention))
+    return sum(b for _, b in _layer_saved(shape, tokens, seq, micro_batch, sp, sb or state_bytes(), flash_attention,
+                                          tiled_mlp))
 
 
 def activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
                 checkpointing: bool = False, flash_attention: bool = True,
-                sb: StateBytes | None = None, stage: int = 0) -> tuple[Term, Term, Term]:
-    """(activations saved by the forward, autocast weight copies, recomputation peak) of one rank
-    for one micro-batch."""
+                sb: StateBytes | None = None, stage: int = 0, tiled_loss_tokens: int | None = None,
+                tiled_mlp_tokens: int | None = None, activation_offload: bool = False) -> tuple[Term, Term, Term]:
+    """(activations saved by the forward on the device, autocast weight copies, recomputation
+    peak) of one rank for one micro-batch. With activation_offload (and checkpointing) the layer
+    inputs are not on the device: `offloaded_activations` has them."""
     sb = sb or state_bytes()
     seq = seq_len or shape.seq_len
     tokens = micro_batch * seq // sp
-    layer = layer_activation_bytes(shape, micro_batch, seq, sp, sb, flash_attention)
+    tiled_mlp = tiled_mlp_tokens is not None
+    layer = layer_activation_bytes(shape, micro_batch, seq, sp, sb, flash_attention, tiled_mlp)
     h, r, c = shape.hidden, sb.residual, sb.compute
     # Final norm (input, rstd, before gain; its output, or under autocast the output's cast for
     # lm_head), the token ids of the embedding and of the loss (int64), and RoPE's fp32 angle
     # tables (under autocast only their per-layer casts are saved, counted in the layers).
-    final = 2 * r * tokens * h + 4 * tokens + (c if sb.autocast else r) * tokens * h + 16 * tokens
+    # (the tiled loss saves the fp32 norm output itself instead of lm_head's 16-bit input cast)
+    lm_input = c if sb.autocast and tiled_loss_tokens is None else r
+    final = 2 * r * tokens * h + 4 * tokens + lm_input * tokens * h + 16 * tokens
     if not sb.autocast or checkpointing:  # checkpoint() keeps its inputs, the fp32 tables among them
         final += 2 * 4 * (seq // sp) * shape.head_dim
     attn = "flash" if flash_attention else "math (s^2 scores)"
     recompute = 0
     per_layer_copies = c * (shape.matmul_params - shape.vocab * h) // shape.layers if sb.autocast else 0
+    experts = min(shape.experts, shape.experts_per_tok) if shape.experts else 1
+    if tiled_mlp and sb.autocast:  # the tiled MLP casts its weights inside, without saving them
+        per_layer_copies -= c * 3 * h * shape.ffn * experts
+    tile = 4 * c * min(tiled_mlp_tokens, tokens) * shape.ffn * experts if tiled_mlp else 0
     if checkpointing:
         acts = shape.layers * r * tokens * h + final
         formula = f"{shape.layers} layer inputs x {r} B x {tokens:,} tokens x {h} ({attn})"
-        recompute = layer + per_layer_copies
+        if activation_offload:
+            acts -= offloaded_activations(shape, micro_batch=micro_batch, seq_len=seq, sp=sp, sb=sb).host_bytes
+            formula = f"final norm and loss inputs ({tokens:,} tokens; the {shape.layers} layer inputs are offloaded)"
+        recompute = layer + per_layer_copies + tile
     else:
         acts = shape.layers * layer + final
         formula = f"{shape.layers} layers x {layer / MiB:,.1f} MiB ({tokens:,} tokens/rank, {attn})"
     acts_term = Term(ACTIVATIONS, device_bytes=acts, formula=formula)
     recompute_term = Term(RECOMPUTE, device_bytes=recompute,
                           formula=f"one layer's activations ({layer / MiB:,.1f} MiB) and weight casts rebuilt in backward"
+                          + (f", one MLP tile ({tile / MiB:,.1f} MiB)" if tile else "")
                           if checkpointing else "none: no checkpointing")
+    if tile and not checkpointing:
+        recompute_term = Term(RECOMPUTE, device_bytes=tile,
+                              formula=f"one MLP tile rebuilt in backward: 4 x {c} B x {min(tiled_mlp_tokens, tokens):,} "
+                                      f"tokens x {shape.ffn}")
     copies = 0
     copies_f = "none: parameters are already in the compute dtype"
     if sb.autocast:
         layers_kept = 0 if checkpointing else shape.layers
-        copies = layers_kept * per_layer_copies + c * shape.vocab * h
-        copies_f = (f"{c} B x matmul weights of {layers_kept} layer(s) + lm_head, saved for backward"
+        head = 0 if tiled_loss_tokens is not None else c * shape.vocab * h  # the tiled loss casts without saving
+        copies = layers_kept * per_layer_copies + head
+        copies_f = (f"{c} B x matmul weights of {layers_kept} layer(s)" + (" + lm_head" if head else "")
+                    + ", saved for backward"
                     + (" (a recomputed layer's are in the recomputation peak)" if checkpointing else ""))
     return acts_term, Term(WEIGHT_COPIES, device_bytes=copies, formula=copies_f), recompute_term
 
 
-def logits(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1) -> Term:
+def logits(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
+           chunk_tokens: int | None = None) -> Term:
+    """The loss's logits buffers; with a tiled loss of `chunk_tokens`, one chunk's."""
     tokens = micro_batch * (seq_len or shape.seq_len) // sp
+    if chunk_tokens is not None:
+        chunk = min(chunk_tokens, tokens)
+        return Term(LOGITS, device_bytes=12 * chunk * shape.vocab,
+                    formula=f"12 B x {chunk:,} tokens (one tiled-loss chunk) x {shape.vocab:,} vocab")
     return Term(LOGITS, device_bytes=12 * tokens * shape.vocab,
                 formula=f"12 B x {tokens:,} tokens x {shape.vocab:,} vocab (fp32 log-softmax, its grad, logits grad)")
+
+
+def offloaded_activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
+                          sb: StateBytes | None = None) -> Term:
+    """Host bytes of activation offload: the inputs checkpointing keeps (L layer inputs r bsh and
+    the two fp32 RoPE tables, which every layer shares and are copied once)."""
+    sb = sb or state_bytes()
+    seq = seq_len or shape.seq_len
+    tokens = micro_batch * seq // sp
+    host = shape.layers * sb.residual * tokens * shape.hidden + 2 * 4 * (seq // sp) * shape.head_dim
+    return Term(OFFLOADED_ACTIVATIONS, host_bytes=host,
+                formula=f"{shape.layers} layer inputs x {sb.residual} B x {tokens:,} tokens x {shape.hidden} "
+                        f"+ RoPE tables, in host memory")
+
+
+def long_context(engine: "EngineConfig") -> dict[str, Any]:
+    """The memory-relevant long-context switches of an engine config, as `breakdown` keywords."""
+    return {"tiled_loss_tokens": engine.tiled_loss.chunk_tokens if engine.tiled_loss.enabled else None,
+            "tiled_mlp_tokens": engine.tiled_mlp.chunk_tokens if engine.tiled_mlp.enabled else None,
+            "activation_offload": engine.activation_offload}
 
 
 def korthikanti_layer_bytes(seq_len: int, micro_batch: int, hidden: int, heads: int) -> int:
@@ -498,14 +568,16 @@ def estimate(model: "ModelConfig | ModelShape | str", engine: "EngineConfig", *,
         checkpointing=bool(_fixed(engine, "activation_checkpointing", engine.activation_checkpointing)),
         bucket_mib=engine.bucket_mib,
         sub_group_mib=engine.offload.sub_group_mib,
-        seq_len=seq_len, flash_attention=flash_attention, accelerator=accelerator, layout=layout)
+        seq_len=seq_len, flash_attention=flash_attention, accelerator=accelerator, layout=layout,
+        **long_context(engine))
 
 
 def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batch: int, precision: str = "bf16",
               low_precision_states: bool = False, optimizer: str = "adamw", offload_optimizer: str = "none",
               offload_params: str = "none", checkpointing: bool = False, bucket_mib: float = 25.0,
               sub_group_mib: float = 256.0, seq_len: int | None = None, flash_attention: bool = True,
-              accelerator: bool = True, layout: Layout | None = None) -> Breakdown:
+              accelerator: bool = True, layout: Layout | None = None, tiled_loss_tokens: int | None = None,
+              tiled_mlp_tokens: int | None = None, activation_offload: bool = False) -> Breakdown:
     """`estimate` with plain values instead of an EngineConfig (the planner's inner loop)."""
     mb = micro_batch
     sb = state_bytes(precision, low_precision_states, optimizer, layout)
@@ -515,10 +587,15 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
                               optimizer=optimizer, offload_optimizer=offload_optimizer,
                               offload_params=offload_params, layout=layout,
                               sub_group_mib=sub_group_mib))
+    offload_acts = activation_offload and checkpointing  # offload moves checkpoints; none without
     acts, copies, recompute = activations(shape, micro_batch=mb, seq_len=seq_len, sp=sp,
                                           checkpointing=checkpointing, flash_attention=flash_attention,
-                                          sb=sb, stage=stage)
-    terms += [acts, copies, recompute, logits(shape, micro_batch=mb, seq_len=seq_len, sp=sp)]
+                                          sb=sb, stage=stage, tiled_loss_tokens=tiled_loss_tokens,
+                                          tiled_mlp_tokens=tiled_mlp_tokens, activation_offload=offload_acts)
+    terms += [acts, copies, recompute,
+              logits(shape, micro_batch=mb, seq_len=seq_len, sp=sp, chunk_tokens=tiled_loss_tokens)]
+    if offload_acts:
+        terms.append(offloaded_activations(shape, micro_batch=mb, seq_len=seq_len, sp=sp, sb=sb))
     bucket = int(bucket_mib * MiB)
     terms.append(Term(BUCKETS, device_bytes=2 * bucket if stage >= 1 and shards > 1 else 0,
                       formula=f"2 x {bucket_mib:g} MiB reduce-scatter buckets in flight"
@@ -559,7 +636,8 @@ def expected_state_summary(model: "ModelConfig | ModelShape | str", engine: "Eng
     params/grads/optimizer_states/activations are device-side (optimizer_states_bytes is 0 with
     offload; offload_cpu_bytes / offload_nvme_bytes hold the offloaded master copy, moments and
     buffers); activations_bytes is what autograd saves during one forward (activations +
-    autocast weight copies + the fp32 log-softmax output of the loss, 4 B per logit); total_bytes
+    autocast weight copies + the fp32 log-softmax output of the loss, 4 B per logit, which a tiled
+    loss does not keep; offloaded activation checkpoints are not in it); total_bytes
     the sum of the first four, as the engine defines it.
     """
     b = estimate(model, engine, dp=dp, sp=sp, micro_batch=micro_batch, accelerator=accelerator,
@@ -575,7 +653,8 @@ def expected_state_summary(model: "ModelConfig | ModelShape | str", engine: "Eng
         "params_bytes": t(PARAMETERS).device_bytes,
         "grads_bytes": t(GRADIENTS).device_bytes,
         "optimizer_states_bytes": 0 if engine.offload.optimizer != "none" else t(MASTER).device_bytes + t(OPTIMIZER).device_bytes,
-        "activations_bytes": t(ACTIVATIONS).device_bytes + t(WEIGHT_COPIES).device_bytes + 4 * tokens * shape.vocab,
+        "activations_bytes": t(ACTIVATIONS).device_bytes + t(WEIGHT_COPIES).device_bytes
+        + (0 if engine.tiled_loss.enabled else 4 * tokens * shape.vocab),
     }
     out["total_bytes"] = sum(out.values())
     out["offload_cpu_bytes"] = host

@@ -432,7 +432,8 @@ def evaluate(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: in
                          low_precision_states=engine.low_precision_states, optimizer=engine.optimizer.type,
                          offload_optimizer=offload, offload_params=offload_params, checkpointing=ckpt,
                          bucket_mib=engine.bucket_mib, sub_group_mib=engine.offload.sub_group_mib,
-                         accelerator=hw.accelerator, flash_attention=flash_attention)
+                         accelerator=hw.accelerator, flash_attention=flash_attention,
+                         **memory.long_context(engine))  # tiled loss/MLP, activation offload
     device = b.device_bytes
     host = hw.ranks_per_host * b.host_peak_bytes
     nvme = hw.ranks_per_host * b.nvme_bytes

@@ -118,7 +118,10 @@ def test_checkpointing_and_sequence_parallelism_shrink_activations():
     sp4, _, _ = memory.activations(shape, micro_batch=1, sb=sb, sp=4)
     assert ckpt.device_bytes < full.device_bytes / 10
     assert none.device_bytes == 0 and peak.device_bytes == memory.layer_activation_bytes(shape, 1, sb=sb)
-    assert sp4.device_bytes == pytest.approx(full.device_bytes / 4, rel=1e-3)
+    # Ulysses: a quarter of everything, plus o_proj's input apart from the attention output (the
+    # head -> seq all-to-all sits between them): c x s/4 x h per layer.
+    extra = shape.layers * sb.compute * (shape.seq_len // 4) * shape.hidden
+    assert sp4.device_bytes == pytest.approx(full.device_bytes / 4 + extra, rel=1e-3)
     # Within reach of Korthikanti et al.'s GPT figure without the s^2 term (34 s b h per layer):
     # the SwiGLU MLP is wider than GPT's 4h GELU MLP and there is no dropout mask.
     per_layer = memory.layer_activation_bytes(shape, 1, sb=sb)
