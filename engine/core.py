@@ -195,6 +195,10 @@ class Engine:
         self._refresh_lr()
         # Activation accounting and fp16 loss scaling at the module boundary, so that both
         # engine(...) and engine.module(...) are covered.
+        self.measure_activations = False
+        """Count the bytes autograd saves during each forward (for `state_summary()`). Off by
+        default: it runs a Python hook on every saved tensor of every forward. `state_summary()`
+        turns it on, so forwards after the first summary are measured."""
         self._activation_bytes = 0
         self._act_ctx: Any = None
         self._act_seen: dict[int, int] = {}
@@ -223,7 +227,7 @@ class Engine:
             return self.module(*args, **kwargs)
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
-        if self._act_ctx is not None:  # a nested call of the root module
+        if not self.measure_activations or self._act_ctx is not None:  # off, or a nested call
             return
         seen: dict[int, int] = {}
         params = self._param_storages
@@ -369,7 +373,9 @@ class Engine:
           offload (there is no separate master copy without offload).
         - activations_bytes: distinct storages autograd saved for backward during the last
           forward of the module (saved_tensors_hooks), excluding parameter and buffer storage;
-          includes autocast's low-precision weight copies and saved inputs.
+          includes autocast's low-precision weight copies and saved inputs. Measured only while
+          `measure_activations` is on, which this call switches on: 0 until a forward runs
+          after the first `state_summary()` (or after setting `measure_activations = True`).
         - total_bytes: the sum of the four above (device memory for model state + activations).
         - offload_cpu_bytes: CPU memory of offloaded master weights, states and buffers.
         - offload_nvme_bytes: bytes in NVMe offload files.
@@ -377,6 +383,7 @@ class Engine:
         activations_bytes; `module.activation_offload.offloaded_bytes` has them.
         Module buffers are not counted.
         """
+        self.measure_activations = True
         mem = self.stage.memory()
         frozen = sum(p.untyped_storage().nbytes() for p in self.module.parameters() if not p.requires_grad)
         st = self.states.memory()

@@ -27,6 +27,7 @@ for case in cases:
     torch.manual_seed(0)
     net = Llama(cfg, activation_checkpointing=case.get("activation_checkpointing") is True)
     engine = initialize(net, case)
+    engine.measure_activations = True  # state_summary() reports the forward below
     g = torch.Generator().manual_seed(ctx.rank)
     tokens = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g)
     targets = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.autograd import Variable
 
 from dsl.engine.errors import UserError
+from dsl.engine.zero import collectives
 from dsl.engine.zero.layout import FlatGroup, Layout, Segment
 
 __all__ = ["ZeroStage", "nbytes"]
@@ -126,7 +127,7 @@ class ZeroStage:
         if self.layout.parts == 1:
             return part
         out = torch.empty(group.padded, dtype=part.dtype, device=part.device)
-        tdist.all_gather_single(out, part.contiguous())
+        collectives.all_gather(out, part).wait()
         return out
 
     def divisor(self) -> int:
@@ -147,7 +148,7 @@ class ZeroStage:
         if self.world_size == 1:
             return staging, None
         out = torch.empty(g.part_numel, dtype=staging.dtype, device=staging.device)
-        work = tdist.reduce_scatter_single(out, staging, op=tdist.ReduceOp.SUM, async_op=True)
+        work = collectives.reduce_scatter(out, staging)  # gloo: point-to-point, see collectives.py
         self.collectives_launched += 1
         return out, work
 

@@ -10,17 +10,17 @@ Communication plan
 ------------------
 - At `initialize`: `broadcast` of the flat parameter buffer and module buffers from rank 0.
 - During the backward of the *last* micro-step only (the accumulation boundary): a complete
-  bucket is divided by `world_size * grad_accum` and an asynchronous
-  `reduce_scatter_single(SUM)` is launched from the bucket into this rank's partition of
-  `grad_flat`, in bucket index order, overlapping the rest of the backward (same triggers as
-  stage 0). Reduce-scatter moves half the bytes of stage 0's all_reduce; the bucket itself keeps
+  bucket is divided by `world_size * grad_accum` and an asynchronous reduce-scatter (SUM;
+  collectives.py: point-to-point on gloo, whose own reduce_scatter is 2-4x slower) is launched
+  from the bucket into this rank's partition of `grad_flat`, in bucket index order, overlapping
+  the rest of the backward (same triggers as stage 0). Reduce-scatter moves half the bytes of stage 0's all_reduce; the bucket itself keeps
   this rank's local (unreduced) sum, so `param.grad` is NOT the averaged gradient at stage 1.
 - Other micro-steps: no communication; autograd accumulates into the bucket views.
 - `engine.step()`: `finish()` waits for the reduce-scatters; one `all_reduce` of [sum of squares,
   overflow flag] (done by the engine) gives the global gradient norm and the fp16 overflow
   decision; the optimizer updates this rank's partition of the parameter buffer in place; then
-  `after_update()` launches one asynchronous `all_gather_single` per bucket (from a copy of the
-  rank's partition into the bucket's slice of the parameter buffer) and waits for all of them.
+  `after_update()` launches one asynchronous all-gather per bucket, in place in the parameter
+  buffer (collectives.py: on gloo one broadcast per rank of its own slice) and waits for all.
 - world_size 1: one partition; the reduce-scatter becomes a copy into `grad_flat` and the
   all_gather is skipped.
 """
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from dsl.engine.zero import collectives
 from dsl.engine.zero.base import nbytes
 from dsl.engine.zero.stage0 import Bucket, Stage0
 
@@ -60,7 +61,7 @@ class Stage1(Stage0):
         g = bucket.group
         out = self._grad_shard[g.shard_offset : g.shard_offset + g.part_numel]
         if self.world_size > 1:
-            bucket.work = tdist.reduce_scatter_single(out, bucket.flat, op=tdist.ReduceOp.SUM, async_op=True)
+            bucket.work = collectives.reduce_scatter(out, bucket.flat)
             self.collectives_launched += 1
         else:
             out.copy_(bucket.flat)
@@ -68,13 +69,10 @@ class Stage1(Stage0):
     def after_update(self) -> None:
         if self.world_size == 1:
             return
-        works = []
-        for g in self.layout.groups:
-            # A copy: the input must not alias the output it is gathered into.
-            part = self.param_part(g).clone()
-            full = self.params_flat[g.base : g.base + g.padded]
-            works.append((tdist.all_gather_single(full, part, async_op=True), part))
-        for work, _ in works:
+        # In place: this rank's updated partition already sits in its slice of the buffer.
+        works = [collectives.all_gather(self.params_flat[g.base : g.base + g.padded], self.param_part(g))
+                 for g in self.layout.groups]
+        for work in works:
             work.wait()
 
     def memory(self) -> dict[str, int]:

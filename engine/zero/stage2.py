@@ -13,8 +13,8 @@ Communication plan
 - During *every* backward (every micro-step; keeping gradients partitioned is the point of this
   stage, so accumulation happens in the partition, as in DeepSpeed): a post-accumulate-grad hook
   copies `param.grad` into its bucket's staging buffer and frees it (`param.grad = None`). A
-  complete bucket is divided by `world_size * grad_accum` and an asynchronous
-  `reduce_scatter_single(SUM)` is launched from the staging buffer into a partition-sized buffer,
+  complete bucket is divided by `world_size * grad_accum` and an asynchronous reduce-scatter
+  (SUM; collectives.py) is launched from the staging buffer into a partition-sized buffer,
   strictly in bucket index order (identical on every rank), overlapping the rest of the backward.
   When a reduce-scatter completes its result is added into `grad_flat` and the staging buffer is
   dropped; with more than `MAX_IN_FLIGHT` buckets in flight the hook waits for the oldest. At the
@@ -22,7 +22,8 @@ Communication plan
   and waits for all of them.
 - `engine.step()`: one `all_reduce` of [sum of squares, overflow flag] (by the engine); the
   optimizer updates this rank's partition of the parameter buffer; `after_update()` launches one
-  asynchronous `all_gather_single` per bucket into the parameter buffer and waits for all.
+  asynchronous all-gather per bucket, in place in the parameter buffer (collectives.py), and
+  waits for all.
 - world_size 1: one partition; the reduce-scatter becomes an add of the staging buffer and the
   all_gather is skipped.
 """
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from dsl.engine.zero import collectives
 from dsl.engine.zero.base import ZeroStage, nbytes
 from dsl.engine.zero.layout import FlatGroup, Layout, Segment, flatten_params, split_buckets
 
@@ -157,12 +159,10 @@ class Stage2(ZeroStage):
     def after_update(self) -> None:
         if self.world_size == 1:
             return
-        works = []
-        for g in self.layout.groups:
-            part = self.param_part(g).clone()  # the input must not alias its output
-            full = self.params_flat[g.base : g.base + g.padded]
-            works.append((tdist.all_gather_single(full, part, async_op=True), part))
-        for work, _ in works:
+        # In place: this rank's updated partition already sits in its slice of the buffer.
+        works = [collectives.all_gather(self.params_flat[g.base : g.base + g.padded], self.param_part(g))
+                 for g in self.layout.groups]
+        for work in works:
             work.wait()
 
     def zero_grad(self) -> None:

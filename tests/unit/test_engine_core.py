@@ -73,6 +73,28 @@ def test_grad_accum_2x4_equals_1x8(optimizer: str, lr: float) -> None:
     assert _max_diff(_params(whole), _params(_engine())) > 5e-4  # the step did move the weights
 
 
+def test_activation_measurement_is_off_until_a_summary_asks_for_it() -> None:
+    engine = _engine()
+    packed: list[int] = []
+    original = engine._before_forward
+
+    def spy(module, args):  # records whether a forward installed the saved-tensor counter
+        original(module, args)
+        packed.append(engine._act_ctx is not None)
+
+    engine._module_hooks[0].remove()
+    engine._module_hooks[0] = engine.module.register_forward_pre_hook(spy, prepend=True)
+    x, y = _batches(1, 4)[0]
+    engine(x, y).backward()
+    engine.step()
+    engine.zero_grad()
+    assert packed == [False]  # no per-saved-tensor hook on an ordinary training forward
+    assert engine.state_summary()["activations_bytes"] == 0  # nothing was measured yet
+    engine(x, y)
+    assert packed == [False, True]
+    assert engine.state_summary()["activations_bytes"] > 0
+
+
 def test_gradients_are_views_of_buckets_and_summary_counts_bytes() -> None:
     engine = _engine(optimizer={"type": "adamw"}, bucket_mib=0.01)
     n = sum(p.numel() for p in engine.module.parameters())
