@@ -34,7 +34,7 @@ import torch
 
 from dsl.engine.optim import Hyper, update
 from dsl.engine.zero.base import ZeroStage, nbytes
-from dsl.ops.comm.allreduce import CompressedAllReduce, fp32_allreduce_bytes
+from dsl.ops.comm.allreduce import CompressedAllReduce, fp32_allreduce_bytes, padded_numel
 
 __all__ = ["OnebitAdamStates"]
 
@@ -62,14 +62,19 @@ class OnebitAdamStates:
         n = self.params.numel()
         if stage.layout.shard_numel != n:
             raise ValueError("stage 0's shard space must be its whole parameter buffer")
-        self.flats = {name: torch.zeros(n, dtype=torch.float32, device=device) for name in self.names}
+        self.allreduce = CompressedAllReduce()
+        # exp_avg lives at the front of a buffer padded the way the all-reduce pads, so the
+        # all-reduce compresses it in place without a padded copy; the tail is kept zero.
+        padded = padded_numel(n, stage.world_size, self.allreduce.block)
+        self._momentum = torch.zeros(padded, dtype=torch.float32, device=device)
+        self.flats = {"exp_avg": self._momentum[:n],
+                      "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=device)}
         segs = stage.layout.segments
         self._decay = [s.decay for s in segs]
         self._params = [stage.param_piece(s) for s in segs]
         self._states = {k: [f[s.shard_lo : s.shard_lo + s.numel] for s in segs] for k, f in self.flats.items()}
         self._decay_pieces = [p for p, d in zip(self._params, self._decay) if d]
         self._denom: torch.Tensor | None = None
-        self.allreduce = CompressedAllReduce()
         self.warmup_wire_bytes = 0
         """Bytes stage 0's fp32 gradient all-reduce sent during warm-up (ring count)."""
         self.compressed_steps = 0
@@ -86,8 +91,9 @@ class OnebitAdamStates:
             return
         b1, b2 = self.adam.betas
         m = self.flats["exp_avg"]
-        m.mul_(b1).add_(grad_flat, alpha=1 - b1)  # this rank's momentum
-        self.allreduce(m)  # ~ the momentum of the averaged gradient, identical on every rank
+        m.lerp_(grad_flat, 1 - b1)  # this rank's momentum: b1 m + (1 - b1) g
+        self.allreduce(self._momentum)  # ~ the momentum of the averaged gradient, on every rank
+        self._momentum[m.numel() :].zero_()
         if self._denom is None:  # v frozen at step freeze_step
             v_hat = self.flats["exp_avg_sq"] / (1 - b2**self.freeze_step)
             self._denom = v_hat.sqrt_().add_(self.adam.eps)
@@ -125,7 +131,8 @@ class OnebitAdamStates:
         """Nothing: the parameters are the master weights."""
 
     def memory(self) -> dict[str, int]:
-        states = sum(nbytes(f) for f in self.flats.values()) + nbytes(self._denom) + self.allreduce.buffer_bytes()
+        states = nbytes(self._momentum) + nbytes(self.flats["exp_avg_sq"]) + nbytes(self._denom)
+        states += self.allreduce.buffer_bytes()
         return {"optimizer_states_bytes": states, "offload_cpu_bytes": 0, "offload_nvme_bytes": 0}
 
     def close(self) -> None:

@@ -63,13 +63,37 @@ void dsl_compress_blocks(const float *x, float *e, int64_t n, int64_t block, flo
     }
 }
 
+#ifdef __AVX__
+/* sign_masks[b] holds -0.0f in lane j where bit j of b is set: xor flips those lanes' signs. */
+static float sign_masks[256][8] __attribute__((aligned(32)));
+static int sign_masks_ready = 0;
+
+static void init_sign_masks(void) {
+    for (int b = 0; b < 256; b++)
+        for (int j = 0; j < 8; j++) sign_masks[b][j] = ((b >> j) & 1) ? -0.0f : 0.0f;
+    sign_masks_ready = 1;
+}
+#endif
+
 /* out[i] (= or +=) weight * (+-scales[i / block]) for i in [0, n); block % 8 == 0. */
 void dsl_decompress_blocks(const uint8_t *packed, const float *scales, int64_t n, int64_t block,
                            float weight, float *out, int accumulate) {
+#ifdef __AVX__
+    if (!sign_masks_ready) init_sign_masks(); /* idempotent: a race writes the same values */
+#endif
     for (int64_t lo = 0; lo < n; lo += block) {
         float s = weight * scales[lo / block];
         int64_t hi = lo + block < n ? lo + block : n;
-        for (int64_t i = lo; i + 8 <= hi; i += 8) {
+        int64_t i = lo;
+#ifdef __AVX__
+        const __m256 s_v = _mm256_set1_ps(s);
+        for (; i + 8 <= hi; i += 8) {
+            __m256 v = _mm256_xor_ps(s_v, _mm256_load_ps(sign_masks[packed[i / 8]]));
+            if (accumulate) v = _mm256_add_ps(v, _mm256_loadu_ps(out + i));
+            _mm256_storeu_ps(out + i, v);
+        }
+#endif
+        for (; i + 8 <= hi; i += 8) {
             uint32_t byte = packed[i / 8];
             float *o = out + i;
             if (accumulate) {
@@ -78,7 +102,7 @@ void dsl_decompress_blocks(const uint8_t *packed, const float *scales, int64_t n
                 for (int j = 0; j < 8; j++) o[j] = ((byte >> j) & 1u) ? -s : s;
             }
         }
-        for (int64_t i = lo + (hi - lo) / 8 * 8; i < hi; i++) {
+        for (; i < hi; i++) {
             float v = ((packed[i / 8] >> (i % 8)) & 1u) ? -s : s;
             out[i] = accumulate ? out[i] + v : v;
         }
