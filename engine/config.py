@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from dsl.engine.onebit_config import onebit_reason, quantize_reason
 
 
 class StrictModel(BaseModel):
@@ -25,8 +27,10 @@ class StrictModel(BaseModel):
 class OptimizerConfig(StrictModel):
     """The optimizer and its hyper-parameters (DeepSpeed's `optimizer` block)."""
 
-    type: Literal["adamw", "sgd"] = "adamw"
-    """adamw (decoupled weight decay) or sgd (with momentum)."""
+    type: Literal["adamw", "sgd", "onebit_adam"] = "adamw"
+    """adamw (decoupled weight decay), sgd (with momentum), or onebit_adam (1-bit Adam: AdamW
+    for freeze_step steps, then frozen variance and a 1-bit compressed momentum all-reduce
+    instead of the gradient all-reduce; zero_stage 0 only, see engine/onebit.py)."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -37,6 +41,22 @@ class OptimizerConfig(StrictModel):
     """Decoupled weight decay, applied to matrices and embeddings only."""
     momentum: float = Field(0.9, ge=0, lt=1)
     """SGD momentum."""
+    freeze_step: int = Field(100, ge=1)
+    """onebit_adam only: steps of full AdamW with the fp32 gradient all-reduce (the warm-up that
+    estimates the variance) before the variance is frozen and momentum is exchanged in 1 bit
+    (DeepSpeed's freeze_step)."""
+
+
+class CommConfig(StrictModel):
+    """Compressed gradient communication (`engine.comm`)."""
+
+    quantize_gradients: bool = False
+    """ZeRO stages 2-3: reduce-scatter gradients as int8 with one fp32 scale per block (ZeRO++
+    qgZ: quantize, all-to-all, dequantize and sum locally; ~1/4 of the fp32 bytes). Adds a
+    rounding error of at most max|block| / 254 per element and rank (ops/comm/qreduce.py)."""
+    quantize_block_numel: int = Field(512, ge=8)
+    """Elements per int8 quantization block (each block sends one fp32 scale, so the bytes are
+    1 + 4 / block per element); smaller blocks track outliers more closely."""
 
 
 class SchedulerConfig(StrictModel):
@@ -137,6 +157,39 @@ class EngineConfig(StrictModel):
     """Size of a gradient communication bucket in MiB."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON config to take the settings above from (relative to the spec file)."""
+    comm: CommConfig = CommConfig()
+    """Compressed gradient communication (int8 reduce-scatter at stages 2-3)."""
+
+    @field_validator("optimizer")
+    @classmethod
+    def _onebit_stage(cls, value: OptimizerConfig, info: ValidationInfo) -> OptimizerConfig:
+        # zero_stage, precision and low_precision_states are declared before optimizer, so they
+        # are in info.data (when they were valid themselves).
+        if value.type == "onebit_adam":
+            reason = onebit_reason(info.data.get("zero_stage"), info.data.get("precision"),
+                                   info.data.get("low_precision_states"))
+            if reason:
+                raise ValueError(reason)
+        return value
+
+    @field_validator("offload")
+    @classmethod
+    def _onebit_offload(cls, value: OffloadConfig, info: ValidationInfo) -> OffloadConfig:
+        opt = info.data.get("optimizer")
+        if opt is not None and opt.type == "onebit_adam":
+            reason = onebit_reason(None, offload_optimizer=value.optimizer)
+            if reason:
+                raise ValueError(reason)
+        return value
+
+    @field_validator("comm")
+    @classmethod
+    def _quantize_stage(cls, value: CommConfig, info: ValidationInfo) -> CommConfig:
+        if value.quantize_gradients:
+            reason = quantize_reason(info.data.get("zero_stage"))
+            if reason:
+                raise ValueError(reason)
+        return value
 
 
 def check_batch(engine: EngineConfig, dp: int) -> str | None:
@@ -168,4 +221,11 @@ def unsupported_reason(engine: EngineConfig) -> str | None:
                 "activation_checkpointing: true")
     if engine.deepspeed_config is not None:
         return "deepspeed_config is not supported yet; write the engine settings in the spec"
+    if engine.optimizer.type == "onebit_adam":  # also for configs built by model_copy (the planner)
+        reason = onebit_reason(engine.zero_stage, engine.precision, engine.low_precision_states,
+                               engine.offload.optimizer)
+        if reason:
+            return reason
+    if engine.comm.quantize_gradients and quantize_reason(engine.zero_stage):
+        return quantize_reason(engine.zero_stage)
     return None

@@ -181,13 +181,21 @@ class Engine:
         )
         self.reducer = self.stage
         """The same object as `stage` (the first engine's name for it)."""
+        if config.comm.quantize_gradients and stage in (2, 3):  # int8 reduce-scatter (ZeRO++ qgZ)
+            self.stage.quantize_block_numel = config.comm.quantize_block_numel
         opt = config.optimizer
         self.hyper = Hyper(opt.type, tuple(opt.betas), opt.eps, weight_decay, opt.momentum)
         offload = "none" if config.offload.optimizer == "auto" else config.offload.optimizer
-        self.states = build_states(
-            self.stage, self.hyper, offload=offload, dtype=dtype, device=self.device,
-            sub_group_mib=config.offload.sub_group_mib, nvme_path=config.offload.nvme_path,
-        )  # fmt: skip
+        if opt.type == "onebit_adam":  # 1-bit Adam (engine/onebit.py), stage 0 only
+            from dsl.engine.onebit import OnebitAdamStates
+
+            self.states = OnebitAdamStates(self.stage, self.hyper, freeze_step=opt.freeze_step,
+                                           applied_steps=lambda: self.optimizer_steps, device=self.device)
+        else:
+            self.states = build_states(
+                self.stage, self.hyper, offload=offload, dtype=dtype, device=self.device,
+                sub_group_mib=config.offload.sub_group_mib, nvme_path=config.offload.nvme_path,
+            )  # fmt: skip
         self.scaler = precision.LossScaler(config.loss_scale) if config.precision == "fp16" else None
         self.optimizer = EngineOptimizer(self, [p for _, p in named], lr, weight_decay)
         self._last_grad_norm: float | None = None

@@ -312,6 +312,9 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
                     "elapsed_s": now - start,
                     "grad_norm": engine.last_grad_norm,
                 }
+                comm_stats = getattr(engine.states, "comm_stats", None)  # 1-bit Adam: bytes sent
+                if comm_stats is not None:
+                    row.update(comm_stats())
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
     finally:

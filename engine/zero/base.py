@@ -59,6 +59,9 @@ class ZeroStage:
         """Gradient collectives issued so far (0 forever at world_size 1)."""
         self._in_backward = False
         self._hooks: list[Any] = []
+        self.quantize_block_numel: int | None = None
+        """Set (by the engine, from comm.quantize_gradients) to reduce-scatter int8 blocks of this
+        many elements in `reduce_scatter_group` (ops/comm/qreduce.py); None: fp32."""
 
     # Backward counting -------------------------------------------------------------------
 
@@ -147,6 +150,13 @@ class ZeroStage:
             staging.div_(divisor)
         if self.world_size == 1:
             return staging, None
+        if self.quantize_block_numel is not None:  # int8 all-to-all; wait() dequantizes into out
+            from dsl.ops.comm.qreduce import quantized_reduce_scatter
+
+            pending = quantized_reduce_scatter(staging, world_size=self.world_size,
+                                               block_numel=self.quantize_block_numel)
+            self.collectives_launched += 1
+            return pending.out, pending
         out = torch.empty(g.part_numel, dtype=staging.dtype, device=staging.device)
         work = collectives.reduce_scatter(out, staging)  # gloo: point-to-point, see collectives.py
         self.collectives_launched += 1

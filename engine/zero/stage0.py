@@ -21,6 +21,8 @@ Communication plan
   overflow check and the optimizer need no further communication: every rank holds the same
   full gradient.
 - world_size 1 runs exactly this path; only the all_reduce is skipped.
+- 1-bit Adam after its warm-up (engine/onebit.py sets `grad_comm_off`): buckets are divided by
+  `grad_accum` only and not all-reduced; the optimizer exchanges compressed momentum instead.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class Stage0(ZeroStage):
                 self._slot[id(p)] = (bucket, view)
                 p.grad = view
         self._next_launch = 0
+        self.grad_comm_off: Any = lambda: False
+        """True while gradients stay local (1-bit Adam after freeze_step; engine/onebit.py)."""
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b.params
         ]
@@ -125,11 +129,13 @@ class Stage0(ZeroStage):
             self._launch(bucket)
 
     def _launch(self, bucket: Bucket) -> None:
-        divisor = self.divisor()
+        local = self.grad_comm_off()
+        divisor = self.grad_accum if local else self.divisor()
         if divisor > 1:
             # Pre-divide: the SUM then yields the mean without a second pass over the buffer.
             bucket.flat.div_(divisor)
-        self._reduce(bucket)
+        if not local:
+            self._reduce(bucket)
         self._next_launch = bucket.index + 1
 
     def _reduce(self, bucket: Bucket) -> None:
