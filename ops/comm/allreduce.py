@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 
+from dsl.ops.comm.native import kernels
 from dsl.ops.comm.signs import compress_, decompress_into
 
 __all__ = ["CompressedAllReduce", "fp32_allreduce_bytes", "padded_numel", "DEFAULT_BLOCK"]
@@ -88,11 +89,14 @@ def _scales(row: torch.Tensor, bits: int) -> torch.Tensor:
 class CompressedAllReduce:
     """1-bit all-reduce (mean) with error feedback; see the module docstring for the plan."""
 
-    def __init__(self, group: tdist.ProcessGroup | None = None, *, block: int = DEFAULT_BLOCK) -> None:
+    def __init__(self, group: tdist.ProcessGroup | None = None, *, block: int = DEFAULT_BLOCK,
+                 native: bool | None = None) -> None:
         if block <= 0 or block % 8:
             raise ValueError(f"block must be a positive multiple of 8, got {block}")
         self.group = group
         self.block = block
+        self.native = native
+        """None: the C kernels when they build (native.py), False: the torch reference."""
         distributed = tdist.is_available() and tdist.is_initialized()
         self.world_size = tdist.get_world_size(group) if distributed else 1
         self.rank = tdist.get_rank(group) if distributed else 0
@@ -137,7 +141,7 @@ class CompressedAllReduce:
             xin = b.padded_input
             xin[:n].copy_(x)
         b.worker_error[n:].zero_()  # the padding carries no error from call to call
-        packed, scales = compress_(xin, b.worker_error, block)
+        packed, scales = compress_(xin, b.worker_error, block, native=self.native)
         b.send[:, :nbits].copy_(packed.view(w, nbits))
         b.send[:, nbits:].copy_(scales.view(torch.uint8).view(w, -1))
 
@@ -148,13 +152,19 @@ class CompressedAllReduce:
             recv = b.recv
 
         # 3. server: e_s += mean_j decompress(row j); compress e_s; e_s <- residual.
-        for j in range(w):
-            decompress_into(recv[j, :nbits], _scales(recv[j], nbits), block, b.server_error,
-                            weight=1.0 / w, accumulate=True)
-        spacked, sscales = compress_(None, b.server_error, block)
         mine = b.gathered[0] if w == 1 else b.mine
-        mine[:nbits].copy_(spacked)
-        mine[nbits:].copy_(sscales.view(torch.uint8))
+        lib = kernels() if self.native is not False else None
+        if lib is not None and x.device.type == "cpu":  # fused: one pass over e_s
+            lib.dsl_server_blocks(recv.data_ptr(), recv.data_ptr() + nbits, b.row, w, 1.0 / w,
+                                  b.server_error.data_ptr(), c, block, mine[nbits:].data_ptr(),
+                                  mine.data_ptr())
+        else:
+            for j in range(w):
+                decompress_into(recv[j, :nbits], _scales(recv[j], nbits), block, b.server_error,
+                                weight=1.0 / w, accumulate=True, native=self.native)
+            spacked, sscales = compress_(None, b.server_error, block, native=self.native)
+            mine[:nbits].copy_(spacked)
+            mine[nbits:].copy_(sscales.view(torch.uint8))
 
         # 4. all_gather of every rank's compressed chunk.
         if w > 1:
@@ -165,7 +175,7 @@ class CompressedAllReduce:
             lo, hi = j * c, min(n, (j + 1) * c)
             if hi > lo:
                 row = b.gathered[j]
-                decompress_into(row[:nbits], _scales(row, nbits), block, x[lo:hi])
+                decompress_into(row[:nbits], _scales(row, nbits), block, x[lo:hi], native=self.native)
 
         sent = 2 * (w - 1) * b.row
         self.calls += 1

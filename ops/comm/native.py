@@ -83,4 +83,6 @@ def kernels() -> ctypes.CDLL | None:
     lib.dsl_compress_blocks.restype = None
     lib.dsl_decompress_blocks.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
     lib.dsl_decompress_blocks.restype = None
+    lib.dsl_server_blocks.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, i64, i64, ptr, ptr]
+    lib.dsl_server_blocks.restype = None
     return lib

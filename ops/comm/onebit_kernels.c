@@ -108,3 +108,19 @@ void dsl_decompress_blocks(const uint8_t *packed, const float *scales, int64_t n
         }
     }
 }
+
+/* The server step of the compressed all-reduce, fused: for each block b of this rank's chunk,
+ * e[b] += weight * sum_j (+-scales_j[b]) over the `rows` compressed copies received (row j: bits
+ * at rows + j * row_stride, its scales at scales_base + j * row_stride bytes), then compress e[b]
+ * exactly as dsl_compress_blocks (scales_out, packed_out) and leave the residual in e.
+ * One pass over e instead of rows + 1. n % block == 0, block % 8 == 0. */
+void dsl_server_blocks(const uint8_t *rows, const uint8_t *scales_base, int64_t row_stride, int64_t nrows,
+                       float weight, float *e, int64_t n, int64_t block, float *scales_out, uint8_t *packed_out) {
+    for (int64_t lo = 0, b = 0; lo < n; lo += block, b++) {
+        for (int64_t j = 0; j < nrows; j++) {
+            const float *sc = (const float *)(scales_base + j * row_stride);
+            dsl_decompress_blocks(rows + j * row_stride + lo / 8, sc + b, block, block, weight, e + lo, 1);
+        }
+        dsl_compress_blocks(NULL, e + lo, block, block, scales_out + b, packed_out + lo / 8);
+    }
+}
