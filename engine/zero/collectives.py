@@ -28,6 +28,7 @@ Every rank must call these in the same order (as for any collective).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -40,7 +41,10 @@ RS_TAG = 7301
 
 
 def use_point_to_point() -> bool:
-    """True where the rewrites above are the faster path: the gloo backend."""
+    """True where the rewrites above are the faster path: the gloo backend (unless the environment
+    sets DSL_NATIVE_COLLECTIVES=1, which selects gloo's own collectives, for A/B measurements)."""
+    if os.environ.get("DSL_NATIVE_COLLECTIVES") == "1":
+        return False
     return tdist.is_initialized() and tdist.get_backend() == "gloo"
 
 

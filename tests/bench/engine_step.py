@@ -1,17 +1,30 @@
 """One benchmark run: the same model and data under one engine, on the ranks torchrun started.
 
-    torchrun --nproc-per-node 2 tests/bench/engine_step.py --impl dsl|ddp|fsdp2|deepspeed \
-        --stage N --precision fp32|bf16 [--steps 20 --warmup 5 --micro-batch 8 --preset bench]
+    torchrun --nproc-per-node 2 tests/bench/engine_step.py --impl dsl|ddp|fsdp2|deepspeed|local \
+        --stage N --precision fp32|bf16 [--steps 20 --warmup 5 --shape bench|comm] [--profile PATH]
 
-Every implementation trains dsl's bundled model (the `bench` preset: the shape of the peer
-baseline in shared/docs/FACTS.md) from the same seed on the same random tokens with AdamW
-(lr 1e-3, no clipping), one thread per rank. Rank 0 prints one JSON line: median step time,
-tokens/s over all ranks, and the peak resident memory of the largest rank.
+Every implementation trains dsl's bundled model from the same seed on the same random tokens with
+AdamW (lr 1e-3, no clipping), one thread per rank. Shapes (`SHAPES`):
+
+- `bench`: the `bench` preset (the shape of the peer baseline in shared/docs/FACTS.md), micro-batch
+  8: compute-bound, the gradient exchange is a few percent of a step;
+- `comm`: 6x the parameters and 1/8 of the tokens per rank, so that moving gradients and
+  parameters costs about as much as the forward and backward and the engines' communication
+  plans differ measurably.
+
+`local` is no engine: each rank trains its own replica with torch's fused AdamW and communicates
+nothing (its loss differs). It is the ceiling of any data-parallel engine on this machine: the same
+compute on the same cores with zero communication cost.
+
+Rank 0 prints one JSON line: median step time, tokens/s over all ranks, the fastest step, the
+median CPU seconds per step of rank 0 (all its threads; robust to other load on the machine), and
+the peak resident memory of the largest rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -23,12 +36,22 @@ import torch
 import torch.distributed as dist
 
 
-def _model(preset: str):
+SHAPES = {
+    # 7.36M parameters, 2,048 tokens per rank and step.
+    "bench": ({"preset": "bench"}, 8),
+    # 45.4M parameters (two 16.4M vocabulary matrices), 256 tokens per rank and step.
+    "comm": ({"preset": "bench", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1376,
+              "seq_len": 128}, 2),
+}
+"""name -> (ModelConfig fields, micro-batch per rank)."""
+
+
+def _model(shape: str):
     from dsl.engine.model import Llama
     from dsl.engine.train_config import ModelConfig
 
     torch.manual_seed(0)
-    cfg = ModelConfig(preset=preset)
+    cfg = ModelConfig(**SHAPES[shape][0])
     return Llama(cfg), cfg
 
 
@@ -52,6 +75,21 @@ def _dsl(model, args):
         loss.backward()
         engine.step()
         engine.zero_grad()
+        return loss
+
+    return step
+
+
+def _local(model, args):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    autocast = args.precision == "bf16"
+
+    def step(tokens, targets):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(tokens, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         return loss
 
     return step
@@ -114,7 +152,13 @@ def _deepspeed(model, args):
     return step
 
 
-IMPLS = {"dsl": _dsl, "ddp": _ddp, "fsdp2": _fsdp2, "deepspeed": _deepspeed}
+def _profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU])
+
+
+IMPLS = {"dsl": _dsl, "ddp": _ddp, "fsdp2": _fsdp2, "deepspeed": _deepspeed, "local": _local}
 
 
 def main() -> int:
@@ -124,14 +168,18 @@ def main() -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--preset", default="bench")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: the shape's")
+    parser.add_argument("--profile", metavar="PATH", default=None,
+                        help="write a torch.profiler table of one measured step of rank 0 to PATH")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, cfg = _model(args.preset)
-    result: dict = {"impl": args.impl, "stage": args.stage, "precision": args.precision}
+    if args.micro_batch is None:
+        args.micro_batch = SHAPES[args.shape][1]
+    model, cfg = _model(args.shape)
+    result: dict = {"impl": args.impl, "stage": args.stage, "precision": args.precision, "shape": args.shape}
     try:
         step = IMPLS[args.impl](model, args)
     except Exception as exc:  # an engine refusing a configuration is a result, not a crash
@@ -140,19 +188,26 @@ def main() -> int:
             print("BENCH " + json.dumps(result), flush=True)
         dist.destroy_process_group()
         return 0
-    times, losses = [], []
-    for tokens, targets in _batches(cfg, args.micro_batch, rank, args.warmup + args.steps):
+    times, cpu_times, losses = [], [], []
+    for i, (tokens, targets) in enumerate(_batches(cfg, args.micro_batch, rank, args.warmup + args.steps)):
         dist.barrier()
-        start = time.perf_counter()
-        loss = step(tokens, targets)
+        profiler = _profiler() if args.profile and rank == 0 and i == args.warmup else None
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with profiler or contextlib.nullcontext():
+            loss = step(tokens, targets)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         losses.append(float(loss))
+        if profiler is not None:
+            with open(args.profile, "w") as f:
+                f.write(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
     median = statistics.median(times[args.warmup:])
     peak_kib = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss], dtype=torch.int64)
     dist.all_reduce(peak_kib, op=dist.ReduceOp.MAX)
     tokens_per_step = args.micro_batch * cfg.seq_len * world
     result.update(step_s=median, tokens_per_s=tokens_per_step / median,
                   peak_rss_bytes=int(peak_kib.item()) * 1024, final_loss=losses[-1],
+                  step_s_min=min(times[args.warmup:]), cpu_s=statistics.median(cpu_times[args.warmup:]),
                   threads=torch.get_num_threads(), world_size=world)
     if rank == 0:
         print("BENCH " + json.dumps(result), flush=True)
