@@ -55,19 +55,22 @@ def _tx_bytes(dev: str = "eth0") -> int:
     return 0
 
 
-def _median_time(fn, reps: int) -> tuple[float, int]:
+def _median_time(fn, reps: int) -> tuple[float, int, float]:
+    """(median wall time, median eth0 bytes sent, median CPU time of this process) per call."""
     import torch.distributed as tdist
 
-    times, sent = [], []
+    times, sent, cpu = [], [], []
     for _ in range(reps):
         tdist.barrier()
         tx0 = _tx_bytes()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         tdist.barrier()
         sent.append(_tx_bytes() - tx0)
-    return statistics.median(times), int(statistics.median(sent))
+    return statistics.median(times), int(statistics.median(sent)), statistics.median(cpu)
 
 
 def _model_steps(optimizer: dict, preset: str, seq_len: int, steps: int) -> tuple[float, int]:
@@ -108,8 +111,9 @@ def worker(out: str, numel: int, reps: int, preset: str, steps: int) -> None:
     x = torch.randn(numel, generator=torch.Generator().manual_seed(rank))
     ar = CompressedAllReduce()
     ar(x.clone())  # warm-up: allocates the error and staging buffers
-    onebit_s, onebit_tx = _median_time(lambda: ar(x), reps)
-    fp32_s, fp32_tx = _median_time(lambda: tdist.all_reduce(x), reps)
+    load_before = os.getloadavg()[0]
+    onebit_s, onebit_tx, onebit_cpu = _median_time(lambda: ar(x), reps)
+    fp32_s, fp32_tx, _ = _median_time(lambda: tdist.all_reduce(x), reps)
     step_times = {}
     for seq_len in SEQ_LENS:
         adam_step, params = _model_steps({"type": "adamw"}, preset, seq_len, steps)
@@ -117,6 +121,7 @@ def worker(out: str, numel: int, reps: int, preset: str, steps: int) -> None:
         step_times[seq_len] = (adam_step, onebit_step)
     result = {
         "numel": numel, "native": native_available(), "onebit_s": onebit_s, "fp32_s": fp32_s,
+        "onebit_cpu_s": onebit_cpu, "load_before": load_before, "load_after": os.getloadavg()[0],
         "onebit_tx": onebit_tx, "fp32_tx": fp32_tx, "onebit_payload": ar.last_wire_bytes,
         "fp32_payload": ar.last_fp32_bytes, "preset": preset, "params": params,
         "step_s": step_times,
@@ -191,7 +196,9 @@ def table(r: dict) -> str:
     lines = [
         f"2 ranks (node1, node2 of tests/cluster), gloo, link limited to 1 Gbit/s per direction "
         f"(`tc ... tbf rate 1gbit burst 256kb latency 50ms` on each host's eth0), one thread per rank; "
-        f"C kernels: {'yes' if r['native'] else 'no (torch fallback)'}.",
+        f"C kernels: {'yes' if r['native'] else 'no (torch fallback)'}. Machine load average (1 min) "
+        f"{r['load_before']:.1f} before, {r['load_after']:.1f} after (2 cores, shared with other work): "
+        f"compression is CPU time, so a busy machine lowers the speed-up.",
         "",
         f"All-reduce of a {r['numel']:,}-element fp32 gradient (median of the timed calls):",
         "",
@@ -201,6 +208,9 @@ def table(r: dict) -> str:
         f"| {r['fp32_tx'] / mb:,.1f} MB | 1.00x |",
         f"| 1-bit compressed (error feedback) | {r['onebit_s']:.3f} s | {r['onebit_payload'] / mb:,.2f} MB "
         f"(1/{r['fp32_payload'] / r['onebit_payload']:.1f}) | {r['onebit_tx'] / mb:,.2f} MB | {speedup:.2f}x |",
+        "",
+        f"CPU time of the compressed call on rank 0: {r['onebit_cpu_s']:.3f} s of its {r['onebit_s']:.3f} s "
+        f"(the rest is waiting for the link, the peer, or a core).",
         "",
         f"Step time of the bundled model (preset `{r['preset']}`, {r['params']:,} parameters, micro_batch 1, "
         f"median after warm-up; 1-bit Adam past its freeze_step; AdamW's fp32 all-reduce overlaps the "
