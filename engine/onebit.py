@@ -18,8 +18,9 @@ Algorithm, with t the optimizer step (1-based) and F = `freeze_step`:
 Communication per step after warm-up: one compressed all-reduce of the momentum (N fp32 values,
 padded to Np, blocks of B = 256 with one fp32 scale each): 2 (w - 1) (Np / w) (1/8 + 4/B) bytes
 sent per rank, (Np / N) (1/32 + 1/B) = ~1/28.4 of the 2 (w - 1) / w 4N bytes of stage 0's fp32
-ring all-reduce (1/28.4 for the tiny preset, whose 117,056 parameters pad to 117,248). `comm_stats()` reports both counts (bytes sent by this rank, payload only)
-for warm-up and compressed steps; the trainer writes them to metrics.jsonl.
+ring all-reduce (1/28.4 for the tiny preset, whose 117,056 parameters pad to 117,248).
+`comm_stats()` reports both counts (bytes sent by this rank, payload only) for warm-up and
+compressed steps; the trainer writes them to metrics.jsonl.
 
 Gradient clipping after warm-up uses this rank's local gradient norm (the global norm of the
 averaged gradient would need the full-precision all-reduce that 1-bit Adam removes), so
