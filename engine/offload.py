@@ -9,7 +9,7 @@ gradient partition (`stage.grad_flat`).
   master weights, so there is no separate master copy).
 - `CpuOffload` (offload.optimizer: cpu): fp32 master weights and states in CPU memory. Per
   sub-group of `sub_group_mib` (shard space in order): the gradient piece is copied out to a CPU
-  buffer, `torch.optim.adamw.adamw(fused=True)` updates the CPU master, and the updated master is
+  buffer, dsl.ops.adam's fused C++ AdamW updates the CPU master, and the updated master is
   copied back into the device parameters. On a CPU-only host "device" and "CPU" are the same
   memory, but the copies are real (the same code moves data across PCIe on a GPU host; pinned
   buffers would make them asynchronous there, and `pin_memory()` fails without an accelerator).

@@ -1,24 +1,25 @@
 """The fused Adam/AdamW step on CPU tensors: vectorised C++ (adam_cpu.cpp), built once per machine.
 
 Why C++ and not `torch.compile`: both were measured on this machine (2 cores, AVX-512, shared
-with other jobs; 50M fp32 elements, min of 8 runs taken side by side): the C++ loop ran the
-plain step in ~64 ms against torch.compile's ~122 ms and torch's own fused AdamW's ~69 ms,
-and the full step (bf16 grad, bf16 copy out) in ~74 ms against ~136 ms; torch.compile also costs
-a 10-45 s first compile per process and shape (its cache helps only on the same shapes). The
-C++ source is plain loops that GCC vectorises (-O3 -march=native -mprefer-vector-width=512); it
-uses no torch headers (a C ABI on data pointers, called through ctypes), so the build takes
-~1-3 s instead of the ~45 s that <torch/extension.h> costs.
+with other jobs; 50M fp32 elements, best of 8 runs side by side): the C++ loop ran the plain
+step in ~64 ms against torch.compile's ~122 ms (torch's own fused AdamW: ~69 ms), and the full
+step (bf16 grad, bf16 copy out) in ~74 ms against ~136 ms; torch.compile also costs a 10-45 s
+compile per process and shape. `python tests/bench/optim.py --compile` repeats the comparison.
+The C++ source is plain loops that GCC vectorises (-O3 -march=native
+-mprefer-vector-width=512); it uses no torch headers (a C ABI on data pointers, called through
+ctypes), so the build takes ~1-3 s instead of the ~45 s that <torch/extension.h> costs.
 
 Algorithm and bytes: one pass over the buffers, see reference.py for the exact per-element
 math (the kernel equals the reference bit for bit). Per element it reads grad (4 or 2 bytes),
 param, exp_avg, exp_avg_sq (12) and writes param, exp_avg, exp_avg_sq (12) and optionally the
 bf16/fp16 copy (2): 28 bytes for the plain fp32 step and 28 for the full step (bf16 grad in,
-bf16 copy out), against 28 + 6 for torch's fused AdamW followed by a separate copy. With
-`check_finite` a read-only scan of the gradient (4 or 2 bytes) runs first, and nothing is
-written when it finds inf/nan.
+bf16 copy out), against 28 + 6 for torch's fused AdamW followed by a separate copy. The copy is
+written with streaming stores (no read of the destination line first; measured ~8-13% off the
+full step). With `check_finite` a read-only scan of the gradient (4 or 2 bytes) runs first,
+and nothing is written when it finds inf/nan.
 
-Threads: OpenMP, one contiguous piece per thread (`torch.get_num_threads()` of them), pieces
-of less than 64K elements on one thread. The extension links the same libgomp soname as torch,
+Threads: OpenMP (`torch.get_num_threads()` of them) taking chunks of 64K elements dynamically,
+so that a thread descheduled by another process does not hold the step up. The extension links the same libgomp soname as torch,
 so it shares torch's OpenMP runtime.
 
 Build: `torch.utils.cpp_extension.load` (ninja, a file lock so that ranks building at once wait
@@ -50,7 +51,7 @@ __all__ = ["BuildError", "load", "adam_step_cpu", "nonfinite_cpu", "cache_dir", 
 
 SOURCE = Path(__file__).with_name("adam_cpu.cpp")
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-math-errno",
-          "-fopenmp", "-std=c++17"]
+          "-fopenmp"]
 """-ffp-contract=off keeps each multiply and add rounded separately (the reference's order);
 -fno-math-errno lets sqrtf vectorise."""
 
@@ -92,6 +93,15 @@ def _ensure_ninja_on_path() -> None:
     os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+def _reason(text: str) -> str:
+    """The line of a compiler/ninja output that says what went wrong."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if any(w in ln.lower() for w in ("error:", "not found", "no such file", "fatal")):
+            return ln
+    return lines[-1] if lines else "no output"
+
+
 @functools.cache
 def load() -> ctypes.CDLL:
     """Build (first time) and load the kernel library; BuildError if that fails."""
@@ -106,8 +116,11 @@ def load() -> ctypes.CDLL:
             build_directory=str(build), is_python_module=False, verbose=False,
         )  # fmt: skip
         lib = ctypes.CDLL(str(path) if path else str(build / "dsl_adam_cpu.so"))
-    except (RuntimeError, OSError, ImportError, FileNotFoundError) as e:
-        raise BuildError(f"building the fused CPU Adam kernel in {build} failed: {e}") from e
+    except (RuntimeError, OSError, ImportError) as e:
+        log_file = build / "build-error.log"
+        log_file.write_text(str(e))
+        raise BuildError(f"building the fused CPU Adam kernel failed: {_reason(str(e))} "
+                         f"(full output: {log_file})") from e
     c_int, c_i64, c_p = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
     lib.dsl_adam_step.argtypes = [c_int, c_p, c_p, c_p, c_p, c_int, c_p, c_i64, c_int, c_p, c_int]
     lib.dsl_adam_step.restype = c_int
