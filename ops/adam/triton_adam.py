@@ -9,8 +9,8 @@ Two kernels, launched on a 1-D grid of ceil(n / BLOCK) programs:
 1. `_nonfinite_kernel` (only with `check_finite`): each program loads BLOCK gradient elements,
    counts the inf/nan ones and folds "any" into one int32 flag with `atomic_max`.
    Reads the gradient once (2 or 4 bytes per element).
-2. `_adam_kernel`: each program first loads the flag (when checking) and returns without
-   writing if it is set, so a skipped step needs no host round trip; otherwise it loads BLOCK
+2. `_adam_kernel`: each program first loads the flag (when checking); a set flag masks all
+   its loads and stores, so a skipped step needs no host round trip; otherwise it loads BLOCK
    elements of grad, param, exp_avg, exp_avg_sq, casts to fp32, applies reference.py's
    per-element math in the same order, and stores param, exp_avg, exp_avg_sq and (optionally)
    the bf16/fp16 copy. 28 bytes per element for fp32 grad without a copy; 28 with bf16 grad and
@@ -71,12 +71,11 @@ def _adam_kernel(
     inv_scale, wd, decay, b1, one_minus_b1, b2, one_minus_b2, step_size, inv_bc2_sqrt, eps,
     DECOUPLED: tl.constexpr, LP: tl.constexpr, CHECK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    if CHECK:
-        if tl.load(flag_ptr) != 0:
-            return
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    if CHECK:  # a set flag masks every load and store: the step writes nothing
+        mask = mask & (tl.load(flag_ptr + offs * 0) == 0)  # one address, broadcast to the block
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     if DECOUPLED:
