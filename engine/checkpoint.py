@@ -24,7 +24,10 @@ Because every tensor is full and named, a checkpoint saved by N ranks at stage X
 ranks at stage Y with no conversion: each rank reads the files (memory-mapped) and copies out
 the slices of its own partitions. Saving gathers partitions with one all_gather per group and
 state (stages 1-3; stage 0 already holds everything); rank 0 alone writes, so its CPU memory
-briefly holds one full copy of parameters and optimizer states.
+briefly holds one full copy of parameters and optimizer states (the other ranks keep none: they
+drop each gathered group at once). That copy is the limit for very large models (a 7B model
+with AdamW: ~84 GB on rank 0's host); writing one file per group as it is gathered would bound
+it to one group (not done yet).
 
 Atomicity: rank 0 writes every file into `.tmp-step-XXXXXX-<id>/`, fsyncs each file and the
 folder, renames the folder to `step-XXXXXX` and fsyncs the parent, then writes `latest` the same
@@ -183,8 +186,10 @@ def resolve(directory: str | os.PathLike) -> Path:
 # Gather / scatter of the engine's state --------------------------------------------------
 
 
-def gather_full(engine: "Engine", *, optimizer: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """Full parameters (and optimizer states) by name. Collective; every rank gets them."""
+def gather_full(engine: "Engine", *, optimizer: bool, keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """Full parameters (and optimizer states) by name. Collective: every rank takes part, one
+    group at a time (at most one group's full tensors alive besides the result); a rank with
+    `keep=False` returns empty dicts and so never holds a full copy (the saving ranks but 0)."""
     stage, states = engine.stage, engine.states
     flats = {k: states.read(k) for k in states.names} if optimizer else {}
     params: dict[str, torch.Tensor] = {}
@@ -196,6 +201,8 @@ def gather_full(engine: "Engine", *, optimizer: bool) -> tuple[dict[str, torch.T
             k: stage.gather_group(f[g.shard_offset : g.shard_offset + g.part_numel].to(full.device), g)
             for k, f in flats.items()
         }
+        if not keep:
+            continue
         for slot in g.slots:
             sl = slice(slot.offset, slot.offset + slot.numel)
             params[slot.name] = full[sl].view(slot.shape).detach().cpu().clone()
@@ -227,7 +234,8 @@ def save(engine: "Engine", directory: str | os.PathLike, *, step: int, extra: di
         raise UserError(f"checkpoint step must be >= 0, got {step}")
     if keep is not None and keep < 1:
         raise UserError(f"keep must be >= 1 (checkpoints to retain), got {keep}")
-    params, optim = gather_full(engine, optimizer=True)
+    # Only rank 0 writes, so only rank 0 keeps the full copy of parameters and optimizer states.
+    params, optim = gather_full(engine, optimizer=True, keep=engine.rank == 0)
     world = engine.world_size
     rng = [None] * world
     if world > 1:

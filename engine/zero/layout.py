@@ -152,18 +152,27 @@ def clip_segments(segments: list[Segment], lo: int, hi: int) -> list[Segment]:
     return out
 
 
+FIRST_BUCKET_BYTES = 1 << 20
+"""Default cap of the first bucket (DDP's first_bucket_bytes_cap)."""
+
+
 def split_buckets(
-    named: list[tuple[str, nn.Parameter]], bucket_bytes: int
+    named: list[tuple[str, nn.Parameter]], bucket_bytes: int, first_bucket_bytes: int | None = None
 ) -> list[list[tuple[str, nn.Parameter]]]:
     """Consecutive runs of at most `bucket_bytes` (a larger parameter gets a bucket of its own),
-    never mixing dtypes or devices."""
+    never mixing dtypes or devices. The first run is capped at `first_bucket_bytes` (default
+    min(bucket_bytes, FIRST_BUCKET_BYTES)), as DDP does: the stages pass parameters in reverse
+    definition order, whose gradients come first in backward, so a small first bucket starts
+    communicating early instead of waiting for most of the backward (with 25 MiB buckets the
+    whole bench model's layers would otherwise share the first bucket)."""
+    first_cap = min(bucket_bytes, FIRST_BUCKET_BYTES) if first_bucket_bytes is None else first_bucket_bytes
     groups: list[list[tuple[str, nn.Parameter]]] = []
     size = 0
     for name, p in named:
         nbytes = p.numel() * p.element_size()
         last = groups[-1][0][1] if groups else None
         same_kind = last is not None and (last.dtype, last.device) == (p.dtype, p.device)
-        if same_kind and size + nbytes <= bucket_bytes:
+        if same_kind and size + nbytes <= (first_cap if len(groups) == 1 else bucket_bytes):
             groups[-1].append((name, p))
             size += nbytes
         else:
