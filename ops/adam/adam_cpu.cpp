@@ -101,6 +101,56 @@ void adam_range_stream_lp(const typename Storage<G>::T* __restrict__ g, float* _
 #endif
 }
 
+// fp16 <-> fp32 with F16C/AVX-512 instructions (round to nearest even, as a _Float16 cast):
+// GCC 12 does not vectorise _Float16 conversions inside adam_range, so fp16 gradients and
+// copies go through 512-element fp32 stack buffers (in L1) converted by these loops.
+inline void f16_to_f32(const _Float16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void f32_to_f16(const float* src, _Float16* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<_Float16>(src[i]);
+}
+
+// One chunk of the step for any dtype pair (the per-element math is adam_range's in every case).
+template <int G, int L, bool ADAMW>
+void adam_chunk(const typename Storage<G>::T* g, float* p, float* m, float* v,
+                typename Storage<L>::T* lp, int64_t n, const Coef& c) {
+  if constexpr (G != kF16 && L != kF16) {
+    if constexpr (L == kNone) adam_range<G, L, ADAMW>(g, p, m, v, nullptr, n, c);
+    else adam_range_stream_lp<G, L, ADAMW>(g, p, m, v, lp, n, c);
+  } else {
+    constexpr int64_t kBuf = 512;
+    constexpr int G2 = G == kF16 ? kF32 : G;
+    constexpr int L2 = L == kF16 ? kNone : L;
+    alignas(64) float gbuf[kBuf];
+    for (int64_t i = 0; i < n; i += kBuf) {
+      const int64_t len = n - i < kBuf ? n - i : kBuf;
+      const typename Storage<G2>::T* gi;
+      if constexpr (G == kF16) {
+        f16_to_f32(g + i, gbuf, len);
+        gi = gbuf;
+      } else {
+        gi = g + i;
+      }
+      if constexpr (L2 == kNone) adam_range<G2, kNone, ADAMW>(gi, p + i, m + i, v + i, nullptr, len, c);
+      else adam_range<G2, L2, ADAMW>(gi, p + i, m + i, v + i, lp + i, len, c);
+      if constexpr (L == kF16) f32_to_f16(p + i, lp + i, len);
+    }
+  }
+}
+
 // Work is handed out in chunks of kChunk elements (256 KiB of each fp32 array), dynamically:
 // when one thread is descheduled (other processes on the cores, a communication thread) the
 // others take its remaining chunks instead of waiting for it at the end of a static split.
@@ -117,8 +167,7 @@ void adam_parallel(const void* g, float* p, float* m, float* v, void* lp, int64_
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && chunks > 1)
   for (int64_t k = 0; k < chunks; ++k) {
     const int64_t lo = k * kChunk, len = (n - lo < kChunk) ? n - lo : kChunk;
-    if constexpr (L == kNone) adam_range<G, L, ADAMW>(gg + lo, p + lo, m + lo, v + lo, nullptr, len, c);
-    else adam_range_stream_lp<G, L, ADAMW>(gg + lo, p + lo, m + lo, v + lo, ll + lo, len, c);
+    adam_chunk<G, L, ADAMW>(gg + lo, p + lo, m + lo, v + lo, L == kNone ? nullptr : ll + lo, len, c);
   }
 }
 
