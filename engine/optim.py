@@ -5,13 +5,14 @@ updates lists of same-shaped pieces (`Segment`s of this rank's partition) with `
 
 - AdamW, fp32 parameters and states: dsl's fused Adam (`dsl.ops.adam`, one pass per piece; the
   C++ kernel on CPU tensors, which is also the CPU-offload path, Triton on CUDA tensors). Its
-  per-element math is reference.py's; against `torch.optim.AdamW` it differs by a few fp32 ulp
-  per step (torch divides by sqrt(bias correction) and lerps exp_avg): tests hold it to rtol
-  1e-6 over several steps. The overflow decision is the engine's (core.py all-reduces it before
-  any rank updates), so the op runs with `check_finite=False`. When the C++ kernel cannot be
-  built, `dsl.ops.adam` warns once and runs its reference (the same numbers, slower); on CUDA
-  without triton, or for other dtypes, torch's fused kernel (`torch.optim.adamw.adamw` with
-  `fused=True`) runs instead, once for the pieces that decay and once for those that do not.
+  per-element math is ops/adam/reference.py's; against `torch.optim.AdamW` it differs by a few
+  fp32 ulp per step (torch divides by sqrt(bias correction) and lerps exp_avg): tests hold the
+  parameters to 1e-6 absolute + 1e-6 relative after 20 steps. The overflow decision is the
+  engine's (core.py all-reduces it before any rank updates), so the op runs with
+  `check_finite=False`. When the C++ kernel cannot be
+  built (`dsl.ops.adam` warns once), on CUDA without triton, and for other dtypes, torch's
+  fused kernel (`torch.optim.adamw.adamw` with `fused=True`) runs instead, once for the pieces
+  that decay and once for those that do not.
 - SGD: `buf = grad` on the first step, then `buf = momentum * buf + grad`; `p -= lr * buf`
   (torch.optim.SGD without dampening/nesterov).
 - Weight decay is decoupled for both (`p *= 1 - lr * weight_decay` before the update), applied to
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim import adamw as _adamw
 
-from dsl.ops.adam import adam_step_coef, coefficients
+from dsl.ops.adam import adam_step_coef, coefficients, cpu_backend
 
 __all__ = ["Hyper", "STATE_NAMES", "update", "update_reference", "stochastic_round_bf16"]
 
@@ -119,7 +120,9 @@ def _fusable(params: list[torch.Tensor], grads: list[torch.Tensor], states: list
     device = params[0].device.type
     if device == "cuda":
         return _triton_available()
-    return device == "cpu"
+    # Without the C++ kernel (no compiler) dsl.ops.adam would run its slow reference: torch's
+    # fused kernel is the faster stand-in here.
+    return device == "cpu" and cpu_backend() == "cpu"
 
 
 @functools.cache

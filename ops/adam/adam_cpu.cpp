@@ -13,7 +13,9 @@
 // The loops are plain C++ that GCC vectorises (-O3 -march=native); OpenMP threads take chunks of
 // 64K elements dynamically.
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
