@@ -363,6 +363,12 @@ def step_time(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: i
     tokens = target_batch * shape.seq_len
     flops_per_token = 6 * shape.flop_params + 6 * shape.layers * shape.hidden * shape.seq_len
     flops = tokens * flops_per_token * (4 / 3 if ckpt else 1.0)
+    # Tiled loss recomputes the logits in backward; a tiled MLP recomputes its forward (already
+    # counted by checkpointing's extra forward when both are on).
+    if engine.tiled_loss.enabled:
+        flops += tokens * 2 * shape.vocab * shape.hidden
+    if engine.tiled_mlp.enabled and not ckpt:
+        flops += tokens * 2 * 3 * shape.hidden * shape.ffn * shape.layers
     mfu = MFU_GPU if hw.accelerator else MFU_CPU
     compute = flops / (world * hw.peak_tflops * 1e12 * mfu) + accum * MICRO_STEP_OVERHEAD_S[hw.accelerator]
     ring = (shards - 1) / shards if shards > 1 else 0.0
@@ -384,7 +390,8 @@ def step_time(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: i
     a2a_s = 0.0
     if sp > 1:
         local = micro * shape.seq_len // sp * shape.hidden * sb.compute
-        per_layer = local * (2 + 2 * shape.kv_heads / shape.heads)  # q, out; k, v
+        # q, out; k, v (replicated up to sp heads when there are fewer kv heads than sp)
+        per_layer = local * (2 + 2 * max(shape.kv_heads, sp) / shape.heads)
         a2a = 2 * shape.layers * per_layer * (sp - 1) / sp * accum
         a2a_s = a2a / (hw.group_link(sp).gb_s * 1e9)
         exposed_s += a2a_s
