@@ -90,6 +90,15 @@ def load_run_spec(path: str | Path) -> RunSpec:
     reason = unsupported_reason(engine)
     if reason is not None:
         raise UserError(f"{locations.where(('engine',))} engine: {reason}")
+    if engine.sequence_parallel != "auto":
+        from dsl.engine.long.degrees import sp_reason
+
+        m = train_cfg.model
+        reason = sp_reason(engine.sequence_parallel, heads=m.num_attention_heads, kv_heads=m.kv_heads,
+                           seq_len=m.seq_len)
+        if reason is not None:
+            where = locations.where(("engine", "sequence_parallel"))
+            raise UserError(f"{where} engine.sequence_parallel: {reason}")
     return RunSpec(train=train_cfg, engine=engine, output_dir=Path(output_dir))
 
 

@@ -121,3 +121,15 @@ engine: {zero_stage: 0, sequence_parallel: auto, micro_batch: 1, activation_chec
     assert prepared.memory.launch_choice.sp == 2
     resolved = next(text for path, text in prepared.plan.files.items() if path.endswith("resolved.yaml"))
     assert "sequence_parallel: 2" in resolved
+
+
+def test_the_trainer_refuses_the_degree_before_starting_torch(write) -> None:
+    from dsl.engine.errors import UserError
+    from dsl.engine.train import load_run_spec
+
+    spec = write("run.yaml", "run:\n  train:\n    model: {preset: tiny}\nengine:\n  sequence_parallel: 3\n"
+                             "output_dir: out\n")
+    with pytest.raises(UserError) as info:
+        load_run_spec(spec)
+    assert str(info.value).startswith(f"{spec}:5:22 engine.sequence_parallel: sequence_parallel (3) must divide "
+                                      "num_attention_heads (4)")
