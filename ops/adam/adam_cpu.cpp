@@ -11,7 +11,7 @@
 //   p  = p - (step_size * m) / (sqrt(v) * inv_bc2_sqrt + eps)
 //   lp = round_to_nearest_even(p)                (optional bf16/fp16 copy)
 // The loops are plain C++ that GCC vectorises (-O3 -march=native); OpenMP threads take chunks of
-// 64K elements dynamically.
+// 16K elements dynamically.
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -153,10 +153,11 @@ void adam_chunk(const typename Storage<G>::T* g, float* p, float* m, float* v,
   }
 }
 
-// Work is handed out in chunks of kChunk elements (256 KiB of each fp32 array), dynamically:
+// Work is handed out in chunks of kChunk elements (64 KiB of each fp32 array), dynamically:
 // when one thread is descheduled (other processes on the cores, a communication thread) the
 // others take its remaining chunks instead of waiting for it at the end of a static split.
-constexpr int64_t kChunk = int64_t(1) << 16;
+// 16K measured ~4% faster than 64K and 256K on the shared 2-core machine (paired runs).
+constexpr int64_t kChunk = int64_t(1) << 14;
 
 template <int G, int L, bool ADAMW>
 void adam_parallel(const void* g, float* p, float* m, float* v, void* lp, int64_t n, const Coef& c,

@@ -18,7 +18,7 @@ written with streaming stores (no read of the destination line first; measured ~
 full step). With `check_finite` a read-only scan of the gradient (4 or 2 bytes) runs first,
 and nothing is written when it finds inf/nan.
 
-Threads: OpenMP (`torch.get_num_threads()` of them) taking chunks of 64K elements dynamically,
+Threads: OpenMP (`torch.get_num_threads()` of them) taking chunks of 16K elements dynamically,
 so that a thread descheduled by another process does not hold the step up. The extension
 links the same libgomp soname as torch, so it shares torch's OpenMP runtime.
 
