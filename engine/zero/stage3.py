@@ -3,9 +3,13 @@ module for its forward and backward, prefetched one module ahead and released af
 
 Units. The model is cut into *units*: every child of an `nn.ModuleList` / `nn.ModuleDict` (the
 repeated blocks of a transformer; outermost lists only), or, for a model without such lists, the
-direct children of the root. The *root unit* holds every other trainable parameter (embeddings,
-final norm, output head) and any parameter used by more than one unit (a tied embedding), so a
-shared parameter is always gathered when any of its users runs. Each unit is one flat group
+direct children of the root. Every other direct child of the root with trainable parameters
+that no other child shares (the embedding, the final norm, an untied output head) is a *resident
+unit*; the *root unit* holds what is left: parameters of the root itself and any parameter used
+by more than one child (a tied embedding), so a shared parameter is always gathered when any of
+its users runs. Resident units are kept apart from the root so that the output head's gradient
+is reduce-scattered as soon as it is ready, at the start of the backward, instead of after the
+embedding's at the very end (and its gather overlaps the layers' forward). Each unit is one flat group
 (layout.py), padded to a multiple of world_size; rank r keeps partition r of every unit in
 `master` (shard space): these are the only persistent parameter bytes (fp32 master weights
 under autocast-style mixed precision, bf16 with low_precision_states).
@@ -21,18 +25,20 @@ Communication plan
 All-gathers and reduce-scatters below are collectives.py's (on gloo: broadcasts and point-to-point
 messages, 2-5x faster than gloo's all_gather_single / reduce_scatter_single).
 
-- Forward: the root unit's all-gather (master partition -> flat buffer) runs in the root
-  module's forward pre-hook and stays gathered until the end of the backward. A unit's forward
+- Forward: the root module's forward pre-hook issues the asynchronous all-gathers (master
+  partition -> flat buffer) of the first two units of the recorded forward order and of every
+  resident unit, then gathers the root unit and waits for it. The root unit stays gathered until
+  the end of the backward; a resident unit until its gradients are reduced. A unit's forward
   pre-hook waits for its gather (or issues it) and issues an asynchronous gather for the next unit
   in the forward order recorded during the first forward (prefetch); its forward post-hook
-  releases it and registers a pre-backward hook on its outputs.
+  releases it (not a resident unit) and registers a pre-backward hook on its outputs.
 - Backward: a unit's pre-backward hook (the gradient of one of its outputs arrived) gathers it
   again (usually prefetched already) and prefetches the unit whose backward comes next. Each
   parameter's post-accumulate-grad hook copies its gradient into the unit's staging buffer and
   frees it; when all of a unit's gradients are in, the staging buffer is divided by
   `world_size * grad_accum` and an asynchronous reduce-scatter (SUM) into a
-  partition-sized buffer is launched (strictly in reverse forward order, identical on all ranks),
-  and the unit is released. Completed reduce-scatters are added into `grad_flat`; at most
+  partition-sized buffer is launched (strictly in reverse forward order, the root unit last,
+  identical on all ranks), and the unit is released. Completed reduce-scatters are added into `grad_flat`; at most
   `MAX_IN_FLIGHT` are alive. This happens on every micro-step (accumulation in the partition).
   At the end of the backward a callback reduces the remaining units (missing gradients are
   zeros), waits for all reductions and releases every unit.
@@ -86,6 +92,27 @@ def choose_units(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return units
 
 
+def _split_root(module: nn.Module, root: list[tuple[str, nn.Parameter]], units: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[nn.Module, list[tuple[str, nn.Parameter]]]]]:
+    """The root's parameters that belong to exactly one direct child of the root (outside the
+    units), as one *resident* unit per such child: (rest of the root, [(child, its params)])."""
+    unit_names = {n for n, _ in units}
+    reach: dict[int, set[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        reach.setdefault(id(p), set()).add(name.split(".", 1)[0] if "." in name else "")
+    children = dict(module.named_children())
+    rest: list[tuple[str, nn.Parameter]] = []
+    per_child: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    for name, p in root:
+        who = reach[id(p)]
+        child = next(iter(who)) if len(who) == 1 else ""
+        if child and child in children and child not in unit_names and not any(
+                u.startswith(child + ".") for u in unit_names):
+            per_child.setdefault(child, []).append((name, p))
+        else:
+            rest.append((name, p))
+    return rest, [(children[c], named) for c, named in per_child.items()]
+
+
 def _assign(module: nn.Module, units: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Parameter]], list[list[tuple[str, nn.Parameter]]]]:
     """Trainable parameters of the root unit and of each unit; a parameter reached from more than
     one owner belongs to the root."""
@@ -127,6 +154,8 @@ class _Unit:
         self.work: Any = None
         self.backward_ready = False
         self.reduced = False
+        self.resident = False
+        """A child of the root outside the units: stays gathered from forward to its reduce."""
 
 
 class Stage3(ZeroStage):
@@ -148,9 +177,11 @@ class Stage3(ZeroStage):
         super().__init__(grad_accum=grad_accum, world_size=world_size, rank=rank)
         unit_modules = choose_units(module)
         root_named, per_unit = _assign(module, unit_modules)
+        root_named, resident = _split_root(module, root_named, unit_modules)
         kept = [(m, named) for (_, m), named in zip(unit_modules, per_unit) if named]
-        named_groups = [root_named] + [named for _, named in kept]
-        modules = [module] + [m for m, _ in kept]
+        named_groups = [root_named] + [named for _, named in resident] + [named for _, named in kept]
+        modules = [module] + [m for m, _ in resident] + [m for m, _ in kept]
+        resident_modules = {id(m) for m, _ in resident}
         if not root_named:  # the root still needs a (possibly empty) unit for its hooks
             named_groups, modules = named_groups[1:], modules[1:]
             self._root_has_params = False
@@ -173,6 +204,7 @@ class Stage3(ZeroStage):
                 lo, hi = self.layout.part_range(g)
                 self.master[g.shard_offset : g.shard_offset + g.part_numel].copy_(full[lo:hi])
                 unit = _Unit(g, m, full)
+                unit.resident = id(m) in resident_modules
                 for slot, p in zip(g.slots, g.params):
                     p.data = full[slot.offset : slot.offset + slot.numel].view(slot.shape)
                     p.grad = None
@@ -181,6 +213,9 @@ class Stage3(ZeroStage):
                 self.units.append(unit)
         self._root = self.units[0] if self._root_has_params else None
         self._root_module = module
+        self._resident = [u for u in self.units if u.resident]
+        """Units of the root's other children (embedding, final norm, output head): gathered
+        when the root's forward starts, kept until their gradients are reduced (as the root)."""
         self._order: list[int] = []
         """Unit indices in the order of the first forward (the root first when it has params)."""
         self._recording = True
@@ -249,6 +284,13 @@ class Stage3(ZeroStage):
     # Forward hooks -----------------------------------------------------------------------
 
     def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
+        if not _in_backward():
+            # Issue order (the same on every rank): the first two units of the recorded forward
+            # order, then the other resident units, so the head's gather overlaps the layers.
+            first = [self.units[i] for i in self._order[:2]] if not self._recording else []
+            for unit in first + self._resident:
+                if unit is not self._root:
+                    self._gather(unit)
         if self._root is not None:
             self._use(self._root)
             if self._recording and self._root.index not in self._order:
@@ -261,6 +303,9 @@ class Stage3(ZeroStage):
                 self._register_pre_backward(self._root, output)
             elif not _in_backward():
                 self._release(self._root)
+        if not torch.is_grad_enabled() and not _in_backward():
+            for unit in self._resident:
+                self._release(unit)
 
     def _pre_forward(self, unit: _Unit) -> None:
         self._use(unit)
@@ -275,7 +320,7 @@ class Stage3(ZeroStage):
     def _post_forward(self, unit: _Unit, output: Any) -> None:
         if torch.is_grad_enabled():
             self._register_pre_backward(unit, output)
-        if not _in_backward():
+        if not _in_backward() and not unit.resident:
             self._release(unit)
 
     def _register_pre_backward(self, unit: _Unit, output: Any) -> None:

@@ -185,6 +185,58 @@ def test_stage3_units_gather_prefetch_and_release() -> None:
     assert max(float((mine[n] - theirs[n]).abs().max()) for n in mine) < 1e-6
 
 
+class _Untied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(2))
+        self.head = nn.Linear(8, 16, bias=False)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.emb(tokens)
+        for layer in self.layers:
+            x = x + layer(x)
+        return nn.functional.cross_entropy(self.head(x).flatten(0, 1), targets.flatten())
+
+
+def test_stage3_reduces_the_output_head_first_and_the_embedding_last() -> None:
+    torch.manual_seed(0)
+    engine = initialize(_Untied(), {"zero_stage": 3, "grad_clip": None}, lr=1e-2)
+    stage = engine.stage
+    # No root unit: the embedding and the head are resident units of their own.
+    assert stage.unit_names == [["emb.weight"], ["head.weight"],
+                                *[[f"layers.{i}.0.weight", f"layers.{i}.0.bias"] for i in range(2)]]
+    launched: list[list[str]] = []
+    launch = stage._launch
+
+    def spy(unit):  # the order in which units' gradients start their reduce-scatter
+        launched.append(stage.unit_names[unit.index])
+        launch(unit)
+
+    stage._launch = spy
+    gathered_in_layer: list[list[bool]] = []
+    engine.module.layers[0].register_forward_pre_hook(
+        lambda m, a: gathered_in_layer.append([u.full.untyped_storage().nbytes() > 0 for u in stage.units]))
+    for step in range(2):
+        engine(*_tied_batch(step)).backward()
+        engine.step()
+        engine.zero_grad()
+    # The head's gradient is ready first in backward and is reduced first, not after the
+    # embedding's at the end; both stay gathered through the layers' forward.
+    assert launched[-4:] == [["head.weight"], *[[f"layers.{i}.0.weight", f"layers.{i}.0.bias"] for i in (1, 0)],
+                             ["emb.weight"]]
+    assert gathered_in_layer[-1][:2] == [True, True]
+    assert all(u.full.untyped_storage().nbytes() == 0 for u in stage.units)
+    torch.manual_seed(0)
+    ref = initialize(_Untied(), {"zero_stage": 0, "grad_clip": None}, lr=1e-2)
+    for step in range(2):
+        ref(*_tied_batch(step)).backward()
+        ref.step()
+        ref.zero_grad()
+    mine, theirs = engine.full_state_dict(), ref.full_state_dict()
+    assert max(float((mine[n] - theirs[n]).abs().max()) for n in mine) < 1e-6
+
+
 def test_stage2_keeps_no_full_gradient() -> None:
     torch.manual_seed(0)
     engine = initialize(_Tied(), {"zero_stage": 2, "bucket_mib": 0.0002, "grad_accum": 2})
