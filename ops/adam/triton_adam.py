@@ -6,8 +6,8 @@ at import time.
 
 Two kernels, launched on a 1-D grid of ceil(n / BLOCK) programs:
 
-1. `_nonfinite_kernel` (only with `check_finite`): each program loads BLOCK gradient elements,
-   counts the inf/nan ones and folds "any" into one int32 flag with `atomic_max`.
+1. `_nonfinite_kernel` (only with `check_finite`): each program loads BLOCK gradient elements
+   and folds "any inf/nan among them" into one int32 flag with `atomic_max`.
    Reads the gradient once (2 or 4 bytes per element).
 2. `_adam_kernel`: each program first loads the flag (when checking); a set flag masks all
    its loads and stores, so a skipped step needs no host round trip; otherwise it loads BLOCK
@@ -20,7 +20,8 @@ Exactness: all arithmetic is fp32 (bf16/fp16 values are cast after loading: the 
 computes bf16 arithmetic wrongly), division and square root are the correctly rounded
 `div_rn`/`sqrt_rn`, and the launch passes `enable_fp_fusion=False` so that no multiply-add is
 contracted: the kernel reproduces the reference bit for bit under the interpreter, and is
-meant to on a GPU as well (the GPU tests allow 1 ulp).
+meant to on a GPU as well (the GPU tests allow 1 ulp). The bf16 copy is rounded to nearest
+even on the fp32 bits (`_bf16_bits_rne`): the interpreter truncates in `.to(tl.bfloat16)`.
 
 No `@triton.autotune`: with more than one config it fails without a GPU (even under the
 interpreter). BLOCK is an argument instead: 1024 on a GPU; tests under the interpreter pass a
