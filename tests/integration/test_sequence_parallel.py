@@ -10,9 +10,10 @@ Scenarios: multi-head attention (kv heads 4 = heads, sp divides them), grouped-q
 with kv heads 2 (sp divides them) and 1 (fewer than sp: replicated), at ZeRO stage 0, and
 sp 2 with ZeRO-2 and ZeRO-3 (GQA), plus fp32 tiled loss + tiled MLP + checkpoint offload on top.
 
-Tolerance: 2e-5 absolute on losses of ~5.5 -> ~3 (fp32; only the order of sums differs:
-attention over the full sequence is the same computation, gradients are summed over the two
-sequence halves by the ZeRO average instead of inside one matmul).
+Tolerance: 2e-5 absolute on fp32 losses of ~4.86 -> ~4.2 (measured: at most 9.5e-7 over 20
+steps in every scenario; only the order of sums differs: attention over the full sequence is
+the same computation, gradients are summed over the two sequence halves by the ZeRO average
+instead of inside one matmul).
 """
 
 from __future__ import annotations
