@@ -19,6 +19,9 @@ instead of ~12 B x N x V (engine/memory.py `logits`). Cost: one more [N, h] x [h
 (the recomputed logits), as the paper's recipe (Wijmans et al. 2024, "Cut Your Losses in
 Large-Vocabulary Language Models"; Arctic Long Sequence Training's TiledFusedLogitsLoss).
 
+Every target counts (no ignore_index: the bundled data has no padding); a target of -100 is an
+error here, where F.cross_entropy would skip it.
+
 No communication. Under sequence parallelism each rank's loss is the mean over its own tokens
 (the shift of targets happened before the sequence was split, engine/data.py).
 """
