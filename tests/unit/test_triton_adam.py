@@ -14,10 +14,14 @@ import sys
 import pytest
 import torch
 
-# Not importorskip: importing triton here, before the fixture sets TRITON_INTERPRET, would make
-# the fixture re-import triton's Python modules.
+# Not importorskip: importing triton here, before TRITON_INTERPRET is set, would make the
+# fixture re-import triton's Python modules.
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install -e '.[test]')", allow_module_level=True)
+if not torch.cuda.is_available():
+    # Set at collection, before anything in this pytest process imports triton (torch._dynamo
+    # does): without a GPU the interpreter is the only way triton kernels run at all.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dsl.ops.adam import coefficients  # noqa: E402
 from dsl.ops.adam.reference import adam_step_reference  # noqa: E402
@@ -29,6 +33,16 @@ BLOCK = 65536
 
 
 NAME = "dsl.ops.adam.triton_adam"
+
+
+def _interpreted_triton_loaded() -> bool:
+    """triton is imported and its library functions were decorated for the interpreter."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.max, InterpretedFunction)
 
 
 def _python_triton_modules() -> dict:
@@ -43,14 +57,20 @@ def tri():
     """dsl.ops.adam.triton_adam and triton itself imported under the interpreter.
 
     TRITON_INTERPRET is read when a function is decorated, triton's own library functions
-    (tl.max, ...) included; if something imported triton earlier (torch._dynamo does), its Python
-    modules are imported afresh here and the earlier ones are put back afterwards. With a GPU
+    (tl.max, ...) included. It is set when this file is collected; if triton was imported before
+    that without it, triton's Python modules are imported afresh here and the earlier ones are put
+    back afterwards (nanobind then reports leaks at exit: harmless). With a GPU
     the compiled kernels are tested instead (one process cannot hold both)."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the GPU tests below cover the kernels")
-    saved = _python_triton_modules()
-    for k in saved:
-        del sys.modules[k]
+    if _interpreted_triton_loaded():  # the usual case: TRITON_INTERPRET was set at collection
+        saved = {}
+        if NAME in sys.modules and not sys.modules[NAME].INTERPRETED:
+            del sys.modules[NAME]
+    else:
+        saved = _python_triton_modules()
+        for k in saved:
+            del sys.modules[k]
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
