@@ -259,7 +259,7 @@ class StateBytes:
 
 def state_bytes(precision: str = "bf16", low_precision_states: bool = False, optimizer: str = "adamw",
                 layout: Layout | None = None) -> StateBytes:
-    moments = 2 if optimizer == "adamw" else 1  # Adam: momentum + variance; SGD: momentum
+    moments = 1 if optimizer == "sgd" else 2  # Adam, 1-bit Adam: momentum + variance; SGD: momentum
     if precision == "fp32":
         return StateBytes(4, 4, 0, 4 * moments, 4, 4, False)
     if low_precision_states:
@@ -284,6 +284,24 @@ class Term:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "device_bytes": self.device_bytes, "host_bytes": self.host_bytes,
                 "nvme_bytes": self.nvme_bytes, "formula": self.formula, "transient": self.transient}
+
+
+ONEBIT_BLOCK = 256
+"""Elements per scale of the 1-bit compression (ops/comm/allreduce.py DEFAULT_BLOCK)."""
+
+
+def onebit_buffer_bytes(params: int, world: int, block: int = ONEBIT_BLOCK) -> tuple[int, str]:
+    """1-bit Adam's buffers after its freeze step (engine/onebit.py, ops/comm/allreduce.py), fp32
+    over the padded flat parameters: the frozen denominator sqrt(v_hat)+eps (4 B), the worker
+    error (4 B; the momentum is allocated padded, so no padded copy), the server error of this
+    rank's chunk (4/w B), and
+    the wire buffers of packed signs + block scales (send, receive, gathered: w rows each; own
+    chunk: 1 row): (3w+1)/w x (1/8 + 4/block) B per parameter."""
+    w = max(1, world)
+    padded = -(-params // (w * block)) * (w * block)
+    wire = (3 * w + 1) * (padded // w) * (1 / 8 + 4 / block)
+    total = int(4 * params + 4 * padded + 4 * padded // w + wire)
+    return total, f"1-bit buffers ({8 + 4 / w + (3 * w + 1) / w * (1 / 8 + 4 / block):.2f} B x {params:,})"
 
 
 def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16",
@@ -317,6 +335,9 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
         o_bytes, o_f = part(sb.optimizer, stage >= 1)
         if not sb.master:
             m_f = "none: the parameters are the fp32 master weights"
+        if optimizer == "onebit_adam":
+            extra, extra_f = onebit_buffer_bytes(params, n)
+            o_bytes, o_f = o_bytes + extra, f"{o_f} + {extra_f}"
         terms.append(Term(MASTER, device_bytes=m_bytes, formula=m_f))
         terms.append(Term(OPTIMIZER, device_bytes=o_bytes, formula=o_f))
         return tuple(terms)

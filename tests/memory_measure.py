@@ -24,6 +24,7 @@ ctx = dist.setup()
 cfg = ModelConfig(**model)
 out = []
 for case in cases:
+    steps = case.pop("steps", 1)
     torch.manual_seed(0)
     net = Llama(cfg, activation_checkpointing=case.get("activation_checkpointing") is True)
     engine = initialize(net, case)
@@ -31,9 +32,10 @@ for case in cases:
     g = torch.Generator().manual_seed(ctx.rank)
     tokens = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g)
     targets = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g)
-    engine(tokens, targets).backward()
-    engine.step()
-    engine.zero_grad()
+    for _ in range(steps):
+        engine(tokens, targets).backward()
+        engine.step()
+        engine.zero_grad()
     out.append(engine.state_summary())
     engine.close()
 print("RESULT " + json.dumps(out), flush=True)
@@ -65,6 +67,7 @@ def measure(cases: list[dict], model: dict, timeout: float = 900) -> list[list[d
 
 
 def expected(model: dict, case: dict, dp: int = 2) -> dict:
+    case = {k: v for k, v in case.items() if k != "steps"}
     from dsl.engine.config import EngineConfig
     from dsl.engine.memory import expected_state_summary
     from dsl.engine.train_config import ModelConfig
@@ -74,4 +77,6 @@ def expected(model: dict, case: dict, dp: int = 2) -> dict:
 
 def case_id(case: dict) -> str:
     extra = [k for k in ("activation_checkpointing", "offload") if k in case]
+    if "optimizer" in case:
+        extra.append(case["optimizer"]["type"])
     return f"stage{case['zero_stage']}-{case['precision']}" + "".join(f"-{k}" for k in extra)

@@ -25,6 +25,8 @@ CASES = [
     {"zero_stage": 2, "precision": "bf16", "micro_batch": 8},
     {"zero_stage": 3, "precision": "bf16", "micro_batch": 8, "activation_checkpointing": True},
     {"zero_stage": 2, "precision": "fp32", "micro_batch": 8, "offload": {"optimizer": "cpu"}},
+    {"zero_stage": 0, "precision": "fp32", "micro_batch": 8, "steps": 2,
+     "optimizer": {"type": "onebit_adam", "freeze_step": 1}},
 ]
 
 
