@@ -13,11 +13,14 @@ Mapped (DeepSpeed -> dsl):
   offload.optimizer (+ nvme_path); .offload_param.device -> offload.params;
   .reduce_bucket_size (elements, fp32 gradients: 4 bytes each) -> bucket_mib;
   .sub_group_size (elements of fp32 state) -> offload.sub_group_mib;
+  .zero_quantized_gradients (ZeRO++ qgZ) -> comm.quantize_gradients;
 - bf16.enabled / fp16.enabled -> precision; fp16.loss_scale (0 = dynamic, else static),
   initial_scale_power, loss_scale_window, hysteresis, min_loss_scale -> loss_scale;
 - gradient_clipping -> grad_clip (0 = off);
-- optimizer {type: Adam|AdamW|SGD, params: lr, betas, eps, weight_decay, momentum} -> optimizer
-  (DeepSpeed's Adam defaults to decoupled weight decay, i.e. AdamW; adam_w_mode: false is refused);
+- optimizer {type: Adam|AdamW|SGD|OneBitAdam, params: lr, betas, eps, weight_decay, momentum,
+  freeze_step} -> optimizer (DeepSpeed's Adam defaults to decoupled weight decay, i.e. AdamW;
+  adam_w_mode: false is refused; OneBitAdam -> onebit_adam, its cuda_aware/comm_backend_name
+  accepted without effect);
 - scheduler WarmupLR / WarmupDecayLR / WarmupCosineLR {warmup_num_steps, warmup_max_lr,
   total_num_steps, cos_min_ratio} -> scheduler (constant / linear to 0 / cosine).
 """
@@ -42,6 +45,8 @@ _NOOP = {
     ("wall_clock_breakdown",): (None, "dsl logs tokens/s per interval instead"),
     ("optimizer", "params", "torch_adam"): (None, "dsl picks its fused optimizer itself"),
     ("bf16", "immediate_grad_update"): (None, "no effect in dsl"),
+    ("optimizer", "params", "cuda_aware"): (None, "dsl's 1-bit all-reduce runs over the job's process group"),
+    ("optimizer", "params", "comm_backend_name"): (None, "dsl's 1-bit all-reduce runs over the job's process group"),
 }
 
 
@@ -123,6 +128,8 @@ class _Mapper:
             offload["sub_group_mib"] = float(sub_group) * 4 / _MIB
         if offload:
             out["offload"] = offload
+        if self.get("zero_optimization", "zero_quantized_gradients"):
+            out["comm"] = {"quantize_gradients": True}
         bucket = self.get("zero_optimization", "reduce_bucket_size")
         if bucket is not None:
             out["bucket_mib"] = float(bucket) * 4 / _MIB
@@ -153,15 +160,18 @@ class _Mapper:
         kind = self.get("optimizer", "type")
         if kind is None:
             return
-        names = {"adam": "adamw", "adamw": "adamw", "sgd": "sgd"}
+        names = {"adam": "adamw", "adamw": "adamw", "sgd": "sgd", "onebitadam": "onebit_adam"}
         if str(kind).lower() not in names:
-            self.refuse(("optimizer", "type"), f"optimizer {kind!r} is not supported (Adam, AdamW, SGD are)")
+            self.refuse(("optimizer", "type"), f"optimizer {kind!r} is not supported "
+                        "(Adam, AdamW, SGD, OneBitAdam are)")
             return
         opt: dict[str, Any] = {"type": names[str(kind).lower()]}
         if str(kind).lower() == "adam" and self.get("optimizer", "params", "adam_w_mode") is False:
             self.refuse(("optimizer", "params", "adam_w_mode"), "Adam with L2 weight decay is not "
                         "supported; dsl's Adam decouples weight decay (AdamW)")
-        for key in ("lr", "betas", "eps", "weight_decay", "momentum"):
+        for key in ("lr", "betas", "eps", "weight_decay", "momentum", "freeze_step"):
+            if key == "freeze_step" and opt["type"] != "onebit_adam":
+                continue
             value = self.get("optimizer", "params", key)
             if value is not None:
                 opt[key] = value

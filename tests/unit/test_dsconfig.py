@@ -68,3 +68,17 @@ def test_missing_json_names_the_spec_field(write):
     spec = write("s.yaml", "name: j\nrun: {train: {}}\nengine:\n  deepspeed_config: nope.json\n")
     with pytest.raises(UserError, match=r"s.yaml:4:21 engine.deepspeed_config: cannot read DeepSpeed config"):
         load_spec(spec)
+
+
+def test_onebit_adam_and_quantized_gradients_map_too(write):
+    ds = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 0},
+          "optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3, "freeze_step": 400, "cuda_aware": False,
+                                                         "comm_backend_name": "nccl"}}}
+    engine = load_spec(_spec(write, ds)).spec.engine
+    assert engine.optimizer.type == "onebit_adam" and engine.optimizer.freeze_step == 400
+    ds = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2, "zero_quantized_gradients": True}}
+    assert load_spec(_spec(write, ds)).spec.engine.comm.quantize_gradients is True
+    # 1-bit Adam with a ZeRO stage it cannot run is refused, naming the stages that work.
+    ds = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}}
+    with pytest.raises(UserError, match="zero_stage 0"):
+        load_spec(_spec(write, ds))
