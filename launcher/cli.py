@@ -237,7 +237,7 @@ def plan_cmd(
     else:
         from rich.console import Console
 
-        from dsl.launcher.planner import render
+        from dsl.launcher.planreport import render
 
         out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
         commands = prepared.plan.describe() if memory.launch_choice is not None else None

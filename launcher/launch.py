@@ -178,9 +178,9 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
     # A recorded topology (resources.topology, --topology) stands for this host: it decides
     # procs_per_node auto; then the planner fills `auto` engine fields from memory + topology
     # and refuses what does not fit, before anything starts.
-    from dsl.launcher import planner
+    from dsl.launcher import planspec
 
-    hosts, pin = planner.recorded_hosts(spec_file, topology) or resolve_spec_hosts(spec_file)
+    hosts, pin = planspec.recorded_hosts(spec_file, topology) or resolve_spec_hosts(spec_file)
     inputs, port = _render_inputs(spec_file, pin, reserve)
     backend = spec.resources.backend
     dry_run = not reserve and refuse_unfit
@@ -197,7 +197,7 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
         log.info("planner: planning for %s, the weakest of %d probed host(s)", name, len(probed))
         return topo
 
-    spec_file, hosts, pin, memory_plan = planner.resolve(
+    spec_file, hosts, pin, memory_plan = planspec.resolve(
         spec_file, hosts, pin, topology=topology, refuse=refuse_unfit, runnable=unsupported_reason,
         probe=probe_remote, probe_only_for_auto=dry_run)
     return Prepared(spec_file, render(spec_file, hosts, inputs), port, memory_plan)

@@ -1,7 +1,10 @@
 """The planner: fill every `auto` field of a spec's engine section from memory + topology.
 
     plan = search(shape, engine, hardware, target_batch, free=...)  # pure: candidates + choice
-    spec_file, hosts, pin, plan = resolve(spec_file, hosts, pin)      # what `dsl launch` calls
+
+The pieces: launcher/hardware.py (what the hosts offer), this module (candidates, step time, the
+search), launcher/planspec.py (`resolve`: a spec's free fields -> a plan, what `dsl launch` and
+`dsl plan` call), launcher/planreport.py (`dsl plan`'s report).
 
 For each combination of the free fields (ZeRO stage 0-3; optimizer offload none/cpu/nvme and, at
 stage 3, parameter offload; sequence-parallel degree; activation checkpointing) it takes the
@@ -43,207 +46,27 @@ spec, or refuses the job, saying what would fit (more devices, more host RAM, bi
 shorter sequences), before anything starts.
 """
 
+
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from dsl.engine import memory
 from dsl.engine.config import EngineConfig
-from dsl.engine.errors import UserError
-from dsl.engine.memory import GB, GiB, Breakdown, ModelShape
-from dsl.topology.model import HostTopology
-from dsl.topology.specs import accelerator_spec
-
-if TYPE_CHECKING:
-    from dsl.launcher.hosts import Host
-    from dsl.launcher.spec import SpecFile
-
-log = logging.getLogger(__name__)
+from dsl.engine.memory import Breakdown, ModelShape
+from dsl.launcher.hardware import Hardware, fmt_gb, fmt_gib, hardware_of
 
 SAFETY_MARGIN = 0.10
 """Plans keep 10% of device and host memory free (allocator fragmentation, stray buffers)."""
 MFU_GPU = 0.40
 MFU_CPU = 0.30
-LINK_EFFICIENCY = 0.80
 CPU_OPTIMIZER_EFFICIENCY = 0.50
 TIE_WINDOW = 0.03
 MICRO_STEP_OVERHEAD_S = {True: 0.003, False: 0.002}
 """Launch and Python overhead per micro-step (GPU, CPU): favours fewer, larger micro-batches."""
-ASSUMED_SOCKET_MEMORY_GB_S = 100.0
-ASSUMED_NETWORK_GBIT_S = 100.0
-ASSUMED_NVME_GB_S = (2.0, 1.0)
-GLOO_SHM_GB_S = 1.0  # ../shared/docs/FACTS.md: gloo on CPU moves 0.3-2 GB/s
-
-
-# Hardware ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Link:
-    gb_s: float
-    """Effective bus bandwidth per rank, per direction."""
-    kind: str
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """What the planner needs to know about the hosts, derived from one HostTopology."""
-
-    topology: HostTopology
-    hosts: int
-    ranks_per_host: int
-    accelerator: bool
-    device_name: str
-    device_memory_bytes: int
-    """Capacity per rank: the GPU's memory, or a CPU rank's share of host RAM."""
-    host_ram_bytes: int
-    peak_tflops: float
-    peak_note: str
-    host_link: Link | None
-    network: Link | None
-    """Network bandwidth per host (to other hosts); None on one host."""
-    host_memory_gb_s: float
-    nvme_free_bytes: int
-    nvme_read_gb_s: float
-    nvme_write_gb_s: float
-    device_memory_gb_s: float | None
-    notes: tuple[str, ...] = ()
-    _links: dict[int, Link] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def world(self) -> int:
-        return self.hosts * self.ranks_per_host
-
-    def group_link(self, size: int) -> Link:
-        """Bus bandwidth of a collective over `size` consecutive ranks (ranks fill hosts in order)."""
-        if size <= 1:
-            return Link(math.inf, "none")
-        cached = self._links.get(size)
-        if cached is None:
-            cached = self._links[size] = self._group_link(size)
-        return cached
-
-    def _group_link(self, size: int) -> Link:
-        if not self.accelerator:
-            intra = Link(GLOO_SHM_GB_S, "gloo over shared memory")
-        else:
-            intra = _intra_link(self.topology, list(range(min(size, self.ranks_per_host))))
-        if size <= self.ranks_per_host or self.network is None:
-            return intra
-        per_rank = self.network.gb_s / self.ranks_per_host
-        return intra if intra.gb_s <= per_rank else Link(per_rank, self.network.kind)
-
-    def describe(self) -> str:
-        per = f"{self.ranks_per_host} x {self.device_name} ({_gib(self.device_memory_bytes)})" \
-            if self.accelerator else f"{self.ranks_per_host} CPU rank(s) ({_gib(self.device_memory_bytes)} RAM each)"
-        hosts = f"{self.hosts} host(s) x " if self.hosts > 1 else ""
-        link = f", host link {self.host_link.kind}" if self.host_link and self.accelerator else ""
-        intra = self.group_link(self.ranks_per_host)
-        between = f", {intra.kind} between ranks" if self.ranks_per_host > 1 else ""
-        return f"{hosts}{per}, {_gib(self.host_ram_bytes)} host RAM{between}{link}"
-
-
-def _intra_link(topo: HostTopology, slots: list[int]) -> Link:
-    if len(slots) < 2 or len(topo.accelerators) < 2:
-        return Link(math.inf, "none")
-    pairs = [topo.link(a, b) for i, a in enumerate(slots) for b in slots[i + 1:]]
-    if any(p is None for p in pairs):
-        return Link(10.0, "unknown links (assumed 10 GB/s)")
-    kinds = {p.kind for p in pairs}  # type: ignore[union-attr]
-    if kinds <= {"nvswitch", "nvlink"}:
-        bw = min(p.bandwidth_gb_s or 25.0 for p in pairs)  # type: ignore[union-attr]
-        name = "NVSwitch" if kinds == {"nvswitch"} else "NVLink"
-        return Link(bw * LINK_EFFICIENCY, f"{name} {bw:g} GB/s")
-    pcie = [p for p in pairs if p.kind == "pcie"]  # type: ignore[union-attr]
-    bw = min(p.bandwidth_gb_s or 16.0 for p in pcie)
-    if any(p.p2p is False for p in pcie):
-        # Without P2P, NCCL stages every transfer through host memory: about half the link.
-        return Link(bw * LINK_EFFICIENCY / 2, f"PCIe {bw:g} GB/s without P2P (through host memory)")
-    return Link(bw * LINK_EFFICIENCY, f"PCIe {bw:g} GB/s P2P")
-
-
-def hardware_of(topo: HostTopology, *, hosts: int = 1, ranks_per_host: int | None = None,
-                precision: str = "bf16") -> Hardware:
-    notes: list[str] = []
-    gpus = list(topo.accelerators)
-    accelerator = bool(gpus)
-    ram = topo.usable_ram_bytes
-    if ram is None:
-        ram = 16 * GiB
-        notes.append("host RAM unknown: assumed 16 GiB")
-    if ranks_per_host is None:
-        ranks_per_host = len(gpus) or 1
-    if accelerator and ranks_per_host > len(gpus):
-        notes.append(f"{ranks_per_host} ranks per host but {len(gpus)} GPU(s): ranks would share GPUs; "
-                     "planned as one GPU per rank")
-    sockets = topo.cpu.sockets or 1
-    mem_bw = topo.memory_bandwidth_gb_s
-    if mem_bw is None:
-        mem_bw = ASSUMED_SOCKET_MEMORY_GB_S * sockets
-        notes.append(f"host memory bandwidth unknown: assumed {mem_bw:g} GB/s")
-    if accelerator:
-        dev = gpus[0]
-        mem = min((g.memory_bytes for g in gpus if g.memory_bytes), default=None)
-        if mem is None:
-            mem = 16 * GiB
-            notes.append("GPU memory unknown: assumed 16 GiB")
-        spec = accelerator_spec(dev.name)
-        if spec is None:
-            peak = 100.0 if precision != "fp32" else 20.0
-            peak_note = f"{dev.name} is not in topology/specs.py: assumed {peak:g} TFLOP/s"
-            notes.append(peak_note)
-            device_bw = None
-        else:
-            peak = spec.bf16_tflops if precision != "fp32" else spec.fp32_tflops
-            peak_note = f"{peak:g} TFLOP/s {'bf16' if precision != 'fp32' else 'fp32'} peak ({spec.family})"
-            device_bw = spec.memory_bandwidth_gb_s
-        hl = topo.host_link()
-        if hl is None or hl.bandwidth_gb_s is None:
-            host_link = Link(16.0 * LINK_EFFICIENCY, "unknown (assumed PCIe Gen4 x16 at half rate)")
-            notes.append("GPU host link unknown: assumed 12.8 GB/s")
-        else:
-            host_link = Link(hl.bandwidth_gb_s * LINK_EFFICIENCY, hl.describe())
-        name = dev.name.removeprefix("NVIDIA ")
-    else:
-        mem = ram // ranks_per_host
-        cpus = (topo.cpu.usable_cpus or topo.cpu.logical_cpus or 1) / ranks_per_host
-        flags = set(topo.cpu.flags)
-        per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "sve", "sve2"} & flags else 16
-        bf16 = precision != "fp32" and bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
-        peak = cpus * 2.5e9 * per_cycle * (1.85 if bf16 else 1.0) / 1e12
-        peak_note = (f"{peak:.2f} TFLOP/s: {cpus:g} CPU(s) per rank x 2.5 GHz x {per_cycle} FLOP/cycle"
-                     + (" x 1.85 for bf16" if bf16 else "") + " (rough)")
-        device_bw = None
-        host_link = None
-        name = "CPU"
-    network = None
-    if hosts > 1:
-        gbit = topo.network_gbit_s()
-        if gbit is None:
-            gbit = ASSUMED_NETWORK_GBIT_S
-            notes.append(f"network speed unknown: assumed {gbit:g} Gb/s per host")
-        network = Link(gbit / 8 * LINK_EFFICIENCY, f"network {gbit:g} Gb/s per host")
-    free_by_mount: dict[str, int] = {}
-    read = write = 0.0
-    measured = True
-    for disk in topo.nvme:
-        key = disk.mountpoint or disk.name
-        if disk.free_bytes is not None:
-            free_by_mount[key] = max(free_by_mount.get(key, 0), disk.free_bytes)
-        if disk.read_gb_s is None or disk.write_gb_s is None:
-            measured = False
-        read += disk.read_gb_s or ASSUMED_NVME_GB_S[0]
-        write += disk.write_gb_s or ASSUMED_NVME_GB_S[1]
-    if topo.nvme and not measured:
-        notes.append("NVMe bandwidth not measured (dsl probe --measure-nvme DIR): assumed "
-                     f"{ASSUMED_NVME_GB_S[0]:g}/{ASSUMED_NVME_GB_S[1]:g} GB/s read/write per drive")
-    return Hardware(topo, hosts, ranks_per_host, accelerator, name, int(mem), int(ram), peak, peak_note,
-                    host_link, network, mem_bw, sum(free_by_mount.values()), read, write, device_bw,
-                    tuple(notes))
 
 
 # Candidates ----------------------------------------------------------------------------------
@@ -449,13 +272,13 @@ def evaluate(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: in
     host_cap = hw.host_ram_bytes * (1 - SAFETY_MARGIN)
     what = "device" if hw.accelerator else "each CPU rank"
     if device > dev_cap:
-        why.append(f"{what} needs {_gb(device)} > {_gb(dev_cap)} usable ({_gib(hw.device_memory_bytes)} - "
+        why.append(f"{what} needs {fmt_gb(device)} > {fmt_gb(dev_cap)} usable ({fmt_gib(hw.device_memory_bytes)} - "
                    f"{SAFETY_MARGIN:.0%})")
     if hw.accelerator and host > host_cap:
-        why.append(f"host needs {_gb(host)} > {_gb(host_cap)} usable RAM ({hw.ranks_per_host} rank(s) x "
-                   f"{_gb(b.host_peak_bytes)})")
+        why.append(f"host needs {fmt_gb(host)} > {fmt_gb(host_cap)} usable RAM ({hw.ranks_per_host} rank(s) x "
+                   f"{fmt_gb(b.host_peak_bytes)})")
     if nvme and nvme > hw.nvme_free_bytes * (1 - SAFETY_MARGIN):
-        why.append(f"NVMe needs {_gb(nvme)} > {_gb(hw.nvme_free_bytes * (1 - SAFETY_MARGIN))} free")
+        why.append(f"NVMe needs {fmt_gb(nvme)} > {fmt_gb(hw.nvme_free_bytes * (1 - SAFETY_MARGIN))} free")
     st = step_time(shape, engine, hw, stage=stage, offload=offload, offload_params=offload_params, sp=sp,
                    micro=micro, accum=accum, ckpt=ckpt, target_batch=target_batch)
     return Candidate(stage, offload, offload_params, sp, dp, micro, accum, ckpt, b, device, host, nvme,
@@ -629,9 +452,9 @@ def _choose(fitting: list[Candidate]) -> Candidate | None:
 
 def _reasons(plan: Plan, choice: Candidate) -> list[str]:
     hw = plan.hardware
-    out = [f"fits: {_gb(choice.device_bytes)} of {_gb(hw.device_memory_bytes * (1 - SAFETY_MARGIN))} usable per "
+    out = [f"fits: {fmt_gb(choice.device_bytes)} of {fmt_gb(hw.device_memory_bytes * (1 - SAFETY_MARGIN))} usable per "
            f"{'device' if hw.accelerator else 'rank'}"
-           + (f", {_gb(choice.host_bytes)} of {_gb(hw.host_ram_bytes * (1 - SAFETY_MARGIN))} host RAM"
+           + (f", {fmt_gb(choice.host_bytes)} of {fmt_gb(hw.host_ram_bytes * (1 - SAFETY_MARGIN))} host RAM"
               if hw.accelerator else "")]
     st = choice.step
     out.append(f"step ~{st.total_s:.2f} s, dominated by {st.dominant}: {st.detail}")
@@ -726,18 +549,18 @@ def _suggestions(shape: ModelShape, engine: EngineConfig, hw: Hardware, target_b
     device_ok = [c for c in full.candidates if c.device_bytes <= dev_cap]
     if hw.accelerator and device_ok:
         need = min(device_ok, key=lambda c: c.host_bytes)
-        out.append(f"more host RAM: {_gb(need.host_bytes / (1 - SAFETY_MARGIN))} per host (have "
-                   f"{_gb(hw.host_ram_bytes)}) fits {_summary(need)}")
+        out.append(f"more host RAM: {fmt_gb(need.host_bytes / (1 - SAFETY_MARGIN))} per host (have "
+                   f"{fmt_gb(hw.host_ram_bytes)}) fits {_summary(need)}")
     host_ok = [c for c in full.candidates if not hw.accelerator or c.host_bytes <= host_cap]
     if host_ok:
         need = min(host_ok, key=lambda c: c.device_bytes)
-        out.append(f"bigger devices: {_gib(need.device_bytes / (1 - SAFETY_MARGIN))} per "
-                   f"{'device' if hw.accelerator else 'rank'} (have {_gib(hw.device_memory_bytes)}) fit "
+        out.append(f"bigger devices: {fmt_gib(need.device_bytes / (1 - SAFETY_MARGIN))} per "
+                   f"{'device' if hw.accelerator else 'rank'} (have {fmt_gib(hw.device_memory_bytes)}) fit "
                    f"{_summary(need)}")
     if hw.accelerator and not device_ok and full.candidates:
         need = min(full.candidates, key=lambda c: (c.device_bytes, c.host_bytes))
-        out.append(f"a bigger machine: {_gib(need.device_bytes / (1 - SAFETY_MARGIN))} per device and "
-                   f"{_gb(need.host_bytes / (1 - SAFETY_MARGIN))} of host RAM fit {_summary(need)}")
+        out.append(f"a bigger machine: {fmt_gib(need.device_bytes / (1 - SAFETY_MARGIN))} per device and "
+                   f"{fmt_gb(need.host_bytes / (1 - SAFETY_MARGIN))} of host RAM fit {_summary(need)}")
     for seq in seqs:
         p = search(shape.with_seq_len(seq), engine, hw, target_batch, every, suggest=False,
                    flash_attention=flash_attention)
@@ -751,317 +574,5 @@ def _suggestions(shape: ModelShape, engine: EngineConfig, hw: Hardware, target_b
         on_host = hw.ranks_per_host * sum(t.host_bytes for t in memory.model_states(
             shape.params, offload_optimizer="cpu", offload_params="cpu", **common))
         out.append(f"shorter sequences alone do not help: the model states (ZeRO-3 over {hw.world} rank(s)) need "
-                   f"{_gb(on_device)} per device, or {_gb(on_host)} of host RAM with CPU offload")
+                   f"{fmt_gb(on_device)} per device, or {fmt_gb(on_host)} of host RAM with CPU offload")
     return out
-
-
-# The spec ------------------------------------------------------------------------------------
-
-
-def _written(spec_file: "SpecFile", *path: str) -> bool:
-    return tuple(path) in spec_file.locations.values
-
-
-def free_fields(spec_file: "SpecFile") -> Free:
-    e = spec_file.spec.engine
-    return Free(
-        zero_stage=e.zero_stage == "auto",
-        offload=e.offload.optimizer == "auto",
-        offload_params=not _written(spec_file, "engine", "offload", "params") and e.offload.params == "none",
-        sp=e.sequence_parallel == "auto",
-        activation_checkpointing=e.activation_checkpointing == "auto",
-        micro_batch=not _written(spec_file, "engine", "micro_batch"),
-        grad_accum=not _written(spec_file, "engine", "grad_accum"),
-    )
-
-
-def target_batch_of(engine: EngineConfig, world: int) -> int:
-    """train_batch when set, else micro_batch x grad_accum x world (the batch the spec implies at sp 1)."""
-    return engine.train_batch or engine.micro_batch * engine.grad_accum * world
-
-
-def _concrete(engine: EngineConfig, free: Free) -> EngineConfig:
-    """Placeholders for auto fields, so the engine config validates while the planner varies them."""
-    return engine.model_copy(update={
-        "zero_stage": 0 if engine.zero_stage == "auto" else engine.zero_stage,
-        "sequence_parallel": 1 if engine.sequence_parallel == "auto" else engine.sequence_parallel,
-        "activation_checkpointing": False if engine.activation_checkpointing == "auto" else engine.activation_checkpointing,
-        "offload": engine.offload.model_copy(update={
-            "optimizer": "none" if engine.offload.optimizer == "auto" else engine.offload.optimizer}),
-    })
-
-
-def plan_spec(spec_file: "SpecFile", topology: HostTopology, *, hosts: int, ranks_per_host: int,
-              runnable: Callable[[EngineConfig], str | None] | None = None) -> Plan:
-    """The plan of a spec's bundled-engine run on `hosts` hosts like `topology`."""
-    spec = spec_file.spec
-    if spec.run.train is None:
-        raise UserError(f"{spec_file.where('run')}: dsl plan needs run.train (the bundled engine); "
-                        "the memory of a script or module is unknown to dsl")
-    shape = ModelShape.of(spec.run.train.model)
-    free = free_fields(spec_file)
-    engine = spec.engine
-    hw = hardware_of(topology, hosts=hosts, ranks_per_host=ranks_per_host, precision=engine.precision)
-    if engine.sequence_parallel != "auto":
-        reason = valid_sp(shape, engine.sequence_parallel, hw.ranks_per_host, hw.world)
-        if reason:
-            raise UserError(f"{spec_file.where('engine', 'sequence_parallel')}: {reason}")
-    if engine.offload.optimizer in ("cpu", "nvme") and engine.zero_stage == 0:
-        raise UserError(f"{spec_file.where('engine', 'offload', 'optimizer')}: offload needs zero_stage >= 1 "
-                        "(or auto): stage 0 has no partitioned optimizer to move")
-    if engine.offload.params == "cpu" and engine.zero_stage not in (3, "auto"):
-        raise UserError(f"{spec_file.where('engine', 'offload', 'params')}: offload.params needs zero_stage 3")
-    batch = target_batch_of(engine, hw.world)
-    plan = search(shape, _concrete(engine, free), hw, batch, free, runnable=runnable)
-    plan.fixed = {name: value for name, value in (
-        ("zero_stage", engine.zero_stage), ("offload.optimizer", engine.offload.optimizer),
-        ("offload.params", engine.offload.params), ("sequence_parallel", engine.sequence_parallel),
-        ("activation_checkpointing", engine.activation_checkpointing), ("micro_batch", engine.micro_batch),
-        ("grad_accum", engine.grad_accum)) if not getattr(free, _FREE_NAME[name])}
-    plan.fixed["precision"] = engine.precision
-    if engine.train_batch is None:
-        plan.notes.append(f"train_batch not set: planning for {batch} sequences per step "
-                          f"(micro_batch {engine.micro_batch} x grad_accum {engine.grad_accum} x {hw.world} ranks)")
-    return plan
-
-
-_FREE_NAME = {"zero_stage": "zero_stage", "offload.optimizer": "offload", "offload.params": "offload_params",
-              "sequence_parallel": "sp", "activation_checkpointing": "activation_checkpointing",
-              "micro_batch": "micro_batch", "grad_accum": "grad_accum"}
-
-
-def spec_topology(spec_file: "SpecFile", override: str | None = None) -> HostTopology | None:
-    """The topology a spec selects (`--topology` beats `resources.topology`), or None: probe."""
-    from dsl.topology.probe import load_topology
-
-    name = override or spec_file.spec.resources.topology
-    if name is None:
-        return None
-    base = None if override else spec_file.path.parent
-    key = (name, str(base))
-    try:
-        if key not in _TOPOLOGIES:
-            _TOPOLOGIES[key] = load_topology(name, base=base)
-        return _TOPOLOGIES[key]
-    except UserError as exc:
-        where = "--topology" if override else spec_file.where("resources", "topology")
-        raise UserError(f"{where}: {exc}") from None
-
-
-_TOPOLOGIES: dict[tuple[str, str], HostTopology] = {}
-
-
-def recorded_hosts(spec_file: "SpecFile", topology: str | None = None) -> "tuple[list[Host], bool] | None":
-    """(hosts, pin CUDA_VISIBLE_DEVICES) when a recorded topology decides them: local backend,
-    no hostfile, procs_per_node auto -> one rank per recorded GPU. Otherwise None."""
-    from dsl.launcher import hosts as hostlib
-
-    res = spec_file.spec.resources
-    if res.procs_per_node != "auto" or res.backend != "local" or res.hostfile:
-        return None
-    topo = spec_topology(spec_file, topology)
-    if topo is None:
-        return None
-    return hostlib.local_host(len(topo.accelerators) or 1), bool(topo.accelerators)
-
-
-def resolve(spec_file: "SpecFile", hosts: "list[Host]", pin: bool, *, topology: str | None = None,
-            refuse: bool = True, runnable: Callable[[EngineConfig], str | None] | None = None,
-            probe: "Callable[[], HostTopology | None] | None" = None, probe_only_for_auto: bool = False,
-            ) -> "tuple[SpecFile, list[Host], bool, Plan | None]":
-    """Fill the spec's `auto` engine fields (and refuse what does not fit) before anything starts.
-
-    Returns the spec with concrete engine fields, the hosts and whether to pin
-    CUDA_VISIBLE_DEVICES (unchanged: see `recorded_hosts`), and the plan (None when there is
-    nothing to plan: a script or module, or Slurm hosts not allocated yet and no auto field).
-    A recorded topology (resources.topology, --topology) stands for every host; otherwise the
-    local host is probed, and remote hosts by `probe` (launcher/remote_probe.py: every host over
-    the backend, the weakest one), which returns None when the hosts are not known yet (sbatch).
-    """
-    spec = spec_file.spec
-    if spec.run.train is None:
-        return spec_file, hosts, pin, None
-    topo = spec_topology(spec_file, topology)
-    res = spec.resources
-    auto = any(v == "auto" for v in (spec.engine.zero_stage, spec.engine.offload.optimizer,
-                                    spec.engine.sequence_parallel, spec.engine.activation_checkpointing))
-    if topo is None:
-        if res.backend == "local":
-            from dsl.topology.probe import probe_local
-
-            topo, _ = probe_local()
-        elif probe is not None and (auto or not probe_only_for_auto) and (
-                topo := _probe_remote(probe, required=auto or not refuse)) is not None:
-            pass
-        elif auto or not refuse:
-            raise UserError(f"{spec_file.where('resources')}: backend {res.backend}'s hosts are not known "
-                            "before Slurm allocates them; set resources.topology to a recorded machine "
-                            "(dsl probe --list, or `dsl probe --record FILE` on one node) so the planner "
-                            "can fill the auto fields, or run inside an allocation (salloc)")
-        else:
-            log.debug("hosts of backend %s not probed: memory not checked", res.backend)
-            return spec_file, hosts, pin, None
-    ranks = max(len(h.slots) for h in hosts)
-    plan = plan_spec(spec_file, topo, hosts=len(hosts), ranks_per_host=ranks, runnable=runnable)
-    if plan.launch_choice is None:
-        if refuse:
-            raise UserError(refusal(spec_file, plan))
-        return spec_file, hosts, pin, plan
-    engine = plan.engine_config(spec.engine)
-    for name, old, new in (("zero_stage", spec.engine.zero_stage, engine.zero_stage),
-                           ("offload.optimizer", spec.engine.offload.optimizer, engine.offload.optimizer),
-                           ("sequence_parallel", spec.engine.sequence_parallel, engine.sequence_parallel),
-                           ("activation_checkpointing", spec.engine.activation_checkpointing,
-                            engine.activation_checkpointing),
-                           ("micro_batch", spec.engine.micro_batch, engine.micro_batch),
-                           ("grad_accum", spec.engine.grad_accum, engine.grad_accum)):
-        if old != new:
-            log.info("planner: engine.%s %s -> %s", name, old, new)
-    new_spec = spec.model_copy(update={"engine": engine})
-    return dataclasses.replace(spec_file, spec=new_spec), hosts, pin, plan
-
-
-def _probe_remote(probe: "Callable[[], HostTopology | None]", required: bool) -> HostTopology | None:
-    """The probed topology; when only a memory check needs it (nothing auto), a host that cannot
-    be probed is left to preflight, which names it with the fix."""
-    try:
-        return probe()
-    except UserError as exc:
-        if required:
-            raise
-        log.info("memory not checked: %s", exc)
-        return None
-
-
-def refusal(spec_file: "SpecFile", plan: Plan) -> str:
-    hw = plan.hardware
-    closest = min(plan.candidates, key=lambda c: c.device_bytes, default=None)
-    lines = [f"{spec_file.where('engine')}: {spec_file.spec.name} does not fit on {hw.describe()} "
-             f"({hw.topology.source}):"]
-    if plan.choice is not None and plan.choice.unsupported:
-        lines.append(f"  it would fit with {plan.choice.label()}, but {plan.choice.unsupported}")
-    elif closest is not None:
-        lines.append(f"  closest: {closest.label()}: {closest.why_not}")
-    if plan.suggestions:
-        lines.append("  what would fit:")
-        lines += [f"  - {s}" for s in plan.suggestions]
-    return "\n".join(lines)
-
-
-def _gb(n: float) -> str:
-    if n >= 0.95 * GB or n == 0:
-        return f"{n / GB:,.1f} GB"
-    if n >= 1e6:
-        return f"{n / 1e6:,.1f} MB"
-    return f"{n / 1e3:,.1f} kB"
-
-
-def _gib(n: float) -> str:
-    return f"{n / GiB:,.1f} GiB"
-
-
-# Output --------------------------------------------------------------------------------------
-
-BAR_WIDTH = 40
-MAX_ROWS = 16
-
-
-def _bars(terms: list[tuple[str, int, str]], capacity: float) -> list[str]:
-    """One line per non-zero term: name, bytes, a bar scaled to `capacity`, the formula."""
-    lines = []
-    for name, n, formula in terms:
-        if not n:
-            continue
-        width = max(1, round(BAR_WIDTH * n / capacity)) if capacity else 1
-        bar = "█" * min(width, BAR_WIDTH) + ("▶" if width > BAR_WIDTH else "")
-        lines.append(f"  {name:<30} {_gb(n):>10}  [cyan]{bar:<{BAR_WIDTH + 1}}[/cyan] [dim]{formula}[/dim]")
-    return lines
-
-
-def render(plan: Plan, name: str, commands: str | None, console: Any) -> None:
-    """`dsl plan`'s report, printed with rich (markup) on `console`."""
-    from rich.markup import escape
-
-    hw, shape = plan.hardware, plan.shape
-    p = console.print
-    count = f"{shape.params / 1e9:.2f} B" if shape.params >= 1e9 else f"{shape.params:,}"
-    p(f"[bold]{escape(name)}[/bold]: {count} parameters ({shape.layers} layers, hidden "
-      f"{shape.hidden}, {shape.heads} heads / {shape.kv_heads} kv, ffn {shape.ffn}, vocab {shape.vocab:,}), "
-      f"seq_len {shape.seq_len}, train_batch {plan.target_batch} ({plan.target_batch * shape.seq_len:,} tokens/step)")
-    p(f"hardware: {escape(hw.describe())} [dim]({escape(hw.topology.source)})[/dim]")
-    p("fixed by the spec: " + (", ".join(f"{k} {str(v).lower() if isinstance(v, bool) else v}"
-                                         for k, v in plan.fixed.items()) or "nothing"))
-    c = plan.choice
-    if c is None:
-        p("\n[bold red]nothing fits.[/bold red]")
-        closest = min(plan.candidates, key=lambda x: x.device_bytes, default=None)
-        if closest is not None:
-            p(f"closest: {closest.label()}: {escape(closest.why_not or '')}")
-        p("what would fit:")
-        for s in plan.suggestions:
-            p(f"  • {escape(s)}")
-    else:
-        p(f"\n[bold green]choice[/bold green]: [bold]{c.label()}[/bold]")
-        if c.unsupported:
-            launch = plan.launch_choice
-            then = f"dsl launch would use {launch.label()} instead" if launch else "dsl launch would refuse this job"
-            p(f"  [yellow]this version of the engine cannot run it yet ({escape(c.unsupported)}); {then}[/yellow]")
-        p("why:")
-        for r in plan.reasons:
-            p(f"  • {escape(r)}")
-        usable = hw.device_memory_bytes * (1 - SAFETY_MARGIN)
-        where = "device" if hw.accelerator else "CPU rank"
-        p(f"\nmemory per {where}: {_gb(c.device_bytes)} of {_gb(usable)} usable")
-        for line in _bars([(t.name, t.device_bytes, t.formula) for t in c.breakdown.terms if not t.transient],
-                          usable):
-            p(line)
-        if hw.accelerator:
-            host_usable = hw.host_ram_bytes * (1 - SAFETY_MARGIN)
-            per_rank = [(t.name + (" (transient)" if t.transient else ""), hw.ranks_per_host * t.host_bytes,
-                         f"x {hw.ranks_per_host} rank(s): {t.formula}") for t in c.breakdown.terms if t.host_bytes]
-            p(f"host RAM per host: {_gb(c.host_bytes)} at the largest moment, of {_gb(host_usable)} usable")
-            for line in _bars(per_rank, host_usable):
-                p(line)
-            if c.nvme_bytes:
-                p(f"NVMe per host: {_gb(c.nvme_bytes)} of {_gb(hw.nvme_free_bytes)} free")
-        ds = plan.deepspeed_comparison()
-        if ds is not None:
-            names = (memory.PARAMETERS, memory.GRADIENTS, memory.MASTER, memory.OPTIMIZER, memory.OFFLOAD_BUFFERS)
-            states = sum(c.breakdown.term(n).device_bytes for n in names)
-            host = hw.ranks_per_host * sum(c.breakdown.term(n).host_bytes for n in names)
-            p(f"\nDeepSpeed's {ds['function']} for this layout: {_gb(ds['gpu_bytes'])} per GPU, "
-              f"{_gb(ds['cpu_bytes'])} CPU per node; dsl's model states: {_gb(states)} per GPU"
-              + (f", {_gb(host)} host RAM per node" if host else "")
-              + f". [dim]{escape(ds['why_different'])}[/dim]")
-    # A plain fixed-width table (rich's Table costs more time than the whole plan).
-    header = ("stage", "offload", "sp", "ckpt", "micro x accum", "device", "host", "step", "bound by", "fits")
-    rows = []
-    for cand in plan.candidates[:MAX_ROWS]:
-        fits = "yes" if cand.fits else f"no: {cand.why_not or ''}"
-        if cand.fits and cand.unsupported:
-            fits += " (engine: not yet)"
-        rows.append((str(cand.zero_stage), cand.offload + ("+params" if cand.offload_params != "none" else ""),
-                     str(cand.sp), "yes" if cand.activation_checkpointing else "no",
-                     f"{cand.micro_batch} x {cand.grad_accum}", _gb(cand.device_bytes), _gb(cand.host_bytes),
-                     f"{cand.step.total_s:.2f} s", cand.step.dominant, fits, cand is c))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    right = {0, 2, 4, 5, 6, 7}
-
-    def line(cells: tuple[str, ...]) -> str:
-        return "  ".join(cell.rjust(w) if i in right else cell.ljust(w)
-                         for i, (cell, w) in enumerate(zip(cells, widths))) + "  " + cells[-1]
-
-    p("\n[bold]candidates[/bold] (fitting first, fastest first)")
-    p(f"[bold]{escape(line(header))}[/bold]")
-    for row in rows:
-        text = escape(line(row[:-1]))
-        p(f"[bold]{text}[/bold]" if row[-1] else text, soft_wrap=True)
-    if len(plan.candidates) > MAX_ROWS:
-        p(f"[dim]... and {len(plan.candidates) - MAX_ROWS} more (dsl plan --json lists all)[/dim]")
-    if plan.notes:
-        p("\nassumptions:")
-        for n in plan.notes:
-            p(f"  • {escape(n)}")
-    if commands:
-        p("\n[bold]commands[/bold] (what dsl launch runs; dsl launch --dry-run):")
-        p(escape(commands), soft_wrap=True)

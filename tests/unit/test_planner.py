@@ -8,7 +8,7 @@ import pytest
 from dsl.engine.config import EngineConfig, unsupported_reason
 from dsl.engine.errors import UserError
 from dsl.engine.memory import ModelShape
-from dsl.launcher import planner
+from dsl.launcher import planner, planspec
 from dsl.launcher.spec import load_spec
 from dsl.topology.probe import load_topology
 from tests.conftest import ROOT
@@ -18,7 +18,7 @@ SEVEN_B = ROOT / "configs/plan-7b.yaml"
 
 def _plan(fixture: str, spec=SEVEN_B, hosts: int = 1, ranks: int | None = None, runnable=None) -> planner.Plan:
     topo = load_topology(fixture)
-    return planner.plan_spec(load_spec(spec), topo, hosts=hosts, ranks_per_host=ranks or len(topo.accelerators) or 1,
+    return planspec.plan_spec(load_spec(spec), topo, hosts=hosts, ranks_per_host=ranks or len(topo.accelerators) or 1,
                              runnable=runnable)
 
 
