@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import resource
 import statistics
 import sys
@@ -80,37 +79,30 @@ def _dsl(model, args):
     return step
 
 
-def _local(model, args):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+def _torch_step(module, args):
+    """AdamW (fused) on `module` with autocast for bf16: what DDP and the no-comm ceiling run."""
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
     autocast = args.precision == "bf16"
 
     def step(tokens, targets):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(tokens, targets)
+            loss = module(tokens, targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
     return step
+
+
+def _local(model, args):
+    return _torch_step(model, args)
 
 
 def _ddp(model, args):
     from torch.nn.parallel import DistributedDataParallel
 
-    ddp = DistributedDataParallel(model)
-    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-3, fused=True)
-    autocast = args.precision == "bf16"
-
-    def step(tokens, targets):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = ddp(tokens, targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+    return _torch_step(DistributedDataParallel(model), args)
 
 
 def _fsdp2(model, args):
