@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 from torch.autograd import Variable
 

@@ -28,7 +28,6 @@ Communication plan
 from __future__ import annotations
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 
 from dsl.engine.zero import collectives

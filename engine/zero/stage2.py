@@ -40,14 +40,11 @@ from torch import nn
 from dsl.engine.zero import collectives
 from dsl.engine.zero.base import ZeroStage, nbytes
 from dsl.engine.zero.layout import FlatGroup, Layout, Segment, flatten_params, split_buckets
+from dsl.engine.zero.reduce_pipeline import MAX_IN_FLIGHT, ReducePipeline
 
 __all__ = ["Stage2", "MAX_IN_FLIGHT"]
 
-MAX_IN_FLIGHT = 4
-"""Staging buckets alive at once (bounds the transient full-gradient memory)."""
-
-
-class Stage2(ZeroStage):
+class Stage2(ReducePipeline, ZeroStage):
     """Partitioned gradients (reduce-scattered every micro-step) and optimizer states."""
 
     stage = 2
@@ -93,14 +90,6 @@ class Stage2(ZeroStage):
 
     # Backward ----------------------------------------------------------------------------
 
-    def _staging_for(self, g: FlatGroup) -> torch.Tensor:
-        buf = self._staging.get(g.index)
-        if buf is None:
-            buf = torch.empty(g.padded, dtype=self.params_flat.dtype, device=self.params_flat.device)
-            buf[g.numel :].zero_()
-            self._staging[g.index] = buf
-        return buf
-
     def _on_grad(self, param: torch.Tensor) -> None:
         self._begin_backward()
         g, offset, numel = self._where[id(param)]
@@ -121,31 +110,15 @@ class Stage2(ZeroStage):
             self._launch(groups[self._next_launch])
 
     def _launch(self, g: FlatGroup) -> None:
-        staging = self._staging_for(g)
-        out, work = self.reduce_scatter_group(g, staging, self._filled.pop(g.index, set()))
-        self._in_flight.append((work, g, out, staging))
-        del self._staging[g.index]
-        self._pending[g.index] = len(g.params)
+        self._start_reduce(g)
         self._next_launch = g.index + 1
-        while len(self._in_flight) > MAX_IN_FLIGHT:
-            self._complete_oldest()
-
-    def _complete_oldest(self) -> None:
-        work, g, out, _staging = self._in_flight.popleft()
-        if work is not None:
-            work.wait()
-        self._grad_shard[g.shard_offset : g.shard_offset + g.part_numel].add_(out)
+        self._bound_in_flight()
 
     def _backward_end(self, boundary: bool) -> None:
         for g in self.layout.groups[self._next_launch :]:
             self._launch(g)
-        while self._in_flight:
-            self._complete_oldest()
+        self._drain()
         self._next_launch = 0
-
-    def finish(self) -> None:
-        self.check_step()
-        self.micro_step = 0
 
     # Parameters --------------------------------------------------------------------------
 

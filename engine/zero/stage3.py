@@ -64,7 +64,7 @@ from torch.utils._pytree import tree_flatten
 from dsl.engine.zero import collectives
 from dsl.engine.zero.base import ZeroStage, nbytes
 from dsl.engine.zero.layout import FlatGroup, Layout, Segment
-from dsl.engine.zero.stage2 import MAX_IN_FLIGHT
+from dsl.engine.zero.reduce_pipeline import ReducePipeline
 
 __all__ = ["Stage3", "choose_units"]
 
@@ -158,7 +158,7 @@ class _Unit:
         """A child of the root outside the units: stays gathered from forward to its reduce."""
 
 
-class Stage3(ZeroStage):
+class Stage3(ReducePipeline, ZeroStage):
     """Fully sharded parameters, gradients and optimizer states."""
 
     stage = 3
@@ -369,14 +369,6 @@ class Stage3(ZeroStage):
         if self._pending[unit.index] == 0:
             self._launch_ready()
 
-    def _staging_for(self, g: FlatGroup) -> torch.Tensor:
-        buf = self._staging.get(g.index)
-        if buf is None:
-            buf = torch.empty(g.padded, dtype=self.master.dtype, device=self.device)
-            buf[g.numel :].zero_()
-            self._staging[g.index] = buf
-        return buf
-
     def _launch_ready(self) -> None:
         seq = self._reduce_sequence()
         while self._reduce_pos < len(seq) and self._pending[seq[self._reduce_pos]] == 0:
@@ -384,38 +376,21 @@ class Stage3(ZeroStage):
             self._reduce_pos += 1
 
     def _launch(self, unit: _Unit) -> None:
-        g = unit.group
-        staging = self._staging_for(g)
-        out, work = self.reduce_scatter_group(g, staging, self._filled.pop(g.index, set()))
-        self._in_flight.append((work, g, out, staging))
-        del self._staging[g.index]
-        self._pending[g.index] = len(g.params)
+        self._start_reduce(unit.group)
         unit.reduced = True
         self._release(unit)
-        while len(self._in_flight) > MAX_IN_FLIGHT:
-            self._complete_oldest()
-
-    def _complete_oldest(self) -> None:
-        work, g, out, _staging = self._in_flight.popleft()
-        if work is not None:
-            work.wait()
-        self._grad_shard[g.shard_offset : g.shard_offset + g.part_numel].add_(out)
+        self._bound_in_flight()
 
     def _backward_end(self, boundary: bool) -> None:
         seq = self._reduce_sequence()
         for i in seq[self._reduce_pos :]:
             self._launch(self.units[i])
         self._reduce_pos = 0
-        while self._in_flight:
-            self._complete_oldest()
+        self._drain()
         for unit in self.units:
             unit.backward_ready = False
             unit.reduced = False
             self._release(unit)
-
-    def finish(self) -> None:
-        self.check_step()
-        self.micro_step = 0
 
     # Parameters --------------------------------------------------------------------------
 
