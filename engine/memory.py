@@ -45,7 +45,7 @@ RAM between uses.
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models", sec. 4.1): a GPT layer with 16-bit activations keeps s b h (34 + 5 a s / h) bytes; the
-5 a s^2 b part is the attention scores, softmax and dropout. `korthikanti_layer_bytes` gives that
+5 a s^2 b part is the attention scores, softmax and dropout. `memory_reference.korthikanti_layer_bytes` gives that
 reference. dsl's model is Llama-style (no dropout, RMSNorm, SwiGLU, GQA), so `_layer_saved`
 lists what autograd actually saves per layer for it, tensor by tensor, with c the compute
 element size and r the residual/norm element size (r = 4 under the engine's autocast, whose
@@ -94,7 +94,7 @@ the engine moves it, so each rank needs 4P bytes of host RAM for a moment (`tran
 is assumed to build it unit by unit, sharded as it goes (DeepSpeed's zero_init, FSDP2's
 meta-device init), so the transient is one unit.
 
-Comparison with DeepSpeed's estimators (`deepspeed_estimate`, reimplemented from
+Comparison with DeepSpeed's estimators (`memory_reference.deepspeed_estimate`, reimplemented from
 deepspeed/runtime/zero/stage_1_and_2.py and stage3.py, DeepSpeed 0.19): they cover model states
 only (no activations, logits or buffers), count full 16-bit gradients plus a 16/N fp32 partition
 at stage 1-2 on the GPU (4P + 16P/N, vs. the paper's 2P + 14P/N at stage 2), and multiply every
@@ -510,12 +510,6 @@ def long_context(engine: "EngineConfig") -> dict[str, Any]:
             "activation_offload": engine.activation_offload}
 
 
-def korthikanti_layer_bytes(seq_len: int, micro_batch: int, hidden: int, heads: int) -> int:
-    """Korthikanti et al. 2022, eq. (1): s b h (34 + 5 a s / h), a GPT layer, 16-bit, no parallelism."""
-    s, b, h, a = seq_len, micro_batch, hidden, heads
-    return s * b * h * 34 + 5 * a * s * s * b
-
-
 # Whole configuration ------------------------------------------------------------------------
 
 
@@ -681,44 +675,3 @@ def expected_state_summary(model: "ModelConfig | ModelShape | str", engine: "Eng
     out["offload_cpu_bytes"] = host
     out["offload_nvme_bytes"] = nvme
     return out
-
-
-# DeepSpeed's estimators, for comparison ------------------------------------------------------
-
-
-def deepspeed_estimate(params: int, largest_layer_params: int, stage: int, *, gpus_per_node: int,
-                       nodes: int = 1, offload_optimizer: bool = False, offload_params: bool = False,
-                       zero_init: bool = True, additional_buffer_factor: float = 1.5) -> dict[str, Any] | None:
-    """(cpu_bytes per node, gpu_bytes per GPU) as DeepSpeed's estimate_zero2/zero3_model_states_mem_needs
-    compute them, or None for stage 0 (DeepSpeed has no estimator for it)."""
-    total_gpus = nodes * gpus_per_node
-    if stage in (1, 2):
-        if offload_optimizer:
-            gpu = 2 * params
-            cpu = params * max(4 * total_gpus, 16) * additional_buffer_factor
-        else:
-            gpu = 4 * params + int(16 * params / total_gpus)
-            cpu = params * 4 * gpus_per_node * additional_buffer_factor
-        return {"function": "estimate_zero2_model_states_mem_needs", "cpu_bytes": int(cpu), "gpu_bytes": int(gpu),
-                "why_different": "DeepSpeed counts full 16-bit params and grads on every GPU plus a 16/N fp32 "
-                                 "partition (4P + 16P/N) and multiplies CPU figures by 1.5; it has no activations, "
-                                 "logits or buffers"}
-    if stage == 3:
-        largest = 4 * largest_layer_params
-        gpus_factor = 1 / nodes
-        if offload_optimizer:
-            if offload_params:
-                gpu = largest
-                per = 18 * gpus_factor if zero_init else max(4 * gpus_per_node, 18 * gpus_factor)
-            else:
-                gpu = largest + int(2 * params / total_gpus)
-                per = 16 * gpus_factor if zero_init else max(4 * gpus_per_node, 16 * gpus_factor)
-            cpu = params * per * additional_buffer_factor
-        else:
-            gpu = largest + int(18 * params / total_gpus)
-            cpu = (largest_layer_params if zero_init else params) * 4 * gpus_per_node * additional_buffer_factor
-        return {"function": "estimate_zero3_model_states_mem_needs", "cpu_bytes": int(cpu), "gpu_bytes": int(gpu),
-                "why_different": "DeepSpeed charges 18P/N (an extra 16-bit parameter partition) plus 4 B x the "
-                                 "largest layer on the GPU, multiplies CPU figures by 1.5, and has no activations, "
-                                 "logits or buffers"}
-    return None

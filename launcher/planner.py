@@ -54,7 +54,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from dsl.engine import memory
+from dsl.engine import memory, memory_reference
 from dsl.engine.config import EngineConfig
 from dsl.engine.memory import Breakdown, ModelShape
 from dsl.launcher.hardware import Hardware, fmt_gb, fmt_gib, hardware_of
@@ -316,7 +316,7 @@ class Plan:
         c = self.choice
         if c is None or not self.hardware.accelerator:
             return None
-        return memory.deepspeed_estimate(
+        return memory_reference.deepspeed_estimate(
             self.shape.params, self.shape.largest_unit_params, c.zero_stage,
             gpus_per_node=self.hardware.ranks_per_host, nodes=self.hardware.hosts,
             offload_optimizer=c.offload != "none", offload_params=c.offload_params != "none")

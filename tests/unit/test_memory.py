@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dsl.engine import memory
+from dsl.engine import memory, memory_reference
 from dsl.engine.config import EngineConfig
 from dsl.engine.memory import GB, GiB, ModelShape
 
@@ -84,13 +84,13 @@ def test_deepspeed_estimators_reproduce_their_published_table():
         ((False, False, True), (0.09, 1.08)), ((False, False, False), (0.34, 1.08)),
     ]
     for (params_off, opt_off, zero_init), (cpu, gpu) in published:
-        est = memory.deepspeed_estimate(60_506_624, 16_449_536, 3, gpus_per_node=1, offload_optimizer=opt_off,
+        est = memory_reference.deepspeed_estimate(60_506_624, 16_449_536, 3, gpus_per_node=1, offload_optimizer=opt_off,
                                         offload_params=params_off, zero_init=zero_init)
         assert (round(est["cpu_bytes"] / GiB, 2), round(est["gpu_bytes"] / GiB, 2)) == (cpu, gpu)
     # ZeRO-2 figures: the 1.5 buffer factor on CPU, 4P + 16P/N on the GPU.
-    z2 = memory.deepspeed_estimate(1_000_000_000, 0, 2, gpus_per_node=8)
+    z2 = memory_reference.deepspeed_estimate(1_000_000_000, 0, 2, gpus_per_node=8)
     assert z2["gpu_bytes"] == 4 * 10**9 + 2 * 10**9 and z2["cpu_bytes"] == int(1e9 * 4 * 8 * 1.5)
-    assert memory.deepspeed_estimate(10**9, 0, 0, gpus_per_node=8) is None
+    assert memory_reference.deepspeed_estimate(10**9, 0, 0, gpus_per_node=8) is None
 
 
 def test_activations_follow_the_saved_tensor_list():
@@ -125,7 +125,7 @@ def test_checkpointing_and_sequence_parallelism_shrink_activations():
     # Within reach of Korthikanti et al.'s GPT figure without the s^2 term (34 s b h per layer):
     # the SwiGLU MLP is wider than GPT's 4h GELU MLP and there is no dropout mask.
     per_layer = memory.layer_activation_bytes(shape, 1, sb=sb)
-    kort = memory.korthikanti_layer_bytes(4096, 1, 4096, 32) - 5 * 32 * 4096 * 4096
+    kort = memory_reference.korthikanti_layer_bytes(4096, 1, 4096, 32) - 5 * 32 * 4096 * 4096
     assert 0.9 < per_layer / kort < 1.4
     # Flash attention never stores the s^2 scores: the math path grows quadratically.
     long = shape.with_seq_len(32768)
