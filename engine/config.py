@@ -153,6 +153,15 @@ class EngineConfig(StrictModel):
     """With activation_checkpointing, keep each layer's checkpointed input in host memory instead
     of on the device (copied out during forward and back before the layer is recomputed,
     overlapped with compute on CUDA). Needs activation_checkpointing: true (or auto)."""
+    compile: bool | Literal["auto"] = "auto"
+    """Compile each block of the model (the children of its outermost ModuleList: the bundled
+    Llama's decoder layers) with torch.compile: fused pointwise kernels around the matmuls,
+    1.3-1.5x faster forward and backward on CPU here (docs/benchmarks.md). The engine's hooks stay
+    outside the compiled code. The first step compiles (tens of seconds on 2 CPU cores; cached
+    afterwards under /tmp/torchinductor_$USER). auto: on for the bundled Llama unless a feature that
+    runs its own autograd inside a layer is on (sequence_parallel > 1, tiled_mlp,
+    activation_offload) or, on CPU, no C++ compiler is installed; true: compile any model's blocks
+    (an error where auto would not); false: eager. TORCHDYNAMO_DISABLE=1 turns it off too."""
     bucket_mib: float = Field(25.0, gt=0)
     """Size of a gradient communication bucket in MiB."""
     deepspeed_config: str | None = None

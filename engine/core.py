@@ -64,6 +64,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from dsl.engine import checkpoint, dist, precision
 from dsl.engine.config import EngineConfig, unsupported_reason
 from dsl.engine.errors import UserError
+from dsl.engine.compile import apply as compile_blocks
 from dsl.engine.long import setup as long_setup
 from dsl.engine.offload import build_states
 from dsl.engine.optim import Hyper
@@ -168,6 +169,8 @@ class Engine:
         # Long context (engine/long/): SP/DP groups (collective), tiled loss/MLP, checkpoint offload.
         self.groups = long_setup.apply(self.module, config, world_size=self.world_size, rank=self.rank)
         """This rank's place in the dp x sp grid; ZeRO below shards over all dp x sp ranks."""
+        self.compiled = compile_blocks(self.module, config, self.device)
+        """Names of the blocks whose forward runs under torch.compile (engine/compile.py)."""
         self.stage = build_stage(
             stage,
             self.module,

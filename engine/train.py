@@ -251,7 +251,9 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
             f"{ctx.backend or 'none'}, device {engine.device}, {model.num_params():,} params, "
             f"zero {ecfg.zero_stage}, {ecfg.precision}, {tokens_per_step:,} tokens/step, "
             f"{tcfg.data.kind} data"
-            + (", activation checkpointing" if model.activation_checkpointing else ""),
+            + (", activation checkpointing" if model.activation_checkpointing else "")
+            + (f", torch.compile of {len(engine.compiled)} blocks (the first step compiles)"
+               if engine.compiled else ", eager"),
             file=sys.stderr,
             flush=True,
         )

@@ -79,4 +79,6 @@ def case_id(case: dict) -> str:
     extra = [k for k in ("activation_checkpointing", "offload") if k in case]
     if "optimizer" in case:
         extra.append(case["optimizer"]["type"])
+    if case.get("compile") is True:
+        extra.append("compiled")
     return f"stage{case['zero_stage']}-{case['precision']}" + "".join(f"-{k}" for k in extra)

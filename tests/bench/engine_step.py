@@ -1,7 +1,8 @@
 """One benchmark run: the same model and data under one engine, on the ranks torchrun started.
 
     torchrun --nproc-per-node 2 tests/bench/engine_step.py --impl dsl|ddp|fsdp2|deepspeed|local \
-        --stage N --precision fp32|bf16 [--steps 20 --warmup 5 --shape bench|comm] [--profile PATH]
+        --stage N --precision fp32|bf16 [--compile on|off] [--steps 20 --warmup 5 --shape bench|comm]
+        [--profile PATH]
 
 Every implementation trains dsl's bundled model from the same seed on the same random tokens with
 AdamW (lr 1e-3, no clipping), one thread per rank. Shapes (`SHAPES`):
@@ -11,6 +12,12 @@ AdamW (lr 1e-3, no clipping), one thread per rank. Shapes (`SHAPES`):
 - `comm`: 6x the parameters and 1/8 of the tokens per rank, so that moving gradients and
   parameters costs about as much as the forward and backward and the engines' communication
   plans differ measurably.
+
+`--compile on` compiles each decoder layer's forward with torch.compile, the way dsl's engine does
+by default (`engine.compile`, engine/compile.py): for dsl it sets `compile: true`, for the others
+the bench replaces `layer.forward` before wrapping the model (DDP, FSDP2, DeepSpeed keep their
+hooks on the modules, outside the compiled code, exactly as dsl's do). `off` runs eager
+(`compile: false` for dsl). The warm-up steps absorb the compilation.
 
 `local` is no engine: each rank trains its own replica with torch's fused AdamW and communicates
 nothing (its loss differs). It is the ceiling of any data-parallel engine on this machine: the same
@@ -65,6 +72,7 @@ def _dsl(model, args):
     from dsl.engine import initialize
 
     engine = initialize(model, {"zero_stage": args.stage, "precision": args.precision,
+                                "compile": args.compile == "on",
                                 "micro_batch": args.micro_batch, "grad_clip": None,
                                 "optimizer": {"type": "adamw", "lr": 1e-3},
                                 "scheduler": {"type": "constant", "warmup_steps": 0}})
@@ -158,6 +166,8 @@ def main() -> int:
     parser.add_argument("--impl", choices=sorted(IMPLS), required=True)
     parser.add_argument("--stage", type=int, default=0)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--compile", choices=["on", "off"], default="off",
+                        help="torch.compile each decoder layer (dsl: engine compile: true)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="bench")
@@ -171,7 +181,11 @@ def main() -> int:
     if args.micro_batch is None:
         args.micro_batch = SHAPES[args.shape][1]
     model, cfg = _model(args.shape)
-    result: dict = {"impl": args.impl, "stage": args.stage, "precision": args.precision, "shape": args.shape}
+    if args.compile == "on" and args.impl != "dsl":
+        for layer in model.layers:  # what engine/compile.py does for dsl
+            layer.forward = torch.compile(layer.forward)
+    result: dict = {"impl": args.impl, "stage": args.stage, "precision": args.precision, "shape": args.shape,
+                    "compile": args.compile}
     try:
         step = IMPLS[args.impl](model, args)
     except Exception as exc:  # an engine refusing a configuration is a result, not a crash

@@ -20,13 +20,17 @@ from tests.memory_measure import TERMS, case_id, expected, measure  # noqa: E402
 
 SHORT = {"params_bytes": "params", "grads_bytes": "grads", "optimizer_states_bytes": "optimizer",
          "activations_bytes": "activations", "offload_cpu_bytes": "offload CPU", "offload_nvme_bytes": "offload NVMe"}
+EAGER = {"compile": False}
+"""The memory model predicts what eager autograd saves; one case shows the compiled default."""
 CASES = [
-    *({"zero_stage": s, "precision": "fp32", "micro_batch": 8} for s in range(4)),
-    {"zero_stage": 2, "precision": "bf16", "micro_batch": 8},
-    {"zero_stage": 3, "precision": "bf16", "micro_batch": 8, "activation_checkpointing": True},
-    {"zero_stage": 2, "precision": "fp32", "micro_batch": 8, "offload": {"optimizer": "cpu"}},
+    *({"zero_stage": s, "precision": "fp32", "micro_batch": 8, **EAGER} for s in range(4)),
+    {"zero_stage": 2, "precision": "bf16", "micro_batch": 8, **EAGER},
+    {"zero_stage": 3, "precision": "bf16", "micro_batch": 8, "activation_checkpointing": True, **EAGER},
+    {"zero_stage": 2, "precision": "fp32", "micro_batch": 8, "offload": {"optimizer": "cpu"}, **EAGER},
     {"zero_stage": 0, "precision": "fp32", "micro_batch": 8, "steps": 2,
-     "optimizer": {"type": "onebit_adam", "freeze_step": 1}},
+     "optimizer": {"type": "onebit_adam", "freeze_step": 1}, **EAGER},
+    {"zero_stage": 0, "precision": "fp32", "micro_batch": 8, "compile": True},
+    {"zero_stage": 2, "precision": "bf16", "micro_batch": 8, "compile": True},
 ]
 
 
@@ -41,21 +45,29 @@ def main() -> int:
     measured = measure(CASES, model)[0]
     lines = ["| configuration | term | predicted MiB | measured MiB | measured/predicted |", "|---|---|---|---|---|"]
     worst = 0.0
+    compiled: list[float] = []
     for case, got in zip(CASES, measured):
         want = expected(model, case)
         for term in TERMS:
             if not want[term] and not got[term]:
                 continue
             ratio = got[term] / want[term] if want[term] else float("inf")
-            worst = max(worst, abs(ratio - 1))
+            if case.get("compile") is True and term == "activations_bytes":
+                compiled.append(ratio)
+            else:
+                worst = max(worst, abs(ratio - 1))
             lines.append(f"| {case_id(case)} | {SHORT[term]} | {_mb(want[term])} | {_mb(got[term])} | {ratio:.3f} |")
     table = "\n".join(lines)
     print(table)
     body = ("Per rank, 2 gloo ranks, one training step of the bundled model (preset `bench`: vocab 8192, "
             "hidden 256, 4 layers, 8 heads, seq 256), micro-batch 8. Predicted = `engine.memory`, the "
             "model `dsl plan` uses; measured = `Engine.state_summary()` (tensor bytes held per rank; "
-            "activations counted by autograd saved-tensor hooks). "
-            f"Largest deviation: {worst:.1%} (target: within 10%).\n\n" + table + "\n")
+            "activations counted by autograd saved-tensor hooks). Every case runs eager (`compile: false`), "
+            "what the model describes, except the two `compiled` ones, which run the engine's default "
+            "(decoder layers under torch.compile): inductor saves fewer activation bytes than eager autograd "
+            "(it recomputes cheap pointwise results in backward), so for them the model is an upper bound. "
+            f"Largest deviation (all terms but the compiled cases' activations): {worst:.1%} (target: within "
+            f"10%); compiled cases' activations, measured/predicted: {min(compiled):.3f}-{max(compiled):.3f}.\n\n" + table + "\n")
     write_section("memory", "Memory model: predicted vs measured per term",
                   "make bench  (python tests/bench/memory.py)", body)
     return 0 if worst <= 0.10 else 1

@@ -1,9 +1,13 @@
 """`make bench`: every engine on the same job, side by side in one run; writes docs/benchmarks.md.
 
 Variants (2 gloo ranks, 1 thread each, AdamW; shapes in engine_step.SHAPES):
-dsl at ZeRO stages 0-3, DeepSpeed 0.19.8 at stages 0-3 (its own virtualenv, see
+dsl at ZeRO stages 0-3 as it runs by default (decoder layers under torch.compile, `engine.compile:
+auto`), DeepSpeed 0.19.8 at stages 0-3 as it runs by default (eager; its own virtualenv, see
 setup_deepspeed.sh), torch DDP (stage 0's peer), FSDP2 (stage 3's peer) and `local` (no engine,
-no communication: the ceiling of any data-parallel engine here). The `bench` shape (the peer
+no communication: the ceiling of any data-parallel engine here). The peers and `local` get the
+same per-layer torch.compile as dsl (the strongest version of each). On the `bench` shape two more
+columns separate the engine from the compiler: DeepSpeed with the same per-layer compile, and dsl
+with `compile: false`. The `bench` shape (the peer
 baseline of shared/docs/FACTS.md) runs in fp32 and bf16, the communication-heavy `comm` shape in
 fp32. Ratios compare dsl with each peer on the same shape, stage and precision. Differences under
 ~5% are noise on this machine (shared/docs/FACTS.md).
@@ -36,6 +40,8 @@ SHAPE_TEXT = {
             "(45.4M parameters), micro-batch 2 per rank",
 }
 PRECISIONS = {"bench": ("fp32", "bf16"), "comm": ("fp32",)}
+EXTRA_SHAPES = {"bench"}
+"""Shapes that also run DeepSpeed with per-layer compile and dsl with compile: false."""
 
 PROBE = r"""
 import json, time, torch
@@ -65,11 +71,12 @@ def probe_gemm(python: str) -> dict:
 
 
 def run_variant(python: str, impl: str, stage: int, precision: str, steps: int, warmup: int,
-                shape: str = "bench") -> dict:
+                shape: str = "bench", compile: str = "on") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     argv = [python, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
             "--rdzv-endpoint=localhost:0", str(STEP), "--impl", impl, "--stage", str(stage),
-            "--precision", precision, "--steps", str(steps), "--warmup", str(warmup), "--shape", shape]
+            "--precision", precision, "--steps", str(steps), "--warmup", str(warmup), "--shape", shape,
+            "--compile", compile]
     started = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
     for line in proc.stdout.splitlines():
@@ -78,7 +85,7 @@ def run_variant(python: str, impl: str, stage: int, precision: str, steps: int, 
             result["wall_s"] = time.monotonic() - started
             return result
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"impl": impl, "stage": stage, "precision": precision, "shape": shape,
+    return {"impl": impl, "stage": stage, "precision": precision, "shape": shape, "compile": compile,
             "error": f"exit {proc.returncode}: {tail[:200]}"}
 
 
@@ -99,22 +106,30 @@ def _gib(r: dict | None) -> str:
 
 
 def table(results: list[dict], shape: str = "bench") -> str:
-    def get(impl, stage, precision):
+    def get(impl, stage, precision, compile="on"):
         return next((r for r in results if r["impl"] == impl and r["stage"] == stage
-                     and r["precision"] == precision and r.get("shape", "bench") == shape), None)
+                     and r["precision"] == precision and r.get("shape", "bench") == shape
+                     and r.get("compile", "on") == compile), None)
 
-    lines = ["| precision | stage | dsl tok/s | DeepSpeed tok/s | dsl/DS | peer | peer tok/s | dsl/peer "
-             "| no-comm tok/s | dsl/no-comm | dsl peak GiB | DS peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    extra = shape in EXTRA_SHAPES
+    head = ["precision", "stage", "dsl tok/s", "DeepSpeed tok/s", "dsl/DS"]
+    if extra:
+        head += ["DS+compile tok/s", "dsl/DS+compile", "dsl eager tok/s", "dsl eager/DS"]
+    head += ["peer", "peer tok/s", "dsl/peer", "no-comm tok/s", "dsl/no-comm", "dsl peak GiB", "DS peak GiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for precision in PRECISIONS[shape]:
         local = get("local", 0, precision)
         for stage in range(4):
-            dsl, ds = get("dsl", stage, precision), get("deepspeed", stage, precision)
+            dsl, ds = get("dsl", stage, precision), get("deepspeed", stage, precision, "off")
+            row = [precision, str(stage), _fmt_tps(dsl), _fmt_tps(ds), _ratio(dsl, ds)]
+            if extra:
+                ds_c, eager = get("deepspeed", stage, precision), get("dsl", stage, precision, "off")
+                row += [_fmt_tps(ds_c), _ratio(dsl, ds_c), _fmt_tps(eager), _ratio(eager, ds)]
             peer_name = "FSDP2" if stage == 3 else "DDP"
             peer = get("fsdp2" if stage == 3 else "ddp", 3 if stage == 3 else 0, precision)
-            lines.append(f"| {precision} | {stage} | {_fmt_tps(dsl)} | {_fmt_tps(ds)} | {_ratio(dsl, ds)} "
-                         f"| {peer_name} | {_fmt_tps(peer)} | {_ratio(dsl, peer)} | {_fmt_tps(local)} "
-                         f"| {_ratio(dsl, local)} | {_gib(dsl)} | {_gib(ds)} |")
+            row += [peer_name, _fmt_tps(peer), _ratio(dsl, peer), _fmt_tps(local), _ratio(dsl, local),
+                    _gib(dsl), _gib(ds)]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -155,16 +170,18 @@ def main() -> int:
     if args.steps < 20:
         parser.error(f"--steps {args.steps}: use at least 20 measured steps (the median needs them)")
     shapes = [s for s in args.shapes.split(",") if s]
-    plan = [(sys.executable, "local", 0), (sys.executable, "ddp", 0), (sys.executable, "fsdp2", 3)]
-    plan += [(sys.executable, "dsl", s) for s in range(4)]
-    plan += [(args.deepspeed_python, "deepspeed", s) for s in range(4)]
+    plan = [(sys.executable, "local", 0, "on"), (sys.executable, "ddp", 0, "on"), (sys.executable, "fsdp2", 3, "on")]
+    plan += [(sys.executable, "dsl", s, "on") for s in range(4)]
+    plan += [(args.deepspeed_python, "deepspeed", s, "off") for s in range(4)]
+    extra = [(args.deepspeed_python, "deepspeed", s, "on") for s in range(4)]
+    extra += [(sys.executable, "dsl", s, "off") for s in range(4)]
     probe = probe_gemm(sys.executable)
     print(json.dumps(probe), file=sys.stderr, flush=True)
     results = []
     for shape in shapes:
         for precision in PRECISIONS[shape]:
-            for python, impl, stage in plan:
-                result = run_variant(python, impl, stage, precision, args.steps, args.warmup, shape)
+            for python, impl, stage, compile in plan + (extra if shape in EXTRA_SHAPES else []):
+                result = run_variant(python, impl, stage, precision, args.steps, args.warmup, shape, compile)
                 print(json.dumps(result), file=sys.stderr, flush=True)
                 results.append(result)
     tables = []

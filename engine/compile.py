@@ -1,0 +1,100 @@
+"""`engine.compile`: torch.compile the model's blocks, keeping the engine's hooks outside.
+
+What is compiled: the `forward` of each *block*, the children of the model's outermost
+ModuleList (the bundled Llama's decoder layers; the same units ZeRO-3 gathers,
+`zero.stage3.choose_units`). Only `forward` is replaced (an instance attribute), not
+`__call__`, so the module hooks the engine registers (ZeRO-3's gather/release and pre-backward
+hooks, activation accounting, fp16 loss scaling) run in eager Python around the compiled code,
+and each block's backward is one compiled node after which its gradients are accumulated: the
+gradient hooks of stages 0-2 still fire block by block, overlapping communication with the rest
+of the backward. The blocks of one model share their compiled code (their parameters are graph
+inputs), so N layers compile once.
+
+What it buys (docs/benchmarks.md, engine section): inductor fuses RMSNorm, RoPE, SiLU x up and
+the residual adds into a few loops around the matmuls, and its partitioner saves fewer
+activations than eager autograd (~7% fewer bytes on the `bench` preset; `engine.memory`
+predicts the eager bytes, so the plan errs on the safe side).
+
+`auto` compiles the bundled Llama unless a layer runs its own autograd.Function with
+collectives or recomputation inside (Ulysses all-to-all, tiled MLP, activation offload) or, on
+CPU, no C++ compiler is installed (inductor's CPU backend compiles C++); a compile error at the
+first step then falls back to eager with a warning. `true` compiles any model's blocks and lets
+errors surface. TORCHDYNAMO_DISABLE=1 (torch's own switch) makes both a no-op; the test suite
+sets it except in the tests of this module, to keep compile time out of hundreds of runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from dsl.engine.errors import UserError
+
+if TYPE_CHECKING:
+    from dsl.engine.config import EngineConfig
+
+__all__ = ["apply", "blockers", "dynamo_disabled"]
+
+log = logging.getLogger(__name__)
+
+
+def dynamo_disabled() -> bool:
+    """torch.compile is a no-op in this process (TORCHDYNAMO_DISABLE=1)."""
+    return os.environ.get("TORCHDYNAMO_DISABLE", "") in ("1", "true", "True")
+
+
+def _has_cxx() -> bool:
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c)
+
+
+def blockers(model: nn.Module, config: "EngineConfig", device: torch.device) -> list[str]:
+    """Why `compile` cannot be used for this model and config (empty: it can)."""
+    from dsl.engine.long.setup import sequence_degree
+    from dsl.engine.model import Llama
+
+    reasons = []
+    sp = sequence_degree(config)
+    if sp > 1:
+        reasons.append(f"sequence_parallel {sp} (Ulysses all-to-all inside attention)")
+    if config.tiled_mlp.enabled:
+        reasons.append("tiled_mlp (per-chunk recomputation inside the MLP)")
+    if config.activation_offload:
+        reasons.append("activation_offload (host copies of each layer's input)")
+    if device.type == "cpu" and not _has_cxx():
+        reasons.append("no C++ compiler on PATH (inductor compiles C++ for CPU; apt install g++)")
+    if config.compile == "auto" and not isinstance(model, Llama):
+        reasons.append("auto compiles the bundled Llama only (set compile: true for your model)")
+    return reasons
+
+
+def apply(model: nn.Module, config: "EngineConfig", device: torch.device) -> list[str]:
+    """Compile the blocks of `model` as `config.compile` says; returns the compiled blocks' names."""
+    if config.compile is False:
+        return []
+    found = blockers(model, config, device)
+    if found:
+        if config.compile is True:
+            raise UserError("engine.compile: true cannot be used with " + "; ".join(found)
+                            + " (set compile: auto or false)")
+        log.info("compile: auto leaves the model eager: %s", "; ".join(found))
+        return []
+    if dynamo_disabled():
+        log.info("compile: off (TORCHDYNAMO_DISABLE=1)")
+        return []
+    from dsl.engine.zero.stage3 import choose_units
+
+    if config.compile == "auto":
+        import torch._dynamo as dynamo
+
+        dynamo.config.suppress_errors = True  # a compile failure runs that block eagerly
+    names = []
+    for name, block in choose_units(model):
+        if any(True for _ in block.parameters()):
+            block.forward = torch.compile(block.forward)
+            names.append(name)
+    return names
