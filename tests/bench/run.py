@@ -139,12 +139,17 @@ def notes(probe: dict) -> str:
             if fp32 and bf16 else "see the probe below")
     return "\n".join([
         "Notes:",
-        "- `bench` is compute-bound: the no-comm column is what the same forward, backward and "
-        "AdamW cost without any communication. An engine can only remove communication and "
-        "copies, so no engine can be faster than that column; dsl/no-comm shows how close dsl "
-        "is. 1.1x DeepSpeed is reachable only where DeepSpeed is more than 10% below that column "
-        "(on a quiet machine, 10 steps: no-comm 4,812, DDP 4,145, dsl stage 0 4,271 tok/s, so a "
-        "stage-0 engine would have to hide about 2/3 of its gradient exchange on 2 busy cores).",
+        "- Compilation: dsl runs as it does by default (`engine.compile: auto`: each decoder layer's "
+        "forward under torch.compile, engine/compile.py); DeepSpeed runs as it does by default "
+        "(eager). Because that is where most of dsl's lead on the compute-bound `bench` shape comes "
+        "from, two more columns separate engine from compiler: DS+compile gives DeepSpeed exactly "
+        "the same per-layer torch.compile (dsl/DS+compile), and dsl eager is dsl with "
+        "`compile: false` (dsl eager/DS: engine against engine, both eager). DDP, FSDP2 and the "
+        "no-comm run get the same per-layer compile as dsl.",
+        "- `bench` is compute-bound: the no-comm column is what the same (compiled) forward, "
+        "backward and AdamW cost without any communication. An engine can only remove "
+        "communication and copies, so no engine can be faster than that column; dsl/no-comm "
+        "shows how close dsl is.",
         f"- bf16 is slower than fp32 on this CPU ({gemm}): it has AVX-512 BF16 "
         "(one VDPBF16PS port, the same FLOPs per cycle as two fp32 FMA ports) but no AMX, so "
         "oneDNN's bf16 GEMM cannot beat MKL's fp32 GEMM, and torch's CPU flash-attention "
@@ -191,8 +196,9 @@ def main() -> int:
         tables.append(f"### Shape `{shape}`: {SHAPE_TEXT[shape]}\n\n{text}\n")
     body = ("2 gloo ranks, 1 thread per rank, AdamW (lr 1e-3, no clipping), median of "
             f"{args.steps} steps after {args.warmup} warm-up steps. tokens/s count all ranks. "
-            "Peak = the largest rank's peak resident memory. no-comm = `local`: each rank trains "
-            "its own replica with torch's fused AdamW and communicates nothing, the ceiling of any "
+            "Peak = the largest rank's peak resident memory (torch.compile's modules add ~0.1 GiB to "
+            "every compiled run). no-comm = `local`: each rank trains its own replica (same compiled "
+            "layers) with torch's fused AdamW and communicates nothing, the ceiling of any "
             "data-parallel engine on this machine. Differences under ~5% are run-to-run noise here.\n\n"
             + "\n".join(tables) + "\n" + notes(probe) + "\n\nGEMM probe (1 thread, 2048x1024x1024): "
             + json.dumps(probe) + "\n\nRaw results:\n\n```\n"
