@@ -133,6 +133,20 @@ def table(results: list[dict], shape: str = "bench") -> str:
     return "\n".join(lines)
 
 
+def _bf16_note(probe: dict, gemm: str) -> str:
+    """What this CPU does with bf16 (machines differ: the probe says which kind ran the table)."""
+    fp32, bf16 = probe.get("fp32_gflops"), probe.get("bf16_gflops")
+    amx = any(f.startswith("amx") for f in probe.get("cpu_flags", []))
+    if fp32 and bf16 and bf16 > 1.2 * fp32:
+        return (f"- bf16 GEMMs run {bf16 / fp32:.1f}x as fast as fp32 on this CPU ({gemm}"
+                + (", AMX tiles" if amx else "") + "): the bf16 rows are faster where matmuls dominate; "
+                "the rest of a step (norms, softmax, optimizer on fp32 masters, communication) is not.")
+    return (f"- bf16 is not faster than fp32 on this CPU ({gemm}): without AMX, AVX-512 BF16 has one "
+            "VDPBF16PS port (the same FLOPs per cycle as two fp32 FMA ports), so oneDNN's bf16 GEMM "
+            "cannot beat MKL's fp32 GEMM, and autocast adds the casts. It is not a harness setting "
+            "(same threads, same autocast for every engine).")
+
+
 def notes(probe: dict) -> str:
     fp32, bf16 = probe.get("fp32_gflops"), probe.get("bf16_gflops")
     gemm = (f"{bf16:.0f} GFLOP/s bf16 vs {fp32:.0f} fp32 per core in this run's probe"
@@ -150,12 +164,7 @@ def notes(probe: dict) -> str:
         "backward and AdamW cost without any communication. An engine can only remove "
         "communication and copies, so no engine can be faster than that column; dsl/no-comm "
         "shows how close dsl is.",
-        f"- bf16 is slower than fp32 on this CPU ({gemm}): it has AVX-512 BF16 "
-        "(one VDPBF16PS port, the same FLOPs per cycle as two fp32 FMA ports) but no AMX, so "
-        "oneDNN's bf16 GEMM cannot beat MKL's fp32 GEMM, and torch's CPU flash-attention "
-        "backward is several times slower in bf16; autocast adds the casts. FACTS.md's bf16 "
-        "speed-up (~1.85x) needs AMX; it is not a harness setting (same threads, same autocast "
-        "for every engine).",
+        _bf16_note(probe, gemm),
         "- `comm` moves 6x the parameters for 1/8 of the tokens: gradient exchange and parameter "
         "gathers cost about as much as compute, so the engines' communication plans show. dsl "
         "builds its reduce-scatter and all-gather from point-to-point messages and broadcasts on "
@@ -171,7 +180,16 @@ def main() -> int:
     parser.add_argument("--deepspeed-python", default=str(ROOT / ".venv-bench/bin/python"))
     parser.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"))
     parser.add_argument("--shapes", default="bench,comm", help="comma-separated engine_step.SHAPES")
+    parser.add_argument("--render", metavar="LOG", default=None,
+                        help="rebuild the tables from LOG (this script's stderr: the probe's JSON line, "
+                             "then one per variant) instead of running anything")
     args = parser.parse_args()
+    if args.render:
+        lines = [json.loads(ln) for ln in Path(args.render).read_text().splitlines() if ln.startswith("{")]
+        probe = next(r for r in lines if "fp32_gflops" in r or ("error" in r and "impl" not in r))
+        results = [r for r in lines if "impl" in r]
+        shapes = sorted({r.get("shape", "bench") for r in results}, key=list(SHAPE_TEXT).index)
+        return _write(results, probe, shapes, args)
     if args.steps < 20:
         parser.error(f"--steps {args.steps}: use at least 20 measured steps (the median needs them)")
     shapes = [s for s in args.shapes.split(",") if s]
@@ -189,6 +207,10 @@ def main() -> int:
                 result = run_variant(python, impl, stage, precision, args.steps, args.warmup, shape, compile)
                 print(json.dumps(result), file=sys.stderr, flush=True)
                 results.append(result)
+    return _write(results, probe, shapes, args)
+
+
+def _write(results: list[dict], probe: dict, shapes: list[str], args: argparse.Namespace) -> int:
     tables = []
     for shape in shapes:
         text = table(results, shape)
@@ -196,15 +218,17 @@ def main() -> int:
         tables.append(f"### Shape `{shape}`: {SHAPE_TEXT[shape]}\n\n{text}\n")
     body = ("2 gloo ranks, 1 thread per rank, AdamW (lr 1e-3, no clipping), median of "
             f"{args.steps} steps after {args.warmup} warm-up steps. tokens/s count all ranks. "
-            "Peak = the largest rank's peak resident memory (torch.compile's modules add ~0.1 GiB to "
+            "Peak = the largest rank's peak resident memory (importing torch.compile's modules adds 0.1-0.2 GiB to "
             "every compiled run). no-comm = `local`: each rank trains its own replica (same compiled "
             "layers) with torch's fused AdamW and communicates nothing, the ceiling of any "
             "data-parallel engine on this machine. Differences under ~5% are run-to-run noise here.\n\n"
             + "\n".join(tables) + "\n" + notes(probe) + "\n\nGEMM probe (1 thread, 2048x1024x1024): "
             + json.dumps(probe) + "\n\nRaw results:\n\n```\n"
             + "\n".join(json.dumps(r) for r in results) + "\n```\n")
-    write_section("engine", "Engine step: dsl vs DeepSpeed 0.19.8, DDP, FSDP2",
-                  "make bench  (python tests/bench/run.py)", body, Path(args.out))
+    command = "make bench  (python tests/bench/run.py)"
+    if args.render:
+        command += f"; tables rebuilt from that run's log with `python tests/bench/run.py --render LOG`"
+    write_section("engine", "Engine step: dsl vs DeepSpeed 0.19.8, DDP, FSDP2", command, body, Path(args.out))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
