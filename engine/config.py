@@ -153,15 +153,17 @@ class EngineConfig(StrictModel):
     """With activation_checkpointing, keep each layer's checkpointed input in host memory instead
     of on the device (copied out during forward and back before the layer is recomputed,
     overlapped with compute on CUDA). Needs activation_checkpointing: true (or auto)."""
-    compile: bool | Literal["auto"] = "auto"
+    compile: bool | Literal["auto"] = False
     """Compile each block of the model (the children of its outermost ModuleList: the bundled
-    Llama's decoder layers) with torch.compile: fused pointwise kernels around the matmuls,
-    1.3-1.5x faster forward and backward on CPU here (docs/benchmarks.md). The engine's hooks stay
-    outside the compiled code. The first step compiles (tens of seconds on 2 CPU cores; cached
-    afterwards under /tmp/torchinductor_$USER). auto: on for the bundled Llama unless a feature that
-    runs its own autograd inside a layer is on (sequence_parallel > 1, tiled_mlp,
-    activation_offload) or, on CPU, no C++ compiler is installed; true: compile any model's blocks
-    (an error where auto would not); false: eager. TORCHDYNAMO_DISABLE=1 turns it off too."""
+    Llama's decoder layers) with torch.compile; the engine's hooks stay outside the compiled code.
+    Off by default: on this project's 2-core CPU machine a compiled forward+backward alone is
+    1.26x (fp32) / 1.5x (bf16) faster, but in 2-rank training steps the gain measured +1-13% in
+    bf16 and none in fp32 (engine/compile.py), for a first step that compiles (tens of seconds,
+    cached afterwards under /tmp/torchinductor_$USER) and 0.1-0.2 GiB more resident memory.
+    true: compile (an error with sequence_parallel > 1, tiled_mlp or activation_offload, whose
+    layers run their own autograd, or on a CPU host without a C++ compiler); auto: compile the
+    bundled Llama where nothing above stands in the way, else stay eager; false: eager.
+    TORCHDYNAMO_DISABLE=1 (torch's switch) turns it off whatever this says."""
     bucket_mib: float = Field(25.0, gt=0)
     """Size of a gradient communication bucket in MiB."""
     deepspeed_config: str | None = None

@@ -12,13 +12,6 @@ import pytest
 
 pytest_plugins = ["tests.cluster.pytest_plugin"]
 
-# The engine compiles the bundled Llama's layers by default (engine/compile.py), which costs
-# 10-30 s per new shape on 2 cores: hundreds of short runs would spend most of the suite's time
-# compiling. torch's own switch turns it off here and in every rank the tests start (inherited);
-# tests/integration/test_compile.py removes it for its runs, and is where compiled training is
-# checked.
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 ROOT = Path(__file__).resolve().parent.parent
 DSL = [sys.executable, "-m", "dsl.launcher"]
 

@@ -214,7 +214,8 @@ def main() -> int:
     result.update(step_s=median, tokens_per_s=tokens_per_step / median,
                   peak_rss_bytes=int(peak_kib.item()) * 1024, final_loss=losses[-1],
                   step_s_min=min(times[args.warmup:]), cpu_s=statistics.median(cpu_times[args.warmup:]),
-                  threads=torch.get_num_threads(), world_size=world)
+                  threads=torch.get_num_threads(), world_size=world,
+                  steps_s=[round(t, 3) for t in times[args.warmup:]])
     if rank == 0:
         print("BENCH " + json.dumps(result), flush=True)
     dist.barrier()

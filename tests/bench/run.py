@@ -1,19 +1,19 @@
 """`make bench`: every engine on the same job, side by side in one run; writes docs/benchmarks.md.
 
 Variants (2 gloo ranks, 1 thread each, AdamW; shapes in engine_step.SHAPES):
-dsl at ZeRO stages 0-3 as it runs by default (decoder layers under torch.compile, `engine.compile:
-auto`), DeepSpeed 0.19.8 at stages 0-3 as it runs by default (eager; its own virtualenv, see
+dsl at ZeRO stages 0-3, DeepSpeed 0.19.8 at stages 0-3 (its own virtualenv, see
 setup_deepspeed.sh), torch DDP (stage 0's peer), FSDP2 (stage 3's peer) and `local` (no engine,
-no communication: the ceiling of any data-parallel engine here). The peers and `local` get the
-same per-layer torch.compile as dsl (the strongest version of each). On the `bench` shape two more
-columns separate the engine from the compiler: DeepSpeed with the same per-layer compile, and dsl
-with `compile: false`. The `bench` shape (the peer
-baseline of shared/docs/FACTS.md) runs in fp32 and bf16, the communication-heavy `comm` shape in
-fp32. Ratios compare dsl with each peer on the same shape, stage and precision. Differences under
-~5% are noise on this machine (shared/docs/FACTS.md).
+no communication: the ceiling of any data-parallel engine here). Everything runs eager, as each
+engine does by default (dsl's `engine.compile` is off by default; `engine_step.py --compile on`
+measures it). The `bench` shape (the peer baseline of shared/docs/FACTS.md) runs in fp32 and
+bf16, the communication-heavy `comm` shape in fp32. Ratios compare dsl with each peer on the
+same shape, stage and precision.
 
-Before the engines, a probe measures one-thread GEMM throughput in fp32 and bf16 and lists the
-CPU's bf16/AMX flags: whether bf16 can be faster than fp32 on this machine at all.
+Rounds: this machine's speed drifts by 10-30% over tens of seconds (other tenants of the host),
+so one run per variant would compare variants measured at different moments. Every variant runs
+`--rounds` times (default 2), all variants once per round, each round in the reverse order of the
+previous one; a variant's figure is the median over the steps of all its rounds (`steps_s`), and
+the raw results keep each round's tokens/s.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -40,8 +41,6 @@ SHAPE_TEXT = {
             "(45.4M parameters), micro-batch 2 per rank",
 }
 PRECISIONS = {"bench": ("fp32", "bf16"), "comm": ("fp32",)}
-EXTRA_SHAPES = {"bench"}
-"""Shapes that also run DeepSpeed with per-layer compile and dsl with compile: false."""
 
 PROBE = r"""
 import json, time, torch
@@ -71,7 +70,7 @@ def probe_gemm(python: str) -> dict:
 
 
 def run_variant(python: str, impl: str, stage: int, precision: str, steps: int, warmup: int,
-                shape: str = "bench", compile: str = "on") -> dict:
+                shape: str = "bench", compile: str = "off") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     argv = [python, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
             "--rdzv-endpoint=localhost:0", str(STEP), "--impl", impl, "--stage", str(stage),
@@ -87,6 +86,22 @@ def run_variant(python: str, impl: str, stage: int, precision: str, steps: int, 
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
     return {"impl": impl, "stage": stage, "precision": precision, "shape": shape, "compile": compile,
             "error": f"exit {proc.returncode}: {tail[:200]}"}
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One variant's figure from its rounds: the median of all their measured steps."""
+    ok = [r for r in rounds if "steps_s" in r]
+    if not ok:
+        return rounds[-1] if "tokens_per_s" in rounds[-1] or len(rounds) == 1 else {**rounds[-1]}
+    steps = sorted(t for r in ok for t in r["steps_s"])
+    median = statistics.median(steps)
+    tokens_per_step = ok[0]["tokens_per_s"] * ok[0]["step_s"]
+    out = {k: v for k, v in ok[0].items() if k not in ("steps_s", "round", "wall_s")}
+    out.update(step_s=median, tokens_per_s=tokens_per_step / median, step_s_min=steps[0],
+               peak_rss_bytes=max(r["peak_rss_bytes"] for r in ok),
+               cpu_s=statistics.median(r["cpu_s"] for r in ok), final_loss=ok[-1]["final_loss"],
+               rounds_tokens_per_s=[round(r["tokens_per_s"]) for r in ok])
+    return out
 
 
 def _fmt_tps(r: dict | None) -> str:
@@ -106,30 +121,23 @@ def _gib(r: dict | None) -> str:
 
 
 def table(results: list[dict], shape: str = "bench") -> str:
-    def get(impl, stage, precision, compile="on"):
+    def get(impl, stage, precision):
         return next((r for r in results if r["impl"] == impl and r["stage"] == stage
                      and r["precision"] == precision and r.get("shape", "bench") == shape
-                     and r.get("compile", "on") == compile), None)
+                     and r.get("compile", "off") == "off"), None)
 
-    extra = shape in EXTRA_SHAPES
-    head = ["precision", "stage", "dsl tok/s", "DeepSpeed tok/s", "dsl/DS"]
-    if extra:
-        head += ["DS+compile tok/s", "dsl/DS+compile", "dsl eager tok/s", "dsl eager/DS"]
-    head += ["peer", "peer tok/s", "dsl/peer", "no-comm tok/s", "dsl/no-comm", "dsl peak GiB", "DS peak GiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["| precision | stage | dsl tok/s | DeepSpeed tok/s | dsl/DS | peer | peer tok/s | dsl/peer "
+             "| no-comm tok/s | dsl/no-comm | dsl peak GiB | DS peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for precision in PRECISIONS[shape]:
         local = get("local", 0, precision)
         for stage in range(4):
-            dsl, ds = get("dsl", stage, precision), get("deepspeed", stage, precision, "off")
-            row = [precision, str(stage), _fmt_tps(dsl), _fmt_tps(ds), _ratio(dsl, ds)]
-            if extra:
-                ds_c, eager = get("deepspeed", stage, precision), get("dsl", stage, precision, "off")
-                row += [_fmt_tps(ds_c), _ratio(dsl, ds_c), _fmt_tps(eager), _ratio(eager, ds)]
+            dsl, ds = get("dsl", stage, precision), get("deepspeed", stage, precision)
             peer_name = "FSDP2" if stage == 3 else "DDP"
             peer = get("fsdp2" if stage == 3 else "ddp", 3 if stage == 3 else 0, precision)
-            row += [peer_name, _fmt_tps(peer), _ratio(dsl, peer), _fmt_tps(local), _ratio(dsl, local),
-                    _gib(dsl), _gib(ds)]
-            lines.append("| " + " | ".join(row) + " |")
+            lines.append(f"| {precision} | {stage} | {_fmt_tps(dsl)} | {_fmt_tps(ds)} | {_ratio(dsl, ds)} "
+                         f"| {peer_name} | {_fmt_tps(peer)} | {_ratio(dsl, peer)} | {_fmt_tps(local)} "
+                         f"| {_ratio(dsl, local)} | {_gib(dsl)} | {_gib(ds)} |")
     return "\n".join(lines)
 
 
@@ -153,14 +161,7 @@ def notes(probe: dict) -> str:
             if fp32 and bf16 else "see the probe below")
     return "\n".join([
         "Notes:",
-        "- Compilation: dsl runs as it does by default (`engine.compile: auto`: each decoder layer's "
-        "forward under torch.compile, engine/compile.py); DeepSpeed runs as it does by default "
-        "(eager). Because that is where most of dsl's lead on the compute-bound `bench` shape comes "
-        "from, two more columns separate engine from compiler: DS+compile gives DeepSpeed exactly "
-        "the same per-layer torch.compile (dsl/DS+compile), and dsl eager is dsl with "
-        "`compile: false` (dsl eager/DS: engine against engine, both eager). DDP, FSDP2 and the "
-        "no-comm run get the same per-layer compile as dsl.",
-        "- `bench` is compute-bound: the no-comm column is what the same (compiled) forward, "
+        "- `bench` is compute-bound: the no-comm column is what the same forward, "
         "backward and AdamW cost without any communication. An engine can only remove "
         "communication and copies, so no engine can be faster than that column; dsl/no-comm "
         "shows how close dsl is.",
@@ -180,6 +181,7 @@ def main() -> int:
     parser.add_argument("--deepspeed-python", default=str(ROOT / ".venv-bench/bin/python"))
     parser.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"))
     parser.add_argument("--shapes", default="bench,comm", help="comma-separated engine_step.SHAPES")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every variant, interleaved")
     parser.add_argument("--render", metavar="LOG", default=None,
                         help="rebuild the tables from LOG (this script's stderr: the probe's JSON line, "
                              "then one per variant) instead of running anything")
@@ -187,26 +189,34 @@ def main() -> int:
     if args.render:
         lines = [json.loads(ln) for ln in Path(args.render).read_text().splitlines() if ln.startswith("{")]
         probe = next(r for r in lines if "fp32_gflops" in r or ("error" in r and "impl" not in r))
-        results = [r for r in lines if "impl" in r]
+        grouped: dict[tuple, list[dict]] = {}
+        for r in lines:
+            if "impl" in r:
+                key = (r["impl"], r["stage"], r["precision"], r.get("shape", "bench"), r.get("compile", "off"))
+                grouped.setdefault(key, []).append(r)
+        results = [combine(rs) for rs in grouped.values()]
         shapes = sorted({r.get("shape", "bench") for r in results}, key=list(SHAPE_TEXT).index)
         return _write(results, probe, shapes, args)
     if args.steps < 20:
         parser.error(f"--steps {args.steps}: use at least 20 measured steps (the median needs them)")
     shapes = [s for s in args.shapes.split(",") if s]
-    plan = [(sys.executable, "local", 0, "on"), (sys.executable, "ddp", 0, "on"), (sys.executable, "fsdp2", 3, "on")]
-    plan += [(sys.executable, "dsl", s, "on") for s in range(4)]
-    plan += [(args.deepspeed_python, "deepspeed", s, "off") for s in range(4)]
-    extra = [(args.deepspeed_python, "deepspeed", s, "on") for s in range(4)]
-    extra += [(sys.executable, "dsl", s, "off") for s in range(4)]
+    plan = [(sys.executable, "local", 0), (sys.executable, "ddp", 0), (sys.executable, "fsdp2", 3)]
+    plan += [(sys.executable, "dsl", s) for s in range(4)]
+    plan += [(args.deepspeed_python, "deepspeed", s) for s in range(4)]
+    variants = [(python, impl, stage, precision, shape) for shape in shapes for precision in PRECISIONS[shape]
+                for python, impl, stage in plan]
     probe = probe_gemm(sys.executable)
     print(json.dumps(probe), file=sys.stderr, flush=True)
-    results = []
-    for shape in shapes:
-        for precision in PRECISIONS[shape]:
-            for python, impl, stage, compile in plan + (extra if shape in EXTRA_SHAPES else []):
-                result = run_variant(python, impl, stage, precision, args.steps, args.warmup, shape, compile)
-                print(json.dumps(result), file=sys.stderr, flush=True)
-                results.append(result)
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(variants))}
+    for round_ in range(args.rounds):
+        order = list(range(len(variants)))
+        for i in order if round_ % 2 == 0 else order[::-1]:
+            python, impl, stage, precision, shape = variants[i]
+            result = run_variant(python, impl, stage, precision, args.steps, args.warmup, shape, "off")
+            result["round"] = round_
+            print(json.dumps(result), file=sys.stderr, flush=True)
+            runs[i].append(result)
+    results = [combine(runs[i]) for i in range(len(variants))]
     return _write(results, probe, shapes, args)
 
 
@@ -216,11 +226,12 @@ def _write(results: list[dict], probe: dict, shapes: list[str], args: argparse.N
         text = table(results, shape)
         print(text)
         tables.append(f"### Shape `{shape}`: {SHAPE_TEXT[shape]}\n\n{text}\n")
-    body = ("2 gloo ranks, 1 thread per rank, AdamW (lr 1e-3, no clipping), median of "
-            f"{args.steps} steps after {args.warmup} warm-up steps. tokens/s count all ranks. "
-            "Peak = the largest rank's peak resident memory (importing torch.compile's modules adds 0.1-0.2 GiB to "
-            "every compiled run). no-comm = `local`: each rank trains its own replica (same compiled "
-            "layers) with torch's fused AdamW and communicates nothing, the ceiling of any "
+    body = ("2 gloo ranks, 1 thread per rank, AdamW (lr 1e-3, no clipping), all eager; every variant run "
+            f"{args.rounds} times, interleaved (each round in the reverse order of the one before), "
+            f"{args.steps} measured steps after {args.warmup} warm-up steps each; a figure is the median "
+            "over all measured steps of its rounds (raw results: each round's tokens/s). tokens/s count all ranks. "
+            "Peak = the largest rank's peak resident memory. no-comm = `local`: each rank trains its own "
+            "replica with torch's fused AdamW and communicates nothing, the ceiling of any "
             "data-parallel engine on this machine. Differences under ~5% are run-to-run noise here.\n\n"
             + "\n".join(tables) + "\n" + notes(probe) + "\n\nGEMM probe (1 thread, 2048x1024x1024): "
             + json.dumps(probe) + "\n\nRaw results:\n\n```\n"

@@ -1,7 +1,6 @@
 """`engine.compile` (engine/compile.py) in real 2-rank training runs with torch.compile enabled.
 
-The rest of the suite runs with TORCHDYNAMO_DISABLE=1 (tests/conftest.py); these runs remove it,
-as a user's `dsl launch` would have it. Each run is `torchrun -m dsl.engine.train SPEC` with 2
+Each run is `torchrun -m dsl.engine.train SPEC` with 2
 gloo ranks. Compiled and eager runs of the same spec must give the same losses up to
 reduction order (inductor fuses RMSNorm's mean of squares and the residual adds: measured
 max |diff| over 8 steps <= 2e-6 at fp32), at ZeRO 0 and 3 (whose gather/release hooks sit
@@ -71,8 +70,10 @@ def test_compiled_training_matches_eager(tmp_path: Path, label: str, engine: str
 
 
 def test_auto_compiles_the_bundled_model_and_sp_leaves_it_eager(tmp_path: Path) -> None:
-    """auto (the default) compiles a plain run; with sequence parallelism it says why not."""
-    _, log = _train(tmp_path, "auto", "  zero_stage: 1\n")
+    """auto compiles a plain run; with sequence parallelism it stays eager; the default is eager."""
+    _, log = _train(tmp_path, "auto", "  zero_stage: 1\n  compile: auto\n")
     assert "torch.compile of 3 blocks" in log, log[-2000:]
-    _, sp_log = _train(tmp_path, "auto-sp", "  zero_stage: 1\n  sequence_parallel: 2\n")
+    _, sp_log = _train(tmp_path, "auto-sp", "  zero_stage: 1\n  sequence_parallel: 2\n  compile: auto\n")
     assert ", eager" in sp_log, sp_log[-2000:]
+    _, default_log = _train(tmp_path, "default", "  zero_stage: 1\n")
+    assert ", eager" in default_log, default_log[-2000:]

@@ -1,7 +1,6 @@
 """`engine.compile` decisions (engine/compile.py) in one process, without compiling anything.
 
-The suite runs with TORCHDYNAMO_DISABLE=1 (tests/conftest.py); compiled training itself is
-checked in tests/integration/test_compile.py.
+Compiled training itself is checked in tests/integration/test_compile.py.
 """
 
 from __future__ import annotations
@@ -26,15 +25,18 @@ class Blocks(nn.Module):
         self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
 
 
-def test_the_suite_runs_with_dynamo_disabled() -> None:
-    assert dynamo_disabled()
+def test_default_is_eager_and_dynamo_disabled_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     model = Llama(CFG)
+    assert EngineConfig().compile is False
     assert apply(model, EngineConfig(), CPU) == []
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    assert dynamo_disabled()
+    assert apply(model, EngineConfig(compile=True), CPU) == []
     assert "forward" not in vars(model.layers[0])  # nothing was replaced
 
 
 def test_compile_replaces_only_the_blocks_forward(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
     model = Llama(CFG)
     pre_hooks_before = dict(model.layers[0]._forward_pre_hooks)
     assert apply(model, EngineConfig(compile=True), CPU) == ["layers.0", "layers.1"]
@@ -44,10 +46,10 @@ def test_compile_replaces_only_the_blocks_forward(monkeypatch: pytest.MonkeyPatc
 
 
 def test_auto_compiles_only_the_bundled_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
     other = Blocks()
-    assert any("bundled Llama" in r for r in blockers(other, EngineConfig(), CPU))
-    assert apply(other, EngineConfig(), CPU) == []
+    assert any("bundled Llama" in r for r in blockers(other, EngineConfig(compile="auto"), CPU))
+    assert apply(other, EngineConfig(compile="auto"), CPU) == []
     assert apply(Blocks(), EngineConfig(compile=True), CPU) == ["blocks.0", "blocks.1", "blocks.2"]
 
 
@@ -62,22 +64,22 @@ def test_auto_compiles_only_the_bundled_model(monkeypatch: pytest.MonkeyPatch) -
 def test_features_with_their_own_autograd_keep_auto_eager_and_refuse_true(
     monkeypatch: pytest.MonkeyPatch, setting: dict, words: str
 ) -> None:
-    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
-    assert apply(Llama(CFG), EngineConfig(**setting), CPU) == []
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    assert apply(Llama(CFG), EngineConfig(compile="auto", **setting), CPU) == []
     with pytest.raises(UserError, match=f"engine.compile: true cannot be used with {words}"):
         apply(Llama(CFG), EngineConfig(compile=True, **setting), CPU)
 
 
 def test_no_cxx_compiler_on_cpu_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("CXX", raising=False)
-    assert any("C++ compiler" in r for r in blockers(Llama(CFG), EngineConfig(), CPU))
-    assert apply(Llama(CFG), EngineConfig(), CPU) == []
+    assert any("C++ compiler" in r for r in blockers(Llama(CFG), EngineConfig(compile="auto"), CPU))
+    assert apply(Llama(CFG), EngineConfig(compile="auto"), CPU) == []
 
 
 def test_compile_false_is_eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
     model = Llama(CFG)
     assert apply(model, EngineConfig(compile=False), CPU) == []
     assert "forward" not in vars(model.layers[0])
