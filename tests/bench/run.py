@@ -238,7 +238,7 @@ def _write(results: list[dict], probe: dict, shapes: list[str], args: argparse.N
             + "\n".join(json.dumps(r) for r in results) + "\n```\n")
     command = "make bench  (python tests/bench/run.py)"
     if args.render:
-        command += f"; tables rebuilt from that run's log with `python tests/bench/run.py --render LOG`"
+        command += "; tables rebuilt from that run's log with `python tests/bench/run.py --render LOG`"
     write_section("engine", "Engine step: dsl vs DeepSpeed 0.19.8, DDP, FSDP2", command, body, Path(args.out))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
