@@ -155,7 +155,26 @@ def _bf16_note(probe: dict, gemm: str) -> str:
             "(same threads, same autocast for every engine).")
 
 
-def notes(probe: dict) -> str:
+def _spread_note(results: list[dict]) -> str:
+    """How far apart the rounds of one variant came out in this run (the noise floor of a ratio)."""
+    spreads = []
+    for r in results:
+        rounds = r.get("rounds_tokens_per_s") or []
+        if len(rounds) > 1 and min(rounds) > 0:
+            spreads.append((max(rounds) / min(rounds) - 1, f"{r['impl']} stage {r['stage']} {r['precision']} "
+                            f"{r.get('shape', 'bench')}"))
+    if not spreads:
+        return ""
+    spreads.sort()
+    median = spreads[len(spreads) // 2][0]
+    worst = spreads[-1]
+    return (f"- Noise in this run: the rounds of one variant differ by {median:.0%} (median over variants) "
+            f"and up to {worst[0]:.0%} ({worst[1]}), with nothing else running. A ratio between two "
+            "variants is only as good as that: compare the per-round figures in the raw results before "
+            "reading a difference smaller than the spread.")
+
+
+def notes(probe: dict, results: list[dict] | None = None) -> str:
     fp32, bf16 = probe.get("fp32_gflops"), probe.get("bf16_gflops")
     gemm = (f"{bf16:.0f} GFLOP/s bf16 vs {fp32:.0f} fp32 per core in this run's probe"
             if fp32 and bf16 else "see the probe below")
@@ -171,6 +190,7 @@ def notes(probe: dict) -> str:
         "builds its reduce-scatter and all-gather from point-to-point messages and broadcasts on "
         "gloo (engine/zero/collectives.py), which are 2-5x cheaper than gloo's "
         "reduce_scatter/all_gather collectives that the peers use.",
+        _spread_note(results or []),
     ])
 
 
@@ -233,7 +253,7 @@ def _write(results: list[dict], probe: dict, shapes: list[str], args: argparse.N
             "Peak = the largest rank's peak resident memory. no-comm = `local`: each rank trains its own "
             "replica with torch's fused AdamW and communicates nothing, the ceiling of any "
             "data-parallel engine on this machine. Differences under ~5% are run-to-run noise here.\n\n"
-            + "\n".join(tables) + "\n" + notes(probe) + "\n\nGEMM probe (1 thread, 2048x1024x1024): "
+            + "\n".join(tables) + "\n" + notes(probe, results) + "\n\nGEMM probe (1 thread, 2048x1024x1024): "
             + json.dumps(probe) + "\n\nRaw results:\n\n```\n"
             + "\n".join(json.dumps(r) for r in results) + "\n```\n")
     command = "make bench  (python tests/bench/run.py)"
