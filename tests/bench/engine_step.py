@@ -13,9 +13,9 @@ AdamW (lr 1e-3, no clipping), one thread per rank. Shapes (`SHAPES`):
   parameters costs about as much as the forward and backward and the engines' communication
   plans differ measurably.
 
-`--compile on` compiles each decoder layer's forward with torch.compile, the way dsl's engine does
-by default (`engine.compile`, engine/compile.py): for dsl it sets `compile: true`, for the others
-the bench replaces `layer.forward` before wrapping the model (DDP, FSDP2, DeepSpeed keep their
+`--compile on` compiles each decoder layer's forward with torch.compile, as dsl's opt-in
+`engine.compile: true` does (engine/compile.py): for dsl it sets `compile: true`, for the others
+the bench calls the same `compile_blocks` before wrapping the model (DDP, FSDP2, DeepSpeed keep their
 hooks on the modules, outside the compiled code, exactly as dsl's do). `off` runs eager
 (`compile: false` for dsl). The warm-up steps absorb the compilation.
 
@@ -182,8 +182,9 @@ def main() -> int:
         args.micro_batch = SHAPES[args.shape][1]
     model, cfg = _model(args.shape)
     if args.compile == "on" and args.impl != "dsl":
-        for layer in model.layers:  # what engine/compile.py does for dsl
-            layer.forward = torch.compile(layer.forward)
+        from dsl.engine.compile import compile_blocks
+
+        compile_blocks(model)  # what `compile: true` does inside dsl's engine
     result: dict = {"impl": args.impl, "stage": args.stage, "precision": args.precision, "shape": args.shape,
                     "compile": args.compile}
     try:

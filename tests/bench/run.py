@@ -92,7 +92,7 @@ def combine(rounds: list[dict]) -> dict:
     """One variant's figure from its rounds: the median of all their measured steps."""
     ok = [r for r in rounds if "steps_s" in r]
     if not ok:
-        return rounds[-1] if "tokens_per_s" in rounds[-1] or len(rounds) == 1 else {**rounds[-1]}
+        return rounds[-1]  # every round failed (or predates steps_s): its error or figures as they are
     steps = sorted(t for r in ok for t in r["steps_s"])
     median = statistics.median(steps)
     tokens_per_step = ok[0]["tokens_per_s"] * ok[0]["step_s"]
