@@ -1,0 +1,185 @@
+"""The vocabulary of the memory model (engine/memory.py): the model's shape, bytes per state
+element, one breakdown line (`Term`), term names and units. Torch-free; `engine.memory` re-exports
+every name, so callers import them from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from dsl.engine.train_config import ModelConfig
+
+GB = 10**9
+GiB = 1 << 30
+MiB = 1 << 20
+
+Layout = Literal["fp32_params", "master"]
+ENGINE_MIXED_LAYOUT: Layout = "fp32_params"
+"""How the bundled engine holds bf16/fp16 training state (see the table in the module docstring):
+fp32 parameters (which are the master weights) and fp32 gradients, 16-bit compute under
+autocast, at every stage (engine/model.py, engine/zero/*). "master" is the ZeRO paper's and
+DeepSpeed's layout (16-bit parameters and gradients, fp32 master copy in the optimizer)."""
+
+GPU_RUNTIME_BYTES = 1 * GiB
+CPU_RUNTIME_BYTES = 400 * MiB
+NVME_SWAP_BUFFERS = 3
+
+# Term names (stable: they are JSON keys and table rows).
+PARAMETERS = "parameters"
+GRADIENTS = "gradients"
+MASTER = "master weights"
+OPTIMIZER = "optimizer states"
+ACTIVATIONS = "activations"
+WEIGHT_COPIES = "autocast weight copies"
+RECOMPUTE = "recomputation peak"
+LOGITS = "logits"
+BUCKETS = "communication buckets"
+GATHERED = "gathered parameters"
+OFFLOAD_BUFFERS = "offload buffers"
+RUNTIME = "runtime"
+MODEL_INIT = "model construction"
+OFFLOADED_ACTIVATIONS = "offloaded activations"
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# The model ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions that decide memory: a Llama-style decoder (engine/model.py)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    seq_len: int
+    tied: bool
+    experts: int = 0
+    experts_per_tok: int = 2
+
+    @classmethod
+    def of(cls, model: "ModelConfig | ModelShape | str") -> "ModelShape":
+        """From a ModelConfig, a preset name, or itself."""
+        if isinstance(model, ModelShape):
+            return model
+        if isinstance(model, str):
+            from dsl.engine.train_config import ModelConfig
+
+            model = ModelConfig(preset=model)
+        return cls(layers=model.num_hidden_layers, hidden=model.hidden_size,
+                   heads=model.num_attention_heads, kv_heads=model.kv_heads, ffn=model.ffn_size,
+                   vocab=model.vocab_size, seq_len=model.seq_len, tied=model.tie_word_embeddings,
+                   experts=model.num_experts, experts_per_tok=model.num_experts_per_tok)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def attention_params(self) -> int:
+        """q, k, v, o projections, no biases."""
+        d = self.head_dim
+        return self.hidden * self.heads * d * 2 + self.hidden * self.kv_heads * d * 2
+
+    @property
+    def mlp_params(self) -> int:
+        """SwiGLU gate/up/down (per expert), plus the router for MoE."""
+        per_expert = 3 * self.hidden * self.ffn
+        if self.experts:
+            return per_expert * self.experts + self.hidden * self.experts
+        return per_expert
+
+    @property
+    def layer_params(self) -> int:
+        return self.attention_params + self.mlp_params + 2 * self.hidden  # + two RMSNorm gains
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def head_params(self) -> int:
+        return 0 if self.tied else self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        """All parameters (a tied embedding counts once)."""
+        return self.layers * self.layer_params + self.embedding_params + self.head_params + self.hidden
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters used as matmul weights in one forward (autocast casts each of them)."""
+        experts_used = min(self.experts, self.experts_per_tok) if self.experts else 1
+        return self.layers * (self.attention_params + 3 * self.hidden * self.ffn * experts_used) \
+            + self.vocab * self.hidden
+
+    @property
+    def flop_params(self) -> int:
+        """Parameters a token multiplies through (MoE: only its experts; the lookup is free)."""
+        return self.matmul_params
+
+    @property
+    def largest_unit_params(self) -> int:
+        """The largest unit ZeRO-3 gathers at once: one decoder layer, or the embedding/head."""
+        return max(self.layer_params, self.embedding_params, self.head_params)
+
+    def with_seq_len(self, seq_len: int) -> "ModelShape":
+        from dataclasses import replace
+
+        return replace(self, seq_len=seq_len)
+
+
+# Model states -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per parameter of each model-state term, and per element of activations."""
+
+    param: int
+    grad: int
+    master: int
+    optimizer: int
+    compute: int
+    """Activation element size: 2 under bf16/fp16, 4 in fp32."""
+    residual: int
+    """Element size of the residual stream and RMSNorm (4 under the engine's autocast)."""
+    autocast: bool
+    """16-bit compute on fp32 parameters: every matmul casts (and saves) its weight and input."""
+
+
+def state_bytes(precision: str = "bf16", low_precision_states: bool = False, optimizer: str = "adamw",
+                layout: Layout | None = None) -> StateBytes:
+    moments = 1 if optimizer == "sgd" else 2  # Adam, 1-bit Adam: momentum + variance; SGD: momentum
+    if precision == "fp32":
+        return StateBytes(4, 4, 0, 4 * moments, 4, 4, False)
+    if low_precision_states:
+        return StateBytes(2, 2, 0, 2 * moments, 2, 2, False)
+    if (layout or ENGINE_MIXED_LAYOUT) == "master":
+        return StateBytes(2, 2, 4, 4 * moments, 2, 2, False)
+    return StateBytes(4, 4, 0, 4 * moments, 2, 4, True)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One line of a memory breakdown, per rank."""
+
+    name: str
+    device_bytes: int = 0
+    host_bytes: int = 0
+    nvme_bytes: int = 0
+    formula: str = ""
+    transient: bool = False
+    """Only for a moment (model construction), not at the same time as the training state."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "device_bytes": self.device_bytes, "host_bytes": self.host_bytes,
+                "nvme_bytes": self.nvme_bytes, "formula": self.formula, "transient": self.transient}
