@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 2 tests/bench/engine_step.py --impl dsl|ddp|fsdp2|deepspeed|local \
         --stage N --precision fp32|bf16 [--compile on|off] [--steps 20 --warmup 5 --shape bench|comm]
-        [--profile PATH]
+        [--profile PATH] [--baton DIR --slot I --slots N]
 
 Every implementation trains dsl's bundled model from the same seed on the same random tokens with
 AdamW (lr 1e-3, no clipping), one thread per rank. Shapes (`SHAPES`):
@@ -23,6 +23,14 @@ hooks on the modules, outside the compiled code, exactly as dsl's do). `off` run
 nothing (its loss differs). It is the ceiling of any data-parallel engine on this machine: the same
 compute on the same cores with zero communication cost.
 
+Paired runs (`--baton`, what run.py does): several engines run at the same time, each under its
+own torchrun, and take turns step by step: rank 0 of slot I waits for a byte on the FIFO
+`DIR/batonI`, both ranks run one step, and rank 0 writes a byte to the next slot's FIFO. Every
+engine's k-th step then runs within a few seconds of the others' k-th steps, so this machine's
+drift (10-30% over tens of seconds) hits all of them alike and per-step ratios cancel it. A slot
+creates `DIR/readyI` once its setup is done; run.py starts the rotation when all are ready. A
+slot whose engine refuses the configuration still takes and passes its turns.
+
 Rank 0 prints one JSON line: median step time, tokens/s over all ranks, the fastest step, the
 median CPU seconds per step of rank 0 (all its threads; robust to other load on the machine), and
 the peak resident memory of the largest rank.
@@ -33,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import statistics
 import sys
@@ -158,6 +167,34 @@ def _profiler():
     return profile(activities=[ProfilerActivity.CPU])
 
 
+class Baton:
+    """Turn-taking with the other slots of a paired run (see the module docstring); without a
+    directory every call is a barrier or nothing, so unpaired runs time the same way."""
+
+    def __init__(self, directory: str | None, slot: int, slots: int, rank: int) -> None:
+        self.directory, self.slot, self.rank = directory, slot, rank
+        self._in = self._out = -1
+        if directory and rank == 0:  # O_RDWR: open never blocks, and a write never hits a closed end
+            self._in = os.open(os.path.join(directory, f"baton{slot}"), os.O_RDWR)
+            self._out = os.open(os.path.join(directory, f"baton{(slot + 1) % slots}"), os.O_RDWR)
+
+    def ready(self) -> None:
+        dist.barrier()
+        if self.directory and self.rank == 0:
+            with open(os.path.join(self.directory, f"ready{self.slot}"), "w"):
+                pass
+
+    def take(self) -> None:
+        if self._in >= 0:
+            os.read(self._in, 1)
+        dist.barrier()
+
+    def give(self) -> None:
+        """Pass the turn on (after a step ended on both ranks: the caller's barrier)."""
+        if self._out >= 0:
+            os.write(self._out, b"x")
+
+
 IMPLS = {"dsl": _dsl, "ddp": _ddp, "fsdp2": _fsdp2, "deepspeed": _deepspeed, "local": _local}
 
 
@@ -174,6 +211,9 @@ def main() -> int:
     parser.add_argument("--micro-batch", type=int, default=None, help="default: the shape's")
     parser.add_argument("--profile", metavar="PATH", default=None,
                         help="write a torch.profiler table of one measured step of rank 0 to PATH")
+    parser.add_argument("--baton", metavar="DIR", default=None, help="paired run: FIFOs baton0.. in DIR")
+    parser.add_argument("--slot", type=int, default=0, help="this engine's turn in the paired run")
+    parser.add_argument("--slots", type=int, default=1, help="engines in the paired run")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -187,23 +227,33 @@ def main() -> int:
         compile_blocks(model)  # what `compile: true` does inside dsl's engine
     result: dict = {"impl": args.impl, "stage": args.stage, "precision": args.precision, "shape": args.shape,
                     "compile": args.compile}
+    if args.baton:
+        result["slot"] = args.slot
+    baton = Baton(args.baton, args.slot, args.slots, rank)
     try:
         step = IMPLS[args.impl](model, args)
     except Exception as exc:  # an engine refusing a configuration is a result, not a crash
         result["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         if rank == 0:
             print("BENCH " + json.dumps(result), flush=True)
+        baton.ready()
+        for _ in range(args.warmup + args.steps):  # keep the rotation going for the others
+            baton.take()
+            baton.give()
         dist.destroy_process_group()
         return 0
+    baton.ready()
     times, cpu_times, losses = [], [], []
     for i, (tokens, targets) in enumerate(_batches(cfg, args.micro_batch, rank, args.warmup + args.steps)):
-        dist.barrier()
+        baton.take()
         profiler = _profiler() if args.profile and rank == 0 and i == args.warmup else None
         start, cpu_start = time.perf_counter(), time.process_time()
         with profiler or contextlib.nullcontext():
             loss = step(tokens, targets)
+        dist.barrier()  # the step ends when the slower rank is done
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+        baton.give()
         losses.append(float(loss))
         if profiler is not None:
             with open(args.profile, "w") as f:

@@ -4,26 +4,30 @@ Variants (2 gloo ranks, 1 thread each, AdamW; shapes in engine_step.SHAPES):
 dsl at ZeRO stages 0-3, DeepSpeed 0.19.8 at stages 0-3 (its own virtualenv, see
 setup_deepspeed.sh), torch DDP (stage 0's peer), FSDP2 (stage 3's peer) and `local` (no engine,
 no communication: the ceiling of any data-parallel engine here). Everything runs eager, as each
-engine does by default (dsl's `engine.compile` is off by default; `engine_step.py --compile on`
-measures it). The `bench` shape (the peer baseline of shared/docs/FACTS.md) runs in fp32 and
+engine does by default (dsl's `engine.compile` is off by default), except one extra column. The `bench` shape (the peer baseline of shared/docs/FACTS.md) runs in fp32 and
 bf16, the communication-heavy `comm` shape in fp32. Ratios compare dsl with each peer on the
-same shape, stage and precision.
+same shape, stage and precision. The `bench` shape's runs also take dsl with `compile: true`
+(`--compiled`), shown in its own column.
 
-Rounds: this machine's speed drifts by 10-30% over tens of seconds (other tenants of the host),
-so one run per variant would compare variants measured at different moments. Every variant runs
-`--rounds` times (default 2), all variants once per round, each round in the reverse order of the
-previous one; a variant's figure is the median over the steps of all its rounds (`steps_s`), and
-the raw results keep each round's tokens/s.
+Paired runs: this machine's speed drifts by 10-30% over tens of seconds (other tenants of the
+host), so engines run one after the other would be compared at different moments. Instead, for
+each (shape, precision, stage) the four engines of that row (dsl, DeepSpeed, the torch peer, the
+no-comm ceiling) start together and take turns step by step (`run_set`, engine_step.py's baton):
+their k-th steps run seconds apart, and each ratio is the median of the per-step ratios
+(`paired`), with its interquartile range. A row's peer and ceiling are measured in that row's run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,39 +73,75 @@ def probe_gemm(python: str) -> dict:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
 
 
-def run_variant(python: str, impl: str, stage: int, precision: str, steps: int, warmup: int,
-                shape: str = "bench", compile: str = "off") -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    argv = [python, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+def variant_argv(python: str, impl: str, stage: int, precision: str, shape: str, steps: int, warmup: int,
+                 compile: str = "off") -> list[str]:
+    return [python, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
             "--rdzv-endpoint=localhost:0", str(STEP), "--impl", impl, "--stage", str(stage),
             "--precision", precision, "--steps", str(steps), "--warmup", str(warmup), "--shape", shape,
             "--compile", compile]
-    started = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith("BENCH "):
-            result = json.loads(line[6:])
-            result["wall_s"] = time.monotonic() - started
-            return result
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"impl": impl, "stage": stage, "precision": precision, "shape": shape, "compile": compile,
-            "error": f"exit {proc.returncode}: {tail[:200]}"}
 
 
-def combine(rounds: list[dict]) -> dict:
-    """One variant's figure from its rounds: the median of all their measured steps."""
-    ok = [r for r in rounds if "steps_s" in r]
-    if not ok:
-        return rounds[-1]  # every round failed (or predates steps_s): its error or figures as they are
-    steps = sorted(t for r in ok for t in r["steps_s"])
-    median = statistics.median(steps)
-    tokens_per_step = ok[0]["tokens_per_s"] * ok[0]["step_s"]
-    out = {k: v for k, v in ok[0].items() if k not in ("steps_s", "round", "wall_s")}
-    out.update(step_s=median, tokens_per_s=tokens_per_step / median, step_s_min=steps[0],
-               peak_rss_bytes=max(r["peak_rss_bytes"] for r in ok),
-               cpu_s=statistics.median(r["cpu_s"] for r in ok), final_loss=ok[-1]["final_loss"],
-               rounds_tokens_per_s=[round(r["tokens_per_s"]) for r in ok])
-    return out
+Variant = tuple[str, str, int, str, str, str]
+"""(python, impl, stage, precision, shape, compile on|off)"""
+
+
+def run_set(variants: list[Variant], steps: int, warmup: int, timeout: float = 1800) -> list[dict]:
+    """Run `variants` at the same time, taking turns
+    step by step (engine_step.py's baton): returns one result per variant, in order."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    n = len(variants)
+    with tempfile.TemporaryDirectory(prefix="dsl-bench-") as d:
+        for i in range(n):
+            os.mkfifo(os.path.join(d, f"baton{i}"))
+        procs, outs = [], []
+        for i, (python, impl, stage, precision, shape, compile) in enumerate(variants):
+            out = open(os.path.join(d, f"out{i}"), "w+")
+            argv = variant_argv(python, impl, stage, precision, shape, steps, warmup, compile)
+            argv += ["--baton", d, "--slot", str(i), "--slots", str(n)]
+            procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                          start_new_session=True))
+            outs.append(out)
+        deadline, started, why = time.monotonic() + timeout, False, ""
+        while any(p.poll() is None for p in procs):
+            if not started and all(os.path.exists(os.path.join(d, f"ready{i}")) for i in range(n)):
+                fd = os.open(os.path.join(d, "baton0"), os.O_RDWR)
+                os.write(fd, b"x")  # slot 0 starts; the byte stays in the FIFO after close (slots hold it open)
+                os.close(fd)
+                started = True
+            dead = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if dead or time.monotonic() > deadline:  # the rotation cannot go on without every slot
+                why = f"slot {dead[0]} exited {procs[dead[0]].returncode}" if dead else f"timeout {timeout:.0f}s"
+                for p in procs:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        for p in procs:
+            p.wait()
+        results = []
+        for out, (python, impl, stage, precision, shape, compile) in zip(outs, variants):
+            out.seek(0)
+            text = out.read()
+            out.close()
+            line = next((ln for ln in text.splitlines() if ln.startswith("BENCH ")), None)
+            if line is not None:
+                results.append(json.loads(line[6:]))
+                continue
+            tail = (text.strip().splitlines() or ["no output"])[-1]
+            results.append({"impl": impl, "stage": stage, "precision": precision, "shape": shape,
+                            "compile": compile, "error": f"{why or 'no result'}: {tail[:200]}"})
+        return results
+
+
+def paired(a: dict | None, b: dict | None) -> tuple[float, float, float] | None:
+    """How much faster `a` ran than `b`, step by step (b's k-th step time / a's k-th, the two run
+    seconds apart): (median, lower quartile, upper quartile) of those ratios."""
+    ta, tb = (a or {}).get("steps_s"), (b or {}).get("steps_s")
+    if not ta or not tb or len(ta) != len(tb):
+        return None
+    ratios = sorted(y / x for x, y in zip(ta, tb))
+    q = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), q[0], q[2]
 
 
 def _fmt_tps(r: dict | None) -> str:
@@ -111,33 +151,55 @@ def _fmt_tps(r: dict | None) -> str:
 
 
 def _ratio(a: dict | None, b: dict | None) -> str:
-    if not a or not b or "tokens_per_s" not in a or "tokens_per_s" not in b:
-        return "-"
-    return f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x"
+    """a/b speed from paired steps: median and, in brackets, the interquartile range."""
+    r = paired(a, b)
+    return "-" if r is None else f"{r[0]:.2f}x [{r[1]:.2f}-{r[2]:.2f}]"
 
 
 def _gib(r: dict | None) -> str:
     return f"{r['peak_rss_bytes'] / 2**30:.2f}" if r and "peak_rss_bytes" in r else "-"
 
 
-def table(results: list[dict], shape: str = "bench") -> str:
-    def get(impl, stage, precision):
-        return next((r for r in results if r["impl"] == impl and r["stage"] == stage
-                     and r["precision"] == precision and r.get("shape", "bench") == shape
-                     and r.get("compile", "off") == "off"), None)
+def set_name(shape: str, precision: str, stage: int) -> str:
+    return f"{shape}/{precision}/stage{stage}"
 
-    lines = ["| precision | stage | dsl tok/s | DeepSpeed tok/s | dsl/DS | peer | peer tok/s | dsl/peer "
-             "| no-comm tok/s | dsl/no-comm | dsl peak GiB | DS peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+def set_variants(shape: str, precision: str, stage: int, ds_python: str, compiled: bool) -> list[Variant]:
+    """The engines of one paired run: dsl and DeepSpeed at `stage`, its torch peer (DDP at 0-2,
+    FSDP2 at 3) and the no-communication ceiling, all eager; with `compiled`, also dsl with
+    `engine.compile: true`."""
+    peer = ("fsdp2", 3) if stage == 3 else ("ddp", 0)
+    extra = [(sys.executable, "dsl", stage, precision, shape, "on")] if compiled else []
+    return [(sys.executable, "dsl", stage, precision, shape, "off"),
+            (ds_python, "deepspeed", stage, precision, shape, "off"),
+            (sys.executable, peer[0], peer[1], precision, shape, "off"),
+            (sys.executable, "local", 0, precision, shape, "off")] + extra
+
+
+def table(results: list[dict], shape: str = "bench") -> str:
+    def get(impl, precision, stage, compile="off"):
+        return next((r for r in results if r["impl"] == impl and r.get("compile", "off") == compile
+                     and r.get("set") == set_name(shape, precision, stage)), None)
+
+    compiled = any(r.get("compile") == "on" and r.get("shape") == shape for r in results)
+    head = "| precision | stage | dsl tok/s | DeepSpeed tok/s | dsl/DS | "
+    head += "dsl compiled tok/s | compiled/DS | " if compiled else ""
+    head += "peer | peer tok/s | dsl/peer | no-comm tok/s | dsl/no-comm | dsl peak GiB | DS peak GiB |"
+    lines = [head, "|" + "---|" * head.count(" |")]
     for precision in PRECISIONS[shape]:
-        local = get("local", 0, precision)
         for stage in range(4):
-            dsl, ds = get("dsl", stage, precision), get("deepspeed", stage, precision)
+            dsl, ds, local = get("dsl", precision, stage), get("deepspeed", precision, stage), get("local", precision, stage)
+            if dsl is None and ds is None:
+                continue
             peer_name = "FSDP2" if stage == 3 else "DDP"
-            peer = get("fsdp2" if stage == 3 else "ddp", 3 if stage == 3 else 0, precision)
-            lines.append(f"| {precision} | {stage} | {_fmt_tps(dsl)} | {_fmt_tps(ds)} | {_ratio(dsl, ds)} "
-                         f"| {peer_name} | {_fmt_tps(peer)} | {_ratio(dsl, peer)} | {_fmt_tps(local)} "
-                         f"| {_ratio(dsl, local)} | {_gib(dsl)} | {_gib(ds)} |")
+            peer = get(peer_name.lower(), precision, stage)
+            row = f"| {precision} | {stage} | {_fmt_tps(dsl)} | {_fmt_tps(ds)} | {_ratio(dsl, ds)} | "
+            if compiled:
+                dslc = get("dsl", precision, stage, "on")
+                row += f"{_fmt_tps(dslc)} | {_ratio(dslc, ds)} | "
+            row += (f"{peer_name} | {_fmt_tps(peer)} | {_ratio(dsl, peer)} | {_fmt_tps(local)} "
+                    f"| {_ratio(dsl, local)} | {_gib(dsl)} | {_gib(ds)} |")
+            lines.append(row)
     return "\n".join(lines)
 
 
@@ -155,23 +217,21 @@ def _bf16_note(probe: dict, gemm: str) -> str:
             "(same threads, same autocast for every engine).")
 
 
-def _spread_note(results: list[dict]) -> str:
-    """How far apart the rounds of one variant came out in this run (the noise floor of a ratio)."""
+def _drift_note(results: list[dict]) -> str:
+    """How much the machine's speed moved during the run, seen by the same engine: the spread of
+    its step times (what unpaired runs would have compared), against the spread of paired ratios."""
     spreads = []
     for r in results:
-        rounds = r.get("rounds_tokens_per_s") or []
-        if len(rounds) > 1 and min(rounds) > 0:
-            spreads.append((max(rounds) / min(rounds) - 1, f"{r['impl']} stage {r['stage']} {r['precision']} "
-                            f"{r.get('shape', 'bench')}"))
+        steps = sorted(r.get("steps_s") or [])
+        if len(steps) >= 4:
+            q = statistics.quantiles(steps, n=4)
+            spreads.append(q[2] / q[0] - 1)
     if not spreads:
         return ""
-    spreads.sort()
-    median = spreads[len(spreads) // 2][0]
-    worst = spreads[-1]
-    return (f"- Noise in this run: the rounds of one variant differ by {median:.0%} (median over variants) "
-            f"and up to {worst[0]:.0%} ({worst[1]}), with nothing else running. A ratio between two "
-            "variants is only as good as that: compare the per-round figures in the raw results before "
-            "reading a difference smaller than the spread.")
+    return (f"- Noise: one engine's own step times in one set vary by {statistics.median(spreads):.0%} between "
+            f"quartiles (median over variants, up to {max(spreads):.0%}): this machine's speed drifts. "
+            "Ratios are therefore taken step by step between engines that ran seconds apart "
+            "(the bracket is their interquartile range), not between medians of separate runs.")
 
 
 def notes(probe: dict, results: list[dict] | None = None) -> str:
@@ -190,18 +250,20 @@ def notes(probe: dict, results: list[dict] | None = None) -> str:
         "builds its reduce-scatter and all-gather from point-to-point messages and broadcasts on "
         "gloo (engine/zero/collectives.py), which are 2-5x cheaper than gloo's "
         "reduce_scatter/all_gather collectives that the peers use.",
-        _spread_note(results or []),
+        _drift_note(results or []),
     ])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--deepspeed-python", default=str(ROOT / ".venv-bench/bin/python"))
     parser.add_argument("--out", default=str(ROOT / "docs/benchmarks.md"))
     parser.add_argument("--shapes", default="bench,comm", help="comma-separated engine_step.SHAPES")
-    parser.add_argument("--rounds", type=int, default=2, help="runs of every variant, interleaved")
+    parser.add_argument("--stages", default="0,1,2,3", help="comma-separated ZeRO stages")
+    parser.add_argument("--compiled", default="bench",
+                        help="comma-separated shapes whose runs also take dsl with `compile: true`")
     parser.add_argument("--render", metavar="LOG", default=None,
                         help="rebuild the tables from LOG (this script's stderr: the probe's JSON line, "
                              "then one per variant) instead of running anything")
@@ -209,34 +271,27 @@ def main() -> int:
     if args.render:
         lines = [json.loads(ln) for ln in Path(args.render).read_text().splitlines() if ln.startswith("{")]
         probe = next(r for r in lines if "fp32_gflops" in r or ("error" in r and "impl" not in r))
-        grouped: dict[tuple, list[dict]] = {}
-        for r in lines:
-            if "impl" in r:
-                key = (r["impl"], r["stage"], r["precision"], r.get("shape", "bench"), r.get("compile", "off"))
-                grouped.setdefault(key, []).append(r)
-        results = [combine(rs) for rs in grouped.values()]
-        shapes = sorted({r.get("shape", "bench") for r in results}, key=list(SHAPE_TEXT).index)
+        results = [r for r in lines if "impl" in r and "set" in r]
+        shapes = sorted({r["shape"] for r in results}, key=list(SHAPE_TEXT).index)
         return _write(results, probe, shapes, args)
     if args.steps < 20:
         parser.error(f"--steps {args.steps}: use at least 20 measured steps (the median needs them)")
     shapes = [s for s in args.shapes.split(",") if s]
-    plan = [(sys.executable, "local", 0), (sys.executable, "ddp", 0), (sys.executable, "fsdp2", 3)]
-    plan += [(sys.executable, "dsl", s) for s in range(4)]
-    plan += [(args.deepspeed_python, "deepspeed", s) for s in range(4)]
-    variants = [(python, impl, stage, precision, shape) for shape in shapes for precision in PRECISIONS[shape]
-                for python, impl, stage in plan]
+    stages = [int(s) for s in args.stages.split(",") if s]
     probe = probe_gemm(sys.executable)
     print(json.dumps(probe), file=sys.stderr, flush=True)
-    runs: dict[int, list[dict]] = {i: [] for i in range(len(variants))}
-    for round_ in range(args.rounds):
-        order = list(range(len(variants)))
-        for i in order if round_ % 2 == 0 else order[::-1]:
-            python, impl, stage, precision, shape = variants[i]
-            result = run_variant(python, impl, stage, precision, args.steps, args.warmup, shape, "off")
-            result["round"] = round_
-            print(json.dumps(result), file=sys.stderr, flush=True)
-            runs[i].append(result)
-    results = [combine(runs[i]) for i in range(len(variants))]
+    results = []
+    for shape in shapes:
+        for precision in PRECISIONS[shape]:
+            for stage in stages:
+                name = set_name(shape, precision, stage)
+                started = time.monotonic()
+                variants = set_variants(shape, precision, stage, args.deepspeed_python,
+                                        shape in args.compiled.split(","))
+                for result in run_set(variants, args.steps, args.warmup):
+                    result.update(set=name, wall_s=round(time.monotonic() - started, 1))
+                    print(json.dumps(result), file=sys.stderr, flush=True)
+                    results.append(result)
     return _write(results, probe, shapes, args)
 
 
@@ -246,15 +301,21 @@ def _write(results: list[dict], probe: dict, shapes: list[str], args: argparse.N
         text = table(results, shape)
         print(text)
         tables.append(f"### Shape `{shape}`: {SHAPE_TEXT[shape]}\n\n{text}\n")
-    body = ("2 gloo ranks, 1 thread per rank, AdamW (lr 1e-3, no clipping), all eager; every variant run "
-            f"{args.rounds} times, interleaved (each round in the reverse order of the one before), "
-            f"{args.steps} measured steps after {args.warmup} warm-up steps each; a figure is the median "
-            "over all measured steps of its rounds (raw results: each round's tokens/s). tokens/s count all ranks. "
+    steps = next((len(r["steps_s"]) for r in results if r.get("steps_s")), args.steps)
+    body = ("2 gloo ranks, 1 thread per rank, AdamW (lr 1e-3, no clipping), all eager. Each row is one "
+            "*paired* run: dsl, DeepSpeed, the torch peer and the no-comm ceiling run at the same time and "
+            "take turns step by step (one step each, in that order, round and round; the others wait), "
+            f"{steps} measured steps each after warm-up steps taken the same way. "
+            "tok/s = tokens of all ranks / median step time. A ratio x/y is the median over k of "
+            "y's k-th step time / x's k-th step time, [its interquartile range]. "
             "Peak = the largest rank's peak resident memory. no-comm = `local`: each rank trains its own "
             "replica with torch's fused AdamW and communicates nothing, the ceiling of any "
-            "data-parallel engine on this machine. Differences under ~5% are run-to-run noise here.\n\n"
+            "data-parallel engine on this machine. dsl compiled = dsl with `engine.compile: true` "
+            "(opt-in: each decoder layer's forward under torch.compile, the engine's hooks outside; "
+            "its warm-up steps include the compilation); every other column runs eager, each engine's "
+            "default.\n\n"
             + "\n".join(tables) + "\n" + notes(probe, results) + "\n\nGEMM probe (1 thread, 2048x1024x1024): "
-            + json.dumps(probe) + "\n\nRaw results:\n\n```\n"
+            + json.dumps(probe) + "\n\nRaw results (steps_s: every measured step, in turn order):\n\n```\n"
             + "\n".join(json.dumps(r) for r in results) + "\n```\n")
     command = "make bench  (python tests/bench/run.py)"
     if args.render:
