@@ -57,6 +57,8 @@ SHAPES = {
     # 45.4M parameters (two 16.4M vocabulary matrices), 256 tokens per rank and step.
     "comm": ({"preset": "bench", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1376,
               "seq_len": 128}, 2),
+    # The harness's own test (tests/unit/test_bench_pairing.py): seconds per run.
+    "tiny": ({"preset": "tiny"}, 2),
 }
 """name -> (ModelConfig fields, micro-batch per rank)."""
 
@@ -243,10 +245,11 @@ def main() -> int:
         dist.destroy_process_group()
         return 0
     baton.ready()
-    times, cpu_times, losses = [], [], []
+    times, cpu_times, losses, starts = [], [], [], []
     for i, (tokens, targets) in enumerate(_batches(cfg, args.micro_batch, rank, args.warmup + args.steps)):
         baton.take()
         profiler = _profiler() if args.profile and rank == 0 and i == args.warmup else None
+        starts.append(time.time())
         start, cpu_start = time.perf_counter(), time.process_time()
         with profiler or contextlib.nullcontext():
             loss = step(tokens, targets)
@@ -267,6 +270,8 @@ def main() -> int:
                   step_s_min=min(times[args.warmup:]), cpu_s=statistics.median(cpu_times[args.warmup:]),
                   threads=torch.get_num_threads(), world_size=world,
                   steps_s=[round(t, 3) for t in times[args.warmup:]])
+    if args.baton:
+        result["starts_unix"] = starts  # every step's start, warm-up included: the turn order
     if rank == 0:
         print("BENCH " + json.dumps(result), flush=True)
     dist.barrier()

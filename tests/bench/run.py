@@ -316,7 +316,8 @@ def _write(results: list[dict], probe: dict, shapes: list[str], args: argparse.N
             "default.\n\n"
             + "\n".join(tables) + "\n" + notes(probe, results) + "\n\nGEMM probe (1 thread, 2048x1024x1024): "
             + json.dumps(probe) + "\n\nRaw results (steps_s: every measured step, in turn order):\n\n```\n"
-            + "\n".join(json.dumps(r) for r in results) + "\n```\n")
+            + "\n".join(json.dumps({k: v for k, v in r.items() if k != "starts_unix"}) for r in results)
+            + "\n```\n")
     command = "make bench  (python tests/bench/run.py)"
     if args.render:
         command += "; tables rebuilt from that run's log with `python tests/bench/run.py --render LOG`"
