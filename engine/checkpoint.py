@@ -329,7 +329,7 @@ def load(engine: "Engine", directory: str | os.PathLike) -> dict[str, Any]:
             if n in model:
                 b.copy_(model[n])
     states.sync_from_params()
-    stage.after_update()  # stages 1-2: all_gather the partitions; stage 3: drop stale gathers
+    stage.after_update()  # stages 1-2: all_gather the partitions; stage 3: drop stale gathers, recast work
     engine.zero_grad()
     engine.global_step = int(meta["global_step"])
     engine.optimizer_steps = int(meta["optimizer_steps"])

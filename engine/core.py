@@ -66,6 +66,7 @@ from dsl.engine.config import EngineConfig, unsupported_reason
 from dsl.engine.errors import UserError
 from dsl.engine.compile import apply as compile_blocks
 from dsl.engine.long import setup as long_setup
+from dsl.engine.model import Llama
 from dsl.engine.offload import build_states
 from dsl.engine.optim import Hyper
 from dsl.engine.zero import build_stage
@@ -171,6 +172,10 @@ class Engine:
         """This rank's place in the dp x sp grid; ZeRO below shards over all dp x sp ranks."""
         self.compiled = compile_blocks(self.module, config, self.device)
         """Names of the blocks whose forward runs under torch.compile (engine/compile.py)."""
+        work_dtype = precision.work_dtype(config) if stage == 3 else None
+        if work_dtype is not None and isinstance(self.module, Llama):
+            # Stage 3 gathers 16-bit parameters: keep the embedding's output fp32 (precision.py).
+            self.module.residual_dtype = torch.float32
         self.stage = build_stage(
             stage,
             self.module,
@@ -181,6 +186,7 @@ class Engine:
             rank=self.rank,
             dtype=dtype,
             device=self.device,
+            work_dtype=work_dtype,
         )
         self.reducer = self.stage
         """The same object as `stage` (the first engine's name for it)."""
@@ -375,7 +381,9 @@ class Engine:
 
         - params_bytes: parameter storage: stages 0-2 the padded flat buffer of all parameters;
           stage 3 this rank's padded partition plus the units gathered right now (none between
-          steps); plus frozen parameters. Under autocast these are the fp32 master weights.
+          steps); plus frozen parameters. Under bf16/fp16 (not low_precision_states) the buffer
+          or partition holds the fp32 master weights, and stage 3 adds the partition's
+          compute-dtype working copy, the dtype its gathered units have (precision.py).
         - grads_bytes: stage 0 the flat gradient buffer; stage 1 that plus this rank's gradient
           partition; stages 2-3 the partition plus staging buffers alive now (none between
           steps; up to zero.stage2.MAX_IN_FLIGHT buckets/units during backward).
@@ -384,9 +392,10 @@ class Engine:
           offload (there is no separate master copy without offload).
         - activations_bytes: distinct storages autograd saved for backward during the last
           forward of the module (saved_tensors_hooks), excluding parameter and buffer storage;
-          includes autocast's low-precision weight copies and saved inputs. Measured only while
-          `measure_activations` is on, which this call switches on: 0 until a forward runs
-          after the first `state_summary()` (or after setting `measure_activations = True`).
+          includes autocast's low-precision weight copies (stages 0-2) and saved inputs.
+          Measured only while `measure_activations` is on, which this call switches on: 0 until
+          a forward runs after the first `state_summary()` (or after setting
+          `measure_activations = True`).
         - total_bytes: the sum of the four above (device memory for model state + activations).
         - offload_cpu_bytes: CPU memory of offloaded master weights, states and buffers.
         - offload_nvme_bytes: bytes in NVMe offload files.

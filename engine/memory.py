@@ -24,15 +24,18 @@ the gradients, stage 3 also the parameters:
 The paper's example (P = 7.5e9, N = 64) gives 120 / 31.4 / 16.6 / 1.9 GB (tested). Per-parameter
 bytes by precision (`state_bytes`):
 
-    precision             param  grad  master  optimizer (adamw / sgd)
-    fp32                    4      4     0       8 / 4
-    bf16|fp16, "master"     2      2     4       8 / 4     ZeRO paper, DeepSpeed
-    bf16|fp16, "fp32_params" 4     4     0       8 / 4     the bundled engine: fp32 params under autocast
-    low_precision_states    2      2     0       4 / 2     bf16 params and moments, no master
+    precision             param  grad  master  optimizer (adamw / sgd)  stage-3 working copy
+    fp32                    4      4     0       8 / 4                   0
+    bf16|fp16, "master"     2      2     4       8 / 4                   0     ZeRO paper, DeepSpeed
+    bf16|fp16, "fp32_params" 4     4     0       8 / 4                   2     the bundled engine
+    low_precision_states    2      2     0       4 / 2                   0     bf16 params and moments, no master
 
-Both mixed layouts total 16 B/param unsharded; they split differently under ZeRO-1/2, and
-"fp32_params" also keeps autocast's 16-bit weight copies for backward (2 B/param).
-`ENGINE_MIXED_LAYOUT` names the engine's.
+Both mixed layouts total 16 B/param unsharded; they split differently under ZeRO-1/2. The
+bundled engine's "fp32_params" (`ENGINE_MIXED_LAYOUT`, engine/precision.py) keeps fp32
+parameters, which are the master weights, under autocast; at stages 0-2 autocast's 16-bit weight
+copies are saved for backward (2 B per matmul parameter, `autocast weight copies`); stage 3
+instead keeps a 16-bit working copy of its parameter shard (+2 B/param / N in `parameters`),
+which is what it gathers, so its matmuls find their weights in 16 bits and save no copies.
 
 Offload (Ren et al. 2021, "ZeRO-Offload"; Rajbhandari et al. 2021, "ZeRO-Infinity"), as the
 engine does it (engine/offload.py): the optimizer keeps its own master copy of the rank's shard
@@ -67,8 +70,9 @@ Activation checkpointing keeps each layer's input
 (r b s h) and recomputes one layer at a time in backward: L r bsh saved, plus one full layer
 while it is rebuilt (the `recomputation peak` term).
 Under autocast every matmul also saves the 16-bit copy of its weight for backward: c x (matmul
-parameters), at every stage (stage 3 gathers fp32 units and autocast casts them); checkpointing
-keeps only lm_head's (a recomputed layer's come back in the recomputation peak).
+parameters), at stages 0-2; checkpointing keeps only lm_head's (a recomputed layer's come back in
+the recomputation peak). At stage 3 there are none: the matmuls save the gathered 16-bit
+parameters themselves, which are parameter storage (the `gathered parameters` term).
 
 Logits: the fp32 log-softmax output of the loss (saved), its gradient and the gradient of the
 logits coexist in backward: 12 b s V / sp bytes.
@@ -85,9 +89,10 @@ Long-sequence switches (engine/long/, `long_context(engine)` reads them from the
 
 Buffers: stages 1-3 reduce-scatter gradients through 2 buckets of `bucket_mib` in flight (stage 0
 keeps gradients inside its buckets, so no extra); stage 3 holds the gathered parameters of the
-largest unit it gathers (a decoder layer, or the embedding/head) twice (current + prefetched)
-plus that unit's unsharded gradient. A CUDA rank also holds ~1 GiB of CUDA context, NCCL and
-cuBLAS workspaces (`runtime`); a CPU rank ~0.4 GiB of torch itself.
+largest unit it gathers (a decoder layer, or the embedding/head) twice (current + prefetched;
+2 B/param under bf16/fp16, the working copy's dtype) plus that unit's unsharded gradient. A CUDA
+rank also holds ~1 GiB of CUDA context, NCCL and cuBLAS workspaces (`runtime`); a CPU rank
+~0.4 GiB of torch itself.
 
 Model construction: at stages 0-2 the trainer builds the full model in fp32 on the host before
 the engine moves it, so each rank needs 4P bytes of host RAM for a moment (`transient`). Stage 3
@@ -151,6 +156,9 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
         return per_param * params, f"{per_param} B x {params:,}"
 
     p_bytes, p_f = part(sb.param, stage >= 3)
+    if stage >= 3 and sb.work:  # the engine's 16-bit working copy of its shard (engine/zero/stage3.py)
+        w_bytes, w_f = part(sb.work, True)
+        p_bytes, p_f = p_bytes + w_bytes, f"{p_f} + working copy {w_f}"
     g_bytes, g_f = part(sb.grad, stage >= 2)
     if stage == 1 and n > 1 and (layout or ENGINE_MIXED_LAYOUT) == "fp32_params" and not sb.master:
         # The bundled engine keeps the full gradient buckets and reduce-scatters them into a
@@ -275,9 +283,11 @@ def activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = No
         final += 2 * 4 * (seq // sp) * shape.head_dim
     attn = "flash" if flash_attention else "math (s^2 scores)"
     recompute = 0
-    per_layer_copies = c * (shape.matmul_params - shape.vocab * h) // shape.layers if sb.autocast else 0
+    # Stage 3's matmuls use (and save) the gathered 16-bit working copy itself: parameter storage.
+    weight_casts = sb.autocast and not (stage >= 3 and sb.work)
+    per_layer_copies = c * (shape.matmul_params - shape.vocab * h) // shape.layers if weight_casts else 0
     experts = min(shape.experts, shape.experts_per_tok) if shape.experts else 1
-    if tiled_mlp and sb.autocast:  # the tiled MLP casts its weights inside, without saving them
+    if tiled_mlp and weight_casts:  # the tiled MLP casts its weights inside, without saving them
         per_layer_copies -= c * 3 * h * shape.ffn * experts
     tile = 4 * c * min(tiled_mlp_tokens, tokens) * shape.ffn * experts if tiled_mlp else 0
     if checkpointing:
@@ -301,7 +311,7 @@ def activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = No
                                       f"tokens x {shape.ffn}")
     copies = 0
     copies_f = "none: parameters are already in the compute dtype"
-    if sb.autocast:
+    if weight_casts:
         layers_kept = 0 if checkpointing else shape.layers
         head = 0 if tiled_loss_tokens is not None else c * shape.vocab * h  # the tiled loss casts without saving
         copies = layers_kept * per_layer_copies + head
@@ -450,7 +460,7 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
                       if stage >= 1 and shards > 1 else "none: stage 0 reduces inside the gradient buckets"))
     if stage >= 3:
         unit = shape.largest_unit_params
-        gather = sb.param  # the engine gathers its parameter dtype (fp32 under autocast)
+        gather = sb.work or sb.param  # the engine gathers its 16-bit working copy under bf16/fp16
         terms.append(Term(GATHERED, device_bytes=2 * gather * unit + sb.grad * unit,
                           formula=f"2 x {gather} B x {unit:,} (largest unit, current + prefetched) "
                                   f"+ its {sb.grad} B gradient"))

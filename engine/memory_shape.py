@@ -17,9 +17,10 @@ MiB = 1 << 20
 
 Layout = Literal["fp32_params", "master"]
 ENGINE_MIXED_LAYOUT: Layout = "fp32_params"
-"""How the bundled engine holds bf16/fp16 training state (see the table in the module docstring):
-fp32 parameters (which are the master weights) and fp32 gradients, 16-bit compute under
-autocast, at every stage (engine/model.py, engine/zero/*). "master" is the ZeRO paper's and
+"""How the bundled engine holds bf16/fp16 training state (see the table in engine/memory.py's
+docstring): fp32 parameters (which are the master weights) and fp32 gradients, 16-bit compute
+under autocast, at every stage, plus at stage 3 a 16-bit working copy of the parameter shard,
+which is what it gathers (engine/precision.py, engine/zero/*). "master" is the ZeRO paper's and
 DeepSpeed's layout (16-bit parameters and gradients, fp32 master copy in the optimizer)."""
 
 GPU_RUNTIME_BYTES = 1 * GiB
@@ -153,7 +154,11 @@ class StateBytes:
     residual: int
     """Element size of the residual stream and RMSNorm (4 under the engine's autocast)."""
     autocast: bool
-    """16-bit compute on fp32 parameters: every matmul casts (and saves) its weight and input."""
+    """16-bit compute on fp32 parameters: every matmul casts (and saves) its input, and at stages
+    0-2 its weight."""
+    work: int = 0
+    """Stage 3's compute-dtype working copy of the parameters, which it gathers instead of them
+    (2 under the engine's bf16/fp16 mixed precision, else 0: the parameters are gathered)."""
 
 
 def state_bytes(precision: str = "bf16", low_precision_states: bool = False, optimizer: str = "adamw",
@@ -165,7 +170,7 @@ def state_bytes(precision: str = "bf16", low_precision_states: bool = False, opt
         return StateBytes(2, 2, 0, 2 * moments, 2, 2, False)
     if (layout or ENGINE_MIXED_LAYOUT) == "master":
         return StateBytes(2, 2, 4, 4 * moments, 2, 2, False)
-    return StateBytes(4, 4, 0, 4 * moments, 2, 4, True)
+    return StateBytes(4, 4, 0, 4 * moments, 2, 4, True, work=2)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,10 @@ key/value head among `heads / kv_heads` query heads without materialising repeat
 
 Dtypes: parameters are fp32 (the engine keeps fp32 masters). Under bf16 autocast the matmuls run
 in bf16, while RMSNorm, the RoPE angles and the loss are computed in fp32; the residual stream
-stays fp32 (embedding output fp32 + bf16 branch outputs promote to fp32).
+stays fp32 (embedding output fp32 + bf16 branch outputs promote to fp32). At ZeRO stage 3 under
+bf16/fp16 the engine hands the model bf16/fp16 parameters (engine/precision.py) and sets
+`residual_dtype` to fp32, so the embedding output, and with it the residual stream, is fp32
+there too.
 
 Initialisation (GPT-2 / Llama practice): N(0, 0.02) for every matrix and the embedding, the two
 residual output projections of each layer (`o_proj`, `down_proj`) N(0, 0.02 / sqrt(2 * layers))
@@ -211,6 +214,9 @@ class Llama(nn.Module):
         """Tiled loss: tokens per chunk of the cross entropy (None: the full logits at once)."""
         self.activation_offload: object | None = None
         """An engine.long.act_offload.ActivationOffload: checkpointed inputs live in host memory."""
+        self.residual_dtype: torch.dtype | None = None
+        """dtype the embedding output (the start of the residual stream) is cast to; None: the
+        embedding weight's."""
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -245,6 +251,8 @@ class Llama(nn.Module):
             positions = torch.arange(t, device=tokens.device)
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.embed_tokens(tokens)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         offload = self.activation_offload if recompute else None
         if offload is not None:

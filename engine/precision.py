@@ -2,30 +2,41 @@
 
 Policy (`EngineConfig.precision`, `low_precision_states`):
 
-| precision | low_precision_states | parameters (= master) | gradients | optimizer states | forward |
-|---|---|---|---|---|---|
-| fp32 | false | fp32 | fp32 | fp32 | fp32 |
-| bf16 | false | fp32 | fp32 | fp32 | `torch.autocast(bfloat16)` |
-| fp16 | false | fp32 | fp32 (scaled) | fp32 | `torch.autocast(float16)` + loss scaling |
-| bf16 | true | bf16 | bf16 | bf16 | `torch.autocast(bfloat16)`, no fp32 master |
+| precision | low_precision_states | master weights | parameters the model computes with | gradient buffers | optimizer states | forward |
+|---|---|---|---|---|---|---|
+| fp32 | false | fp32 (= the parameters) | fp32 | fp32 | fp32 | fp32 |
+| bf16 | false | fp32 | stages 0-2: the fp32 master; stage 3: a bf16 copy | fp32 | fp32 | `torch.autocast(bfloat16)` |
+| fp16 | false | fp32 | stages 0-2: the fp32 master; stage 3: an fp16 copy | fp32 (scaled) | fp32 | `torch.autocast(float16)` + loss scaling |
+| bf16 | true | none | bf16 | bf16 | bf16 | `torch.autocast(bfloat16)` |
 
-Autocast-style, decided on purpose: the parameters the module holds are the fp32 master weights
-and no low-precision copy of them is kept; autocast casts each weight to bf16/fp16 when an op
-uses it (the cast is cached for the rest of that forward, and autograd keeps it for backward).
-Gradients are fp32, so accumulation over micro-steps and the all-reduce/reduce-scatter lose
-nothing, and master weights need no extra 4 bytes per parameter on top of the parameters. The
-price: communication moves fp32 (stage 3 gathers fp32 weights, twice the bytes of a bf16 gather)
-and every forward re-casts the weights. Ops autocast keeps in fp32 (softmax, norms, the loss)
-stay fp32.
+Stages 0-2 are autocast-style: the parameters the module holds are the fp32 master weights and
+no low-precision copy of them is kept; autocast casts each weight to bf16/fp16 when an op uses it
+(the cast is cached for the rest of that forward, and autograd keeps it for backward). There the
+master weights need no extra bytes on top of the parameters; the price is a cast of every weight
+in every forward, and stages 1-2 all-gather the updated partitions in fp32 (once per step).
+
+Stage 3 gathers every unit's parameters twice per micro-step (forward and backward), so it keeps
+a compute-dtype working copy of each rank's partition next to the fp32 master partition
+(`work_dtype`, zero/stage3.py: +2 bytes per parameter / world size): the all-gathers move half the
+bytes of fp32 (as DeepSpeed, whose model is converted to bf16/fp16, does) and autocast finds the
+weights in its dtype already, so it casts (and saves) none. The copy is cast from the master
+after every update and checkpoint load. The model's gradients then arrive in bf16/fp16 (a
+matmul weight's already did through autocast's cast; norm gains and embeddings now do too) and
+the stage copies them into fp32 buffers at once: without low_precision_states, gradients are
+reduced, accumulated over micro-steps, clipped and applied in fp32 at every stage. Ops autocast keeps in fp32 (softmax, norms, the loss)
+stay fp32. Ops that take their dtype from a parameter (an embedding lookup, a bias added by hand)
+run in bf16/fp16 at stage 3, as under DeepSpeed; the bundled Llama casts its embedding output to
+fp32 there (`Llama.residual_dtype`, set by the engine), so its residual stream stays fp32 at
+every stage.
 
 fp16 on CPU: torch 2.13's CPU autocast runs fp16 matmuls (measured), so fp16 is real fp16
 compute. DeepSpeed refuses fp16 on CPU. fp16's 5-bit exponent underflows small activation
 gradients, hence the loss scale: the engine multiplies the gradient flowing into the module's
 outputs by `scale` (a `_ScaleGrad` node added by a forward hook on the module, equivalent to
-`(loss * scale).backward()` while `loss` keeps its true value for logging). Gradients are fp32
-and scaled; `engine.step()` checks them for inf/nan (any rank; see core.py for the one
-collective), skips the step on overflow, and otherwise unscales them in the same pass as
-clipping.
+`(loss * scale).backward()` while `loss` keeps its true value for logging). The gradient buffers
+are fp32 and scaled (a stage-3 fp16 gradient that overflowed is inf there too); `engine.step()`
+checks them for inf/nan (any rank; see core.py for the one collective), skips the step on
+overflow, and otherwise unscales them in the same pass as clipping.
 
 `LossScaler` follows DeepSpeed's dynamic loss scaler (`loss_scale_window` = growth_interval,
 `delayed_shift` = hysteresis, consecutive_hysteresis false):
@@ -46,7 +57,7 @@ from torch.utils._pytree import tree_map
 
 from dsl.engine.config import EngineConfig, LossScaleConfig
 
-__all__ = ["param_dtype", "compute_dtype", "autocast", "LossScaler", "scale_outputs"]
+__all__ = ["param_dtype", "compute_dtype", "work_dtype", "autocast", "LossScaler", "scale_outputs"]
 
 
 def param_dtype(config: EngineConfig) -> torch.dtype:
@@ -57,6 +68,12 @@ def param_dtype(config: EngineConfig) -> torch.dtype:
 def compute_dtype(config: EngineConfig) -> torch.dtype | None:
     """autocast dtype of the forward, None for fp32."""
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+
+
+def work_dtype(config: EngineConfig) -> torch.dtype | None:
+    """dtype of stage 3's working copy of the parameters (the compute dtype under bf16/fp16 with
+    fp32 master weights); None where the parameters are the master weights."""
+    return None if config.low_precision_states else compute_dtype(config)
 
 
 def autocast(config: EngineConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -33,13 +33,15 @@ def build_stage(
     rank: int,
     dtype: torch.dtype,
     device: torch.device,
+    work_dtype: torch.dtype | None = None,
 ) -> ZeroStage:
-    """The stage object; it converts the parameters to `dtype` and takes over their storage."""
+    """The stage object; it converts the parameters to `dtype` and takes over their storage.
+    Stage 3 hands the model its gathered parameters in `work_dtype` when given (stage3.py)."""
     common = dict(grad_accum=grad_accum, world_size=world_size, rank=rank, dtype=dtype, device=device)
     if stage == 3:
         from dsl.engine.zero.stage3 import Stage3
 
-        return Stage3(module, **common)
+        return Stage3(module, work_dtype=work_dtype, **common)
     if stage == 2:
         from dsl.engine.zero.stage2 import Stage2
 

@@ -10,7 +10,8 @@ The engine drives a stage through:
   see layout.py) holds this rank's partition of the gradient averaged over ranks and micro-steps.
 - `param_piece(segment)` / `param_part(group)`: views of where this rank's partition of the
   parameters lives (the optimizer updates them in place, or an offload copies into them).
-- `after_update()`: make every rank's parameters current again (stages 1-2: all_gather).
+- `after_update()`: make every rank's parameters current again (stages 1-2: all_gather; stage 3:
+  refresh its compute-dtype working copy, see stage3.py).
 - `zero_grad()`, `memory()`, `close()`.
 
 `partitioned` says whether `grad_flat` is a partition (stages 1-3: the global gradient norm

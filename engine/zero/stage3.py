@@ -11,39 +11,47 @@ its users runs. Resident units are kept apart from the root so that the output h
 is reduce-scattered as soon as it is ready, at the start of the backward, instead of after the
 embedding's at the very end (and its gather overlaps the layers' forward). Each unit is one flat group
 (layout.py), padded to a multiple of world_size; rank r keeps partition r of every unit in
-`master` (shard space): these are the only persistent parameter bytes (fp32 master weights
-under autocast-style mixed precision, bf16 with low_precision_states).
+`master` (shard space): fp32, or bf16 with low_precision_states. Under bf16/fp16 mixed precision
+(fp32 master weights) rank r also keeps `work`, the same partition in the compute dtype
+(precision.py), cast from `master` at initialize and after every update or checkpoint load
+(`after_update`); otherwise `work` is `master` itself. The optimizer, offload and checkpoints
+read and write `master` (`param_piece` / `param_part`); gathers read `work`.
 
-While gathered, a unit's parameters are views of one flat [unit.padded] buffer whose storage is
-allocated for the gather and resized to 0 at release (FSDP1's trick): tensors autograd saved for
-backward keep pointing at that storage and see the re-gathered values in backward.
+While gathered, a unit's parameters are views of one flat [unit.padded] buffer in `work`'s dtype
+(so the model computes with bf16/fp16 parameters under mixed precision, and autocast has no weight
+to cast) whose storage is allocated for the gather and resized to 0 at release (FSDP1's trick):
+tensors autograd saved for backward keep pointing at that storage and see the re-gathered values
+in backward.
 
 Communication plan
 ------------------
-- At `initialize`: `broadcast` of every unit's flat buffer from rank 0, then each rank keeps its
-  partition and releases the rest.
+- At `initialize`: `broadcast` of every unit's flat buffer (`master`'s dtype) from rank 0, then
+  each rank keeps its partition (and casts it into `work`) and releases the rest.
 All-gathers and reduce-scatters below are collectives.py's (on gloo: broadcasts and point-to-point
 messages, 2-5x faster than gloo's all_gather_single / reduce_scatter_single).
 
-- Forward: the root module's forward pre-hook issues the asynchronous all-gathers (master
-  partition -> flat buffer) of the first two units of the recorded forward order and of every
-  resident unit, then gathers the root unit and waits for it. The root unit stays gathered until
+- Forward: the root module's forward pre-hook issues the asynchronous all-gathers (`work`
+  partition -> flat buffer; under bf16/fp16 in the compute dtype, half the bytes of fp32) of the
+  first two units of the recorded forward order and of every resident unit, then gathers the root unit and waits for it. The root unit stays gathered until
   the end of the backward; a resident unit until its gradients are reduced. A unit's forward
   pre-hook waits for its gather (or issues it) and issues an asynchronous gather for the next unit
   in the forward order recorded during the first forward (prefetch); its forward post-hook
   releases it (not a resident unit) and registers a pre-backward hook on its outputs.
 - Backward: a unit's pre-backward hook (the gradient of one of its outputs arrived) gathers it
   again (usually prefetched already) and prefetches the unit whose backward comes next. Each
-  parameter's post-accumulate-grad hook copies its gradient into the unit's staging buffer and
-  frees it; when all of a unit's gradients are in, the staging buffer is divided by
-  `world_size * grad_accum` and an asynchronous reduce-scatter (SUM) into a
-  partition-sized buffer is launched (strictly in reverse forward order, the root unit last,
-  identical on all ranks), and the unit is released. Completed reduce-scatters are added into `grad_flat`; at most
-  `MAX_IN_FLIGHT` are alive. This happens on every micro-step (accumulation in the partition).
+  parameter's post-accumulate-grad hook copies its gradient (bf16/fp16 under mixed precision,
+  like the parameter) into the unit's staging buffer (fp32: the reduce-scatter, accumulation,
+  clipping and the fp16 overflow check stay fp32; inf/nan survive the cast) and frees it; when
+  all of a unit's gradients are in, the staging buffer is divided by `world_size * grad_accum`
+  and an asynchronous reduce-scatter (SUM) into a partition-sized buffer is launched (strictly
+  in reverse forward order, the root unit last, identical on all ranks), and the unit is
+  released. Completed reduce-scatters are added into `grad_flat`; at most `MAX_IN_FLIGHT` are
+  alive. This happens on every micro-step (accumulation in the partition).
   At the end of the backward a callback reduces the remaining units (missing gradients are
   zeros), waits for all reductions and releases every unit.
 - `engine.step()`: one `all_reduce` of [sum of squares, overflow flag] (by the engine); the
-  optimizer updates `master` in place; nothing else: the next forward gathers the new values.
+  optimizer updates `master` in place and `after_update` casts it into `work` (no communication);
+  the next forward gathers the new values. A skipped fp16 step changes neither.
 - world_size 1: the "gather" is a copy of the partition into the flat buffer and the
   reduce-scatter an add; the same hooks run.
 
@@ -173,6 +181,7 @@ class Stage3(ReducePipeline, ZeroStage):
         rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        work_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(grad_accum=grad_accum, world_size=world_size, rank=rank)
         unit_modules = choose_units(module)
@@ -190,19 +199,28 @@ class Stage3(ReducePipeline, ZeroStage):
         self.layout = Layout(named_groups, parts=world_size, rank=rank)
         self.device = device
         self.master = torch.empty(self.layout.shard_numel, dtype=dtype, device=device)
-        """This rank's partition of every unit (shard space): the persistent parameters."""
+        """This rank's partition of every unit (shard space): the persistent parameters, which the
+        optimizer, offload and checkpoints read and write (`param_piece` / `param_part`)."""
+        self.work = self.master
+        """What `_gather` gathers: `master` itself, or (`work_dtype` given and not `dtype`) its
+        copy in `work_dtype`, the same layout, refreshed by `after_update()`."""
+        if work_dtype is not None and work_dtype != dtype:
+            self.work = torch.empty(self.layout.shard_numel, dtype=work_dtype, device=device)
         self._grad_shard = torch.zeros(self.layout.shard_numel, dtype=dtype, device=device)
         self.units: list[_Unit] = []
         self._where: dict[int, tuple[_Unit, int, int]] = {}
         with torch.no_grad():
             for g, m in zip(self.layout.groups, modules):
-                full = torch.zeros(g.padded, dtype=dtype, device=device)
+                flat = torch.zeros(g.padded, dtype=dtype, device=device)
                 for slot, p in zip(g.slots, g.params):
-                    full[slot.offset : slot.offset + slot.numel].copy_(p.detach().reshape(-1))
+                    flat[slot.offset : slot.offset + slot.numel].copy_(p.detach().reshape(-1))
                 if world_size > 1:
-                    tdist.broadcast(full, src=0)
+                    tdist.broadcast(flat, src=0)
                 lo, hi = self.layout.part_range(g)
-                self.master[g.shard_offset : g.shard_offset + g.part_numel].copy_(full[lo:hi])
+                self.master[g.shard_offset : g.shard_offset + g.part_numel].copy_(flat[lo:hi])
+                full = flat
+                if self.work is not self.master:  # gathered in work's dtype
+                    full = torch.empty(g.padded, dtype=self.work.dtype, device=device)
                 unit = _Unit(g, m, full)
                 unit.resident = id(m) in resident_modules
                 for slot, p in zip(g.slots, g.params):
@@ -211,6 +229,7 @@ class Stage3(ReducePipeline, ZeroStage):
                     self._where[id(p)] = (unit, slot.offset, slot.numel)
                 full.untyped_storage().resize_(0)
                 self.units.append(unit)
+        self._refresh_work()
         self._root = self.units[0] if self._root_has_params else None
         self._root_module = module
         self._resident = [u for u in self.units if u.resident]
@@ -253,7 +272,7 @@ class Stage3(ReducePipeline, ZeroStage):
             return
         g = unit.group
         unit.full.untyped_storage().resize_(g.padded * unit.full.element_size())
-        part = self.master[g.shard_offset : g.shard_offset + g.part_numel]
+        part = self.work[g.shard_offset : g.shard_offset + g.part_numel]
         # The parameters are views of `full`; writing into it must not look like an in-place
         # change of a tensor autograd saved (it restores the same values).
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(unit.full):
@@ -404,6 +423,12 @@ class Stage3(ReducePipeline, ZeroStage):
         # A unit still gathered (a forward without backward) holds stale values now.
         for unit in self.units:
             self._release(unit)
+        self._refresh_work()
+
+    def _refresh_work(self) -> None:
+        """Cast the new `master` into `work` (nothing to do when they are the same tensor)."""
+        if self.work is not self.master:
+            self.work.copy_(self.master)
 
     def zero_grad(self) -> None:
         self._grad_shard.zero_()
@@ -419,7 +444,8 @@ class Stage3(ReducePipeline, ZeroStage):
         gathered = sum(nbytes(u.full) for u in self.units)
         staging = sum(nbytes(t) for t in self._staging.values())
         staging += sum(nbytes(s) + (nbytes(o) if o is not s else 0) for _, _, o, s in self._in_flight)
+        work = nbytes(self.work) if self.work is not self.master else 0
         return {
-            "params_bytes": nbytes(self.master) + gathered,
+            "params_bytes": nbytes(self.master) + work + gathered,
             "grads_bytes": nbytes(self._grad_shard) + staging,
         }

@@ -57,8 +57,10 @@ def _train(engine, steps: range) -> list[float]:
     "cfg",
     [{"zero_stage": 0}, {"zero_stage": 1, "grad_accum": 2}, {"zero_stage": 2}, {"zero_stage": 3},
      {"zero_stage": 2, "precision": "fp16", "loss_scale": {"initial_scale_power": 30, "hysteresis": 1}},
+     {"zero_stage": 3, "precision": "bf16"},  # the load refreshes stage 3's bf16 working copy
+     {"zero_stage": 3, "precision": "fp16", "loss_scale": {"initial_scale_power": 30, "hysteresis": 1}},
      {"zero_stage": 1, "offload": {"optimizer": "cpu"}}, {"zero_stage": 0, "optimizer": {"type": "sgd"}}],
-    ids=["s0", "s1-accum2", "s2", "s3", "s2-fp16", "s1-cpu-offload", "s0-sgd"],
+    ids=["s0", "s1-accum2", "s2", "s3", "s2-fp16", "s3-bf16", "s3-fp16", "s1-cpu-offload", "s0-sgd"],
 )
 def test_resume_on_the_same_setup_is_bit_identical(tmp_path: Path, cfg: dict[str, Any]) -> None:
     whole = _engine(**cfg)

@@ -48,7 +48,8 @@ def test_offload_moves_the_optimizer_term_to_host_or_nvme():
                                                    offload_params="cpu", sub_group_mib=1)}
     assert nvme["optimizer states"].nvme_bytes == 8 * p // n and nvme["optimizer states"].host_bytes == 0
     assert nvme["master weights"].nvme_bytes == 4 * p // n
-    assert nvme["parameters"].host_bytes == 4 * p // n and nvme["parameters"].device_bytes == 0
+    # bf16 at stage 3: the fp32 shard and its bf16 working copy (the one gathered) move together.
+    assert nvme["parameters"].host_bytes == (4 + 2) * p // n and nvme["parameters"].device_bytes == 0
     assert nvme["offload buffers"].host_bytes == 3 * 3 * 2**20  # 3 buffers of [master, m, v]
 
 
@@ -144,6 +145,26 @@ def test_autocast_layout_saves_weight_copies_unless_checkpointed():
     assert peak.device_bytes > memory.layer_activation_bytes(shape, 1, sb=sb)  # + one layer's casts
     _, none, _ = memory.activations(shape, micro_batch=1, sb=memory.state_bytes("bf16", layout="master"))
     assert none.device_bytes == 0
+
+
+def test_stage3_mixed_precision_holds_and_gathers_a_16_bit_working_copy():
+    shape, n = ModelShape.of("llama2-7b"), 8
+    p, unit = shape.params, shape.largest_unit_params
+
+    def terms(stage: int, precision: str, **kw) -> dict[str, int]:
+        b = memory.breakdown(shape, stage=stage, dp=n, micro_batch=1, precision=precision, **kw)
+        return {t.name: t.device_bytes for t in b.terms}
+
+    bf16 = terms(3, "bf16")
+    assert bf16[memory.PARAMETERS] == -(-4 * p // n) + -(-2 * p // n)  # fp32 master + bf16 copy
+    assert bf16[memory.GATHERED] == 2 * 2 * unit + 4 * unit  # bf16 units, an fp32 gradient
+    assert bf16[memory.WEIGHT_COPIES] == 0  # the matmuls' weights are bf16 already
+    assert terms(3, "fp16") == bf16
+    assert terms(2, "bf16")[memory.WEIGHT_COPIES] == 2 * shape.matmul_params
+    fp32 = terms(3, "fp32")
+    assert fp32[memory.PARAMETERS] == -(-4 * p // n) and fp32[memory.GATHERED] == 2 * 4 * unit + 4 * unit
+    low = terms(3, "bf16", low_precision_states=True)
+    assert low[memory.PARAMETERS] == -(-2 * p // n) and low[memory.GATHERED] == 2 * 2 * unit + 2 * unit
 
 
 def test_estimate_reports_every_term_and_refuses_auto():

@@ -19,6 +19,8 @@ MODEL = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_
 CASES = [
     *({"zero_stage": s, "precision": "fp32", "micro_batch": 4} for s in range(4)),
     {"zero_stage": 1, "precision": "bf16", "micro_batch": 4},
+    # Stage 3 under bf16: fp32 master + bf16 working copy, and no autocast weight copies.
+    {"zero_stage": 3, "precision": "bf16", "micro_batch": 4},
     {"zero_stage": 3, "precision": "bf16", "micro_batch": 4, "activation_checkpointing": True},
     {"zero_stage": 2, "precision": "fp32", "micro_batch": 4, "offload": {"optimizer": "cpu", "sub_group_mib": 0.25}},
     # Past its freeze step, 1-bit Adam holds its compression buffers too.

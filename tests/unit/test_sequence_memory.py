@@ -11,17 +11,20 @@ from dsl.engine.memory import ModelShape
 SHAPE = ModelShape.of("llama-1b").with_seq_len(32768)
 
 
-def _b(**kw) -> memory.Breakdown:
-    return memory.breakdown(SHAPE, stage=3, dp=4, sp=2, micro_batch=1, precision="bf16", **kw)
+def _b(stage: int = 3, **kw) -> memory.Breakdown:
+    return memory.breakdown(SHAPE, stage=stage, dp=4, sp=2, micro_batch=1, precision="bf16", **kw)
 
 
 def test_tiled_loss_keeps_one_chunk_of_logits_and_no_log_softmax():
     plain, tiled = _b(), _b(tiled_loss_tokens=2048)
     assert plain.term(memory.LOGITS).device_bytes == 12 * 16384 * SHAPE.vocab
     assert tiled.term(memory.LOGITS).device_bytes == 12 * 2048 * SHAPE.vocab
-    # and lm_head's 16-bit weight copy is not saved (the tiled loss casts it inside)
-    assert plain.term(memory.WEIGHT_COPIES).device_bytes - tiled.term(memory.WEIGHT_COPIES).device_bytes \
+    # and at stages 0-2 lm_head's 16-bit weight copy is not saved (the tiled loss casts it inside);
+    # stage 3 gathers 16-bit weights, so autocast copies none either way
+    plain2, tiled2 = _b(stage=2), _b(stage=2, tiled_loss_tokens=2048)
+    assert plain2.term(memory.WEIGHT_COPIES).device_bytes - tiled2.term(memory.WEIGHT_COPIES).device_bytes \
         == 2 * SHAPE.vocab * SHAPE.hidden
+    assert plain.term(memory.WEIGHT_COPIES).device_bytes == tiled.term(memory.WEIGHT_COPIES).device_bytes == 0
 
 
 def test_tiled_mlp_drops_the_ffn_wide_activations_and_adds_one_tile():

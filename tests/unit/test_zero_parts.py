@@ -1,10 +1,12 @@
 """The engine's parts on their own: partition layout, the optimizer update against a float64
-reference, stochastic rounding, the loss scaler, stage-3 units, gathers and prefetch, and
-stage 2 keeping no full gradient. One process (world_size 1 runs the stages' own code)."""
+reference, stochastic rounding, the loss scaler, stage-3 units, gathers and prefetch, stage 3's
+bf16 working copy, and stage 2 keeping no full gradient. One process (world_size 1 runs the
+stages' own code)."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -235,6 +237,60 @@ def test_stage3_reduces_the_output_head_first_and_the_embedding_last() -> None:
         ref.zero_grad()
     mine, theirs = engine.full_state_dict(), ref.full_state_dict()
     assert max(float((mine[n] - theirs[n]).abs().max()) for n in mine) < 1e-6
+
+
+def test_stage3_mixed_precision_gathers_a_bf16_copy_of_the_fp32_master(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    engine = initialize(_Untied(), {"zero_stage": 3, "precision": "bf16", "grad_clip": None}, lr=1e-2)
+    stage = engine.stage
+    n = stage.layout.shard_numel
+    assert stage.master.dtype == torch.float32 and stage.work.dtype == torch.bfloat16
+    seen: list[tuple[set[torch.dtype], int, int]] = []
+
+    def spy(module: nn.Module, args: Any) -> None:  # in layers.0's forward: emb, head, layers.0, .1
+        gathered = [u for u in stage.units if u.full.untyped_storage().nbytes() > 0]
+        seen.append(({p.dtype for p in module.parameters()}, stage.memory()["params_bytes"],
+                     4 * n + 2 * n + sum(2 * u.group.padded for u in gathered)))
+
+    engine.module.layers[0].register_forward_pre_hook(spy)
+    grad_dtypes: set[torch.dtype] = set()
+    engine.module.head.weight.register_hook(lambda g: grad_dtypes.add(g.dtype))
+    for step in range(2):
+        engine(*_tied_batch(step)).backward()
+        assert stage.grad_flat.dtype == torch.float32
+        engine.step()
+        engine.zero_grad()
+        assert torch.equal(stage.work, stage.master.to(torch.bfloat16))  # refreshed by the update
+    assert grad_dtypes == {torch.bfloat16}
+    assert all(dtypes == {torch.bfloat16} and got == want for dtypes, got, want in seen)
+    assert engine.state_summary()["params_bytes"] == 4 * n + 2 * n  # master + work, nothing gathered
+    # Checkpoints hold the fp32 master; a load refreshes the working copy of the engine loading it.
+    engine.save_checkpoint(tmp_path, step=2)
+    saved = engine.full_state_dict()
+    torch.manual_seed(1)
+    resumed = initialize(_Untied(), {"zero_stage": 3, "precision": "bf16", "grad_clip": None}, lr=1e-2)
+    resumed.load_checkpoint(tmp_path)
+    assert all(t.dtype == torch.float32 and torch.equal(t, resumed.full_state_dict()[k]) for k, t in saved.items())
+    assert torch.equal(resumed.stage.work, resumed.stage.master.to(torch.bfloat16))
+    assert torch.equal(resumed.stage.work, stage.work)
+    # fp32 and low_precision_states gather the parameters themselves: no copy.
+    for cfg in ({"zero_stage": 3}, {"zero_stage": 3, "precision": "bf16", "low_precision_states": True}):
+        plain = initialize(_Untied(), cfg).stage
+        assert plain.work is plain.master
+
+
+def test_stage3_keeps_the_llama_residual_stream_fp32_under_bf16() -> None:
+    from dsl.engine.model import Llama
+    from dsl.engine.train_config import ModelConfig
+
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, seq_len=16))
+    engine = initialize(model, {"zero_stage": 3, "precision": "bf16"})
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    model.layers[0].register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, m.mlp.up_proj.weight.dtype)))
+    tokens = torch.randint(0, 64, (2, 16))
+    engine(tokens, tokens).backward()
+    assert seen == [(torch.float32, torch.bfloat16)]  # fp32 residual, bf16 gathered weights
 
 
 def test_stage2_keeps_no_full_gradient() -> None:
