@@ -13,9 +13,9 @@ inputs), so N layers compile once.
 What it buys, measured on this project's machine (2 CPU cores with AMX, 2 gloo ranks, the `bench`
 preset, docs/benchmarks.md and the session notes): a compiled forward+backward alone is 1.26x
 (fp32) / 1.5x (bf16) faster in one process (inductor fuses RMSNorm, RoPE, SiLU x up and the
-residual adds around the matmuls); in 2-rank training steps the gain was +1-13% in bf16 and none
-in fp32 (eager was 0-10% faster, within this machine's run-to-run drift), where communication
-threads share the two cores. Its partitioner also saves fewer activation bytes than eager
+residual adds around the matmuls); 2-rank training steps are 1.07-1.08x (fp32) and 1.08-1.13x
+(bf16) faster than eager at ZeRO 0-3 (paired runs: compiled and eager take turns step by step),
+where communication threads share the two cores. Its partitioner also saves fewer activation bytes than eager
 autograd (0.78-0.84 of them in the memory bench; `engine.memory` predicts the eager bytes, so a
 plan errs on the safe side). Hence
 off by default (`compile: false`): opt in where compute dominates (GPUs, bf16).

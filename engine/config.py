@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from dsl.engine.onebit_config import onebit_reason, quantize_reason
 
@@ -157,13 +157,19 @@ class EngineConfig(StrictModel):
     """Compile each block of the model (the children of its outermost ModuleList: the bundled
     Llama's decoder layers) with torch.compile; the engine's hooks stay outside the compiled code.
     Off by default: on this project's 2-core CPU machine a compiled forward+backward alone is
-    1.26x (fp32) / 1.5x (bf16) faster, but in 2-rank training steps the gain measured +1-13% in
-    bf16 and none in fp32 (engine/compile.py), for a first step that compiles (tens of seconds,
-    cached afterwards under /tmp/torchinductor_$USER) and 0.1-0.2 GiB more resident memory.
+    1.26x (fp32) / 1.5x (bf16) faster, and 2-rank training steps 1.07-1.08x (fp32) / 1.08-1.13x
+    (bf16) faster than eager at ZeRO 0-3 (paired runs, docs/benchmarks.md), for a first step that
+    compiles (tens of seconds, cached afterwards under /tmp/torchinductor_$USER) and 0.1-0.2 GiB
+    more resident memory.
     true: compile (an error with sequence_parallel > 1, tiled_mlp or activation_offload, whose
     layers run their own autograd, or on a CPU host without a C++ compiler); auto: compile the
     bundled Llama where nothing above stands in the way, else stay eager; false: eager.
     TORCHDYNAMO_DISABLE=1 (torch's switch) turns it off whatever this says."""
+    cpu_allocator: Literal["reuse", "system"] = "reuse"
+    """When the engine trains on the CPU: "reuse" makes this process's malloc keep freed large
+    blocks for the next step instead of unmapping them (glibc mallopt; engine/cpu_alloc.py):
+    1.13-1.15x faster steps measured here, for resident memory that stays at its peak; "system"
+    leaves malloc alone. No effect on GPUs or results."""
     bucket_mib: float = Field(25.0, gt=0)
     """Size of a gradient communication bucket in MiB."""
     deepspeed_config: str | None = None

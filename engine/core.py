@@ -61,7 +61,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
-from dsl.engine import checkpoint, dist, precision
+from dsl.engine import checkpoint, cpu_alloc, dist, precision
 from dsl.engine.config import EngineConfig, unsupported_reason
 from dsl.engine.errors import UserError
 from dsl.engine.compile import apply as compile_blocks
@@ -153,6 +153,9 @@ class Engine:
         self.skipped_steps = 0
         """fp16 steps skipped because of an overflow."""
         self.last_step_skipped = False
+        self.cpu_allocator_reuse = (self.device.type == "cpu" and config.cpu_allocator == "reuse"
+                                    and cpu_alloc.keep_freed_blocks())
+        """True when this process's malloc keeps freed blocks (engine/cpu_alloc.py)."""
         self.module = model.to(self.device)
         named = named_trainable(self.module)
         if not named:

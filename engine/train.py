@@ -252,6 +252,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
             f"zero {ecfg.zero_stage}, {ecfg.precision}, {tokens_per_step:,} tokens/step, "
             f"{tcfg.data.kind} data"
             + (", activation checkpointing" if model.activation_checkpointing else "")
+            + (", malloc keeps freed blocks" if engine.cpu_allocator_reuse else "")
             + (f", torch.compile of {len(engine.compiled)} blocks (the first step compiles)"
                if engine.compiled else ", eager"),
             file=sys.stderr,

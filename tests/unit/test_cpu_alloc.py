@@ -1,0 +1,45 @@
+"""engine/cpu_alloc.py: with `cpu_allocator: reuse` a freed large tensor's pages are reused by the
+next allocation (no page faults), with `system` every allocation faults its pages in again.
+Each case runs in its own process: the malloc setting is process-wide."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PROBE = r"""
+import json, resource, sys
+import torch
+from dsl.engine import initialize
+from dsl.engine.model import Llama
+from dsl.engine.train_config import ModelConfig
+
+engine = initialize(Llama(ModelConfig(preset="tiny")), {"cpu_allocator": sys.argv[1]})
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.ones(16 * 2**20)  # 64 MiB: above glibc's largest mmap threshold
+    del t
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"reuse": engine.cpu_allocator_reuse, "faults": faults}))
+"""
+
+
+def _probe(mode: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_reuse_keeps_freed_pages_and_system_does_not() -> None:
+    pages = 64 * 2**20 // 4096
+    reuse, system = _probe("reuse"), _probe("system")
+    assert reuse["reuse"] is True and system["reuse"] is False
+    # system: every 64 MiB allocation is a fresh mapping, all its pages fault in again
+    assert all(f >= pages * 0.9 for f in system["faults"]), system
+    # reuse: after the first, the same heap pages come back already mapped
+    assert all(f < pages * 0.05 for f in reuse["faults"][1:]), reuse
