@@ -20,8 +20,9 @@ hooks on the modules, outside the compiled code, exactly as dsl's do). `off` run
 (`compile: false` for dsl). The warm-up steps absorb the compilation.
 
 `local` is no engine: each rank trains its own replica with torch's fused AdamW and communicates
-nothing (its loss differs). It is the ceiling of any data-parallel engine on this machine: the same
-compute on the same cores with zero communication cost.
+nothing (its loss differs). It is the ceiling of any eager data-parallel engine that leaves malloc
+alone: the same compute on the same cores with zero communication cost (dsl on a CPU device keeps
+freed blocks for reuse, engine/cpu_alloc.py, and can pass it).
 
 Paired runs (`--baton`, what run.py does): several engines run at the same time, each under its
 own torchrun, and take turns step by step: rank 0 of slot I waits for a byte on the FIFO

@@ -3,7 +3,7 @@
 Variants (2 gloo ranks, 1 thread each, AdamW; shapes in engine_step.SHAPES):
 dsl at ZeRO stages 0-3, DeepSpeed 0.19.8 at stages 0-3 (its own virtualenv, see
 setup_deepspeed.sh), torch DDP (stage 0's peer), FSDP2 (stage 3's peer) and `local` (no engine,
-no communication: the ceiling of any data-parallel engine here). Everything runs eager, as each
+no communication: the ceiling of any eager engine under the system allocator). Everything runs eager, as each
 engine does by default (dsl's `engine.compile` is off by default), except one extra column. The `bench` shape (the peer baseline of shared/docs/FACTS.md) runs in fp32 and
 bf16, the communication-heavy `comm` shape in fp32. Ratios compare dsl with each peer on the
 same shape, stage and precision. The `bench` shape's runs also take dsl with `compile: true`
@@ -240,12 +240,13 @@ def notes(probe: dict, results: list[dict] | None = None) -> str:
             if fp32 and bf16 else "see the probe below")
     return "\n".join([
         "Notes:",
-        "- `bench` is compute-bound: the no-comm column is what the same eager forward, "
-        "backward and AdamW cost without any communication. An eager engine can only remove "
-        "communication and copies, so none can be faster than that column; dsl/no-comm "
-        "shows how close dsl is, and where DeepSpeed is within 10% of it, 1.1x DeepSpeed is "
-        "out of reach for any eager engine. Only a change of the compute itself (dsl compiled: "
-        "fused pointwise kernels) gets past it.",
+        "- `bench` is compute-bound: the no-comm column is the same eager forward, backward and "
+        "AdamW with no communication, under the system allocator. dsl can go past it because dsl "
+        "on a CPU device sets its process's malloc to keep freed large blocks (`cpu_allocator: "
+        "reuse`, the default; engine/cpu_alloc.py), so a step does not page-fault its gradients, "
+        "logits and buffers in again. The setting is process-wide and would speed up the peers "
+        "too (DDP 1.13x with it, dsl ZeRO-2 1.15x, in a paired check on the `comm` shape); it is "
+        "part of dsl and of none of them. dsl compiled adds torch.compile's fused kernels on top.",
         _bf16_note(probe, gemm),
         "- `comm` moves 6x the parameters for 1/8 of the tokens: gradient exchange and parameter "
         "gathers cost about as much as compute, so the engines' communication plans show. dsl "
@@ -311,8 +312,8 @@ def _write(results: list[dict], probe: dict, shapes: list[str], args: argparse.N
             "tok/s = tokens of all ranks / median step time. A ratio x/y is the median over k of "
             "y's k-th step time / x's k-th step time, [its interquartile range]. "
             "Peak = the largest rank's peak resident memory. no-comm = `local`: each rank trains its own "
-            "replica with torch's fused AdamW and communicates nothing, the ceiling of any "
-            "data-parallel engine on this machine. dsl compiled = dsl with `engine.compile: true` "
+            "replica with torch's fused AdamW and communicates nothing, the ceiling of any eager "
+            "data-parallel engine under the system allocator (see the notes). dsl compiled = dsl with `engine.compile: true` "
             "(opt-in: each decoder layer's forward under torch.compile, the engine's hooks outside; "
             "its warm-up steps include the compilation); every other column runs eager, each engine's "
             "default.\n\n"
