@@ -66,7 +66,6 @@ from dsl.engine.config import EngineConfig, unsupported_reason
 from dsl.engine.errors import UserError
 from dsl.engine.compile import apply as compile_blocks
 from dsl.engine.long import setup as long_setup
-from dsl.engine.model import Llama
 from dsl.engine.offload import build_states
 from dsl.engine.optim import Hyper
 from dsl.engine.zero import build_stage
@@ -176,7 +175,7 @@ class Engine:
         self.compiled = compile_blocks(self.module, config, self.device)
         """Names of the blocks whose forward runs under torch.compile (engine/compile.py)."""
         work_dtype = precision.work_dtype(config) if stage == 3 else None
-        if work_dtype is not None and isinstance(self.module, Llama):
+        if work_dtype is not None and hasattr(self.module, "residual_dtype"):
             # Stage 3 gathers 16-bit parameters: keep the embedding's output fp32 (precision.py).
             self.module.residual_dtype = torch.float32
         self.stage = build_stage(
