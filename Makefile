@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# torch is pinned here (CPU wheel on this machine, CUDA wheel on a GPU machine); pyproject has a range.
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# Triton (dsl.ops.adam's CUDA kernel; tested here under TRITON_INTERPRET=1): a CUDA build of
+	# torch brings the Triton it was built with, and installing another would break it, so the
+	# pinned one is installed only where torch brought none (the CPU wheel).
+	$(BIN)/python -c 'import triton' 2>/dev/null || $(BIN)/python -m pip install --quiet 'triton==3.9.0'
 	# An editable install leaves our modules uncompiled; with PYTHONDONTWRITEBYTECODE set every
 	# `dsl` command would compile them again (~35 ms of `dsl plan`).
 	$(BIN)/python -m compileall -q launcher engine topology ops > /dev/null

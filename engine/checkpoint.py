@@ -15,7 +15,9 @@ A checkpoint folder holds:
   {"exp_avg", "exp_avg_sq", "step"} | {"momentum_buffer", "step"}}}, full tensors shaped like
   the parameter (torch.optim's per-parameter names).
 - `rng.pt`: a list with one entry per saving rank: {"torch": CPU RNG state, "python":
-  random.getstate(), "cuda": CUDA RNG state or None}.
+  random.getstate(), "cuda": the CUDA RNG state of that rank's own device, or None}. (Older
+  checkpoints hold every visible GPU's state there; a resume that sees fewer GPUs restores the
+  one of its device when present and warns otherwise.)
 - `extra.pt`: the caller's `extra` (plain Python data and tensors: loaded with weights_only).
 - `meta.json`: format version, step, engine steps, world size, ZeRO stage, precision, loss
   scaler state, the engine config. Written last.
@@ -49,6 +51,7 @@ exactly; gradient buffers are zero at a step boundary).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -61,6 +64,8 @@ import torch
 import torch.distributed as tdist
 
 from dsl.engine.errors import RunError, UserError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from dsl.engine.core import Engine
@@ -213,19 +218,30 @@ def gather_full(engine: "Engine", *, optimizer: bool, keep: bool = True) -> tupl
     return params, optim
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's generators: CPU, Python, and the CUDA generator of its own device only (a
+    rank draws from no other GPU's, and a resume may see fewer GPUs than the save did)."""
     return {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: every GPU visible at save time
+        index = device.index or 0
+        if index >= len(cuda):
+            log.warning("checkpoint holds CUDA RNG states of %d GPU(s), none for %s: its generator "
+                        "is not restored", len(cuda), device)
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def save(engine: "Engine", directory: str | os.PathLike, *, step: int, extra: dict[str, Any] | None, keep: int | None) -> Path:
@@ -239,9 +255,9 @@ def save(engine: "Engine", directory: str | os.PathLike, *, step: int, extra: di
     world = engine.world_size
     rng = [None] * world
     if world > 1:
-        tdist.all_gather_object(rng, _rng_state())
+        tdist.all_gather_object(rng, _rng_state(engine.device))
     else:
-        rng = [_rng_state()]
+        rng = [_rng_state(engine.device)]
     root, name = Path(directory), f"step-{step:06d}"
     error = None
     if engine.rank == 0:
@@ -338,7 +354,7 @@ def load(engine: "Engine", directory: str | os.PathLike) -> dict[str, Any]:
         engine.scaler.load_state_dict(meta["loss_scale"])
     rng = torch.load(path / "rng.pt", weights_only=True)
     if engine.rank < len(rng):
-        _set_rng_state(rng[engine.rank])
+        _set_rng_state(rng[engine.rank], engine.device)
     engine._refresh_lr()
     extra = torch.load(path / "extra.pt", weights_only=True)
     return {**extra, "step": int(meta["step"])}

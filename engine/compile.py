@@ -22,9 +22,12 @@ off by default (`compile: false`): opt in where compute dominates (GPUs, bf16).
 
 `auto` compiles the bundled Llama unless a layer runs its own autograd.Function with
 collectives or recomputation inside (Ulysses all-to-all, tiled MLP, activation offload) or, on
-CPU, no C++ compiler is installed (inductor's CPU backend compiles C++); a compile error at the
-first step then falls back to eager with a warning. `true` compiles any model's blocks and lets
-errors surface. TORCHDYNAMO_DISABLE=1 (torch's own switch) makes both a no-op.
+CPU, no C++ compiler is installed (inductor's CPU backend compiles C++). Under `auto` a compile
+error in a block's forward (a `torch._dynamo` exception: dynamo, AOT autograd or inductor
+failing, e.g. Triton or the C++ compiler missing) is printed as a warning naming the block and
+the error, and every block runs eagerly from then on (the failing call is re-run eagerly).
+`true` compiles any model's blocks and lets errors surface. TORCHDYNAMO_DISABLE=1 (torch's own
+switch) makes both a no-op; the engine logs that it did.
 """
 
 from __future__ import annotations
@@ -88,23 +91,42 @@ def apply(model: nn.Module, config: "EngineConfig", device: torch.device) -> lis
         log.info("compile: auto leaves the model eager: %s", "; ".join(found))
         return []
     if dynamo_disabled():
-        log.info("compile: off (TORCHDYNAMO_DISABLE=1)")
+        log.warning("compile: %s has no effect: TORCHDYNAMO_DISABLE=1 is set", config.compile)
         return []
-    if config.compile == "auto":
-        import torch._dynamo as dynamo
-
-        dynamo.config.suppress_errors = True  # a compile failure runs that block eagerly
-    return compile_blocks(model)
+    return compile_blocks(model, fallback=config.compile == "auto")
 
 
-def compile_blocks(model: nn.Module) -> list[str]:
+def compile_blocks(model: nn.Module, *, fallback: bool = False) -> list[str]:
     """Replace the `forward` of every block of `model` that has parameters by its torch.compile
-    (hooks untouched); returns the blocks' names. No checks: `apply` decides whether to."""
+    (hooks untouched); returns the blocks' names. No checks: `apply` decides whether to.
+    `fallback`: a compile error turns every block eager with a warning (module docstring)."""
     from dsl.engine.zero.stage3 import choose_units
 
     names = []
+    state = {"eager": False}
     for name, block in choose_units(model):
         if next(block.parameters(), None) is not None:
-            block.forward = torch.compile(block.forward)
+            compiled = torch.compile(block.forward)
+            block.forward = _with_fallback(name, block.forward, compiled, state) if fallback else compiled
             names.append(name)
     return names
+
+
+def _with_fallback(name: str, eager, compiled, state: dict[str, bool]):
+    """`compiled`, until a torch._dynamo error in any block sets `state["eager"]`; then `eager`."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    def forward(*args, **kwargs):
+        if state["eager"]:
+            return eager(*args, **kwargs)
+        try:
+            return compiled(*args, **kwargs)
+        except TorchDynamoException as exc:
+            state["eager"] = True
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            log.warning("compile: auto: torch.compile failed in %s (%s: %s); every block runs eagerly "
+                        "from now on (set compile: false to skip compiling, or true to see the error)",
+                        name, type(exc).__name__, first)
+            return eager(*args, **kwargs)
+
+    return forward

@@ -81,6 +81,11 @@ class OffloadConfig(StrictModel):
     """NVMe offload swaps optimizer state in sub-groups of this size, overlapping I/O and compute."""
     params: Literal["none", "cpu"] = "none"
     """Stage 3 only: keep partitioned parameters in CPU memory between uses."""
+    pin_memory: bool = True
+    """With a CUDA device: page-lock the host memory of offloaded master weights, optimizer
+    states and transfer buffers, so copies to and from the GPU run asynchronously and overlap
+    the CPU update (DeepSpeed's offload_optimizer.pin_memory). Costs locked host RAM. No effect
+    on a CPU device (the engine prints a note when it is set explicitly there)."""
 
 
 class LossScaleConfig(StrictModel):
@@ -165,6 +170,12 @@ class EngineConfig(StrictModel):
     layers run their own autograd, or on a CPU host without a C++ compiler); auto: compile the
     bundled Llama where nothing above stands in the way, else stay eager; false: eager.
     TORCHDYNAMO_DISABLE=1 (torch's switch) turns it off whatever this says."""
+    tf32: bool = True
+    """On CUDA (Ampere and later), run fp32 matmuls and convolutions in TensorFloat-32 (10-bit
+    mantissa inputs, fp32 accumulation): several times faster than full fp32 for a precision
+    loss that training tolerates (torch's default leaves it off). Only fp32 work is affected;
+    bf16/fp16 autocast matmuls are 16-bit already. Set false for bit-exact fp32 comparisons.
+    No effect on a CPU device."""
     cpu_allocator: Literal["reuse", "system"] = "reuse"
     """When the engine trains on the CPU: "reuse" makes this process's malloc keep freed large
     blocks for the next step instead of unmapping them (glibc mallopt; engine/cpu_alloc.py):

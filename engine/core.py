@@ -61,7 +61,7 @@ from pydantic import ValidationError
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
-from dsl.engine import checkpoint, cpu_alloc, dist, precision
+from dsl.engine import checkpoint, cpu_alloc, dist, precision, transfer
 from dsl.engine.config import EngineConfig, unsupported_reason
 from dsl.engine.errors import UserError
 from dsl.engine.compile import apply as compile_blocks
@@ -87,6 +87,33 @@ def seed_everything(seed: int) -> None:
     except ImportError:
         return
     np.random.seed(seed % (1 << 32))
+
+
+def device_notes(config: EngineConfig, device: torch.device) -> list[str]:
+    """Settings the user made explicitly that cannot apply on `device` (no silent no-ops)."""
+    notes = []
+    if device.type != "cuda":
+        if "pin_memory" in config.offload.model_fields_set and config.offload.pin_memory:
+            notes.append(f"engine.offload.pin_memory: no effect on {device.type} (page-locking is "
+                         "for copies to and from a GPU)")
+        if "tf32" in config.model_fields_set and config.tf32:
+            notes.append(f"engine.tf32: no effect on {device.type} (TensorFloat-32 is a CUDA matmul mode)")
+    return notes
+
+
+def local_grad_stats(grads: torch.Tensor) -> torch.Tensor:
+    """[sum of squares, 0.0] of this rank's gradient `grads` (any float dtype, 1-D), fp32 on
+    grads' device: the buffer the engine all-reduces (the 0 is the inf/nan flag's slot)."""
+    if grads.numel():
+        local = torch.linalg.vector_norm(grads, dtype=torch.float32)
+    else:
+        local = torch.zeros((), dtype=torch.float32, device=grads.device)
+    return torch.stack([local * local, torch.zeros_like(local)])
+
+
+def mark_nonfinite(stats: torch.Tensor, grads: torch.Tensor) -> None:
+    """Set the flag slot of `stats` (from local_grad_stats) to 1.0 when `grads` holds inf/nan."""
+    stats[1] = (~torch.isfinite(grads)).any().to(stats.dtype)
 
 
 class EngineOptimizer:
@@ -142,6 +169,11 @@ class Engine:
         self.rank = ctx.rank
         self.world_size = ctx.world_size
         self.device = device if device is not None else ctx.device
+        dist.use_device(self.device)
+        precision.apply_tf32(config, self.device)
+        if device is None and ctx.backend is None:
+            log.info("single process (no RANK/WORLD_SIZE from torchrun or dsl launch): training on %s%s",
+                     self.device, "" if self.device.type == "cuda" else " (torch sees no CUDA device)")
         self.grad_accum = config.grad_accum
         self.base_lr = lr
         self.schedule = schedule
@@ -206,7 +238,10 @@ class Engine:
             self.states = build_states(
                 self.stage, self.hyper, offload=offload, dtype=dtype, device=self.device,
                 sub_group_mib=config.offload.sub_group_mib, nvme_path=config.offload.nvme_path,
+                pin_memory=config.offload.pin_memory,
             )  # fmt: skip
+        for note in device_notes(config, self.device):
+            log.warning("%s", note)
         self.scaler = precision.LossScaler(config.loss_scale) if config.precision == "fp16" else None
         self.optimizer = EngineOptimizer(self, [p for _, p in named], lr, weight_decay)
         self._last_grad_norm: float | None = None
@@ -292,17 +327,19 @@ class Engine:
         self.optimizer._set_lr(self._lr)
 
     def _grad_stats(self, grads: torch.Tensor) -> tuple[float, bool]:
-        """(global sum of squares, any rank has inf/nan) of the gradient (scaled at fp16)."""
-        local = torch.linalg.vector_norm(grads, dtype=torch.float32) if grads.numel() else torch.zeros(())
-        sumsq = local * local
-        bad = not bool(torch.isfinite(local))
-        # A non-finite norm can also come from huge finite values; the flag is only for inf/nan.
-        flag = float(bad and not bool(torch.isfinite(grads).all()))
+        """(global sum of squares, any rank has inf/nan) of the gradient (scaled at fp16).
+
+        The same tensor math at every world size (the all_reduce alone is skipped where it is not
+        needed), so a device mix-up shows in a one-process test too (tests/unit/test_meta_device.py).
+        """
+        stats = local_grad_stats(grads)
+        if not math.isfinite(transfer.host_floats(stats[0])[0]):
+            # A non-finite norm can also come from huge finite values; the flag is for inf/nan.
+            mark_nonfinite(stats, grads)
         if self.stage.partitioned and self.world_size > 1:
-            stats = torch.stack([sumsq, torch.tensor(flag)])
             tdist.all_reduce(stats, op=tdist.ReduceOp.SUM)
-            return float(stats[0]), bool(stats[1] > 0)
-        return float(sumsq), flag > 0
+        sumsq, flag = transfer.host_floats(stats)
+        return sumsq, flag > 0
 
     def step(self) -> None:
         """Wait for the averaged gradients, check overflow, clip and unscale, set the lr, update
@@ -401,6 +438,11 @@ class Engine:
         - total_bytes: the sum of the four above (device memory for model state + activations).
         - offload_cpu_bytes: CPU memory of offloaded master weights, states and buffers.
         - offload_nvme_bytes: bytes in NVMe offload files.
+        - On a CUDA device also what the allocator saw: `device_allocated_bytes` /
+          `device_reserved_bytes` now and `device_peak_allocated_bytes` /
+          `device_peak_reserved_bytes` since the process started or the last
+          `torch.cuda.reset_peak_memory_stats()` (read after a synchronize; the reserved figures
+          include the caching allocator's free blocks, what an out-of-memory error is about).
         Activation checkpoints moved to host memory (engine.activation_offload) are not in
         activations_bytes; `module.activation_offload.offloaded_bytes` has them.
         Module buffers are not counted.
@@ -418,6 +460,12 @@ class Engine:
         out["total_bytes"] = sum(out.values())
         out["offload_cpu_bytes"] = st["offload_cpu_bytes"]
         out["offload_nvme_bytes"] = st["offload_nvme_bytes"]
+        if self.device.type == "cuda":
+            transfer.wait_device(self.device)
+            out["device_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+            out["device_reserved_bytes"] = torch.cuda.memory_reserved(self.device)
+            out["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            out["device_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
         return out
 
     def close(self) -> None:

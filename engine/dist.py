@@ -8,7 +8,14 @@ launcher asked for and it exercises the same path as a larger run.
 
 The backend is chosen at run time: nccl when CUDA is available, else gloo (this torch build may
 not contain NCCL at all; `init_process_group("nccl")` then fails). The device is
-cuda:LOCAL_RANK with nccl, cpu with gloo.
+cuda:LOCAL_RANK with nccl, cpu with gloo. Whichever created the group (`setup()` or the user's
+own `init_process_group`), the rank's GPU is made the current CUDA device: NCCL's object
+collectives, `torch.cuda.*` calls without a device and Triton launches all go to the current
+device, which is cuda:0 on every rank otherwise.
+
+A single process (no torchrun environment, no group) on a machine with CUDA trains on the
+current CUDA device (the engine says so in its log, engine/core.py); `initialize(...,
+device="cpu")` keeps it on the CPU.
 
 `teardown()` is deliberate: barrier, then destroy_process_group. A gloo rank that exits with its
 group alive sometimes aborts in a destructor (`terminate called without an active exception`,
@@ -27,7 +34,8 @@ import torch.distributed as tdist
 
 from dsl.engine.errors import UserError
 
-__all__ = ["DistContext", "setup", "teardown", "current", "backend_for_machine"]
+__all__ = ["DistContext", "setup", "teardown", "current", "backend_for_machine", "single_process_device",
+           "use_device"]
 
 log = logging.getLogger(__name__)
 
@@ -71,19 +79,36 @@ def _env_int(name: str) -> int:
         raise UserError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def single_process_device() -> torch.device:
+    """The device of a process without a group: the current CUDA device when CUDA is available
+    (so a GPU machine never trains on the CPU unasked), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` this process's current CUDA device (nothing for other devices)."""
+    if device.type == "cuda" and device.index is not None and torch.cuda.current_device() != device.index:
+        torch.cuda.set_device(device)
+
+
 def current() -> DistContext:
-    """Describe the process group that already exists (or the single process when none does)."""
+    """Describe the process group that already exists (or the single process when none does),
+    and make the rank's GPU the current CUDA device (a group the user created did not)."""
     if not (tdist.is_available() and tdist.is_initialized()):
-        return DistContext(0, 1, 0, 1, None, torch.device("cpu"))
+        return DistContext(0, 1, 0, 1, None, single_process_device())
     backend = str(tdist.get_backend())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device_for(backend, local_rank)
+    use_device(device)
     return DistContext(
         rank=tdist.get_rank(),
         world_size=tdist.get_world_size(),
         local_rank=local_rank,
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         backend=backend,
-        device=_device_for(backend, local_rank),
+        device=device,
     )
 
 
@@ -93,7 +118,7 @@ def setup(timeout_min: float = 10.0) -> DistContext:
         return current()
     present = [name for name in _REQUIRED_ENV if name in os.environ]
     if not present:
-        return DistContext(0, 1, 0, 1, None, torch.device("cpu"))
+        return DistContext(0, 1, 0, 1, None, single_process_device())
     missing = [name for name in _REQUIRED_ENV if name not in os.environ]
     if missing:
         raise UserError(
@@ -105,9 +130,8 @@ def setup(timeout_min: float = 10.0) -> DistContext:
         raise UserError(f"RANK ({rank}) must lie in [0, WORLD_SIZE ({world_size}))")
     backend = backend_for_machine()
     device = _device_for(backend, local_rank)
-    if device.type == "cuda":
-        # Before the group exists, so NCCL binds this rank's communicator to its own GPU.
-        torch.cuda.set_device(device)
+    # Before the group exists, so NCCL binds this rank's communicator to its own GPU.
+    use_device(device)
     tdist.init_process_group(
         backend,
         init_method="env://",

@@ -10,7 +10,8 @@ Mapped (DeepSpeed -> dsl):
   -> train_batch / micro_batch / grad_accum (DeepSpeed's rule train = micro x accum x world is
   checked at launch, when the data-parallel size is known);
 - zero_optimization.stage -> zero_stage; .offload_optimizer.device (+ nvme_path) ->
-  offload.optimizer (+ nvme_path); .offload_param.device -> offload.params;
+  offload.optimizer (+ nvme_path); .offload_optimizer.pin_memory -> offload.pin_memory;
+  .offload_param.device -> offload.params;
   .reduce_bucket_size (elements, fp32 gradients: 4 bytes each) -> bucket_mib;
   .sub_group_size (elements of fp32 state) -> offload.sub_group_mib;
   .zero_quantized_gradients (ZeRO++ qgZ) -> comm.quantize_gradients;
@@ -39,8 +40,7 @@ _NOOP = {
     ("zero_optimization", "overlap_comm"): (True, "dsl always overlaps gradient communication with backward"),
     ("zero_optimization", "contiguous_gradients"): (True, "dsl's gradient buckets are contiguous"),
     ("zero_optimization", "reduce_scatter"): (True, "stages 2-3 always reduce-scatter"),
-    ("zero_optimization", "offload_optimizer", "pin_memory"): (None, "dsl pins CPU buffers when a GPU is present"),
-    ("zero_optimization", "offload_param", "pin_memory"): (None, "dsl pins CPU buffers when a GPU is present"),
+    ("zero_optimization", "offload_param", "pin_memory"): (None, "dsl page-locks offload buffers on GPU hosts (offload.pin_memory)"),
     ("steps_per_print",): (None, "dsl prints every run.train.log_every steps"),
     ("wall_clock_breakdown",): (None, "dsl logs tokens/s per interval instead"),
     ("optimizer", "params", "torch_adam"): (None, "dsl picks its fused optimizer itself"),
@@ -113,6 +113,9 @@ class _Mapper:
         device = self.get("zero_optimization", "offload_optimizer", "device")
         if device is not None:
             offload["optimizer"] = {"none": "none", "cpu": "cpu", "nvme": "nvme"}.get(device, device)
+        pin = self.get("zero_optimization", "offload_optimizer", "pin_memory")
+        if isinstance(pin, bool):
+            offload["pin_memory"] = pin
         nvme = self.get("zero_optimization", "offload_optimizer", "nvme_path")
         if nvme is not None:
             offload["nvme_path"] = nvme

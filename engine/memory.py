@@ -40,9 +40,10 @@ which is what it gathers, so its matmuls find their weights in 16 bits and save 
 Offload (Ren et al. 2021, "ZeRO-Offload"; Rajbhandari et al. 2021, "ZeRO-Infinity"), as the
 engine does it (engine/offload.py): the optimizer keeps its own master copy of the rank's shard
 (fp32; bf16 with low_precision_states) and the moments in host RAM (`cpu`) or in files (`nvme`),
-and runs the step there; the device keeps its gradient shard, which streams out through one
-sub-group buffer of `offload.sub_group_mib` (cpu), or through 3 buffers of [master + moments] per
-sub-group (nvme: read-ahead, update, write-behind); updated parameters stream back. Parameter
+and runs the step there; the device keeps its gradient shard, which streams out through
+sub-group buffers of `offload.sub_group_mib` (two on a GPU with pinned memory, so one copy runs
+while the other sub-group is updated; one on a CPU device), plus for nvme 3 buffers of [master +
+moments] per sub-group (read-ahead, update, write-behind); updated parameters stream back. Parameter
 offload (stage 3, planned, not in the engine yet) would keep each rank's parameter shard in host
 RAM between uses.
 
@@ -145,7 +146,8 @@ def onebit_buffer_bytes(params: int, world: int, block: int = ONEBIT_BLOCK) -> t
 def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16",
                  low_precision_states: bool = False, optimizer: str = "adamw",
                  offload_optimizer: str = "none", offload_params: str = "none",
-                 layout: Layout | None = None, sub_group_mib: float = 256.0) -> tuple[Term, ...]:
+                 layout: Layout | None = None, sub_group_mib: float = 256.0, accelerator: bool = True,
+                 pin_memory: bool = True) -> tuple[Term, ...]:
     """Parameters, gradients, master weights, optimizer states (and offload buffers), per rank."""
     sb = state_bytes(precision, low_precision_states, optimizer, layout)
     n = max(1, shards)
@@ -194,12 +196,16 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
     where = "host_bytes" if offload_optimizer == "cpu" else "nvme_bytes"
     terms.append(Term(MASTER, **{where: m_bytes}, formula=f"{m_f} (offloaded to {offload_optimizer})"))
     terms.append(Term(OPTIMIZER, **{where: o_bytes}, formula=f"{o_f} (offloaded to {offload_optimizer})"))
+    # Gradient sub-groups come down through 2 pinned buffers on a GPU (one copy in flight while
+    # the other is updated), through 1 on a CPU device (engine/offload.py grad_buffers).
+    grads_n = 2 if accelerator and pin_memory else 1
+    grad_f = f"{grads_n} gradient sub-group buffer{'s' if grads_n > 1 else ''} x {elem} B x {sub:,}"
     if offload_optimizer == "cpu":
-        terms.append(Term(OFFLOAD_BUFFERS, host_bytes=elem * sub,
-                          formula=f"one gradient sub-group: {elem} B x {sub:,}"))
+        terms.append(Term(OFFLOAD_BUFFERS, host_bytes=grads_n * elem * sub, formula=grad_f))
     else:
-        terms.append(Term(OFFLOAD_BUFFERS, host_bytes=NVME_SWAP_BUFFERS * (1 + moments) * elem * sub,
-                          formula=f"{NVME_SWAP_BUFFERS} swap buffers x [master + {moments} states] x {elem} B x {sub:,}"))
+        terms.append(Term(OFFLOAD_BUFFERS, host_bytes=(NVME_SWAP_BUFFERS * (1 + moments) + grads_n) * elem * sub,
+                          formula=f"{NVME_SWAP_BUFFERS} swap buffers x [master + {moments} states] x {elem} B x "
+                                  f"{sub:,} + {grad_f}"))
     return tuple(terms)
 
 
@@ -425,7 +431,7 @@ def estimate(model: "ModelConfig | ModelShape | str", engine: "EngineConfig", *,
         offload_params=engine.offload.params,
         checkpointing=bool(_fixed(engine, "activation_checkpointing", engine.activation_checkpointing)),
         bucket_mib=engine.bucket_mib,
-        sub_group_mib=engine.offload.sub_group_mib,
+        sub_group_mib=engine.offload.sub_group_mib, pin_memory=engine.offload.pin_memory,
         seq_len=seq_len, flash_attention=flash_attention, accelerator=accelerator, layout=layout,
         **long_context(engine))
 
@@ -435,6 +441,7 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
               offload_params: str = "none", checkpointing: bool = False, bucket_mib: float = 25.0,
               sub_group_mib: float = 256.0, seq_len: int | None = None, flash_attention: bool = True,
               accelerator: bool = True, layout: Layout | None = None, tiled_loss_tokens: int | None = None,
+              pin_memory: bool = True,
               tiled_mlp_tokens: int | None = None, activation_offload: bool = False) -> Breakdown:
     """`estimate` with plain values instead of an EngineConfig (the planner's inner loop)."""
     mb = micro_batch
@@ -444,7 +451,8 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
                               low_precision_states=low_precision_states,
                               optimizer=optimizer, offload_optimizer=offload_optimizer,
                               offload_params=offload_params, layout=layout,
-                              sub_group_mib=sub_group_mib))
+                              sub_group_mib=sub_group_mib, accelerator=accelerator,
+                              pin_memory=pin_memory))
     offload_acts = activation_offload and checkpointing  # offload moves checkpoints; none without
     acts, copies, recompute = activations(shape, micro_batch=mb, seq_len=seq_len, sp=sp,
                                           checkpointing=checkpointing, flash_attention=flash_attention,

@@ -16,10 +16,10 @@ Parameter names are Hugging Face's `LlamaForCausalLM` names without the `model.`
 RoPE uses HF's "rotate_half" layout (dimension i is paired with i + head_dim/2), so an HF Llama
 state dict maps onto this model by renaming keys alone.
 
-Attention is `F.scaled_dot_product_attention(is_causal=True)`; with fewer key/value heads than
-query heads (grouped-query attention) it is called with `enable_gqa=True`, which shares each
-key/value head among `heads / kv_heads` query heads without materialising repeated copies
-(torch >= 2.5; older torch repeats the heads explicitly).
+Attention is `F.scaled_dot_product_attention(is_causal=True)` through engine/sdpa.py: with fewer
+key/value heads than query heads (grouped-query attention) it shares each key/value head among
+`heads / kv_heads` query heads, by `enable_gqa=True` where that keeps a flash kernel and by
+repeating the heads where it would not (fp32 on CUDA; see engine/sdpa.py).
 
 Dtypes: parameters are fp32 (the engine keeps fp32 masters). Under bf16 autocast the matmuls run
 in bf16, while RMSNorm, the RoPE angles and the loss are computed in fp32; the residual stream
@@ -66,12 +66,10 @@ from torch.utils.checkpoint import checkpoint
 from dsl.engine.long.tiled_loss import tiled_cross_entropy
 from dsl.engine.long.tiled_mlp import tiled_swiglu
 from dsl.engine.long.ulysses import ulysses_attention
+from dsl.engine.sdpa import causal_sdpa
 from dsl.engine.train_config import ModelConfig
 
 __all__ = ["Llama", "GPT", "RMSNorm", "Attention", "SwiGLU", "DecoderLayer", "rope_tables", "apply_rope"]
-
-# enable_gqa arrived in torch 2.5 (pyproject allows 2.4).
-_SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
 
 class RMSNorm(nn.Module):
@@ -149,14 +147,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.sequence_group is not None:
             return self.o_proj(ulysses_attention(q, k, v, self.sequence_group))
-        if self.kv_heads == self.heads:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif _SDPA_HAS_GQA:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # query head h reads kv head h // (heads / kv_heads), as enable_gqa does
-            group = self.heads // self.kv_heads
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = causal_sdpa(q, k, v)  # query head h reads kv head h // (heads / kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
 

@@ -10,15 +10,20 @@ gradient partition (`stage.grad_flat`).
 - `CpuOffload` (offload.optimizer: cpu): fp32 master weights and states in CPU memory. Per
   sub-group of `sub_group_mib` (shard space in order): the gradient piece is copied out to a CPU
   buffer, dsl.ops.adam's fused C++ AdamW updates the CPU master, and the updated master is
-  copied back into the device parameters. On a CPU-only host "device" and "CPU" are the same
-  memory, but the copies are real (the same code moves data across PCIe on a GPU host; pinned
-  buffers would make them asynchronous there, and `pin_memory()` fails without an accelerator).
-  Holds: master + states (CPU) and one sub-group-sized gradient buffer.
+  copied back into the device parameters. With a CUDA device the host side is page-locked
+  (`offload.pin_memory`, default true) and the copies are asynchronous (engine/transfer.py):
+  sub-group i+1's gradient comes down while sub-group i is updated on the CPU, and i's
+  parameters go up while i+1 is updated; the step waits for the last upload before it returns.
+  On a CPU-only host "device" and "CPU" are the same memory, but the copies are real (the same
+  code moves data across PCIe on a GPU host). Holds: master + states (CPU) and two
+  sub-group-sized gradient buffers.
 - `NvmeOffload` (offload.optimizer: nvme): master weights and states of each sub-group in one file
   under `nvme_path` (`[master | state_1 | state_2]` back to back). A step streams the sub-groups
   through three CPU buffers: while sub-group i is updated, sub-group i+1 is read and i-1 written
-  by a 2-thread pool (file I/O releases the GIL, so it overlaps the update). Holds: three
-  buffers in CPU memory and the files on disk; `close()` (also at interpreter exit) deletes
+  by a 2-thread pool (file I/O releases the GIL, so it overlaps the update). The gradient piece
+  is copied to a host buffer first and the updated master back to the device, as `CpuOffload`
+  does (pinned and asynchronous on CUDA). Holds: three state buffers and one or two gradient
+  buffers (as `CpuOffload`) in CPU memory and the files on disk; `close()` (also at interpreter exit) deletes
   the files and their folder.
 
 All of them expose `step(grad_flat, step=, lr=)`, `read(name)` / `write(name, flat)` of a whole
@@ -37,12 +42,13 @@ from pathlib import Path
 
 import torch
 
+from dsl.engine import transfer
 from dsl.engine.errors import UserError
 from dsl.engine.optim import STATE_NAMES, Hyper, update
 from dsl.engine.zero.base import ZeroStage, nbytes
 from dsl.engine.zero.layout import Segment, clip_segments
 
-__all__ = ["DeviceStates", "CpuOffload", "NvmeOffload", "build_states"]
+__all__ = ["DeviceStates", "CpuOffload", "NvmeOffload", "build_states", "grad_buffers"]
 
 _MIB = 1 << 20
 
@@ -112,36 +118,75 @@ def _chunks(segments: list[Segment], total: int, size: int) -> list[tuple[int, i
     return out
 
 
+def _host_zeros(numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    return transfer.host_empty(numel, dtype, pinned=pinned).zero_()
+
+
+def grad_buffers(pinned: bool) -> int:
+    """Host gradient buffers of an offload: two when copies are asynchronous (pinned, CUDA),
+    one when every copy completes before the call returns (a second would change nothing)."""
+    return 2 if pinned else 1
+
+
+class _GradStream:
+    """The gradient partition coming down to the host one sub-group at a time. With two
+    buffers sub-group i+1's copy runs while the caller updates sub-group i."""
+
+    def __init__(self, width: int, dtype: torch.dtype, pinned: bool) -> None:
+        self.bufs = [_host_zeros(width, dtype, pinned) for _ in range(grad_buffers(pinned))]
+
+    def pieces(self, grad_flat: torch.Tensor, chunks: list[tuple[int, int]]):
+        """Yield (i, lo, hi, host copy of grad_flat[lo:hi]) in order, each already arrived."""
+        ahead = len(self.bufs) > 1
+
+        def fetch(i: int) -> tuple[torch.Tensor, transfer.Pending]:
+            lo, hi = chunks[i]
+            buf = self.bufs[i % len(self.bufs)][: hi - lo]
+            return buf, transfer.to_host(buf, grad_flat[lo:hi])
+
+        nxt = fetch(0) if chunks and ahead else None
+        for i, (lo, hi) in enumerate(chunks):
+            buf, pending = nxt if ahead else fetch(i)
+            if ahead and i + 1 < len(chunks):
+                # Buffer (i+1) % 2 held sub-group i-1, whose update has returned.
+                nxt = fetch(i + 1)
+            pending.wait()
+            yield i, lo, hi, buf
+
+    def nbytes(self) -> int:
+        return sum(nbytes(b) for b in self.bufs)
+
+
 class CpuOffload:
     """Master weights and optimizer states in CPU memory; gradients out, parameters back."""
 
     kind = "cpu"
 
-    def __init__(self, stage: ZeroStage, hyper: Hyper, dtype: torch.dtype, sub_group_numel: int) -> None:
+    def __init__(self, stage: ZeroStage, hyper: Hyper, dtype: torch.dtype, sub_group_numel: int,
+                 pinned: bool = False) -> None:
         self.stage = stage
         self.hyper = hyper
         self.names = STATE_NAMES[hyper.kind]
+        self.pinned = pinned
         n = stage.layout.shard_numel
-        cpu = torch.device("cpu")
-        self.master = torch.zeros(n, dtype=dtype, device=cpu)
-        self.flats = {name: torch.zeros(n, dtype=dtype, device=cpu) for name in self.names}
+        self.master = _host_zeros(n, dtype, pinned)
+        self.flats = {name: _host_zeros(n, dtype, pinned) for name in self.names}
         self.chunks = _chunks(stage.layout.segments, n, sub_group_numel)
-        self._grad_buf = torch.empty(max((hi - lo for lo, hi in self.chunks), default=0), dtype=dtype, device=cpu)
+        self._grads = _GradStream(max((hi - lo for lo, hi in self.chunks), default=0), dtype, pinned)
         self.sync_from_params()
 
     def sync_from_params(self) -> None:
         with torch.no_grad():
             for s in self.stage.layout.segments:
-                _piece(self.master, s).copy_(self.stage.param_piece(s))
+                transfer.to_host(_piece(self.master, s), self.stage.param_piece(s)).wait()
 
     def step(self, grad_flat: torch.Tensor, *, step: int, lr: float, seed: int = 0) -> None:
         segments = self.stage.layout.segments
-        for lo, hi in self.chunks:
+        last: transfer.Pending | None = None
+        for _, lo, hi, grad in self._grads.pieces(grad_flat, self.chunks):
             segs = clip_segments(segments, lo, hi)
             if not segs:
                 continue
-            grad = self._grad_buf[: hi - lo]
-            grad.copy_(grad_flat[lo:hi])  # device -> CPU
             params = [_piece(self.master, s) for s in segs]
             update(
                 self.hyper, params, [_piece(grad, s, lo) for s in segs],
@@ -149,7 +194,9 @@ class CpuOffload:
                 [s.decay for s in segs], step=step, lr=lr, seed=seed,
             )  # fmt: skip
             for s, p in zip(segs, params):
-                self.stage.param_piece(s).copy_(p)  # CPU -> device
+                last = transfer.to_device(self.stage.param_piece(s), p)  # CPU -> device
+        if last is not None:  # uploads run in order on one stream: the last one ends them all
+            last.wait()
 
     def read(self, name: str) -> torch.Tensor:
         return self.master if name == "master" else self.flats[name]
@@ -158,7 +205,7 @@ class CpuOffload:
         self.read(name).copy_(flat)
 
     def memory(self) -> dict[str, int]:
-        host = nbytes(self.master) + sum(nbytes(f) for f in self.flats.values()) + nbytes(self._grad_buf)
+        host = nbytes(self.master) + sum(nbytes(f) for f in self.flats.values()) + self._grads.nbytes()
         return {"optimizer_states_bytes": 0, "offload_cpu_bytes": host, "offload_nvme_bytes": 0}
 
     def close(self) -> None:
@@ -176,7 +223,8 @@ class NvmeOffload:
     _BUFFERS = 3
 
     def __init__(
-        self, stage: ZeroStage, hyper: Hyper, dtype: torch.dtype, sub_group_numel: int, path: str | os.PathLike
+        self, stage: ZeroStage, hyper: Hyper, dtype: torch.dtype, sub_group_numel: int, path: str | os.PathLike,
+        pinned: bool = False,
     ) -> None:
         self.stage = stage
         self.hyper = hyper
@@ -189,7 +237,8 @@ class NvmeOffload:
         # Delete the files even when close() is never called (interpreter exit, engine dropped).
         self._finalizer = weakref.finalize(self, _remove_tree, self.dir)
         width = max((hi - lo for lo, hi in self.chunks), default=0)
-        self._bufs = [torch.zeros(len(self.fields) * width, dtype=dtype) for _ in range(self._BUFFERS)]
+        self._bufs = [_host_zeros(len(self.fields) * width, dtype, pinned) for _ in range(self._BUFFERS)]
+        self._grads = _GradStream(width, dtype, pinned)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dsl-nvme")
         for i, (lo, hi) in enumerate(self.chunks):
             buf = self._bufs[0]
@@ -233,7 +282,7 @@ class NvmeOffload:
         master = buf[: hi - lo]
         with torch.no_grad():
             for s in clip_segments(self.stage.layout.segments, lo, hi):
-                _piece(master, s, lo).copy_(self.stage.param_piece(s))
+                transfer.to_host(_piece(master, s, lo), self.stage.param_piece(s)).wait()
 
     # Step --------------------------------------------------------------------------------
 
@@ -242,15 +291,18 @@ class NvmeOffload:
         bufs = self._bufs
         reads: dict[int, Future] = {}
         writes: dict[int, Future] = {}
+        uploads: dict[int, transfer.Pending] = {}
         if n:
             reads[0] = self._pool.submit(self._read_file, 0, bufs[0])
         segments = self.stage.layout.segments
         try:
-            for i, (lo, hi) in enumerate(self.chunks):
+            for i, lo, hi, grad in self._grads.pieces(grad_flat, self.chunks):
                 buf = bufs[i % self._BUFFERS]
                 reads.pop(i).result()
                 if i + 1 < n:
-                    # Buffer (i+1) % 3 was last used by the write of sub-group i-2.
+                    # Buffer (i+1) % 3 was last used by sub-group i-2: its upload and its write.
+                    if i - 2 in uploads:
+                        uploads.pop(i - 2).wait()
                     if i - 2 in writes:
                         writes.pop(i - 2).result()
                     reads[i + 1] = self._pool.submit(self._read_file, i + 1, bufs[(i + 1) % self._BUFFERS])
@@ -258,16 +310,18 @@ class NvmeOffload:
                 master = self._field(buf, i, "master")
                 params = [_piece(master, s, lo) for s in segs]
                 update(
-                    self.hyper, params, [_piece(grad_flat, s) for s in segs],
+                    self.hyper, params, [_piece(grad, s, lo) for s in segs],
                     {k: [_piece(self._field(buf, i, k), s, lo) for s in segs] for k in self.names},
                     [s.decay for s in segs], step=step, lr=lr, seed=seed,
                 )  # fmt: skip
                 for s, p in zip(segs, params):
-                    self.stage.param_piece(s).copy_(p)
+                    uploads[i] = transfer.to_device(self.stage.param_piece(s), p)  # CPU -> device
                 writes[i] = self._pool.submit(self._write_file, i, buf)
         finally:
             for f in [*reads.values(), *writes.values()]:
                 f.result()
+            for pending in uploads.values():
+                pending.wait()
 
     # Whole-tensor access (checkpoints) -----------------------------------------------------
 
@@ -295,7 +349,8 @@ class NvmeOffload:
 
     def memory(self) -> dict[str, int]:
         files = sum(self._nbytes(i) for i in range(len(self.chunks)))
-        return {"optimizer_states_bytes": 0, "offload_cpu_bytes": sum(nbytes(b) for b in self._bufs),
+        return {"optimizer_states_bytes": 0,
+                "offload_cpu_bytes": sum(nbytes(b) for b in self._bufs) + self._grads.nbytes(),
                 "offload_nvme_bytes": files}
 
     def close(self) -> None:
@@ -304,13 +359,15 @@ class NvmeOffload:
 
 
 def build_states(stage: ZeroStage, hyper: Hyper, *, offload: str, dtype: torch.dtype, device: torch.device,
-                 sub_group_mib: float, nvme_path: str | None):
-    """The state holder for `offload` (none | cpu | nvme)."""
+                 sub_group_mib: float, nvme_path: str | None, pin_memory: bool = True):
+    """The state holder for `offload` (none | cpu | nvme); host buffers are page-locked when
+    `pin_memory` and the device is a GPU (engine/transfer.py)."""
     sub_group_numel = max(1, int(sub_group_mib * _MIB) // torch.empty((), dtype=dtype).element_size())
+    pinned = pin_memory and transfer.use_pinned(device)
     if offload == "cpu":
-        return CpuOffload(stage, hyper, dtype, sub_group_numel)
+        return CpuOffload(stage, hyper, dtype, sub_group_numel, pinned=pinned)
     if offload == "nvme":
         if not nvme_path:
             raise UserError("offload.optimizer: nvme needs offload.nvme_path (a folder on a fast disk)")
-        return NvmeOffload(stage, hyper, dtype, sub_group_numel, nvme_path)
+        return NvmeOffload(stage, hyper, dtype, sub_group_numel, nvme_path, pinned=pinned)
     return DeviceStates(stage, hyper, dtype, device)

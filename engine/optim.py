@@ -37,17 +37,20 @@ be exact but needs a second bf16 buffer per parameter, which gives back half of 
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch.optim import adamw as _adamw
 
-from dsl.ops.adam import adam_step_coef, coefficients, cpu_backend
+from dsl.ops.adam import adam_step_coef, coefficients, cpu_backend, triton_reason
 
 __all__ = ["Hyper", "STATE_NAMES", "update", "update_reference", "stochastic_round_bf16"]
 
 STATE_NAMES = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
 """Optimizer state tensors per parameter element, by optimizer type (torch's names)."""
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 
@@ -74,9 +77,12 @@ def update(
     lr: float,
     seed: int = 0,
 ) -> None:
-    """One optimizer step on matching lists of 1-D pieces; `step` counts from 1 (this step)."""
+    """One optimizer step on matching lists of 1-D pieces; `step` counts from 1 (this step).
+    Every piece must be on the parameters' device: the fused kernels read raw pointers, so a
+    gradient left on the GPU for a CPU update (or the reverse) is refused here, by name."""
     if not params:
         return
+    _same_device(params, grads, states)
     if params[0].dtype == torch.bfloat16:
         _update_bf16(hyper, params, grads, states, decay, step=step, lr=lr, seed=seed)
         return
@@ -94,7 +100,7 @@ def update(
                 adam_step_coef(p, g, states["exp_avg"][i], states["exp_avg_sq"][i], coef, check_finite=False)
         elif hyper.kind == "adamw":
             # A fresh step tensor per piece: the kernel increments each one it is given.
-            steps = [torch.tensor(float(step - 1), dtype=torch.float32) for _ in idx]
+            steps = [torch.tensor(float(step - 1), dtype=torch.float32, device=ps[0].device) for _ in idx]
             _adamw.adamw(
                 ps, gs, [states["exp_avg"][i] for i in idx], [states["exp_avg_sq"][i] for i in idx],
                 [], steps, fused=True, amsgrad=False, beta1=hyper.betas[0], beta2=hyper.betas[1],
@@ -111,6 +117,16 @@ def update(
                 p.add_(buf, alpha=-lr)
 
 
+def _same_device(params: list[torch.Tensor], grads: list[torch.Tensor],
+                 states: dict[str, list[torch.Tensor]]) -> None:
+    device = params[0].device
+    for what, tensors in (("parameter", params), ("gradient", grads), *states.items()):
+        for t in tensors:
+            if t.device != device:
+                raise RuntimeError(f"optimizer update: a {what} piece is on {t.device}, the parameters on "
+                                   f"{device}; copy it to {device} first (engine/offload.py does)")
+
+
 def _fusable(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[torch.Tensor]) -> bool:
     """dsl's fused Adam takes fp32 parameters/states, contiguous pieces, CPU or CUDA (with triton)."""
     if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (*params, *states)):
@@ -119,22 +135,22 @@ def _fusable(params: list[torch.Tensor], grads: list[torch.Tensor], states: list
         return False
     device = params[0].device.type
     if device == "cuda":
-        return _triton_available()
+        return _triton_usable()
     # Without the C++ kernel (no compiler) dsl.ops.adam would run its slow reference: torch's
     # fused kernel is the faster stand-in here.
     return device == "cpu" and cpu_backend() == "cpu"
 
 
 @functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _triton_usable() -> bool:
+    """dsl's Triton Adam can run here; else torch's fused AdamW runs, after one warning."""
+    reason = triton_reason()
+    if reason is not None:
+        log.warning("fused Triton Adam unavailable, using torch's fused AdamW: %s", reason)
+    return reason is None
 
 
-def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """fp32 -> bf16 rounding up in magnitude with probability (discarded bits) / 2**16.
 
     Adds uniform 16-bit noise to the fp32 bit pattern and truncates: unbiased, E[result] = x.
@@ -149,9 +165,12 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.
 
 def _update_bf16(hyper, params, grads, states, decay, *, step, lr, seed) -> None:
     b1, b2 = hyper.betas
-    gen = torch.Generator(device=params[0].device)
+    device = params[0].device
+    # The meta device (tests/unit/test_meta_device.py runs this math there) has no generator.
+    gen = torch.Generator(device=device) if device.type != "meta" else None
     for piece, (p, g, d) in enumerate(zip(params, grads, decay)):
-        gen.manual_seed((seed * 1_000_003 + step) * 10_007 + piece)
+        if gen is not None:
+            gen.manual_seed((seed * 1_000_003 + step) * 10_007 + piece)
         wd = hyper.weight_decay if d else 0.0
         for lo in range(0, p.numel(), _CHUNK):
             hi = min(lo + _CHUNK, p.numel())

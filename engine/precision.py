@@ -57,7 +57,7 @@ from torch.utils._pytree import tree_map
 
 from dsl.engine.config import EngineConfig, LossScaleConfig
 
-__all__ = ["param_dtype", "compute_dtype", "work_dtype", "autocast", "LossScaler", "scale_outputs"]
+__all__ = ["param_dtype", "compute_dtype", "work_dtype", "autocast", "LossScaler", "scale_outputs", "apply_tf32"]
 
 
 def param_dtype(config: EngineConfig) -> torch.dtype:
@@ -74,6 +74,24 @@ def work_dtype(config: EngineConfig) -> torch.dtype | None:
     """dtype of stage 3's working copy of the parameters (the compute dtype under bf16/fp16 with
     fp32 master weights); None where the parameters are the master weights."""
     return None if config.low_precision_states else compute_dtype(config)
+
+
+def apply_tf32(config: EngineConfig, device: torch.device) -> bool:
+    """Set this process's CUDA fp32 matmul/convolution mode from `config.tf32` (a CUDA device
+    only; returns whether it did). torch 2.9+ has one setting per backend (`fp32_precision`:
+    "tf32" | "ieee"); mixing it with the legacy `allow_tf32` flags is an error there, so the
+    new one is used where it exists."""
+    if device.type != "cuda":
+        return False
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        mode = "tf32" if config.tf32 else "ieee"
+        matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:
+        matmul.allow_tf32 = config.tf32
+        torch.backends.cudnn.allow_tf32 = config.tf32
+    return True
 
 
 def autocast(config: EngineConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -13,6 +13,21 @@ import pytest
 pytest_plugins = ["tests.cluster.pytest_plugin"]
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def wants_gpu(markexpr: str) -> bool:
+    """True for a run that selects the `gpu` tests (`make test-gpu`: `-m gpu`)."""
+    expr = " ".join(markexpr.split())
+    return "gpu" in expr and "not gpu" not in expr
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The CPU suite runs on gloo and the CPU even on a GPU host: with GPUs visible the engine
+    # would pick NCCL and cuda:LOCAL_RANK for the ranks that tests start ("invalid device
+    # ordinal" when a test starts more ranks than the host has GPUs). Hidden before anything
+    # imports torch, and inherited by every process a test starts. `-m gpu` keeps them.
+    if not wants_gpu(config.option.markexpr or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 DSL = [sys.executable, "-m", "dsl.launcher"]
 
 

@@ -1,4 +1,8 @@
-"""Run engine cases on 2 gloo ranks and return each rank's `Engine.state_summary()`.
+"""Run engine cases on 2 ranks and return each rank's `Engine.state_summary()`.
+
+gloo ranks on the CPU here; on a machine with 2+ GPUs the same workers run on NCCL and
+cuda:0/cuda:1 (engine/dist.py), and each summary then also carries the CUDA allocator's peaks
+for its case (`device_peak_allocated_bytes`, `device_peak_reserved_bytes`).
 
 Shared by the predicted-vs-measured test (tests/unit/test_memory_measured.py) and its benchmark
 (tests/bench/memory.py). Both ranks run in one pair of processes, case after case, so a whole
@@ -28,10 +32,13 @@ for case in cases:
     torch.manual_seed(0)
     net = Llama(cfg, activation_checkpointing=case.get("activation_checkpointing") is True)
     engine = initialize(net, case)
+    if engine.device.type == "cuda":  # device peaks per case (state_summary reports them on CUDA)
+        torch.cuda.synchronize(engine.device)
+        torch.cuda.reset_peak_memory_stats(engine.device)
     engine.measure_activations = True  # state_summary() reports the forward below
     g = torch.Generator().manual_seed(ctx.rank)
-    tokens = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g)
-    targets = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g)
+    tokens = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g).to(engine.device)
+    targets = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g).to(engine.device)
     for _ in range(steps):
         engine(tokens, targets).backward()
         engine.step()

@@ -28,6 +28,7 @@ No communication. Under sequence parallelism each rank's loss is the mean over i
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -36,7 +37,8 @@ __all__ = ["tiled_cross_entropy", "reference_cross_entropy"]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(t.device.type):
+    # A device without autocast (meta, in tests/unit/test_meta_device.py) computes in t's dtype.
+    if torch.amp.is_autocast_available(t.device.type) and torch.is_autocast_enabled(t.device.type):
         return torch.get_autocast_dtype(t.device.type)
     return t.dtype
 
@@ -94,7 +96,8 @@ def tiled_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     dtype = _compute_dtype(hidden)
-    with torch.autocast(hidden.device.type, enabled=False):
+    dev = hidden.device.type
+    with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext():
         return _TiledCrossEntropy.apply(hidden, weight, targets, chunk_tokens, dtype)
 
 

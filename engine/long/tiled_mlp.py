@@ -19,6 +19,8 @@ TiledMLP (Bekman et al. 2025) with the weights passed explicitly.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 import torch
@@ -38,7 +40,7 @@ class _TiledSwiGLU(torch.autograd.Function):
                 chunk: int, autocast: tuple[bool, torch.dtype]) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         outs = []
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=autocast[1], enabled=autocast[0]):
+        with torch.no_grad(), _autocast(x.device.type, *autocast):
             for start in range(0, flat.shape[0], chunk):
                 outs.append(swiglu(flat[start:start + chunk], gate_w, up_w, down_w))
         ctx.save_for_backward(x, gate_w, up_w, down_w)
@@ -56,7 +58,7 @@ class _TiledSwiGLU(torch.autograd.Function):
         enabled, dtype = ctx.autocast
         for start in range(0, flat.shape[0], ctx.chunk):
             piece = flat[start:start + ctx.chunk].requires_grad_(True)
-            with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            with torch.enable_grad(), _autocast(x.device.type, enabled, dtype):
                 w = [t.detach().requires_grad_(True) for t in weights]
                 out = swiglu(piece, *w)
             d_piece, *d_w = torch.autograd.grad(out, (piece, *w), grad[start:start + ctx.chunk])
@@ -66,11 +68,20 @@ class _TiledSwiGLU(torch.autograd.Function):
         return (grad_x.reshape(x.shape), *(g.to(w.dtype) for g, w in zip(grad_w, weights)), None, None)
 
 
+def _autocast(device_type: str, enabled: bool, dtype: torch.dtype | None):
+    """The forward's autocast state again (nothing on a device without autocast)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
 def tiled_swiglu(x: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor, down_w: torch.Tensor,
                  chunk_tokens: int) -> torch.Tensor:
     """SwiGLU over chunks of `chunk_tokens` tokens of x [..., h] (see the module docstring)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     dev = x.device.type
-    autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+    # A device without autocast (meta, in tests/unit/test_meta_device.py) computes in x's dtype.
+    autocast = ((torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+                if torch.amp.is_autocast_available(dev) else (False, None))
     return _TiledSwiGLU.apply(x, gate_w, up_w, down_w, chunk_tokens, autocast)

@@ -28,12 +28,10 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
+
+from dsl.engine.sdpa import causal_sdpa
 
 __all__ = ["seq_to_head", "head_to_seq", "ulysses_attention"]
-
-# enable_gqa arrived in torch 2.5 (pyproject allows 2.4).
-_SDPA_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
 
 def _group_size(group: Any) -> int:
@@ -115,13 +113,6 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
         k = k.repeat_interleave(sp // kv, dim=1)
         v = v.repeat_interleave(sp // kv, dim=1)
     q, k, v = seq_to_head(q, group), seq_to_head(k, group), seq_to_head(v, group)
-    if q.shape[1] == k.shape[1]:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    elif _SDPA_HAS_GQA:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    else:  # query head h reads kv head h // group, as enable_gqa does
-        rep = q.shape[1] // k.shape[1]
-        y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                           is_causal=True)
+    y = causal_sdpa(q, k, v)  # query head h reads kv head h // (a / kv)
     y = head_to_seq(y, group)  # [B, a, T/sp, d]
     return y.transpose(1, 2).reshape(b, t, a * d)

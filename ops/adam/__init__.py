@@ -7,7 +7,11 @@ optional bf16/fp16 copy of the parameters.
 
 Backends (`backend="auto"` picks by the tensors' device):
 - `cpu` (CPU tensors): vectorised C++ built on first use (cpu.py; the offload path);
-- `triton` (CUDA tensors): Triton kernels (triton_adam.py; triton is imported only here);
+- `triton` (CUDA tensors): Triton kernels (triton_adam.py; triton is imported only here).
+  Triton builds a small C launcher with the host's C compiler at its first launch, so
+  `triton_reason()` names what is missing (triton itself, or a C compiler: $CC, cc, gcc or
+  clang on PATH) before a kernel is tried; `auto` then runs the reference on CUDA tensors;
+  the engine (engine/optim.py) uses torch's fused AdamW instead, with one warning;
 - `reference`: plain PyTorch (reference.py), the definition the others equal bit for bit.
 If the C++ build fails, `auto` logs one warning with the cause and runs the reference instead
 (same numbers, slower); `DSL_ADAM_CPU=reference` skips the build on purpose.
@@ -30,7 +34,8 @@ import torch
 
 from dsl.ops.adam.reference import Coefficients, adam_step_reference, coefficients
 
-__all__ = ["adam_step", "adam_step_coef", "coefficients", "Coefficients", "cpu_backend", "BACKENDS"]
+__all__ = ["adam_step", "adam_step_coef", "coefficients", "Coefficients", "cpu_backend", "triton_reason",
+           "BACKENDS"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,26 @@ def cpu_backend() -> str:
     return _cpu_state["backend"]
 
 
+def triton_reason() -> str | None:
+    """Why the Triton kernels cannot run on this host (None: they can). Cached per process."""
+    if "triton" not in _cpu_state:
+        _cpu_state["triton"] = _find_triton_blocker() or ""
+    return _cpu_state["triton"] or None
+
+
+def _find_triton_blocker() -> str | None:
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton; CUDA builds of torch bring it)"
+    compilers = [c for c in (os.environ.get("CC", ""), "cc", "gcc", "clang") if c]
+    if not any(shutil.which(c) for c in compilers):
+        return ("no C compiler for Triton's launcher (looked for $CC, cc, gcc, clang on PATH; "
+                "apt install gcc)")
+    return None
+
+
 def adam_step_coef(
     param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
     coef: Coefficients, *, param_lp: torch.Tensor | None = None, check_finite: bool = True,
@@ -66,7 +91,11 @@ def adam_step_coef(
     if backend not in BACKENDS:
         raise ValueError(f"adam backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        backend = "triton" if param.device.type == "cuda" else cpu_backend() if param.device.type == "cpu" else "reference"
+        device = param.device.type
+        if device == "cuda":
+            backend = "triton" if triton_reason() is None else "reference"
+        else:
+            backend = cpu_backend() if device == "cpu" else "reference"
     if backend == "cpu":
         from dsl.ops.adam.cpu import adam_step_cpu
 

@@ -30,6 +30,8 @@ data; used when they build) and the torch code here (the reference; `native=Fals
 
 from __future__ import annotations
 
+import functools
+
 import sys
 
 import torch
@@ -56,7 +58,6 @@ __all__ = [
 # distinct bits (8i - 7j is unique for i, j < 8), so nothing carries, and only i == j lands in
 # bits 56..63 (the rest is below or overflows). The top byte is then the packed byte.
 _GATHER = 0x0102040810204080
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def native_available() -> bool:
@@ -72,9 +73,15 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return (words * _GATHER).view(torch.uint8)[7::8].clone()
 
 
+@functools.cache
+def _shifts_on(device: torch.device) -> torch.Tensor:
+    """[0..7] as uint8 on `device`, made there once (not copied from the host at every call)."""
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
 def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [m] -> bool [8m]; the inverse of `pack_bits`."""
-    shifts = _SHIFTS.to(packed.device)
+    shifts = _shifts_on(packed.device)
     return packed.reshape(-1, 1).bitwise_right_shift(shifts).bitwise_and_(1).view(torch.bool).reshape(-1)
 
 

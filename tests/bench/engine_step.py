@@ -35,6 +35,13 @@ slot whose engine refuses the configuration still takes and passes its turns.
 Rank 0 prints one JSON line: median step time, tokens/s over all ranks, the fastest step, the
 median CPU seconds per step of rank 0 (all its threads; robust to other load on the machine), and
 the peak resident memory of the largest rank.
+
+On a CUDA machine the same script runs on the GPUs: NCCL, each rank on cuda:LOCAL_RANK (the
+backend and device rule of engine/dist.py), batches on the device, the clock read after
+`torch.cuda.synchronize()` (kernels are asynchronous; without it a step would be timed as the
+time to queue it), and the JSON line also carries the largest rank's
+`torch.cuda.max_memory_allocated` / `max_memory_reserved` (the device peak; resident memory then
+measures only the host side).
 """
 
 from __future__ import annotations
@@ -73,11 +80,17 @@ def _model(shape: str):
     return Llama(cfg), cfg
 
 
-def _batches(cfg, micro_batch: int, rank: int, n: int):
+def _batches(cfg, micro_batch: int, rank: int, n: int, device: torch.device):
     gen = torch.Generator().manual_seed(1000 + rank)
     for _ in range(n):
-        tokens = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len + 1), generator=gen)
+        tokens = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len + 1), generator=gen).to(device)
         yield tokens[:, :-1], tokens[:, 1:]
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA) before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _dsl(model, args):
@@ -105,7 +118,7 @@ def _torch_step(module, args):
     autocast = args.precision == "bf16"
 
     def step(tokens, targets):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = module(tokens, targets)
         loss.backward()
         opt.step()
@@ -219,11 +232,16 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=1, help="engines in the paired run")
     args = parser.parse_args()
 
-    dist.init_process_group("gloo")
+    from dsl.engine import dist as dsl_dist
+
+    ctx = dsl_dist.setup()  # nccl and cuda:LOCAL_RANK on a CUDA machine, else gloo and the CPU
+    device = ctx.device
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.micro_batch is None:
         args.micro_batch = SHAPES[args.shape][1]
     model, cfg = _model(args.shape)
+    if args.impl != "dsl":  # dsl's engine moves the model to the rank's device itself
+        model = model.to(device)
     if args.compile == "on" and args.impl != "dsl":
         from dsl.engine.compile import compile_blocks
 
@@ -243,17 +261,19 @@ def main() -> int:
         for _ in range(args.warmup + args.steps):  # keep the rotation going for the others
             baton.take()
             baton.give()
-        dist.destroy_process_group()
+        dsl_dist.teardown(ctx)
         return 0
     baton.ready()
     times, cpu_times, losses, starts = [], [], [], []
-    for i, (tokens, targets) in enumerate(_batches(cfg, args.micro_batch, rank, args.warmup + args.steps)):
+    for i, (tokens, targets) in enumerate(_batches(cfg, args.micro_batch, rank, args.warmup + args.steps, device)):
         baton.take()
         profiler = _profiler() if args.profile and rank == 0 and i == args.warmup else None
+        _sync(device)
         starts.append(time.time())
         start, cpu_start = time.perf_counter(), time.process_time()
         with profiler or contextlib.nullcontext():
             loss = step(tokens, targets)
+        _sync(device)
         dist.barrier()  # the step ends when the slower rank is done
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
@@ -263,11 +283,18 @@ def main() -> int:
             with open(args.profile, "w") as f:
                 f.write(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
     median = statistics.median(times[args.warmup:])
-    peak_kib = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss], dtype=torch.int64)
-    dist.all_reduce(peak_kib, op=dist.ReduceOp.MAX)
+    peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]
+    if device.type == "cuda":
+        peaks += [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)]
+    peak = torch.tensor(peaks, dtype=torch.int64, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peak_values = [int(v) for v in peak.tolist()]
+    if device.type == "cuda":
+        result.update(device_peak_allocated_bytes=peak_values[1], device_peak_reserved_bytes=peak_values[2],
+                      device=torch.cuda.get_device_name(device))
     tokens_per_step = args.micro_batch * cfg.seq_len * world
     result.update(step_s=median, tokens_per_s=tokens_per_step / median,
-                  peak_rss_bytes=int(peak_kib.item()) * 1024, final_loss=losses[-1],
+                  peak_rss_bytes=peak_values[0], final_loss=losses[-1],
                   step_s_min=min(times[args.warmup:]), cpu_s=statistics.median(cpu_times[args.warmup:]),
                   threads=torch.get_num_threads(), world_size=world,
                   steps_s=[round(t, 3) for t in times[args.warmup:]])
@@ -275,8 +302,7 @@ def main() -> int:
         result["starts_unix"] = starts  # every step's start, warm-up included: the turn order
     if rank == 0:
         print("BENCH " + json.dumps(result), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    dsl_dist.teardown(ctx)  # barrier, then destroy the group
     return 0
 
 

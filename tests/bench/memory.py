@@ -57,6 +57,11 @@ def main() -> int:
             else:
                 worst = max(worst, abs(ratio - 1))
             lines.append(f"| {case_id(case)} | {SHORT[term]} | {_mb(want[term])} | {_mb(got[term])} | {ratio:.3f} |")
+        for peak in ("device_peak_allocated_bytes", "device_peak_reserved_bytes"):  # CUDA only
+            if peak in got:  # the allocator's whole-step peak against the sum of the terms
+                ratio = got[peak] / want["total_bytes"]
+                lines.append(f"| {case_id(case)} | CUDA {peak.split('_')[2]} peak vs sum of terms | "
+                             f"{_mb(want['total_bytes'])} | {_mb(got[peak])} | {ratio:.3f} |")
     table = "\n".join(lines)
     print(table)
     body = ("Per rank, 2 gloo ranks, one training step of the bundled model (preset `bench`: vocab 8192, "

@@ -43,14 +43,19 @@ def test_offload_moves_the_optimizer_term_to_host_or_nvme():
     assert on["master weights"].device_bytes == 0 and on["master weights"].host_bytes == 4 * p // n
     assert on["optimizer states"].host_bytes == 8 * p // n and on["optimizer states"].device_bytes == 0
     assert on["gradients"].device_bytes == 4 * p // n  # the shard stays; sub-groups stream out
-    assert on["offload buffers"].host_bytes == 2**20  # one 1 MiB gradient sub-group
+    # On a GPU two pinned 1 MiB gradient sub-groups (one in flight), on a CPU device one.
+    assert on["offload buffers"].host_bytes == 2 * 2**20
+    cpu = {t.name: t for t in memory.model_states(p, stage=2, shards=n, precision="fp32", accelerator=False,
+                                                  offload_optimizer="cpu", sub_group_mib=1)}
+    assert cpu["offload buffers"].host_bytes == 2**20
     nvme = {t.name: t for t in memory.model_states(p, stage=3, shards=n, offload_optimizer="nvme",
                                                    offload_params="cpu", sub_group_mib=1)}
     assert nvme["optimizer states"].nvme_bytes == 8 * p // n and nvme["optimizer states"].host_bytes == 0
     assert nvme["master weights"].nvme_bytes == 4 * p // n
     # bf16 at stage 3: the fp32 shard and its bf16 working copy (the one gathered) move together.
     assert nvme["parameters"].host_bytes == (4 + 2) * p // n and nvme["parameters"].device_bytes == 0
-    assert nvme["offload buffers"].host_bytes == 3 * 3 * 2**20  # 3 buffers of [master, m, v]
+    # 3 buffers of [master, m, v] + 2 gradient sub-groups (1 MiB of fp32 each)
+    assert nvme["offload buffers"].host_bytes == 3 * 3 * 2**20 + 2 * 2**20
 
 
 @pytest.mark.parametrize(("preset", "params"), [
