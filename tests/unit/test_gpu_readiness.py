@@ -29,6 +29,10 @@ class FakeCuda:
         monkeypatch.setattr(torch.cuda, "set_device", self._set_device)
         monkeypatch.setattr(torch.cuda, "get_rng_state", self._get)
         monkeypatch.setattr(torch.cuda, "set_rng_state", self._set)
+        # As torch defines them: one state per device index, in order.
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self._get(i) for i in range(count)])
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                            lambda states: [self._set(s, i) for i, s in enumerate(states)])
 
     def _index(self, device) -> int:
         index = torch.device("cuda", device).index if isinstance(device, int) else torch.device(device).index
