@@ -25,10 +25,20 @@ Calls (all in nvidia-ml-py 12+):
   HOSTBRIDGE 30 / NODE 40 / SYSTEM 50 (nvidia-smi topo's PIX/PXB/PHB/NODE/SYS).
 - nvmlDeviceGetP2PStatus(a, b, NVML_P2P_CAPS_INDEX_READ = 0): 0 = NVML_P2P_STATUS_OK.
 - nvmlDeviceGetNumaNodeId(h), nvmlDeviceGetCpuAffinity(h, words): NUMA placement.
+- nvmlDeviceGetMigMode(h) -> [current, pending] (1 = NVML_DEVICE_MIG_ENABLE); in MIG mode
+  nvmlDeviceGetMaxMigDeviceCount(h) and, for each index below it,
+  nvmlDeviceGetMigDeviceHandleByIndex(h, i) (NotFound: no instance there), whose MIG handle
+  answers nvmlDeviceGetName/UUID/MemoryInfo (the instance's own memory) and
+  nvmlDeviceGetGpuInstanceId/ComputeInstanceId. CUDA shows the MIG instances of such a GPU,
+  not the GPU, so `derive` lists them as the accelerators (and says so in gpu_reason).
+
+A function the installed nvidia-ml-py lacks (older releases miss newer calls) is recorded as
+{"error": "NotInPynvml"}: the value becomes unknown with that reason, like any refused query.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
@@ -44,6 +54,8 @@ FIELDS: tuple[Any, ...] = (FI_NVLINK_SPEED_MBPS_COMMON, FI_NVLINK_LINK_COUNT, FI
 P2P_CAPS_INDEX_READ = 0  # pynvml spells NVML_P2P_CAPS_INDEX_READ as the tuple (0,) by a stray comma
 NVLINK_DEVICE_TYPE_SWITCH = 2
 MAX_NVLINKS = 36  # NVML_NVLINK_MAX_LINKS of recent drivers; older ones stop earlier with InvalidArgument
+MIG_ENABLED = 1  # NVML_DEVICE_MIG_ENABLE: nvmlDeviceGetMigMode(h) -> [current, pending]
+NOT_IN_PYNVML = "NotInPynvml"  # a recorded "error": the installed nvidia-ml-py lacks the function
 
 NVLINK_VERSIONS = {1: "1.0", 2: "2.0", 3: "2.2", 4: "3.0", 5: "3.1", 6: "4.0", 7: "5.0", 8: "6.0"}
 # Per link, per direction, GB/s, when NVML does not report the speed field (NVLink 2-4: 25 GB/s,
@@ -71,8 +83,13 @@ def _error_name(nvml: Any, exc: BaseException) -> str:
     return type(exc).__name__.removeprefix("NVMLError_") or "Unknown"
 
 
-def _ask(nvml: Any, fn: Callable[..., Any], *args: Any, convert: Callable[[Any], Any] = lambda v: v) -> Any:
-    """The answer of one NVML call, or {"error": name} when NVML refused."""
+def ask(nvml: Any, name: str, *args: Any, convert: Callable[[Any], Any] = lambda v: v) -> Any:
+    """The answer of the NVML call `name`, or {"error": name} when NVML refused, or
+    {"error": "NotInPynvml"} when the installed nvidia-ml-py has no such function (older
+    releases lack newer calls; the driver may well support it)."""
+    fn = getattr(nvml, name, None)
+    if fn is None:
+        return {"error": NOT_IN_PYNVML}
     try:
         return convert(fn(*args))
     except nvml.NVMLError as exc:
@@ -83,8 +100,14 @@ def is_error(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {"error"}
 
 
-def _field_values(nvml: Any, handle: Any) -> dict[str, Any]:
-    values = nvml.nvmlDeviceGetFieldValues(handle, list(FIELDS))
+def why(key: str, error: str) -> str:
+    """The reason an unknown value gives, from the call and the error a recording holds."""
+    if error == NOT_IN_PYNVML:
+        return f"{key}: not in the installed nvidia-ml-py (pip install -U nvidia-ml-py)"
+    return f"{key}: {error}"
+
+
+def _field_dict(nvml: Any, values: list[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for spec, value in zip(FIELDS, values):
         key = f"{spec[0]}@{spec[1]}" if isinstance(spec, tuple) else str(spec)
@@ -97,40 +120,71 @@ def _field_values(nvml: Any, handle: Any) -> dict[str, Any]:
     return out
 
 
+def _memory(m: Any) -> dict[str, int]:
+    return {"total": m.total, "free": m.free, "used": m.used}
+
+
 def _device(nvml: Any, handle: Any, cpu_words: int) -> dict[str, Any]:
     d: dict[str, Any] = {}
-    d["nvmlDeviceGetName"] = _ask(nvml, nvml.nvmlDeviceGetName, handle)
-    d["nvmlDeviceGetUUID"] = _ask(nvml, nvml.nvmlDeviceGetUUID, handle)
-    d["nvmlDeviceGetPciInfo"] = _ask(nvml, nvml.nvmlDeviceGetPciInfo, handle,
-                                     convert=lambda p: {"busId": p.busId})
-    d["nvmlDeviceGetMemoryInfo"] = _ask(nvml, nvml.nvmlDeviceGetMemoryInfo, handle,
-                                        convert=lambda m: {"total": m.total, "free": m.free, "used": m.used})
-    d["nvmlDeviceGetCudaComputeCapability"] = _ask(nvml, nvml.nvmlDeviceGetCudaComputeCapability, handle,
-                                                   convert=list)
+    d["nvmlDeviceGetName"] = ask(nvml, "nvmlDeviceGetName", handle)
+    d["nvmlDeviceGetUUID"] = ask(nvml, "nvmlDeviceGetUUID", handle)
+    d["nvmlDeviceGetPciInfo"] = ask(nvml, "nvmlDeviceGetPciInfo", handle, convert=lambda p: {"busId": p.busId})
+    d["nvmlDeviceGetMemoryInfo"] = ask(nvml, "nvmlDeviceGetMemoryInfo", handle, convert=_memory)
+    d["nvmlDeviceGetCudaComputeCapability"] = ask(nvml, "nvmlDeviceGetCudaComputeCapability", handle,
+                                                  convert=list)
     for name in ("nvmlDeviceGetMaxPcieLinkGeneration", "nvmlDeviceGetMaxPcieLinkWidth",
                  "nvmlDeviceGetCurrPcieLinkGeneration", "nvmlDeviceGetCurrPcieLinkWidth",
                  "nvmlDeviceGetNumaNodeId"):
-        d[name] = _ask(nvml, getattr(nvml, name), handle)
-    d["nvmlDeviceGetCpuAffinity"] = _ask(nvml, nvml.nvmlDeviceGetCpuAffinity, handle, cpu_words,
-                                         convert=lambda words: [int(w) for w in words])
-    d["nvmlDeviceGetC2cModeInfoV"] = _ask(nvml, nvml.nvmlDeviceGetC2cModeInfoV, handle,
-                                          convert=lambda c: {"isC2cEnabled": c.isC2cEnabled})
-    d["nvmlDeviceGetFieldValues"] = _ask(nvml, _field_values, nvml, handle)
+        d[name] = ask(nvml, name, handle)
+    d["nvmlDeviceGetCpuAffinity"] = ask(nvml, "nvmlDeviceGetCpuAffinity", handle, cpu_words,
+                                        convert=lambda words: [int(w) for w in words])
+    d["nvmlDeviceGetC2cModeInfoV"] = ask(nvml, "nvmlDeviceGetC2cModeInfoV", handle,
+                                         convert=lambda c: {"isC2cEnabled": c.isC2cEnabled})
+    d["nvmlDeviceGetFieldValues"] = ask(nvml, "nvmlDeviceGetFieldValues", handle, list(FIELDS),
+                                        convert=lambda values: _field_dict(nvml, values))
+    d["nvmlDeviceGetMigMode"] = ask(nvml, "nvmlDeviceGetMigMode", handle, convert=list)
+    if not is_error(d["nvmlDeviceGetMigMode"]) and d["nvmlDeviceGetMigMode"][0] == MIG_ENABLED:
+        d.update(record_migs(nvml, handle))
     links: list[dict[str, Any]] = []
     for link in range(MAX_NVLINKS):
-        state = _ask(nvml, nvml.nvmlDeviceGetNvLinkState, handle, link)
+        state = ask(nvml, "nvmlDeviceGetNvLinkState", handle, link)
         entry: dict[str, Any] = {"nvmlDeviceGetNvLinkState": state}
         links.append(entry)
         if is_error(state):
             break  # InvalidArgument: past the last link; NotSupported: no NVLink at all
         if state:
-            entry["nvmlDeviceGetNvLinkVersion"] = _ask(nvml, nvml.nvmlDeviceGetNvLinkVersion, handle, link)
-            entry["nvmlDeviceGetNvLinkRemoteDeviceType"] = _ask(
-                nvml, nvml.nvmlDeviceGetNvLinkRemoteDeviceType, handle, link)
-            entry["nvmlDeviceGetNvLinkRemotePciInfo"] = _ask(
-                nvml, nvml.nvmlDeviceGetNvLinkRemotePciInfo, handle, link, convert=lambda p: {"busId": p.busId})
+            entry["nvmlDeviceGetNvLinkVersion"] = ask(nvml, "nvmlDeviceGetNvLinkVersion", handle, link)
+            entry["nvmlDeviceGetNvLinkRemoteDeviceType"] = ask(
+                nvml, "nvmlDeviceGetNvLinkRemoteDeviceType", handle, link)
+            entry["nvmlDeviceGetNvLinkRemotePciInfo"] = ask(
+                nvml, "nvmlDeviceGetNvLinkRemotePciInfo", handle, link, convert=lambda p: {"busId": p.busId})
     d["nvlinks"] = links
     return d
+
+
+def record_migs(nvml: Any, handle: Any) -> dict[str, Any]:
+    """The MIG instances of a GPU in MIG mode: nvmlDeviceGetMaxMigDeviceCount, and under "migs"
+    one entry per index below it: NotFound where no instance exists, else what the MIG handle
+    answers (name, UUID, memory, GPU and compute instance ids)."""
+    count = ask(nvml, "nvmlDeviceGetMaxMigDeviceCount", handle)
+    migs: list[dict[str, Any]] = []
+    out = {"nvmlDeviceGetMaxMigDeviceCount": count, "migs": migs}
+    if is_error(count):
+        return out
+    for index in range(count):
+        mig = ask(nvml, "nvmlDeviceGetMigDeviceHandleByIndex", handle, index)
+        if is_error(mig):
+            migs.append({"nvmlDeviceGetMigDeviceHandleByIndex": mig})
+            continue
+        migs.append({
+            "nvmlDeviceGetMigDeviceHandleByIndex": None,
+            "nvmlDeviceGetName": ask(nvml, "nvmlDeviceGetName", mig),
+            "nvmlDeviceGetUUID": ask(nvml, "nvmlDeviceGetUUID", mig),
+            "nvmlDeviceGetMemoryInfo": ask(nvml, "nvmlDeviceGetMemoryInfo", mig, convert=_memory),
+            "nvmlDeviceGetGpuInstanceId": ask(nvml, "nvmlDeviceGetGpuInstanceId", mig),
+            "nvmlDeviceGetComputeInstanceId": ask(nvml, "nvmlDeviceGetComputeInstanceId", mig),
+        })
+    return out
 
 
 def record(nvml: Any, cpu_count: int | None = None) -> dict[str, Any]:
@@ -145,8 +199,8 @@ def record(nvml: Any, cpu_count: int | None = None) -> dict[str, Any]:
         return {"nvmlInit": {"error": _error_name(nvml, exc), "message": str(exc)}}
     try:
         rec: dict[str, Any] = {"nvmlInit": None}
-        rec["nvmlSystemGetDriverVersion"] = _ask(nvml, nvml.nvmlSystemGetDriverVersion)
-        rec["nvmlSystemGetCudaDriverVersion"] = _ask(nvml, nvml.nvmlSystemGetCudaDriverVersion)
+        rec["nvmlSystemGetDriverVersion"] = ask(nvml, "nvmlSystemGetDriverVersion")
+        rec["nvmlSystemGetCudaDriverVersion"] = ask(nvml, "nvmlSystemGetCudaDriverVersion")
         count = nvml.nvmlDeviceGetCount()
         rec["nvmlDeviceGetCount"] = count
         cpu_words = max(1, -(-(cpu_count or os.cpu_count() or 1) // 64))
@@ -156,10 +210,10 @@ def record(nvml: Any, cpu_count: int | None = None) -> dict[str, Any]:
         for i in range(count):
             for j in range(i + 1, count):
                 pairs[f"{i},{j}"] = {
-                    "nvmlDeviceGetTopologyCommonAncestor": _ask(
-                        nvml, nvml.nvmlDeviceGetTopologyCommonAncestor, handles[i], handles[j]),
-                    "nvmlDeviceGetP2PStatus": _ask(
-                        nvml, nvml.nvmlDeviceGetP2PStatus, handles[i], handles[j], P2P_CAPS_INDEX_READ),
+                    "nvmlDeviceGetTopologyCommonAncestor": ask(
+                        nvml, "nvmlDeviceGetTopologyCommonAncestor", handles[i], handles[j]),
+                    "nvmlDeviceGetP2PStatus": ask(
+                        nvml, "nvmlDeviceGetP2PStatus", handles[i], handles[j], P2P_CAPS_INDEX_READ),
                 }
         rec["pairs"] = pairs
         return rec
@@ -173,7 +227,7 @@ def record(nvml: Any, cpu_count: int | None = None) -> dict[str, Any]:
 def _value(d: dict[str, Any], key: str, unknown: dict[str, str], field_name: str) -> Any:
     value = d.get(key, {"error": "NotRecorded"})
     if is_error(value):
-        unknown[field_name] = f"{key}: {value['error']}"
+        unknown[field_name] = why(key, value["error"])
         return None
     return value
 
@@ -203,11 +257,11 @@ def derive(rec: dict[str, Any]) -> tuple[list[Accelerator], list[PeerLink], str,
     cuda = rec.get("nvmlSystemGetCudaDriverVersion")
     cuda_text = None if cuda is None or is_error(cuda) else f"{cuda // 1000}.{cuda % 1000 // 10}"
     devices = rec.get("devices", [])
-    accelerators = [_accelerator(i, d) for i, d in enumerate(devices)]
-    links = _links(rec, devices, accelerators)
-    reason = (f"NVML: {len(accelerators)} GPU(s), driver {driver or '?'}" if accelerators
+    physical = [_accelerator(i, d) for i, d in enumerate(devices)]
+    accelerators, links, notes = _cuda_view(devices, physical, _links(rec, devices, physical))
+    reason = (f"NVML: {len(physical)} GPU(s), driver {driver or '?'}" if physical
               else "no GPUs: NVML answers but lists no devices")
-    return accelerators, links, reason, driver, cuda_text
+    return accelerators, links, "; ".join([reason, *notes]), driver, cuda_text
 
 
 def _accelerator(index: int, d: dict[str, Any]) -> Accelerator:
@@ -231,6 +285,8 @@ def _accelerator(index: int, d: dict[str, Any]) -> Accelerator:
     # Host link: NVLink-C2C when enabled (Grace Hopper), else PCIe at the link's capability.
     c2c = d.get("nvmlDeviceGetC2cModeInfoV")
     link_unknown: dict[str, str] = {}
+    if is_error(c2c) and c2c["error"] != "NotSupported":  # NotSupported: no C2C on this GPU
+        link_unknown["kind"] = why("nvmlDeviceGetC2cModeInfoV", c2c["error"]) + "; PCIe assumed"
     if isinstance(c2c, dict) and c2c.get("isC2cEnabled"):
         count = field_value(str(FI_C2C_LINK_COUNT))
         per_link = field_value(f"{FI_C2C_LINK_GET_MAX_BW}@0")
@@ -280,6 +336,73 @@ def _accelerator(index: int, d: dict[str, Any]) -> Accelerator:
     )
 
 
+def mig_mode_notes(modes: list[Any]) -> list[str]:
+    """A note per error nvmlDeviceGetMigMode gave (GPUs by index), but NotSupported, which is
+    simply a GPU without MIG: such a GPU is listed whole, which is wrong if it is in MIG mode."""
+    failed: dict[str, list[str]] = {}
+    for index, mode in enumerate(modes):
+        if is_error(mode) and mode["error"] != "NotSupported":
+            failed.setdefault(mode["error"], []).append(str(index))
+    return [f"GPU {', '.join(gpus)}: MIG mode unknown ({why('nvmlDeviceGetMigMode', error)}); listed whole"
+            for error, gpus in failed.items()]
+
+
+def _is_mig(d: dict[str, Any]) -> bool:
+    mode = d.get("nvmlDeviceGetMigMode")
+    return isinstance(mode, list) and bool(mode) and mode[0] == MIG_ENABLED
+
+
+def _cuda_view(devices: list[dict[str, Any]], physical: list[Accelerator], links: list[PeerLink],
+               ) -> tuple[list[Accelerator], list[PeerLink], list[str]]:
+    """The accelerators CUDA shows, with notes: a GPU in MIG mode is replaced by its MIG
+    instances, each with its own memory, no NVLink and no peer-to-peer access (their traffic goes
+    through host memory); indices are then CUDA's, in order."""
+    notes = mig_mode_notes([d.get("nvmlDeviceGetMigMode") for d in devices])
+    if not any(_is_mig(d) for d in devices):
+        return physical, links, notes
+    accs: list[Accelerator] = []
+    parents: list[tuple[int, bool]] = []  # (physical index, is a MIG instance) per accelerator
+    for acc, d in zip(physical, devices):
+        if not _is_mig(d):
+            parents.append((acc.index, False))
+            accs.append(dataclasses.replace(acc, index=len(accs)))
+            continue
+        instances = [m for m in d.get("migs", [])
+                     if not is_error(m.get("nvmlDeviceGetMigDeviceHandleByIndex"))]
+        note = (f"GPU {acc.index} ({acc.name}) is in MIG mode: its {len(instances)} MIG instance(s) "
+                "are listed instead")
+        count = d.get("nvmlDeviceGetMaxMigDeviceCount")
+        if is_error(count):
+            note += f" ({why('nvmlDeviceGetMaxMigDeviceCount', count['error'])})"
+        notes.append(note + "; MIG instances have no NVLink and no peer-to-peer access")
+        # The parent's placement (PCIe, NUMA, CPUs, compute capability) holds for its instances.
+        carried = {k: v for k, v in acc.unknown.items()
+                   if k not in ("name", "memory_bytes", "uuid", "nvlink_link_gb_s")}
+        for mig in instances:
+            unknown = dict(carried)
+            name = _value(mig, "nvmlDeviceGetName", unknown, "name") or f"{acc.name} MIG"
+            memory = _value(mig, "nvmlDeviceGetMemoryInfo", unknown, "memory_bytes")
+            uuid = _value(mig, "nvmlDeviceGetUUID", unknown, "uuid")
+            parents.append((acc.index, True))
+            accs.append(dataclasses.replace(
+                acc, index=len(accs), name=name, memory_bytes=memory["total"] if memory else None, uuid=uuid,
+                nvlink_links=0, nvlink_version=None, nvlink_link_gb_s=None, nvswitch=False, unknown=unknown))
+    by_pair = {(link.a, link.b): link for link in links}
+    view = []
+    for x in range(len(accs)):
+        for y in range(x + 1, len(accs)):
+            (p, p_mig), (q, q_mig) = parents[x], parents[y]
+            physical_link = by_pair.get((min(p, q), max(p, q)))
+            if not p_mig and not q_mig:
+                if physical_link is not None:
+                    view.append(dataclasses.replace(physical_link, a=x, b=y))
+                continue
+            path = TOPOLOGY_LEVELS[0] if p == q else physical_link.pcie_path if physical_link else None
+            known = [bw for bw in (accs[x].host_link.bandwidth_gb_s, accs[y].host_link.bandwidth_gb_s) if bw]
+            view.append(PeerLink(x, y, "pcie", min(known) if len(known) == 2 else None, pcie_path=path, p2p=False))
+    return accs, view, notes
+
+
 def _links(rec: dict[str, Any], devices: list[dict[str, Any]], accs: list[Accelerator]) -> list[PeerLink]:
     by_bus = {_norm_bus(a.pci_bus_id): a.index for a in accs if a.pci_bus_id}
     direct: dict[tuple[int, int], int] = {}
@@ -301,13 +424,13 @@ def _links(rec: dict[str, Any], devices: list[dict[str, Any]], accs: list[Accele
         level = pair.get("nvmlDeviceGetTopologyCommonAncestor")
         path = None
         if is_error(level):
-            unknown["pcie_path"] = f"nvmlDeviceGetTopologyCommonAncestor: {level['error']}"
+            unknown["pcie_path"] = why("nvmlDeviceGetTopologyCommonAncestor", level["error"])
         else:
             path = TOPOLOGY_LEVELS.get(level, f"level {level}")
         status = pair.get("nvmlDeviceGetP2PStatus")
         p2p = None
         if is_error(status):
-            unknown["p2p"] = f"nvmlDeviceGetP2PStatus: {status['error']}"
+            unknown["p2p"] = why("nvmlDeviceGetP2PStatus", status["error"])
         else:
             p2p = status == 0
         A, B = accs[a], accs[b]

@@ -4,13 +4,17 @@ It is how recorded machines (topology/fixtures/*.json) become `HostTopology`s on
 without those GPUs, and how the tests drive the NVML probe: `nvml.record(ReplayNvml(rec))` calls
 the same functions with the same arguments as on real hardware, and must reproduce `rec`
 exactly. Like NVML it refuses every query before nvmlInit and after nvmlShutdown, so a probe
-that forgets either fails here too.
+that forgets either fails here too. A function recorded as {"error": "NotInPynvml"} is absent
+from the stand-in, as from an older nvidia-ml-py (`missing`); MIG instances answer through MIG
+handles (`nvmlDeviceGetMigDeviceHandleByIndex`) from their parent's "migs" entries.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any
+
+from dsl.topology.nvml import NOT_IN_PYNVML
 
 # nvml.h return codes of the errors a recording may hold.
 ERROR_CODES = {
@@ -42,11 +46,27 @@ for _name, _code in ERROR_CODES.items():
 
 
 class _Handle:
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, mig: int | None = None) -> None:
         self.index = index
+        self.mig = mig
+        """The MIG device index on GPU `index`, for a MIG handle."""
 
     def __repr__(self) -> str:
-        return f"<replayed GPU {self.index}>"
+        return f"<replayed GPU {self.index}{'' if self.mig is None else f' MIG {self.mig}'}>"
+
+
+def _absent(recording: Any) -> set[str]:
+    """Names of the functions a recording says the recording machine's nvidia-ml-py lacked."""
+    found: set[str] = set()
+    if isinstance(recording, dict):
+        for key, value in recording.items():
+            if value == {"error": NOT_IN_PYNVML}:
+                found.add(key)
+            found |= _absent(value)
+    elif isinstance(recording, list):
+        for value in recording:
+            found |= _absent(value)
+    return found
 
 
 class ReplayNvml:
@@ -61,6 +81,13 @@ class ReplayNvml:
         self.shutdown_calls = 0
         self.fail: dict[str, str] = {}
         """Function name -> error name to raise instead of the recorded answer (fault injection)."""
+        self.missing: set[str] = _absent(recording)
+        """Functions this stand-in lacks, as an older nvidia-ml-py does (AttributeError)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("nvml") and name in object.__getattribute__(self, "missing"):
+            raise AttributeError(f"module 'pynvml' has no attribute {name!r}")
+        return object.__getattribute__(self, name)
 
     # Lifecycle
 
@@ -92,7 +119,10 @@ class ReplayNvml:
 
     def _device(self, handle: _Handle, name: str) -> Any:
         self._check(name)
-        return self._answer(self.recording["devices"][handle.index].get(name, {"error": "NotRecorded"}))
+        answers = self.recording["devices"][handle.index]
+        if handle.mig is not None:
+            answers = answers["migs"][handle.mig]
+        return self._answer(answers.get(name, {"error": "NotRecorded"}))
 
     def _link(self, handle: _Handle, link: int, name: str) -> Any:
         self._check(name)
@@ -180,6 +210,26 @@ class ReplayNvml:
                                         sllVal=value, siVal=value, usVal=value)
                 out.append(SimpleNamespace(fieldId=fid, scopeId=scope, valueType=3, nvmlReturn=0, value=union))
         return out
+
+    def nvmlDeviceGetMigMode(self, h: _Handle) -> list[int]:
+        return list(self._device(h, "nvmlDeviceGetMigMode"))
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, h: _Handle) -> int:
+        return self._device(h, "nvmlDeviceGetMaxMigDeviceCount")
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h: _Handle, index: int) -> _Handle:
+        self._check("nvmlDeviceGetMigDeviceHandleByIndex")
+        migs = self.recording["devices"][h.index].get("migs", [])
+        if h.mig is not None or not 0 <= index < len(migs):
+            raise NVMLError(ERROR_CODES["InvalidArgument"])
+        self._answer(migs[index]["nvmlDeviceGetMigDeviceHandleByIndex"])
+        return _Handle(h.index, index)
+
+    def nvmlDeviceGetGpuInstanceId(self, h: _Handle) -> int:
+        return self._device(h, "nvmlDeviceGetGpuInstanceId")
+
+    def nvmlDeviceGetComputeInstanceId(self, h: _Handle) -> int:
+        return self._device(h, "nvmlDeviceGetComputeInstanceId")
 
     def nvmlDeviceGetNvLinkState(self, h: _Handle, link: int) -> int:
         return self._link(h, link, "nvmlDeviceGetNvLinkState")
