@@ -40,6 +40,13 @@ UserError naming the file:line, flag or piece, where DeepSpeed crashes, misreads
   `-oFoo`, which ssh would read as an option) are errors naming file and line; a UTF-8 BOM is
   skipped (DeepSpeed makes it part of the first host's name). A missing hostfile is an error
   here (DeepSpeed warns and falls back to the local GPUs).
+
+Without a hostfile the run is local (`local_host`). When CUDA_VISIBLE_DEVICES is set in the
+environment of dsl, its entries are the host's devices, as DeepSpeed reads it as
+`--include localhost:<entries>` (`visible_host`): a slot is then an index into that list and
+`Host.devices` keeps each entry verbatim, so GPU UUIDs and MIG ids work too (DeepSpeed parses the
+entries as integers). A hostfile's slots are physical indices and win over CUDA_VISIBLE_DEVICES,
+as in DeepSpeed (launcher/launch.py says so in a log line).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from dsl.engine.errors import UserError
 
@@ -61,7 +69,18 @@ _SLOTS_FIELD = re.compile(r"slots=([^\s#]*)\s*(.*)")
 @dataclass(frozen=True)
 class Host:
     name: str
-    slots: tuple[int, ...]  # sorted, unique
+    slots: tuple[int, ...]
+    """Accelerator indices as this host's launching environment numbers them (sorted, unique)."""
+    devices: tuple[str, ...] = ()
+    """What names each slot's device in CUDA_VISIBLE_DEVICES, one entry per slot: the slot number
+    itself (the default), or an entry of the caller's CUDA_VISIBLE_DEVICES (an index, GPU UUID or
+    MIG id, verbatim) when a local run passes it through (`visible_host`)."""
+
+    def __post_init__(self) -> None:
+        if not self.devices:
+            object.__setattr__(self, "devices", tuple(str(s) for s in self.slots))
+        elif len(self.devices) != len(self.slots):
+            raise ValueError(f"host {self.name}: {len(self.slots)} slot(s) but devices {list(self.devices)}")
 
 
 def _valid_name(name: str) -> bool:
@@ -268,8 +287,46 @@ def select_hosts(
     return hosts
 
 
-def local_host(num_slots: int, name: str = "localhost") -> list[Host]:
-    """The single-host selection of a run without a hostfile: slots 0..num_slots-1."""
+def local_host(num_slots: int, name: str = "localhost", devices: Sequence[str] = ()) -> list[Host]:
+    """The single-host selection of a run without a hostfile: slots 0..num_slots-1, on the first
+    num_slots of `devices` (CUDA_VISIBLE_DEVICES entries such as MIG UUIDs, from `count_gpus` in
+    topology/gpus.py) when there are that many, else on devices named by slot."""
     if num_slots < 1:
         raise UserError(f"{name} needs at least 1 slot, got {num_slots}")
-    return [Host(name, tuple(range(num_slots)))]
+    chosen = tuple(devices[:num_slots]) if len(devices) >= num_slots else ()
+    return [Host(name, tuple(range(num_slots)), chosen)]
+
+
+MIG_LIMIT = ("CUDA shows a process only one MIG instance, and every rank of a host gets the same "
+             "CUDA_VISIBLE_DEVICES, so ranks after the first would find no device of their own")
+
+
+def one_rank_per_mig(host: Host, explicit: bool) -> tuple[Host, str | None]:
+    """`host`, or (procs_per_node auto) its first slot with a note why, when its devices include
+    a MIG instance and it has more than one slot: see MIG_LIMIT. With an explicit procs_per_node
+    that is a UserError (the caller names the field)."""
+    if len(host.devices) < 2 or not any(d.startswith("MIG-") for d in host.devices):
+        return host, None
+    if explicit:
+        raise UserError(f"procs_per_node is {len(host.devices)} on devices {','.join(host.devices)}, "
+                        f"which include MIG instances: {MIG_LIMIT}; set procs_per_node to 1 "
+                        f"(it runs on {host.devices[0]}) or use whole GPUs")
+    first = Host(host.name, host.slots[:1], host.devices[:1])
+    return first, (f"procs_per_node auto: 1 rank, on {host.devices[0]} of {','.join(host.devices)}: "
+                   f"{MIG_LIMIT}")
+
+
+def visible_host(devices: Sequence[str], num_procs: int | None = None, name: str = "localhost") -> list[Host]:
+    """The single host of a local run started with CUDA_VISIBLE_DEVICES set and no hostfile (what
+    DeepSpeed's launcher reads as `--include localhost:<those devices>`): one slot per listed
+    device, the entries kept verbatim (indices, GPU UUIDs and MIG ids alike), or the first
+    num_procs of them."""
+    if not devices:
+        raise UserError("CUDA_VISIBLE_DEVICES lists no device")
+    if num_procs is not None and num_procs > len(devices):
+        raise UserError(
+            f"procs_per_node is {num_procs}, but CUDA_VISIBLE_DEVICES={','.join(devices)} (the "
+            f"environment of dsl launch) lists {len(devices)} device(s); set procs_per_node to "
+            f"{len(devices)} or fewer (auto: one rank per listed device), or list more devices")
+    chosen = tuple(devices[:num_procs] if num_procs is not None else devices)
+    return [Host(name, tuple(range(len(chosen))), chosen)]

@@ -3,6 +3,13 @@
 `prepare()` does the look-ups a plan needs (hostfile, GPU count, env file, a free port) and calls
 the pure `render()`; `--dry-run` prints its result. `execute()` writes the run folder and hands
 the same plan to the backend under supervision.
+
+Which devices a local run without a hostfile uses: the entries of this shell's
+CUDA_VISIBLE_DEVICES when it lists any (passed through verbatim, one rank each; DeepSpeed's
+launcher reads it as `--include localhost:<entries>`), else the GPUs NVML finds
+(topology/gpus.py) or a recorded topology lists (launcher/planspec.py). With a hostfile its slots
+decide, and a CUDA_VISIBLE_DEVICES of this shell is ignored with a log line saying so. Several
+MIG instances never go to the ranks of one host (launcher/hosts.py, `one_rank_per_mig`).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dsl.launcher.plan import LaunchPlan, RenderInputs, plan_json
 from dsl.launcher.render import render
 from dsl.launcher.ports import PortReservation, hold_port, reserve_port
 from dsl.launcher.spec import SpecFile, load_spec
-from dsl.topology.gpus import count_gpus
+from dsl.topology.gpus import count_gpus, visible_devices
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +70,57 @@ def _slurm_hosts(spec_file: SpecFile) -> list[hostlib.Host]:
     return [hostlib.Host(name, tuple(range(nproc))) for name in names]
 
 
+def launching_visible_devices() -> tuple[str, ...] | None:
+    """The CUDA_VISIBLE_DEVICES entries of the shell that runs dsl (None: unset)."""
+    return visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _say_hostfile_wins(spec_file: SpecFile) -> None:
+    """A hostfile's slots are physical indices and decide the devices, as in DeepSpeed; a
+    CUDA_VISIBLE_DEVICES of this shell does not reach the ranks, which is worth a line."""
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if raw:
+        log.warning("CUDA_VISIBLE_DEVICES=%s of this shell is ignored: the hostfile's slots (%s) choose "
+                    "each host's devices, and its ranks get CUDA_VISIBLE_DEVICES from them; to use other "
+                    "devices, select their slots with resources.include", raw,
+                    spec_file.where("resources", "hostfile"))
+
+
+def _local_hosts(spec_file: SpecFile, num_procs: int | None) -> tuple[list[hostlib.Host], bool]:
+    """This host: on the devices this shell's CUDA_VISIBLE_DEVICES lists, else on the GPUs NVML
+    finds (topology/gpus.py), one rank per device unless procs_per_node says otherwise."""
+    visible = launching_visible_devices()
+    if visible:
+        raw = os.environ["CUDA_VISIBLE_DEVICES"]
+        try:
+            hosts = one_rank_per_mig(spec_file, hostlib.visible_host(visible, num_procs))
+        except UserError as exc:
+            raise UserError(f"{spec_file.where('resources', 'procs_per_node')}: {exc}") from None
+        log.info("procs_per_node %s: %d rank(s) on CUDA_VISIBLE_DEVICES=%s of this shell (passed through)",
+                 num_procs or "auto", len(hosts[0].slots), raw)
+        return hosts, True
+    gpus = count_gpus()
+    count = num_procs or gpus.count or 1
+    if num_procs is None:
+        log.info("procs_per_node auto: %d (%s)", count, gpus.reason)
+    try:
+        hosts = one_rank_per_mig(spec_file, hostlib.local_host(count, devices=gpus.devices))
+    except UserError as exc:
+        raise UserError(f"{spec_file.where('resources', 'procs_per_node')}: {exc}") from None
+    return hosts, gpus.count > 0
+
+
+def one_rank_per_mig(spec_file: SpecFile, hosts: list[hostlib.Host]) -> list[hostlib.Host]:
+    """hosts.one_rank_per_mig on the local host, its note logged (its error is the caller's to
+    locate)."""
+    host, note = hostlib.one_rank_per_mig(hosts[0], isinstance(spec_file.spec.resources.procs_per_node, int))
+    if note:
+        log.warning(note)
+    return [host]
+
+
 def resolve_spec_hosts(spec_file: SpecFile) -> tuple[list[hostlib.Host], bool]:
-    """The hosts of a spec and whether CUDA_VISIBLE_DEVICES should pin their slots."""
+    """The hosts of a spec and whether CUDA_VISIBLE_DEVICES should pin their devices."""
     res = spec_file.spec.resources
     num_procs = res.procs_per_node if isinstance(res.procs_per_node, int) else None
     if res.backend == "slurm":
@@ -80,6 +136,7 @@ def resolve_spec_hosts(spec_file: SpecFile) -> tuple[list[hostlib.Host], bool]:
             raise UserError(
                 f"{spec_file.where('resources', 'backend')}: the local backend runs on this machine "
                 f"only, but {len(selected)} hosts are selected; use backend ssh, slurm or mpi")
+        _say_hostfile_wins(spec_file)
         return selected, True
     if res.backend in ("ssh", "mpi"):
         raise UserError(f"{spec_file.where('resources', 'hostfile')}: backend {res.backend} needs "
@@ -87,11 +144,7 @@ def resolve_spec_hosts(spec_file: SpecFile) -> tuple[list[hostlib.Host], bool]:
     if res.nodes and res.nodes > 1:
         raise UserError(f"{spec_file.where('resources', 'nodes')}: nodes: {res.nodes} needs "
                         "resources.hostfile (or backend slurm); without one dsl runs on this host")
-    gpus = count_gpus()
-    count = num_procs or gpus.count or 1
-    if num_procs is None:
-        log.info("procs_per_node auto: %d (%s)", count, gpus.reason)
-    return hostlib.local_host(count), gpus.count > 0
+    return _local_hosts(spec_file, num_procs)
 
 
 def _env_values(spec_file: SpecFile) -> dict[str, str]:
@@ -129,12 +182,15 @@ def _render_inputs(spec_file: SpecFile, pin: bool, reserve: bool) -> tuple[Rende
             port = hold_port(master_port)
         except UserError as exc:
             raise UserError(f"{spec_file.where('resources', 'master_port')}: {exc}") from None
+    env_values = _env_values(spec_file)
     inputs = RenderInputs(
         python=sys.executable,
         cwd=os.getcwd(),
         master_port=master_port,
-        env_values=_env_values(spec_file),
-        set_visible_devices=pin,
+        env_values=env_values,
+        # The spec's own CUDA_VISIBLE_DEVICES (env.vars, env.file, env.forward) wins on every
+        # backend: dsl then writes none (mpi: dsl.launcher.mpirank would replace it on the hosts).
+        set_visible_devices=pin and "CUDA_VISIBLE_DEVICES" not in env_values,
         in_slurm_allocation=in_slurm_allocation(),
         is_root=hasattr(os, "geteuid") and os.geteuid() == 0,
     )
@@ -180,7 +236,8 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
     # and refuses what does not fit, before anything starts.
     from dsl.launcher import planspec
 
-    hosts, pin = planspec.recorded_hosts(spec_file, topology) or resolve_spec_hosts(spec_file)
+    hosts, pin = planspec.recorded_hosts(spec_file, topology, launching_visible_devices()) \
+        or resolve_spec_hosts(spec_file)
     inputs, port = _render_inputs(spec_file, pin, reserve)
     backend = spec.resources.backend
     dry_run = not reserve and refuse_unfit

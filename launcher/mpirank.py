@@ -2,10 +2,12 @@
 
 `python -m dsl.launcher.mpirank --slots "0,1;1,3" -- PROGRAM...` sets RANK, WORLD_SIZE,
 LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK/NODE_RANK, ROLE_RANK, ROLE_WORLD_SIZE and
-GROUP_WORLD_SIZE from `OMPI_COMM_WORLD_*` and dsl's layout (--slots) (never OMPI_UNIVERSE_SIZE, which also counts mpirun's
-machine), CUDA_VISIBLE_DEVICES from this node's selected slots, OMP_NUM_THREADS from the cores
-per local rank (unless set), then runs PROGRAM, so an unchanged torchrun script (and the bundled
-trainer) finds the contract it expects. MASTER_ADDR/MASTER_PORT come from mpirun's `-x`.
+GROUP_WORLD_SIZE from `OMPI_COMM_WORLD_*` and dsl's layout (--slots) (never OMPI_UNIVERSE_SIZE,
+which also counts mpirun's machine), CUDA_VISIBLE_DEVICES from this node's selected slots (with
+--visible-devices; a different value the node's environment had is replaced, and local rank 0
+says so on stderr), OMP_NUM_THREADS from the cores per local rank (unless set), then runs
+PROGRAM, so an unchanged torchrun script (and the bundled trainer) finds the contract it
+expects. MASTER_ADDR/MASTER_PORT come from mpirun's `-x`.
 
 PROGRAM's output is passed on line by line, each line prefixed `[dsl:RANK:LOCAL_RANK] ` and
 written with one write() (mpirun's own `--tag-output` tags chunks, not lines, and splits a line a
@@ -54,6 +56,17 @@ def torchrun_env(ompi: dict[str, str], node_slots: list[list[int]]) -> dict[str,
     }
 
 
+def replaced_devices_note(inherited: str | None, pinned: str) -> str | None:
+    """What to say when this host's environment already had another CUDA_VISIBLE_DEVICES: the
+    hostfile's slots are physical indices and win (as with DeepSpeed's launcher), which must not
+    happen silently. dsl passes no --visible-devices when the spec sets CUDA_VISIBLE_DEVICES
+    itself (launcher/launch.py), so a value found here came from the host's own environment."""
+    if not inherited or inherited == pinned:
+        return None
+    return (f"dsl: CUDA_VISIBLE_DEVICES={inherited} of this host is replaced by {pinned}, the slots the "
+            "hostfile selects; select other slots with resources.include to use other devices")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsl.launcher.mpirank")
     parser.add_argument("--slots", required=True, help="per node, in node order: '0,1;1,3'")
@@ -65,13 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no program given")
     slots = [[int(s) for s in node.split(",") if s] for node in args.slots.split(";")]
     env = torchrun_env(dict(os.environ), slots)
+    prefix = f"[dsl:{env['RANK']}:{env['LOCAL_RANK']}] ".encode()
     if not args.visible_devices:
         env.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        note = replaced_devices_note(os.environ.get("CUDA_VISIBLE_DEVICES"), env["CUDA_VISIBLE_DEVICES"])
+        if note and env["LOCAL_RANK"] == "0":  # once per host
+            os.write(2, prefix + note.encode() + b"\n")
     os.environ.update(env)
     from dsl.engine.elastic import set_omp_threads
 
     set_omp_threads(int(env["LOCAL_WORLD_SIZE"]))
-    return run_prefixed(program, f"[dsl:{env['RANK']}:{env['LOCAL_RANK']}] ".encode())
+    return run_prefixed(program, prefix)
 
 
 def run_prefixed(program: list[str], prefix: bytes) -> int:

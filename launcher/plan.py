@@ -44,6 +44,11 @@ class HostLaunch:
     argv: tuple[str, ...]
     env: Mapping[str, str]
     cwd: str
+    devices: tuple[str, ...] = ()
+    """The CUDA_VISIBLE_DEVICES entries dsl sets for this host's ranks, one per slot (indices, GPU
+    UUIDs or MIG ids, see launcher/hosts.py). Empty when dsl does not write CUDA_VISIBLE_DEVICES
+    into `env`: no GPU found, the spec's env sets it, Slurm binds the devices, or mpi, where
+    dsl.launcher.mpirank derives it from the slots on the host."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,9 @@ class LaunchPlan:
         for h in self.hosts:
             ranks = f"{h.ranks[0]}-{h.ranks[-1]}" if len(h.ranks) > 1 else str(h.ranks[0])
             env = " ".join(f"{k}={shell.quote(v)}" for k, v in self.redacted_env(h.env).items())
-            lines.append(f"\n[{h.host}] node_rank {h.node_rank}, ranks {ranks}, slots {list(h.slots)}")
+            devices = f", devices {','.join(h.devices)}" if h.devices != tuple(map(str, h.slots)) and h.devices \
+                else ""
+            lines.append(f"\n[{h.host}] node_rank {h.node_rank}, ranks {ranks}, slots {list(h.slots)}{devices}")
             if self.submit is not None:
                 lines.append(shell.join(h.argv))
             elif self.backend == "ssh" and self.ssh is not None:
@@ -217,6 +224,7 @@ def render_per_host(job: Job, hosts: list[Host]) -> LaunchPlan:
             argv=tuple(guard + starter + job.program),
             env=host_env(job, host, node_rank),
             cwd=job.cwd,
+            devices=host.devices if inputs.set_visible_devices else (),
         ))
     return LaunchPlan(
         name=spec.name,
@@ -300,7 +308,7 @@ def base_env(job: Job) -> dict[str, str]:
 def host_env(job: Job, host: Host, node_rank: int) -> dict[str, str]:
     env = {"NODE_RANK": str(node_rank)}
     if job.inputs.set_visible_devices:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(s) for s in host.slots)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(host.devices)
     env.update(base_env(job))  # the user's values win
     return env
 

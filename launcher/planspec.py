@@ -116,18 +116,28 @@ def spec_topology(spec_file: "SpecFile", override: str | None = None) -> HostTop
 _TOPOLOGIES: dict[tuple[str, str], HostTopology] = {}
 
 
-def recorded_hosts(spec_file: "SpecFile", topology: str | None = None) -> "tuple[list[Host], bool] | None":
+def recorded_hosts(spec_file: "SpecFile", topology: str | None = None,
+                   visible: tuple[str, ...] | None = None) -> "tuple[list[Host], bool] | None":
     """(hosts, pin CUDA_VISIBLE_DEVICES) when a recorded topology decides them: local backend,
-    no hostfile, procs_per_node auto -> one rank per recorded GPU. Otherwise None."""
+    no hostfile, procs_per_node auto -> one rank per recorded accelerator (a MIG instance is
+    named by its UUID). Otherwise None, also when this shell's CUDA_VISIBLE_DEVICES lists
+    devices (`visible`): those decide (launcher/launch.py), the topology only plans."""
     from dsl.launcher import hosts as hostlib
 
     res = spec_file.spec.resources
-    if res.procs_per_node != "auto" or res.backend != "local" or res.hostfile:
+    if res.procs_per_node != "auto" or res.backend != "local" or res.hostfile or visible:
         return None
     topo = spec_topology(spec_file, topology)
     if topo is None:
         return None
-    return hostlib.local_host(len(topo.accelerators) or 1), bool(topo.accelerators)
+    # With MIG instances the indices are CUDA's, not the GPUs': name every device by its UUID then.
+    mig = any((a.uuid or "").startswith("MIG-") for a in topo.accelerators)
+    devices = [a.uuid if mig and a.uuid else str(a.index) for a in topo.accelerators]
+    (host,) = hostlib.local_host(len(devices) or 1, devices=devices)
+    host, note = hostlib.one_rank_per_mig(host, explicit=False)
+    if note:
+        log.warning(note)
+    return [host], bool(topo.accelerators)
 
 
 def resolve(spec_file: "SpecFile", hosts: "list[Host]", pin: bool, *, topology: str | None = None,
