@@ -124,6 +124,16 @@ class EngineConfig(StrictModel):
     """Keep parameters and optimizer states in bf16 with no fp32 master copy: about half the
     memory of model states, at the cost of update precision (engine/optim.py: stochastic
     rounding keeps small updates in expectation). Needs precision: bf16."""
+    precision_layout: Literal["master", "autocast"] | None = None
+    """bf16/fp16 with fp32 master weights: where each state lives (engine/precision.py).
+    master: the model's parameters are held in the compute dtype (replicated at stages 0-2) and
+    the fp32 master weights are a separate copy, partitioned at stages 1-3 (DeepSpeed's layout;
+    the fewest device bytes at stages 1-2: 2 B/param + 16 B/param / N at stage 2). autocast: the
+    parameters are the fp32 master weights and autocast casts them for every matmul (4 B/param
+    replicated at stages 0-2, no separate master; at stage 0 the fewest bytes). At stage 3 both
+    are the same: an fp32 master partition plus its compute-dtype copy. null (the default): master
+    at stages 1-3, autocast at stage 0; `dsl launch` writes the one it chose into resolved.yaml.
+    Only for precision bf16/fp16 without low_precision_states."""
     micro_batch: int = Field(8, ge=1)
     """Sequences per rank per forward/backward pass."""
     grad_accum: int = Field(1, ge=1)
@@ -220,6 +230,22 @@ class EngineConfig(StrictModel):
         return value
 
 
+def mixed_layout(engine: EngineConfig, stage: int | None = None) -> Literal["fp32", "low_precision", "master", "autocast"]:
+    """How the engine holds its training state (engine/precision.py's table): `fp32`,
+    `low_precision` (bf16 states, no master), or for bf16/fp16 with fp32 master weights the
+    `precision_layout`, the default (null) resolved for `stage` (the config's own when not
+    given; `auto` stages count as 0)."""
+    if engine.precision == "fp32":
+        return "fp32"
+    if engine.low_precision_states:
+        return "low_precision"
+    if engine.precision_layout is not None:
+        return engine.precision_layout
+    if stage is None:
+        stage = engine.zero_stage if isinstance(engine.zero_stage, int) else 0
+    return "master" if stage >= 1 else "autocast"
+
+
 def check_batch(engine: EngineConfig, dp: int) -> str | None:
     """The reason train_batch disagrees with micro_batch x grad_accum x dp, or None."""
     if engine.train_batch is None:
@@ -240,6 +266,11 @@ def unsupported_reason(engine: EngineConfig) -> str | None:
     if engine.low_precision_states and engine.precision != "bf16":
         return (f"low_precision_states keeps bf16 parameters and optimizer states; it needs "
                 f"precision: bf16 (got precision: {engine.precision})")
+    if engine.precision_layout is not None and (engine.precision == "fp32" or engine.low_precision_states):
+        held = "fp32 parameters" if engine.precision == "fp32" else "bf16 parameters and states"
+        return (f"precision_layout: {engine.precision_layout} chooses where bf16/fp16 training keeps its "
+                f"fp32 master weights; with {'precision: fp32' if engine.precision == 'fp32' else 'low_precision_states'} "
+                f"there are none ({held}): remove precision_layout")
     if engine.offload.optimizer == "nvme" and not engine.offload.nvme_path:
         return "offload.optimizer: nvme needs offload.nvme_path (a folder on a fast local disk)"
     if engine.offload.params != "none":

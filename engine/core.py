@@ -207,8 +207,10 @@ class Engine:
         self.compiled = compile_blocks(self.module, config, self.device)
         """Names of the blocks whose forward runs under torch.compile (engine/compile.py)."""
         work_dtype = precision.work_dtype(config) if stage == 3 else None
-        if work_dtype is not None and hasattr(self.module, "residual_dtype"):
-            # Stage 3 gathers 16-bit parameters: keep the embedding's output fp32 (precision.py).
+        stage_dtype = precision.stage_param_dtype(config, stage)
+        if (work_dtype is not None or stage_dtype is not None) and hasattr(self.module, "residual_dtype"):
+            # 16-bit parameters (stage 3's working copy, or the master layout's parameters at
+            # stages 0-2): keep the embedding's output, the residual stream, fp32 (precision.py).
             self.module.residual_dtype = torch.float32
         self.stage = build_stage(
             stage,
@@ -221,6 +223,7 @@ class Engine:
             dtype=dtype,
             device=self.device,
             work_dtype=work_dtype,
+            compute_dtype=stage_dtype,
         )
         self.reducer = self.stage
         """The same object as `stage` (the first engine's name for it)."""
@@ -427,8 +430,9 @@ class Engine:
           partition; stages 2-3 the partition plus staging buffers alive now (none between
           steps; up to zero.stage2.MAX_IN_FLIGHT buckets/units during backward).
         - optimizer_states_bytes: optimizer states on the device (AdamW: exp_avg + exp_avg_sq;
-          SGD: momentum) over this rank's padded partition; allocated at initialize. 0 with
-          offload (there is no separate master copy without offload).
+          SGD: momentum) over this rank's padded partition, allocated at initialize (none with
+          offload), plus under the master-weights layout at stages 0-2 the fp32 master
+          partition the stage keeps on the device (zero/master.py; with offload too).
         - activations_bytes: distinct storages autograd saved for backward during the last
           forward of the module (saved_tensors_hooks), excluding parameter and buffer storage;
           includes autocast's low-precision weight copies (stages 0-2) and saved inputs.
@@ -454,7 +458,8 @@ class Engine:
         out = {
             "params_bytes": mem["params_bytes"] + frozen,
             "grads_bytes": mem["grads_bytes"],
-            "optimizer_states_bytes": st["optimizer_states_bytes"],
+            # The master layout's fp32 master partition on the device (stages 0-2) counts here.
+            "optimizer_states_bytes": st["optimizer_states_bytes"] + mem.get("master_bytes", 0),
             "activations_bytes": self._activation_bytes,
         }
         out["total_bytes"] = sum(out.values())

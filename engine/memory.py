@@ -24,18 +24,23 @@ the gradients, stage 3 also the parameters:
 The paper's example (P = 7.5e9, N = 64) gives 120 / 31.4 / 16.6 / 1.9 GB (tested). Per-parameter
 bytes by precision (`state_bytes`):
 
-    precision             param  grad  master  optimizer (adamw / sgd)  stage-3 working copy
-    fp32                    4      4     0       8 / 4                   0
-    bf16|fp16, "master"     2      2     4       8 / 4                   0     ZeRO paper, DeepSpeed
-    bf16|fp16, "fp32_params" 4     4     0       8 / 4                   2     the bundled engine
-    low_precision_states    2      2     0       4 / 2                   0     bf16 params and moments, no master
+    precision                  param  grad  master  optimizer (adamw / sgd)  stage-3 working copy
+    fp32                         4      4     0       8 / 4                   0
+    bf16|fp16, "paper"           2      2     4       8 / 4                   0     ZeRO paper, DeepSpeed
+    bf16|fp16, "autocast"        4      4     0       8 / 4                   2     engine: precision_layout autocast
+    bf16|fp16, "master", st 0-2  2      4     4       8 / 4                   -     engine: precision_layout master
+    low_precision_states         2      2     0       4 / 2                   0     bf16 params and moments, no master
 
-Both mixed layouts total 16 B/param unsharded; they split differently under ZeRO-1/2. The
-bundled engine's "fp32_params" (`ENGINE_MIXED_LAYOUT`, engine/precision.py) keeps fp32
-parameters, which are the master weights, under autocast; at stages 0-2 autocast's 16-bit weight
-copies are saved for backward (2 B per matmul parameter, `autocast weight copies`); stage 3
-instead keeps a 16-bit working copy of its parameter shard (+2 B/param / N in `parameters`),
-which is what it gathers, so its matmuls find their weights in 16 bits and save no copies.
+(`Layout` in engine/memory_shape.py; None is the engine's default for the stage, master at
+stages 1-3 and autocast at stage 0.) The engine's "autocast" keeps fp32 parameters, which are
+the master weights, under autocast; at stages 0-2 autocast's 16-bit weight copies are saved for
+backward (2 B per matmul parameter, `autocast weight copies`). Its "master" keeps 16-bit
+parameters at stages 0-2 (no weight copies), fp32 gradients (full at stages 0-1; at stage 1
+plus the reduced shard; the partition at stage 2) and the fp32 master weights partitioned like
+the optimizer states: stage 2 holds 2 P + 16 P / N, below DeepSpeed's 2 P + 18 P / N. At stage
+3 both engine layouts are one: a fp32 parameter shard (the master) plus a 16-bit working copy of
+it (+2 B/param / N in `parameters`), which is what it gathers, so its matmuls find their weights
+in 16 bits and save no copies.
 
 Offload (Ren et al. 2021, "ZeRO-Offload"; Rajbhandari et al. 2021, "ZeRO-Infinity"), as the
 engine does it (engine/offload.py): the optimizer keeps its own master copy of the rank's shard
@@ -119,7 +124,7 @@ if TYPE_CHECKING:
     from dsl.engine.train_config import ModelConfig
 
 from dsl.engine.memory_shape import (  # noqa: F401 - re-exported: engine.memory is the public name
-    ACTIVATIONS, BUCKETS, CPU_RUNTIME_BYTES, ENGINE_MIXED_LAYOUT, GATHERED, GB, GPU_RUNTIME_BYTES,
+    ACTIVATIONS, BUCKETS, CPU_RUNTIME_BYTES, GATHERED, GB, GPU_RUNTIME_BYTES,
     GRADIENTS, GiB, LOGITS, Layout, MASTER, MODEL_INIT, MiB, ModelShape, NVME_SWAP_BUFFERS,
     OFFLOADED_ACTIVATIONS, OFFLOAD_BUFFERS, OPTIMIZER, PARAMETERS, RECOMPUTE, RUNTIME, StateBytes,
     Term, WEIGHT_COPIES, _ceil_div, state_bytes,
@@ -149,7 +154,7 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
                  layout: Layout | None = None, sub_group_mib: float = 256.0, accelerator: bool = True,
                  pin_memory: bool = True) -> tuple[Term, ...]:
     """Parameters, gradients, master weights, optimizer states (and offload buffers), per rank."""
-    sb = state_bytes(precision, low_precision_states, optimizer, layout)
+    sb = state_bytes(precision, low_precision_states, optimizer, layout, stage)
     n = max(1, shards)
 
     def part(per_param: int, sharded: bool) -> tuple[int, str]:
@@ -162,7 +167,8 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
         w_bytes, w_f = part(sb.work, True)
         p_bytes, p_f = p_bytes + w_bytes, f"{p_f} + working copy {w_f}"
     g_bytes, g_f = part(sb.grad, stage >= 2)
-    if stage == 1 and n > 1 and (layout or ENGINE_MIXED_LAYOUT) == "fp32_params" and not sb.master:
+    paper = precision != "fp32" and not low_precision_states and layout == "paper"
+    if stage == 1 and n > 1 and not paper:
         # The bundled engine keeps the full gradient buckets and reduce-scatters them into a
         # separate partition buffer at stage 1 (engine/zero/stage1.py).
         shard, shard_f = part(sb.grad, True)
@@ -194,7 +200,14 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
     m_bytes, m_f = part(elem, stage >= 1)
     o_bytes, o_f = part(sb.optimizer, stage >= 1)
     where = "host_bytes" if offload_optimizer == "cpu" else "nvme_bytes"
-    terms.append(Term(MASTER, **{where: m_bytes}, formula=f"{m_f} (offloaded to {offload_optimizer})"))
+    if sb.weights16:
+        # The master layout's stage keeps its own fp32 master partition on the device too (the
+        # offload updates it, the stage casts it into the 16-bit parameters): zero/master.py.
+        d_bytes, d_f = part(sb.master, stage >= 1)
+        terms.append(Term(MASTER, device_bytes=d_bytes, **{where: m_bytes},
+                          formula=f"{d_f} on the device + {m_f} offloaded to {offload_optimizer}"))
+    else:
+        terms.append(Term(MASTER, **{where: m_bytes}, formula=f"{m_f} (offloaded to {offload_optimizer})"))
     terms.append(Term(OPTIMIZER, **{where: o_bytes}, formula=f"{o_f} (offloaded to {offload_optimizer})"))
     # Gradient sub-groups come down through 2 pinned buffers on a GPU (one copy in flight while
     # the other is updated), through 1 on a CPU device (engine/offload.py grad_buffers).
@@ -290,7 +303,8 @@ def activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = No
     attn = "flash" if flash_attention else "math (s^2 scores)"
     recompute = 0
     # Stage 3's matmuls use (and save) the gathered 16-bit working copy itself: parameter storage.
-    weight_casts = sb.autocast and not (stage >= 3 and sb.work)
+    # So do the master layout's 16-bit parameters at stages 0-2 (engine/zero/master.py).
+    weight_casts = sb.autocast and not sb.weights16 and not (stage >= 3 and sb.work)
     per_layer_copies = c * (shape.matmul_params - shape.vocab * h) // shape.layers if weight_casts else 0
     experts = min(shape.experts, shape.experts_per_tok) if shape.experts else 1
     if tiled_mlp and weight_casts:  # the tiled MLP casts its weights inside, without saving them
@@ -412,7 +426,7 @@ def _fixed(engine: "EngineConfig", name: str, value: Any) -> Any:
 
 def estimate(model: "ModelConfig | ModelShape | str", engine: "EngineConfig", *, dp: int, sp: int | None = None,
              micro_batch: int | None = None, seq_len: int | None = None, flash_attention: bool = True,
-             accelerator: bool = True, layout: Layout | None = None) -> Breakdown:
+             accelerator: bool = True, layout: Layout | None = None, fold_host: bool = True) -> Breakdown:
     """Every memory term of one rank training `model` with `engine` on dp x sp ranks.
 
     `accelerator=False` plans CPU ranks: the device is host RAM (no offload buffers apply, no
@@ -432,7 +446,8 @@ def estimate(model: "ModelConfig | ModelShape | str", engine: "EngineConfig", *,
         checkpointing=bool(_fixed(engine, "activation_checkpointing", engine.activation_checkpointing)),
         bucket_mib=engine.bucket_mib,
         sub_group_mib=engine.offload.sub_group_mib, pin_memory=engine.offload.pin_memory,
-        seq_len=seq_len, flash_attention=flash_attention, accelerator=accelerator, layout=layout,
+        seq_len=seq_len, flash_attention=flash_attention, accelerator=accelerator,
+        layout=layout if layout is not None else engine.precision_layout, fold_host=fold_host,
         **long_context(engine))
 
 
@@ -441,11 +456,12 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
               offload_params: str = "none", checkpointing: bool = False, bucket_mib: float = 25.0,
               sub_group_mib: float = 256.0, seq_len: int | None = None, flash_attention: bool = True,
               accelerator: bool = True, layout: Layout | None = None, tiled_loss_tokens: int | None = None,
-              pin_memory: bool = True,
+              pin_memory: bool = True, fold_host: bool = True,
               tiled_mlp_tokens: int | None = None, activation_offload: bool = False) -> Breakdown:
-    """`estimate` with plain values instead of an EngineConfig (the planner's inner loop)."""
+    """`estimate` with plain values instead of an EngineConfig (the planner's inner loop).
+    `fold_host` (CPU ranks, accelerator=False): report host bytes as the rank's device bytes."""
     mb = micro_batch
-    sb = state_bytes(precision, low_precision_states, optimizer, layout)
+    sb = state_bytes(precision, low_precision_states, optimizer, layout, stage)
     shards = dp * sp
     terms = list(model_states(shape.params, stage=stage, shards=shards, precision=precision,
                               low_precision_states=low_precision_states,
@@ -487,7 +503,7 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
         steady_params = terms[0].device_bytes
         terms.append(Term(MODEL_INIT, device_bytes=0, host_bytes=max(0, 4 * shape.params - steady_params),
                           transient=True, formula="the full fp32 model before stage 3 shards it"))
-    if not accelerator:
+    if not accelerator and fold_host:
         # Device and host are the same RAM: report everything as device bytes of the rank.
         terms = [Term(t.name, t.device_bytes + (0 if t.transient else t.host_bytes), t.host_bytes if t.transient else 0,
                       t.nvme_bytes, t.formula, t.transient) for t in terms]
@@ -499,26 +515,26 @@ def expected_state_summary(model: "ModelConfig | ModelShape | str", engine: "Eng
                            flash_attention: bool = True) -> dict[str, int]:
     """What `Engine.state_summary()` should report on one rank after a step, by the same keys.
 
-    params/grads/optimizer_states/activations are device-side (optimizer_states_bytes is 0 with
-    offload; offload_cpu_bytes / offload_nvme_bytes hold the offloaded master copy, moments and
-    buffers); activations_bytes is what autograd saves during one forward (activations +
+    params/grads/optimizer_states/activations are device-side (with offload optimizer_states_bytes
+    holds only the master layout's device master, stages 0-2; offload_cpu_bytes /
+    offload_nvme_bytes hold the offloaded master copy, moments and buffers); activations_bytes is what autograd saves during one forward (activations +
     autocast weight copies + the fp32 log-softmax output of the loss, 4 B per logit, which a tiled
     loss does not keep; offloaded activation checkpoints are not in it); total_bytes
     the sum of the first four, as the engine defines it.
     """
     b = estimate(model, engine, dp=dp, sp=sp, micro_batch=micro_batch, accelerator=accelerator,
-                 flash_attention=flash_attention)
+                 flash_attention=flash_attention, fold_host=False)
     shape = ModelShape.of(model)
     tokens = (micro_batch or engine.micro_batch) * shape.seq_len // sp
     t = b.term
     host = sum(x.host_bytes for x in b.terms if not x.transient and x.name in (MASTER, OPTIMIZER, OFFLOAD_BUFFERS))
     nvme = sum(x.nvme_bytes for x in b.terms)
-    if not accelerator:  # estimate() folded host terms into device bytes for CPU ranks
-        host = sum(t(n).device_bytes for n in (MASTER, OPTIMIZER, OFFLOAD_BUFFERS)) if engine.offload.optimizer != "none" else 0
     out = {
         "params_bytes": t(PARAMETERS).device_bytes,
         "grads_bytes": t(GRADIENTS).device_bytes,
-        "optimizer_states_bytes": 0 if engine.offload.optimizer != "none" else t(MASTER).device_bytes + t(OPTIMIZER).device_bytes,
+        # With offload the moments and the offload's master are off the device; the master
+        # layout's own device master (stages 0-2) stays.
+        "optimizer_states_bytes": t(MASTER).device_bytes + t(OPTIMIZER).device_bytes,
         "activations_bytes": t(ACTIVATIONS).device_bytes + t(WEIGHT_COPIES).device_bytes
         + (0 if engine.tiled_loss.enabled else 4 * tokens * shape.vocab),
     }

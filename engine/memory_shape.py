@@ -15,13 +15,25 @@ GB = 10**9
 GiB = 1 << 30
 MiB = 1 << 20
 
-Layout = Literal["fp32_params", "master"]
-ENGINE_MIXED_LAYOUT: Layout = "fp32_params"
-"""How the bundled engine holds bf16/fp16 training state (see the table in engine/memory.py's
-docstring): fp32 parameters (which are the master weights) and fp32 gradients, 16-bit compute
-under autocast, at every stage, plus at stage 3 a 16-bit working copy of the parameter shard,
-which is what it gathers (engine/precision.py, engine/zero/*). "master" is the ZeRO paper's and
-DeepSpeed's layout (16-bit parameters and gradients, fp32 master copy in the optimizer)."""
+Layout = Literal["autocast", "master", "paper"]
+"""How bf16/fp16 training state is held (the table in engine/memory.py's docstring):
+- "autocast": the bundled engine's `precision_layout: autocast`: fp32 parameters (which are the
+  master weights) and fp32 gradients, 16-bit compute under autocast; at stage 3 plus a 16-bit
+  working copy of the parameter shard, which is what it gathers;
+- "master": the bundled engine's `precision_layout: master`: at stages 0-2 16-bit parameters,
+  fp32 gradients (full at stages 0-1, partitioned at stage 2) and a separate fp32 master copy
+  partitioned like the optimizer states (engine/zero/master.py); at stage 3 the same as autocast;
+- "paper": the ZeRO paper's and DeepSpeed's accounting (16-bit parameters and gradients, fp32
+  master copy in the optimizer).
+None: the engine's default for the stage (engine/config.py mixed_layout): master at stages 1-3,
+autocast at stage 0."""
+
+
+def engine_layout(layout: Layout | None, stage: int | None) -> Layout:
+    """`layout`, or the bundled engine's default for `stage` (unknown stage: autocast)."""
+    if layout is not None:
+        return layout
+    return "master" if stage is not None and stage >= 1 else "autocast"
 
 GPU_RUNTIME_BYTES = 1 * GiB
 CPU_RUNTIME_BYTES = 400 * MiB
@@ -159,17 +171,23 @@ class StateBytes:
     work: int = 0
     """Stage 3's compute-dtype working copy of the parameters, which it gathers instead of them
     (2 under the engine's bf16/fp16 mixed precision, else 0: the parameters are gathered)."""
+    weights16: bool = False
+    """The module's parameters are in the compute dtype (the master layout at stages 0-2): its
+    matmuls cast (and save) no weight."""
 
 
 def state_bytes(precision: str = "bf16", low_precision_states: bool = False, optimizer: str = "adamw",
-                layout: Layout | None = None) -> StateBytes:
+                layout: Layout | None = None, stage: int | None = None) -> StateBytes:
     moments = 1 if optimizer == "sgd" else 2  # Adam, 1-bit Adam: momentum + variance; SGD: momentum
     if precision == "fp32":
         return StateBytes(4, 4, 0, 4 * moments, 4, 4, False)
     if low_precision_states:
         return StateBytes(2, 2, 0, 2 * moments, 2, 2, False)
-    if (layout or ENGINE_MIXED_LAYOUT) == "master":
+    layout = engine_layout(layout, stage)
+    if layout == "paper":
         return StateBytes(2, 2, 4, 4 * moments, 2, 2, False)
+    if layout == "master" and (stage is None or stage < 3):
+        return StateBytes(2, 4, 4, 4 * moments, 2, 4, True, weights16=True)
     return StateBytes(4, 4, 0, 4 * moments, 2, 4, True, work=2)
 
 

@@ -55,9 +55,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_map
 
-from dsl.engine.config import EngineConfig, LossScaleConfig
+from dsl.engine.config import EngineConfig, LossScaleConfig, mixed_layout
 
-__all__ = ["param_dtype", "compute_dtype", "work_dtype", "autocast", "LossScaler", "scale_outputs", "apply_tf32"]
+__all__ = ["param_dtype", "compute_dtype", "work_dtype", "stage_param_dtype", "autocast", "LossScaler", "scale_outputs", "apply_tf32"]
 
 
 def param_dtype(config: EngineConfig) -> torch.dtype:
@@ -68,6 +68,16 @@ def param_dtype(config: EngineConfig) -> torch.dtype:
 def compute_dtype(config: EngineConfig) -> torch.dtype | None:
     """autocast dtype of the forward, None for fp32."""
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+
+
+def stage_param_dtype(config: EngineConfig, stage: int) -> torch.dtype | None:
+    """dtype stages 0-2 hold the model's parameters in under the master-weights layout (the
+    compute dtype, next to an fp32 master partition: zero/master.py); None where the parameters
+    are the master weights (fp32, low_precision_states, the autocast layout) and at stage 3
+    (which has its own working copy, `work_dtype`)."""
+    if stage >= 3 or mixed_layout(config, stage) != "master":
+        return None
+    return compute_dtype(config)
 
 
 def work_dtype(config: EngineConfig) -> torch.dtype | None:

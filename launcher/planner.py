@@ -182,7 +182,8 @@ def step_time(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: i
     world = hw.world
     shards = world
     p = shape.params
-    sb = memory.state_bytes(engine.precision, engine.low_precision_states, engine.optimizer.type)
+    sb = memory.state_bytes(engine.precision, engine.low_precision_states, engine.optimizer.type,
+                            engine.precision_layout, stage)
     tokens = target_batch * shape.seq_len
     flops_per_token = 6 * shape.flop_params + 6 * shape.layers * shape.hidden * shape.seq_len
     flops = tokens * flops_per_token * (4 / 3 if ckpt else 1.0)
@@ -263,6 +264,7 @@ def evaluate(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: in
                          offload_optimizer=offload, offload_params=offload_params, checkpointing=ckpt,
                          bucket_mib=engine.bucket_mib, sub_group_mib=engine.offload.sub_group_mib,
                          accelerator=hw.accelerator, flash_attention=flash_attention,
+                         layout=engine.precision_layout,
                          **memory.long_context(engine))  # tiled loss/MLP, activation offload
     device = b.device_bytes
     host = hw.ranks_per_host * b.host_peak_bytes

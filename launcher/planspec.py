@@ -9,7 +9,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Callable
 
-from dsl.engine.config import EngineConfig
+from dsl.engine.config import EngineConfig, mixed_layout
 from dsl.engine.errors import UserError
 from dsl.launcher.hardware import hardware_of
 from dsl.engine.memory import ModelShape
@@ -183,13 +183,17 @@ def resolve(spec_file: "SpecFile", hosts: "list[Host]", pin: bool, *, topology: 
             raise UserError(refusal(spec_file, plan))
         return spec_file, hosts, pin, plan
     engine = plan.engine_config(spec.engine)
+    if engine.precision != "fp32" and not engine.low_precision_states and engine.precision_layout is None:
+        # resolved.yaml says which layout ran (engine/config.py mixed_layout).
+        engine = engine.model_copy(update={"precision_layout": mixed_layout(engine)})
     for name, old, new in (("zero_stage", spec.engine.zero_stage, engine.zero_stage),
                            ("offload.optimizer", spec.engine.offload.optimizer, engine.offload.optimizer),
                            ("sequence_parallel", spec.engine.sequence_parallel, engine.sequence_parallel),
                            ("activation_checkpointing", spec.engine.activation_checkpointing,
                             engine.activation_checkpointing),
                            ("micro_batch", spec.engine.micro_batch, engine.micro_batch),
-                           ("grad_accum", spec.engine.grad_accum, engine.grad_accum)):
+                           ("grad_accum", spec.engine.grad_accum, engine.grad_accum),
+                           ("precision_layout", spec.engine.precision_layout, engine.precision_layout)):
         if old != new:
             log.info("planner: engine.%s %s -> %s", name, old, new)
     new_spec = spec.model_copy(update={"engine": engine})

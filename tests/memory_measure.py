@@ -88,4 +88,6 @@ def case_id(case: dict) -> str:
         extra.append(case["optimizer"]["type"])
     if case.get("compile") is True:
         extra.append("compiled")
+    if case.get("precision_layout"):
+        extra.append(case["precision_layout"])
     return f"stage{case['zero_stage']}-{case['precision']}" + "".join(f"-{k}" for k in extra)

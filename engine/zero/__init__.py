@@ -34,9 +34,12 @@ def build_stage(
     dtype: torch.dtype,
     device: torch.device,
     work_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> ZeroStage:
     """The stage object; it converts the parameters to `dtype` and takes over their storage.
-    Stage 3 hands the model its gathered parameters in `work_dtype` when given (stage3.py)."""
+    Stage 3 hands the model its gathered parameters in `work_dtype` when given (stage3.py);
+    stages 0-2 hold them in `compute_dtype` when given, next to an fp32 master partition (the
+    master-weights layout, zero/master.py)."""
     common = dict(grad_accum=grad_accum, world_size=world_size, rank=rank, dtype=dtype, device=device)
     if stage == 3:
         from dsl.engine.zero.stage3 import Stage3
@@ -45,11 +48,11 @@ def build_stage(
     if stage == 2:
         from dsl.engine.zero.stage2 import Stage2
 
-        return Stage2(named, bucket_bytes=bucket_bytes, **common)
+        return Stage2(named, bucket_bytes=bucket_bytes, compute_dtype=compute_dtype, **common)
     if stage == 1:
         from dsl.engine.zero.stage1 import Stage1
 
-        return Stage1(named, bucket_bytes=bucket_bytes, **common)
+        return Stage1(named, bucket_bytes=bucket_bytes, compute_dtype=compute_dtype, **common)
     from dsl.engine.zero.stage0 import Stage0
 
-    return Stage0(named, bucket_bytes=bucket_bytes, **common)
+    return Stage0(named, bucket_bytes=bucket_bytes, compute_dtype=compute_dtype, **common)

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Slot", "FlatGroup", "Segment", "Layout", "split_buckets", "clip_segments", "decays", "flatten_params"]
+__all__ = ["Slot", "FlatGroup", "Segment", "Layout", "split_buckets", "clip_segments", "decays", "flatten_params",
+           "rebind_params"]
 
 
 def decays(param: torch.Tensor) -> bool:
@@ -192,3 +193,10 @@ def flatten_params(layout: Layout, dtype: torch.dtype, device: torch.device) -> 
                 view.copy_(p.detach().reshape(-1))
                 p.data = view.view(slot.shape)
     return flat
+
+
+def rebind_params(layout: Layout, flat: torch.Tensor) -> None:
+    """Make each parameter's `.data` a view of its slot in `flat` ([layout.full_numel], any dtype)."""
+    for g in layout.groups:
+        for slot, p in zip(g.slots, g.params):
+            p.data = flat[g.base + slot.offset : g.base + slot.offset + slot.numel].view(slot.shape)

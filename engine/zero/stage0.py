@@ -21,6 +21,10 @@ Communication plan
   overflow check and the optimizer need no further communication: every rank holds the same
   full gradient.
 - world_size 1 runs exactly this path; only the all_reduce is skipped.
+- Master-weights layout (`compute_dtype` given; zero/master.py): `param.data` are 16-bit views,
+  the gradient buffer stays fp32, and each parameter's 16-bit gradient is added into its bucket
+  view by the hook (then freed) instead of autograd accumulating into the view; after the update
+  the fp32 master (the whole model at stage 0) is cast into the 16-bit parameters.
 - 1-bit Adam after its warm-up (engine/onebit.py sets `grad_comm_off`): buckets are divided by
   `grad_accum` only and not all-reduced; the optimizer exchanges compressed momentum instead.
 """
@@ -35,6 +39,7 @@ from torch import nn
 
 from dsl.engine.zero.base import ZeroStage, nbytes
 from dsl.engine.zero.layout import FlatGroup, Layout, Segment, flatten_params, split_buckets
+from dsl.engine.zero.master import MasterCopy
 
 __all__ = ["Stage0", "Bucket"]
 
@@ -69,6 +74,7 @@ class Stage0(ZeroStage):
         rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(grad_accum=grad_accum, world_size=world_size, rank=rank)
         parts = self._parts()
@@ -78,8 +84,15 @@ class Stage0(ZeroStage):
         """[full_numel]: every parameter; `param.data` are views of it."""
         if world_size > 1:  # identical starting weights on every rank, as DDP does
             tdist.broadcast(self.params_flat, src=0)
-        self.grads_full = torch.zeros_like(self.params_flat)
-        """[full_numel]: every gradient; `param.grad` are views of it."""
+        self.master: MasterCopy | None = None
+        """The fp32 master partition under the master-weights layout (zero/master.py), else None."""
+        grads_full = torch.zeros_like(self.params_flat)
+        if compute_dtype is not None and compute_dtype != dtype:
+            self.master = MasterCopy(self.layout, self.params_flat)
+            self.params_flat = MasterCopy.to_compute(self.layout, self.params_flat, compute_dtype)
+        self.grads_full = grads_full
+        """[full_numel]: every gradient; `param.grad` are views of it (master layout: the hook
+        adds the 16-bit `param.grad` into its view)."""
         self.buckets = [
             Bucket(g, self.grads_full[g.base : g.base + g.padded]) for g in self.layout.groups
         ]
@@ -87,7 +100,7 @@ class Stage0(ZeroStage):
         for bucket in self.buckets:
             for p, view in zip(bucket.params, bucket.views):
                 self._slot[id(p)] = (bucket, view)
-                p.grad = view
+                p.grad = view if self.master is None else None
         self._next_launch = 0
         self.grad_comm_off: Any = lambda: False
         """True while gradients stay local (1-bit Adam after freeze_step; engine/onebit.py)."""
@@ -108,7 +121,11 @@ class Stage0(ZeroStage):
         self._begin_backward()
         bucket, view = self._slot[id(param)]
         grad = param.grad
-        if grad is None or grad.data_ptr() != view.data_ptr():
+        if self.master is not None:  # 16-bit gradient: accumulate it in fp32, free it
+            if grad is not None:
+                view.add_(grad.view_as(view))
+            param.grad = None
+        elif grad is None or grad.data_ptr() != view.data_ptr():
             # Someone replaced .grad (optimizer.zero_grad(set_to_none=True), a manual
             # assignment), so autograd stored a fresh tensor: bring it back into the bucket.
             if grad is None:
@@ -163,21 +180,33 @@ class Stage0(ZeroStage):
     # Parameters --------------------------------------------------------------------------
 
     def param_piece(self, seg: Segment) -> torch.Tensor:
+        """What the optimizer updates: the fp32 master (master layout) or the parameters."""
+        if self.master is not None:
+            return self.master.flat[seg.shard_lo : seg.shard_lo + seg.numel]
         return self.params_flat[seg.full_lo : seg.full_lo + seg.numel]
 
     def param_part(self, group: FlatGroup) -> torch.Tensor:
+        if self.master is not None:
+            return self.master.part(group)
         lo, hi = self.layout.part_range(group)
         return self.params_flat[group.base + lo : group.base + hi]
+
+    def after_update(self) -> None:
+        if self.master is not None:  # every rank updated the whole master: cast, no collective
+            self.master.publish(self.params_flat, world_size=1)
 
     def zero_grad(self) -> None:
         self.grads_full.zero_()
         for bucket in self.buckets:
             for p, view in zip(bucket.params, bucket.views):
-                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                if self.master is not None:
+                    p.grad = None
+                elif p.grad is None or p.grad.data_ptr() != view.data_ptr():
                     p.grad = view
 
     def memory(self) -> dict[str, int]:
-        return {"params_bytes": nbytes(self.params_flat), "grads_bytes": nbytes(self.grads_full)}
+        return {"params_bytes": nbytes(self.params_flat), "grads_bytes": nbytes(self.grads_full),
+                "master_bytes": nbytes(self.master.flat) if self.master is not None else 0}
 
     # Compatibility with the first engine's reducer (tests and tools read these).
 

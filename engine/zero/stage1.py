@@ -46,7 +46,7 @@ class Stage1(Stage0):
     def __init__(self, named: list[tuple[str, nn.Parameter]], **kwargs) -> None:
         super().__init__(named, **kwargs)
         self._grad_shard = torch.zeros(
-            self.layout.shard_numel, dtype=self.params_flat.dtype, device=self.params_flat.device
+            self.layout.shard_numel, dtype=self.grads_full.dtype, device=self.grads_full.device
         )
 
     def _parts(self) -> int:
@@ -66,6 +66,9 @@ class Stage1(Stage0):
             out.copy_(bucket.flat)
 
     def after_update(self) -> None:
+        if self.master is not None:  # cast the fp32 partition into the 16-bit slice, all-gather those
+            self.master.publish(self.params_flat, self.world_size)
+            return
         if self.world_size == 1:
             return
         # In place: this rank's updated partition already sits in its slice of the buffer.
@@ -78,4 +81,5 @@ class Stage1(Stage0):
         return {
             "params_bytes": nbytes(self.params_flat),
             "grads_bytes": nbytes(self.grads_full) + nbytes(self._grad_shard),
+            "master_bytes": nbytes(self.master.flat) if self.master is not None else 0,
         }

@@ -26,6 +26,10 @@ Communication plan
   waits for all.
 - world_size 1: one partition; the reduce-scatter becomes an add of the staging buffer and the
   all_gather is skipped.
+- Master-weights layout (`compute_dtype` given; zero/master.py): `param.data` are 16-bit views and
+  the hook copies the 16-bit `param.grad` into the fp32 staging buffer, so everything from the
+  reduce-scatter on is fp32 as above; the optimizer updates the fp32 master partition, which is
+  cast into this rank's 16-bit slice and all-gathered in 16 bits.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from torch import nn
 from dsl.engine.zero import collectives
 from dsl.engine.zero.base import ZeroStage, nbytes
 from dsl.engine.zero.layout import FlatGroup, Layout, Segment, flatten_params, split_buckets
+from dsl.engine.zero.master import MasterCopy
 from dsl.engine.zero.reduce_pipeline import MAX_IN_FLIGHT, ReducePipeline
 
 __all__ = ["Stage2", "MAX_IN_FLIGHT"]
@@ -60,6 +65,7 @@ class Stage2(ReducePipeline, ZeroStage):
         rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(grad_accum=grad_accum, world_size=world_size, rank=rank)
         groups = split_buckets(list(reversed(named)), bucket_bytes)
@@ -67,6 +73,11 @@ class Stage2(ReducePipeline, ZeroStage):
         self.params_flat = flatten_params(self.layout, dtype, device)
         if world_size > 1:  # identical starting weights on every rank, as DDP does
             tdist.broadcast(self.params_flat, src=0)
+        self.master: MasterCopy | None = None
+        """The fp32 master partition under the master-weights layout (zero/master.py), else None."""
+        if compute_dtype is not None and compute_dtype != dtype:
+            self.master = MasterCopy(self.layout, self.params_flat)
+            self.params_flat = MasterCopy.to_compute(self.layout, self.params_flat, compute_dtype)
         self._grad_shard = torch.zeros(self.layout.shard_numel, dtype=dtype, device=device)
         self.buckets = self.layout.groups
         self._where: dict[int, tuple[FlatGroup, int, int]] = {}
@@ -123,13 +134,21 @@ class Stage2(ReducePipeline, ZeroStage):
     # Parameters --------------------------------------------------------------------------
 
     def param_piece(self, seg: Segment) -> torch.Tensor:
+        """What the optimizer updates: the fp32 master (master layout) or the parameters."""
+        if self.master is not None:
+            return self.master.flat[seg.shard_lo : seg.shard_lo + seg.numel]
         return self.params_flat[seg.full_lo : seg.full_lo + seg.numel]
 
     def param_part(self, group: FlatGroup) -> torch.Tensor:
+        if self.master is not None:
+            return self.master.part(group)
         lo, hi = self.layout.part_range(group)
         return self.params_flat[group.base + lo : group.base + hi]
 
     def after_update(self) -> None:
+        if self.master is not None:  # cast the fp32 partition into the 16-bit slice, all-gather those
+            self.master.publish(self.params_flat, self.world_size)
+            return
         if self.world_size == 1:
             return
         # In place: this rank's updated partition already sits in its slice of the buffer.
@@ -147,4 +166,5 @@ class Stage2(ReducePipeline, ZeroStage):
     def memory(self) -> dict[str, int]:
         staging = sum(nbytes(t) for t in self._staging.values())
         staging += sum(nbytes(s) + (nbytes(o) if o is not s else 0) for _, _, o, s in self._in_flight)
-        return {"params_bytes": nbytes(self.params_flat), "grads_bytes": nbytes(self._grad_shard) + staging}
+        return {"params_bytes": nbytes(self.params_flat), "grads_bytes": nbytes(self._grad_shard) + staging,
+                "master_bytes": nbytes(self.master.flat) if self.master is not None else 0}

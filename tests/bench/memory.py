@@ -24,7 +24,11 @@ EAGER = {"compile": False}
 """The memory model predicts what eager autograd saves; one case shows the compiled default."""
 CASES = [
     *({"zero_stage": s, "precision": "fp32", "micro_batch": 8, **EAGER} for s in range(4)),
-    {"zero_stage": 2, "precision": "bf16", "micro_batch": 8, **EAGER},
+    {"zero_stage": 2, "precision": "bf16", "micro_batch": 8, **EAGER},  # the default layout: master
+    *({"zero_stage": s, "precision": "bf16", "micro_batch": 8, "precision_layout": layout, **EAGER}
+      for s, layout in ((0, "master"), (1, "master"), (0, "autocast"), (2, "autocast"))),
+    {"zero_stage": 2, "precision": "fp16", "micro_batch": 8, "precision_layout": "master", **EAGER},
+    {"zero_stage": 2, "precision": "bf16", "micro_batch": 8, "offload": {"optimizer": "cpu"}, **EAGER},
     {"zero_stage": 3, "precision": "bf16", "micro_batch": 8, "activation_checkpointing": True, **EAGER},
     {"zero_stage": 2, "precision": "fp32", "micro_batch": 8, "offload": {"optimizer": "cpu"}, **EAGER},
     {"zero_stage": 0, "precision": "fp32", "micro_batch": 8, "steps": 2,

@@ -57,6 +57,26 @@ def _worker(rank: int, store: str, out: str, ckpt: str) -> None:
         results[f"info-s{stage}"] = resumed.load_checkpoint(ckpt)
         results[f"resumed-s{stage}"] = train(resumed, range(SAVE_AT + 1, STEPS + 1), data)
         results[f"final-s{stage}"] = resumed.full_state_dict()
+    # bf16 under the master layout (16-bit parameters, fp32 master partition; engine/zero/master.py):
+    # the checkpoint holds the fp32 master, so it resumes bit-identically in the same layout and
+    # in the autocast layout or at stage 3 with the same master values.
+    master_ckpt = ckpt + "-master"
+    bf16 = {"zero_stage": 2, "precision": "bf16", "precision_layout": "master"}
+    engine = build(bf16)
+    losses = []
+    for step in range(1, STEPS + 1):
+        losses += train(engine, range(step, step + 1), data)
+        if step == SAVE_AT:
+            engine.save_checkpoint(master_ckpt, step=step)
+            results["master-at-save"] = engine.full_state_dict()
+    results["master-uninterrupted"] = losses
+    for name, cfg in (("master-s2", bf16), ("master-to-autocast-s1", {**bf16, "zero_stage": 1,
+                                                                     "precision_layout": "autocast"}),
+                      ("master-to-s3", {**bf16, "zero_stage": 3, "precision_layout": None})):
+        resumed = build(cfg)
+        resumed.load_checkpoint(master_ckpt)
+        results[f"{name}-loaded"] = resumed.full_state_dict()
+        results[name] = train(resumed, range(SAVE_AT + 1, STEPS + 1), data)
     torch.save(results, out)
     tdist.barrier()
     tdist.destroy_process_group()
@@ -101,6 +121,24 @@ def test_one_rank_at_stage_3_with_grad_accum_continues_like_the_uninterrupted_ru
     assert max(abs(a - b) for a, b in zip(losses, expected)) < TOL
     final = engine.full_state_dict()
     assert max(float((final[n] - ranks[0]["final"][n]).abs().max()) for n in final) < 1e-4
+
+
+def test_master_layout_checkpoint_resumes_in_any_layout(run) -> None:
+    """bf16 at stage 2 under the master layout, saved at step 10: the fp32 master weights come
+    back exactly in every layout and stage; the same layout continues bit-identically; the
+    autocast layout at stage 1 and stage 3 continue within the bf16 layouts' difference."""
+    ranks, _ = run
+    for r in ranks:
+        saved = r["master-at-save"]
+        for name in ("master-s2", "master-to-autocast-s1", "master-to-s3"):
+            loaded = r[f"{name}-loaded"]
+            assert all(loaded[n].dtype == saved[n].dtype and bool((loaded[n] == saved[n]).all()) for n in saved), name
+        assert r["master-s2"] == r["master-uninterrupted"][SAVE_AT:]
+    expected = _global(ranks, "master-uninterrupted")[SAVE_AT:]
+    for name in ("master-to-autocast-s1", "master-to-s3"):
+        got = _global(ranks, name)
+        assert got[0] == pytest.approx(expected[0], abs=2e-2)  # the next step: the same weights
+        assert max(abs(a - b) for a, b in zip(got, expected)) < 2e-2
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

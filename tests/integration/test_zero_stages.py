@@ -168,6 +168,16 @@ def scenario_losses(rank: int) -> dict[str, Any]:
     for stage in (0, 3):
         engine = build({"zero_stage": stage, "precision": "bf16"})
         out[f"bf16-s{stage}"] = train(engine, range(1, STEPS + 1), _local(rank))
+    # Both precision layouts at stages 0-2 (engine/zero/master.py); stage 3 has one.
+    for stage in (0, 1, 2):
+        for layout in ("master", "autocast"):
+            engine = build({"zero_stage": stage, "precision": "bf16", "precision_layout": layout})
+            out[f"bf16-{layout}-s{stage}"] = train(engine, range(1, STEPS + 1), _local(rank))
+            out[f"bf16-{layout}-s{stage}-dtype"] = str(engine.module.blocks[0].fc1.weight.dtype)
+    for stage in (1, 2):
+        engine = build({"zero_stage": stage, "precision": "fp16", "precision_layout": "master",
+                        "grad_accum": 2})
+        out[f"fp16-master-s{stage}"] = train(engine, range(1, STEPS + 1), _local(rank))
     engine = build({"zero_stage": 2, "precision": "bf16", "low_precision_states": True})
     out["lowp-s2"] = train(engine, range(1, STEPS + 1), _local(rank))
     return out
@@ -247,6 +257,13 @@ def scenario_offload(rank: int, nvme_root: str) -> dict[str, Any]:
             out["nvme_files_during"] = sorted(p.name for p in Path(nvme_root).rglob("*.bin"))
         engine.close()
     out["nvme_files_after"] = sorted(str(p) for p in Path(nvme_root).rglob("*"))
+    # The master layout under offload: the offload updates the stage's fp32 master partition.
+    for name, offload in (("none", {}), ("cpu", {"optimizer": "cpu", "sub_group_mib": 0.01}),
+                          ("nvme", {"optimizer": "nvme", "sub_group_mib": 0.01, "nvme_path": nvme_root})):
+        engine = build({"zero_stage": 2, "precision": "bf16", "precision_layout": "master",
+                        "offload": offload or {"optimizer": "none"}})
+        out[f"master-{name}"] = train(engine, range(1, 11), _local(rank))
+        engine.close()
     return out
 
 
@@ -359,6 +376,22 @@ def test_bf16_and_low_precision_states_follow_fp32(ranks) -> None:
     assert low[-1] < low[0] - 0.5
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_both_precision_layouts_follow_fp32(ranks, stage: int) -> None:
+    """precision_layout master (16-bit parameters, fp32 master partition) and autocast (fp32
+    parameters) at stages 0-2, bf16, 2 ranks, 20 steps: within the bf16 tolerance of the fp32
+    one-process reference; fp16 master with grad_accum 2 too (loss scaling)."""
+    ref_losses, _ = reference({})
+    for layout, dtype in (("master", "torch.bfloat16"), ("autocast", "torch.float32")):
+        got = _mean(ranks, "losses", f"bf16-{layout}-s{stage}")
+        assert 1e-6 < _max_diff(got, ref_losses) < BF16_TOL, layout
+        assert all(r["losses"][f"bf16-{layout}-s{stage}-dtype"] == dtype for r in ranks)
+    if stage:
+        ref_accum, _ = reference({}, grad_accum=2)
+        fp16 = _mean(ranks, "losses", f"fp16-master-s{stage}")
+        assert 1e-6 < _max_diff(fp16, ref_accum) < BF16_TOL
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_clipping_uses_the_global_norm_across_partitions(ranks, stage: int) -> None:
     import torch
@@ -433,6 +466,8 @@ def test_cpu_and_nvme_offload_give_the_losses_of_no_offload(ranks) -> None:
         assert off["nvme"]["summary"]["offload_nvme_bytes"] == 1.5 * off["none"]["summary"]["optimizer_states_bytes"]
         assert len(off["nvme_files_during"]) > 2  # several sub-groups
         assert off["nvme_files_after"] == []  # close() deleted the files and folders
+        # bf16, master layout: the same fp32 update on the same master values, bit for bit.
+        assert off["master-cpu"] == off["master-none"] and off["master-nvme"] == off["master-none"]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

@@ -20,7 +20,7 @@ def _states(params: int, stage: int, shards: int, **kw) -> float:
 @pytest.mark.parametrize(("stage", "gb"), [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
 def test_zero_paper_example(stage: int, gb: float):
     """Rajbhandari et al. 2020, Fig. 1 / Table 1: 7.5B parameters, N_d = 64, mixed-precision Adam (K = 12)."""
-    got = _states(7_500_000_000, stage, 64, precision="bf16", layout="master") / GB
+    got = _states(7_500_000_000, stage, 64, precision="bf16", layout="paper") / GB
     assert round(got, 1) == gb
 
 
@@ -118,7 +118,7 @@ def test_activations_follow_the_saved_tensor_list():
 
 def test_checkpointing_and_sequence_parallelism_shrink_activations():
     shape = ModelShape.of("llama2-7b")
-    sb = memory.state_bytes("bf16", layout="master")
+    sb = memory.state_bytes("bf16", layout="paper")
     full, _, none = memory.activations(shape, micro_batch=1, sb=sb)
     ckpt, _, peak = memory.activations(shape, micro_batch=1, sb=sb, checkpointing=True)
     sp4, _, _ = memory.activations(shape, micro_batch=1, sb=sb, sp=4)
@@ -142,13 +142,13 @@ def test_checkpointing_and_sequence_parallelism_shrink_activations():
 
 def test_autocast_layout_saves_weight_copies_unless_checkpointed():
     shape = ModelShape.of("llama2-7b")
-    sb = memory.state_bytes("bf16", layout="fp32_params")
+    sb = memory.state_bytes("bf16", layout="autocast")
     _, copies, _ = memory.activations(shape, micro_batch=1, sb=sb)
     assert copies.device_bytes == 2 * shape.matmul_params
     _, ckpt_copies, peak = memory.activations(shape, micro_batch=1, sb=sb, checkpointing=True)
     assert ckpt_copies.device_bytes == 2 * shape.vocab * shape.hidden  # lm_head's only
     assert peak.device_bytes > memory.layer_activation_bytes(shape, 1, sb=sb)  # + one layer's casts
-    _, none, _ = memory.activations(shape, micro_batch=1, sb=memory.state_bytes("bf16", layout="master"))
+    _, none, _ = memory.activations(shape, micro_batch=1, sb=memory.state_bytes("bf16", layout="paper"))
     assert none.device_bytes == 0
 
 
@@ -165,7 +165,9 @@ def test_stage3_mixed_precision_holds_and_gathers_a_16_bit_working_copy():
     assert bf16[memory.GATHERED] == 2 * 2 * unit + 4 * unit  # bf16 units, an fp32 gradient
     assert bf16[memory.WEIGHT_COPIES] == 0  # the matmuls' weights are bf16 already
     assert terms(3, "fp16") == bf16
-    assert terms(2, "bf16")[memory.WEIGHT_COPIES] == 2 * shape.matmul_params
+    assert terms(3, "bf16", layout="autocast") == bf16 == terms(3, "bf16", layout="master")  # one layout at 3
+    assert terms(2, "bf16", layout="autocast")[memory.WEIGHT_COPIES] == 2 * shape.matmul_params
+    assert terms(2, "bf16")[memory.WEIGHT_COPIES] == 0  # default at stage 2: master, 16-bit weights
     fp32 = terms(3, "fp32")
     assert fp32[memory.PARAMETERS] == -(-4 * p // n) and fp32[memory.GATHERED] == 2 * 4 * unit + 4 * unit
     low = terms(3, "bf16", low_precision_states=True)
@@ -211,3 +213,22 @@ def test_memory_module_is_torch_free():
     code = "import sys, dsl.engine.memory; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_master_layout_model_states_per_stage(stage):
+    """precision_layout master (engine/zero/master.py): 16-bit parameters, fp32 gradients (full at
+    stages 0-1, + the reduced shard at 1, the partition at 2), fp32 master partitioned like the
+    moments; at stage 2 below DeepSpeed's 2P + 18P/N."""
+    p, n = 8_000_000, 8
+    t = {x.name: x.device_bytes for x in memory.model_states(p, stage=stage, shards=n, layout="master")}
+    shard = p // n
+    assert t[memory.PARAMETERS] == 2 * p
+    assert t[memory.GRADIENTS] == {0: 4 * p, 1: 4 * p + 4 * shard, 2: 4 * shard}[stage]
+    assert t[memory.MASTER] == (4 * p if stage == 0 else 4 * shard)
+    assert t[memory.OPTIMIZER] == (8 * p if stage == 0 else 8 * shard)
+    if stage == 2:
+        assert sum(t.values()) == 2 * p + 16 * p // n < 2 * p + 18 * p // n
+    default = {x.name: x.device_bytes for x in memory.model_states(p, stage=stage, shards=n)}
+    assert default == (t if stage >= 1 else
+                       {x.name: x.device_bytes for x in memory.model_states(p, stage=0, shards=n, layout="autocast")})

@@ -23,6 +23,13 @@ CASES = [
     {"zero_stage": 3, "precision": "bf16", "micro_batch": 4},
     {"zero_stage": 3, "precision": "bf16", "micro_batch": 4, "activation_checkpointing": True},
     {"zero_stage": 2, "precision": "fp32", "micro_batch": 4, "offload": {"optimizer": "cpu", "sub_group_mib": 0.25}},
+    # precision_layout (engine/zero/master.py): master's 16-bit parameters + fp32 master partition
+    # at stages 0-2 (its device master stays with offload), autocast's fp32 parameters.
+    *({"zero_stage": s, "precision": "bf16", "micro_batch": 4, "precision_layout": "master"} for s in (0, 2)),
+    {"zero_stage": 2, "precision": "fp16", "micro_batch": 4, "precision_layout": "master"},
+    {"zero_stage": 2, "precision": "bf16", "micro_batch": 4, "precision_layout": "autocast"},
+    {"zero_stage": 2, "precision": "bf16", "micro_batch": 4, "precision_layout": "master",
+     "offload": {"optimizer": "cpu", "sub_group_mib": 0.25}},
     # Past its freeze step, 1-bit Adam holds its compression buffers too.
     {"zero_stage": 0, "precision": "fp32", "micro_batch": 4, "steps": 2,
      "optimizer": {"type": "onebit_adam", "freeze_step": 1}},

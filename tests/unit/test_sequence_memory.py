@@ -19,9 +19,10 @@ def test_tiled_loss_keeps_one_chunk_of_logits_and_no_log_softmax():
     plain, tiled = _b(), _b(tiled_loss_tokens=2048)
     assert plain.term(memory.LOGITS).device_bytes == 12 * 16384 * SHAPE.vocab
     assert tiled.term(memory.LOGITS).device_bytes == 12 * 2048 * SHAPE.vocab
-    # and at stages 0-2 lm_head's 16-bit weight copy is not saved (the tiled loss casts it inside);
-    # stage 3 gathers 16-bit weights, so autocast copies none either way
-    plain2, tiled2 = _b(stage=2), _b(stage=2, tiled_loss_tokens=2048)
+    # and under the autocast layout at stages 0-2 lm_head's 16-bit weight copy is not saved (the
+    # tiled loss casts it inside); stage 3 gathers 16-bit weights (and the master layout holds
+    # them), so autocast copies none either way
+    plain2, tiled2 = _b(stage=2, layout="autocast"), _b(stage=2, layout="autocast", tiled_loss_tokens=2048)
     assert plain2.term(memory.WEIGHT_COPIES).device_bytes - tiled2.term(memory.WEIGHT_COPIES).device_bytes \
         == 2 * SHAPE.vocab * SHAPE.hidden
     assert plain.term(memory.WEIGHT_COPIES).device_bytes == tiled.term(memory.WEIGHT_COPIES).device_bytes == 0
