@@ -42,6 +42,25 @@ test-unit: install
 test-integration: install system-deps
 	$(BIN)/python -m pytest -q tests/integration
 
+# GPU checks: every test marked `gpu` (on a machine without CUDA each is reported skipped, with
+# its reason), then on a CUDA machine the smoke checks of tests/gpu/smoke.py (part 2 under
+# torchrun with 2+ GPUs; results in DSL_SMOKE_OUT, default smoke-results/), else their list.
+.PHONY: test-gpu
+test-gpu: install
+	$(BIN)/python -m pytest -q -rs -m gpu tests
+	@gpus=$$($(BIN)/python -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"); \
+	if [ "$$gpus" -ge 1 ]; then \
+		status=0; \
+		$(BIN)/python tests/gpu/smoke.py || status=1; \
+		if [ "$$gpus" -ge 2 ]; then \
+			$(BIN)/python -m torch.distributed.run --standalone --nproc_per_node 2 tests/gpu/smoke.py --multi || status=1; \
+		fi; \
+		exit $$status; \
+	else \
+		echo "no CUDA device here: the GPU smoke checks are listed, not run (tests/gpu/smoke.py --device cpu self-tests them)" >&2; \
+		$(BIN)/python tests/gpu/smoke.py --list; \
+	fi
+
 # Side-by-side benchmarks; each writes its own section of docs/benchmarks.md:
 # engine step (dsl vs DeepSpeed 0.19.8, DDP, FSDP2), fused optimizer GB/s, 1-bit compressed
 # all-reduce on a 1 Gbit/s link (needs root: test-cluster namespaces + tc), memory model vs
