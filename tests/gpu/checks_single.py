@@ -217,9 +217,15 @@ def _matrix(ctx: Ctx, extra: dict[str, Any], tol: float) -> None:
         engine_case(ctx, f"stage{cfg['zero_stage']}", lambda cfg=cfg: _run(cfg, ctx.device), ref, tol, config=cfg)
 
 
-@check("engine_fp32", "ZeRO 0-3, fp32: the tiny Llama on the device vs the same on the CPU", part=PART, timeout_s=300)
+@check("engine_fp32", "ZeRO 0-3, fp32: the tiny Llama on the device vs the same on the CPU; + TF32 at ZeRO 0",
+       part=PART, timeout_s=300)
 def engine_fp32(ctx: Ctx) -> None:
     _matrix(ctx, {"precision": "fp32"}, FP32_TOL)
+    # The engine's default on CUDA: TensorFloat-32 matmuls, against IEEE fp32 on the CPU.
+    ieee = next((c.get("reference") for c in ctx.cases if c["name"] == "stage0"), None)
+    cfg = {"zero_stage": 0, "precision": "fp32", "tf32": True}
+    engine_case(ctx, "stage0-tf32", lambda: _run(cfg, ctx.device), ieee, LOWP_TOL, config=cfg,
+                note=None if ctx.mode == "cuda" else "no effect on a CPU device")
 
 
 @check("engine_bf16", "ZeRO 0-3, bf16 autocast: device vs CPU", part=PART, timeout_s=300)
@@ -242,17 +248,21 @@ def engine_lowp(ctx: Ctx) -> None:
 # 5. Optimizer offload -------------------------------------------------------------------------
 
 
-@check("offload", "optimizer offload to CPU and NVMe (a temp folder) vs none, ZeRO 2 and 3", part=PART, timeout_s=300)
+@check("offload", "optimizer offload to CPU and NVMe (a temp folder) vs none, ZeRO 2 and 3; pinned host buffers",
+       part=PART, timeout_s=300)
 def offload(ctx: Ctx) -> None:
     ctx.group()
     dev = ctx.device
     nvme = ctx.tmp / "nvme"
     ctx.details["nvme_path"] = str(nvme)
+    # On CUDA, offload.pin_memory (default true) makes the host buffers page-locked and the copies
+    # asynchronous; "unpinned" runs the synchronous path too. On the CPU there is nothing to pin.
+    kinds = [("cpu", True), ("nvme", True)] + ([("cpu", False)] if ctx.mode == "cuda" else [])
     for stage, precision, tol in ((2, "fp32", FP32_TOL), (3, "fp32", FP32_TOL), (2, "bf16", LOWP_TOL)):
         base = {"zero_stage": stage, "precision": precision}
         plain = reference(ctx, _label(base), lambda base=base: _run(base, dev))
-        for kind in ("cpu", "nvme"):
-            cfg = {**base, "offload": {"optimizer": kind, "sub_group_mib": 0.1,
+        for kind, pin in kinds:
+            cfg = {**base, "offload": {"optimizer": kind, "sub_group_mib": 0.1, "pin_memory": pin,
                                        **({"nvme_path": str(nvme)} if kind == "nvme" else {})}}
             held: dict[str, Any] = {}
 
@@ -261,17 +271,41 @@ def offload(ctx: Ctx) -> None:
                 try:
                     losses = train(engine)
                     held.update(engine.state_summary())
+                    if ctx.mode == "cuda":
+                        held["pinned"] = _pinned(engine.states)
                     return losses
                 finally:
                     release(engine)
 
-            name = f"stage{stage}-{precision}-{kind}"
+            name = f"stage{stage}-{precision}-{kind}" + ("" if pin else "-unpinned")
             engine_case(ctx, name, run, plain, tol, config=cfg, state_summary=held)
+            if not held:
+                continue
             term = "offload_cpu_bytes" if kind == "cpu" else "offload_nvme_bytes"
-            if held:  # the states did leave the device (what the device keeps is recorded, not judged)
-                moved = held.get(term, 0)
-                ctx.case(f"{name}-{term}", moved > 0, "" if moved > 0 else f"state_summary() reports {term} {moved}",
-                         **{term: moved, "device_optimizer_states_bytes": held.get("optimizer_states_bytes")})
+            moved = held.get(term, 0)  # the states did leave the device (what stays is recorded, not judged)
+            ctx.case(f"{name}-{term}", moved > 0, "" if moved > 0 else f"state_summary() reports {term} {moved}",
+                     **{term: moved, "device_optimizer_states_bytes": held.get("optimizer_states_bytes")})
+            if ctx.mode == "cuda":
+                ok = held["pinned"] is pin
+                ctx.case(f"{name}-pinned", ok, "" if ok else f"engine.states.pinned is {held['pinned']}, "
+                                                             f"offload.pin_memory {pin}", pinned=held["pinned"])
+            elif pin and kind == "cpu" and stage == 2 and precision == "fp32":
+                ctx.case("pinned_host_buffers", None, "the CPU self-test has no accelerator to pin memory for "
+                                                      "(pin_memory() needs one); the offload cases above ran unpinned")
+
+
+def _pinned(states: Any) -> bool | None:
+    """Whether an offload's host buffers are page-locked, asked of the buffers themselves (its
+    tensor attributes and lists of tensors on the host); None when it holds none. CUDA only:
+    is_pinned() needs an accelerator."""
+    import torch
+
+    found = []
+    for value in vars(states).values():
+        for t in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                found.append(t)
+    return all(t.is_pinned() for t in found) if found else None
 
 
 # 6. Activation checkpointing and offload ------------------------------------------------------

@@ -15,7 +15,8 @@ the bundled `tiny` Llama). None is measured on a GPU yet: every comparison write
   sums). Self-test: 0 on 1 rank, <= 7.2e-7 on 2 ranks (test_zero_stages.py: <= 6e-7 over 20
   steps). ~300x that, still far below one step's loss change (~0.15).
 - LOWP_TOL 5e-2: bf16 / fp16 / low_precision_states on the device vs the same case on the CPU
-  (or N ranks vs 1), and 1-bit Adam device vs CPU. Different 16-bit kernels round differently;
+  (or N ranks vs 1), fp32 with TensorFloat-32 matmuls (the engine's CUDA default) vs IEEE fp32
+  on the CPU, and 1-bit Adam device vs CPU. Different 16-bit kernels round differently;
   bf16 vs fp32 on CPU measures 6.9e-3 over 20 steps (test_zero_stages.py allows 2e-2).
   Self-test, 2 ranks vs 1: <= 5.6e-5 bf16, 1.8e-5 fp16, 4.1e-4 low_precision_states.
 - SAME_TOL 2e-5: a feature switched on vs off on the same device in fp32 (activation
@@ -199,14 +200,17 @@ def model_config(model: dict[str, Any]):
 
 def build(cfg: dict[str, Any], device, model: dict[str, Any] = TINY):
     """The bundled Llama (seed 0, so every build has the same weights) wrapped by the engine on
-    `device` (a constant lr: no schedule)."""
+    `device` (a constant lr: no schedule). fp32 means IEEE fp32 here (`tf32: false`, the engine's
+    default being TensorFloat-32 matmuls on CUDA) unless `cfg` says otherwise: the checks compare
+    the engine's paths, and FP32_TOL is for reduction order, not 10-bit matmul inputs."""
     import torch
 
     from dsl.engine import initialize
     from dsl.engine.model import Llama
 
     torch.manual_seed(0)
-    return initialize(Llama(model_config(model)), {"micro_batch": MICRO, **cfg}, lr=LR, device=device)
+    return initialize(Llama(model_config(model)), {"micro_batch": MICRO, "tf32": False, **cfg}, lr=LR,
+                      device=device)
 
 
 def batch(model: dict[str, Any], step: int, *, rank: int = 0, micro_batch: int = MICRO):

@@ -109,7 +109,8 @@ def test_device_cpu_runs_every_check_end_to_end(tmp_path: Path) -> None:
     assert lines[-1].startswith(f"{summary['counts']['pass']} passed, 0 failed")
     engine = json.loads((out / "engine_fp32.json").read_text())
     assert engine["details"]["process_group"]["backend"] == "gloo"
-    assert [c["name"] for c in engine["cases"]] == ["stage0", "stage1", "stage2", "stage3"]
+    assert [c["name"] for c in engine["cases"]] == ["stage0", "stage1", "stage2", "stage3", "stage0-tf32"]
+    assert all(c["max_abs_diff"] <= c["tol"] for c in engine["cases"])
 
 
 def test_a_check_that_raises_aborts_or_hangs_fails_alone(tmp_path: Path) -> None:
