@@ -208,6 +208,8 @@ class Engine:
         """Names of the blocks whose forward runs under torch.compile (engine/compile.py)."""
         work_dtype = precision.work_dtype(config) if stage == 3 else None
         stage_dtype = precision.stage_param_dtype(config, stage)
+        offload = "none" if config.offload.optimizer == "auto" else config.offload.optimizer
+        pinned = config.offload.pin_memory and transfer.use_pinned(self.device)
         if (work_dtype is not None or stage_dtype is not None) and hasattr(self.module, "residual_dtype"):
             # 16-bit parameters (stage 3's working copy, or the master layout's parameters at
             # stages 0-2): keep the embedding's output, the residual stream, fp32 (precision.py).
@@ -224,6 +226,10 @@ class Engine:
             device=self.device,
             work_dtype=work_dtype,
             compute_dtype=stage_dtype,
+            # CPU optimizer offload: the master partition and (stages 2-3) the gradient partition
+            # live in host memory, where the CPU optimizer reads them (zero/base.py).
+            host_states=offload == "cpu",
+            pinned=pinned,
         )
         self.reducer = self.stage
         """The same object as `stage` (the first engine's name for it)."""
@@ -231,7 +237,6 @@ class Engine:
             self.stage.quantize_block_numel = config.comm.quantize_block_numel
         opt = config.optimizer
         self.hyper = Hyper(opt.type, tuple(opt.betas), opt.eps, weight_decay, opt.momentum)
-        offload = "none" if config.offload.optimizer == "auto" else config.offload.optimizer
         if opt.type == "onebit_adam":  # 1-bit Adam (engine/onebit.py), stage 0 only
             from dsl.engine.onebit import OnebitAdamStates
 
@@ -463,7 +468,7 @@ class Engine:
             "activations_bytes": self._activation_bytes,
         }
         out["total_bytes"] = sum(out.values())
-        out["offload_cpu_bytes"] = st["offload_cpu_bytes"]
+        out["offload_cpu_bytes"] = st["offload_cpu_bytes"] + mem.get("host_bytes", 0)
         out["offload_nvme_bytes"] = st["offload_nvme_bytes"]
         if self.device.type == "cuda":
             transfer.wait_device(self.device)

@@ -162,10 +162,18 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
             return _ceil_div(per_param * params, n), f"{per_param} B x {params:,} / {n}"
         return per_param * params, f"{per_param} B x {params:,}"
 
+    # CPU optimizer offload (engine/zero/base.py host_states): a master partition kept apart from
+    # what the model computes with lives in host memory, where it is the optimizer's own master
+    # (one copy): the master layout's at stages 0-2, stage 3's fp32 shard behind its 16-bit
+    # working copy. At stages 2-3 the reduced gradient partition lives there too.
+    cpu = offload_optimizer == "cpu"
+    host_master = cpu and (sb.weights16 or (stage >= 3 and bool(sb.work)))
     p_bytes, p_f = part(sb.param, stage >= 3)
+    if stage >= 3 and host_master:  # the fp32 shard is the optimizer's master, on the host
+        p_bytes, p_f = 0, "fp32 shard: in host memory with the optimizer (master weights)"
     if stage >= 3 and sb.work:  # the engine's 16-bit working copy of its shard (engine/zero/stage3.py)
         w_bytes, w_f = part(sb.work, True)
-        p_bytes, p_f = p_bytes + w_bytes, f"{p_f} + working copy {w_f}"
+        p_bytes, p_f = p_bytes + w_bytes, (f"{p_f} + working copy {w_f}" if p_bytes else f"working copy {w_f}")
     g_bytes, g_f = part(sb.grad, stage >= 2)
     paper = precision != "fp32" and not low_precision_states and layout == "paper"
     if stage == 1 and n > 1 and not paper:
@@ -178,7 +186,11 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
         terms.append(Term(PARAMETERS, host_bytes=p_bytes, formula=p_f + " (offloaded to host)"))
     else:
         terms.append(Term(PARAMETERS, device_bytes=p_bytes, formula=p_f))
-    terms.append(Term(GRADIENTS, device_bytes=g_bytes, formula=g_f))
+    if cpu and stage >= 2:
+        terms.append(Term(GRADIENTS, host_bytes=g_bytes, formula=g_f + " in host memory (reduced partitions "
+                                                                       "copied down as each bucket completes)"))
+    else:
+        terms.append(Term(GRADIENTS, device_bytes=g_bytes, formula=g_f))
     if offload_optimizer == "none":
         m_bytes, m_f = part(sb.master, stage >= 1)
         o_bytes, o_f = part(sb.optimizer, stage >= 1)
@@ -200,19 +212,24 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
     m_bytes, m_f = part(elem, stage >= 1)
     o_bytes, o_f = part(sb.optimizer, stage >= 1)
     where = "host_bytes" if offload_optimizer == "cpu" else "nvme_bytes"
-    if sb.weights16:
-        # The master layout's stage keeps its own fp32 master partition on the device too (the
-        # offload updates it, the stage casts it into the 16-bit parameters): zero/master.py.
+    if sb.weights16 and not cpu:
+        # NVMe: the master layout's stage keeps its own fp32 master partition on the device too
+        # (the offload updates it, the stage casts it into the 16-bit parameters): zero/master.py.
         d_bytes, d_f = part(sb.master, stage >= 1)
         terms.append(Term(MASTER, device_bytes=d_bytes, **{where: m_bytes},
                           formula=f"{d_f} on the device + {m_f} offloaded to {offload_optimizer}"))
+    elif host_master:
+        terms.append(Term(MASTER, host_bytes=m_bytes, formula=f"{m_f} in host memory, shared by the stage and "
+                                                               "the CPU optimizer"))
     else:
         terms.append(Term(MASTER, **{where: m_bytes}, formula=f"{m_f} (offloaded to {offload_optimizer})"))
     terms.append(Term(OPTIMIZER, **{where: o_bytes}, formula=f"{o_f} (offloaded to {offload_optimizer})"))
     # Gradient sub-groups come down through 2 pinned buffers on a GPU (one copy in flight while
-    # the other is updated), through 1 on a CPU device (engine/offload.py grad_buffers).
-    grads_n = 2 if accelerator and pin_memory else 1
-    grad_f = f"{grads_n} gradient sub-group buffer{'s' if grads_n > 1 else ''} x {elem} B x {sub:,}"
+    # the other is updated), through 1 on a CPU device (engine/offload.py grad_buffers); none
+    # where the gradient partition is in host memory already (CPU offload, stages 2-3).
+    grads_n = 0 if cpu and stage >= 2 else 2 if accelerator and pin_memory else 1
+    grad_f = (f"{grads_n} gradient sub-group buffer{'s' if grads_n > 1 else ''} x {elem} B x {sub:,}" if grads_n
+              else "no gradient buffer: the optimizer reads the host gradient partition in place")
     if offload_optimizer == "cpu":
         terms.append(Term(OFFLOAD_BUFFERS, host_bytes=grads_n * elem * sub, formula=grad_f))
     else:
@@ -527,7 +544,8 @@ def expected_state_summary(model: "ModelConfig | ModelShape | str", engine: "Eng
     shape = ModelShape.of(model)
     tokens = (micro_batch or engine.micro_batch) * shape.seq_len // sp
     t = b.term
-    host = sum(x.host_bytes for x in b.terms if not x.transient and x.name in (MASTER, OPTIMIZER, OFFLOAD_BUFFERS))
+    host = sum(x.host_bytes for x in b.terms
+               if not x.transient and x.name in (PARAMETERS, GRADIENTS, MASTER, OPTIMIZER, OFFLOAD_BUFFERS))
     nvme = sum(x.nvme_bytes for x in b.terms)
     out = {
         "params_bytes": t(PARAMETERS).device_bytes,

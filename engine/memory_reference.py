@@ -29,12 +29,15 @@ def deepspeed_estimate(params: int, largest_layer_params: int, stage: int, *, gp
             gpu = 2 * params
             cpu = params * max(4 * total_gpus, 16) * additional_buffer_factor
         else:
-            gpu = 4 * params + int(16 * params / total_gpus)
+            # deepspeed/runtime/zero/stage_1_and_2.py (0.19.8): 2 = 16-bit params; 18 = 16-bit
+            # grads 2 + fp32 grads 4 + fp32 params 4 + moments 8, partitioned. (Releases before
+            # it used 4P + 16P/N.)
+            gpu = 2 * params + int(18 * params / total_gpus)
             cpu = params * 4 * gpus_per_node * additional_buffer_factor
         return {"function": "estimate_zero2_model_states_mem_needs", "cpu_bytes": int(cpu), "gpu_bytes": int(gpu),
-                "why_different": "DeepSpeed counts full 16-bit params and grads on every GPU plus a 16/N fp32 "
-                                 "partition (4P + 16P/N) and multiplies CPU figures by 1.5; it has no activations, "
-                                 "logits or buffers"}
+                "why_different": "DeepSpeed counts full 16-bit params on every GPU plus 18P/N partitioned (16-bit "
+                                 "and fp32 grads, fp32 params, moments: 2P + 18P/N; with offload 2P) and multiplies "
+                                 "CPU figures by 1.5; it has no activations, logits or buffers"}
     if stage == 3:
         largest = 4 * largest_layer_params
         gpus_factor = 1 / nodes

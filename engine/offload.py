@@ -132,11 +132,18 @@ class _GradStream:
     """The gradient partition coming down to the host one sub-group at a time. With two
     buffers sub-group i+1's copy runs while the caller updates sub-group i."""
 
-    def __init__(self, width: int, dtype: torch.dtype, pinned: bool) -> None:
-        self.bufs = [_host_zeros(width, dtype, pinned) for _ in range(grad_buffers(pinned))]
+    def __init__(self, width: int, dtype: torch.dtype, pinned: bool, direct: bool = False) -> None:
+        self.direct = direct
+        """The gradient partition is host memory already (zero/base.py grads_on_host): its
+        sub-groups are read in place, no buffer, no copy."""
+        self.bufs = [] if direct else [_host_zeros(width, dtype, pinned) for _ in range(grad_buffers(pinned))]
 
     def pieces(self, grad_flat: torch.Tensor, chunks: list[tuple[int, int]]):
         """Yield (i, lo, hi, host copy of grad_flat[lo:hi]) in order, each already arrived."""
+        if self.direct:
+            for i, (lo, hi) in enumerate(chunks):
+                yield i, lo, hi, grad_flat[lo:hi]
+            return
         ahead = len(self.bufs) > 1
 
         def fetch(i: int) -> tuple[torch.Tensor, transfer.Pending]:
@@ -169,13 +176,20 @@ class CpuOffload:
         self.names = STATE_NAMES[hyper.kind]
         self.pinned = pinned
         n = stage.layout.shard_numel
-        self.master = _host_zeros(n, dtype, pinned)
+        shared = stage.host_master()
+        self.shared_master = shared is not None
+        """The stage keeps its fp32 master partition in host memory (zero/base.py): it is this
+        offload's master too, updated in place, never copied up or down by the offload."""
+        self.master = shared if shared is not None else _host_zeros(n, dtype, pinned)
         self.flats = {name: _host_zeros(n, dtype, pinned) for name in self.names}
         self.chunks = _chunks(stage.layout.segments, n, sub_group_numel)
-        self._grads = _GradStream(max((hi - lo for lo, hi in self.chunks), default=0), dtype, pinned)
+        width = 0 if stage.grads_on_host else max((hi - lo for lo, hi in self.chunks), default=0)
+        self._grads = _GradStream(width, dtype, pinned, direct=stage.grads_on_host)
         self.sync_from_params()
 
     def sync_from_params(self) -> None:
+        if self.shared_master:
+            return
         with torch.no_grad():
             for s in self.stage.layout.segments:
                 transfer.to_host(_piece(self.master, s), self.stage.param_piece(s)).wait()
@@ -193,6 +207,8 @@ class CpuOffload:
                 {k: [_piece(f, s) for s in segs] for k, f in self.flats.items()},
                 [s.decay for s in segs], step=step, lr=lr, seed=seed,
             )  # fmt: skip
+            if self.shared_master:  # updated in place: the stage casts it up (after_update)
+                continue
             for s, p in zip(segs, params):
                 last = transfer.to_device(self.stage.param_piece(s), p)  # CPU -> device
         if last is not None:  # uploads run in order on one stream: the last one ends them all
@@ -205,7 +221,8 @@ class CpuOffload:
         self.read(name).copy_(flat)
 
     def memory(self) -> dict[str, int]:
-        host = nbytes(self.master) + sum(nbytes(f) for f in self.flats.values()) + self._grads.nbytes()
+        host = (0 if self.shared_master else nbytes(self.master)) + sum(nbytes(f) for f in self.flats.values()) \
+            + self._grads.nbytes()
         return {"optimizer_states_bytes": 0, "offload_cpu_bytes": host, "offload_nvme_bytes": 0}
 
     def close(self) -> None:

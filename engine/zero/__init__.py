@@ -35,12 +35,17 @@ def build_stage(
     device: torch.device,
     work_dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype | None = None,
+    host_states: bool = False,
+    pinned: bool = False,
 ) -> ZeroStage:
     """The stage object; it converts the parameters to `dtype` and takes over their storage.
     Stage 3 hands the model its gathered parameters in `work_dtype` when given (stage3.py);
     stages 0-2 hold them in `compute_dtype` when given, next to an fp32 master partition (the
-    master-weights layout, zero/master.py)."""
-    common = dict(grad_accum=grad_accum, world_size=world_size, rank=rank, dtype=dtype, device=device)
+    master-weights layout, zero/master.py). `host_states` (CPU/NVMe optimizer offload): the master
+    partition and, at stages 2-3, the gradient partition live in host memory (page-locked when
+    `pinned`); see zero/base.py."""
+    common = dict(grad_accum=grad_accum, world_size=world_size, rank=rank, dtype=dtype, device=device,
+                  host_states=host_states, pinned=pinned)
     if stage == 3:
         from dsl.engine.zero.stage3 import Stage3
 

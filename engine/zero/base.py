@@ -16,6 +16,13 @@ The engine drives a stage through:
 
 `partitioned` says whether `grad_flat` is a partition (stages 1-3: the global gradient norm
 needs one all_reduce) or the whole gradient (stage 0: every rank already holds the same sum).
+
+Under CPU optimizer offload (`host_states`) a stage keeps what only the CPU optimizer reads in
+host memory: the fp32 master partition where it is separate from what the model computes with
+(`host_master()`: the master layout at stages 1-2, the 16-bit working copy's master at stage 3),
+and at stages 2-3 the gradient partition (`grads_on_host`): each reduced bucket's partition is
+copied down as soon as its reduce-scatter completes, so after backward no gradient stays on the
+device. `memory()` reports those bytes as `host_bytes`.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ class ZeroStage:
 
     stage = -1
     partitioned = True
+    grads_on_host = False
+    """`grad_flat` lives in host memory (stages 2-3 under CPU/NVMe optimizer offload)."""
 
     layout: Layout
     grad_flat: torch.Tensor
@@ -114,6 +123,10 @@ class ZeroStage:
 
     def zero_grad(self) -> None:
         raise NotImplementedError
+
+    def host_master(self) -> torch.Tensor | None:
+        """The fp32 master partition (shard space) when it lives in host memory, else None."""
+        return None
 
     def memory(self) -> dict[str, int]:
         raise NotImplementedError

@@ -16,6 +16,11 @@ After each update (`publish`), every rank casts its master partition into its sl
 `params_flat`; stages 1-2 then all-gather the 16-bit slices in place (half the bytes of the
 autocast layout's fp32 all-gather).
 
+With CPU optimizer offload the master partition lives in host memory (`host=True`, pinned on a
+GPU host) and is the offload's own master (engine/offload.py): one copy, updated in place by the
+CPU optimizer, cast on its way up into the 16-bit slice. The device then holds only the 16-bit
+parameters (and, at stage 2, no gradient partition either: zero/stage2.py).
+
 Initial values: the model's fp32 parameters are flattened and broadcast from rank 0 first, the
 master partition is copied from that fp32 buffer, and only then is the buffer cast to 16 bits,
 so the master starts from exactly the weights the autocast layout would start from.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from dsl.engine import transfer
 from dsl.engine.zero import collectives
 from dsl.engine.zero.layout import FlatGroup, Layout, rebind_params
 
@@ -34,14 +40,23 @@ __all__ = ["MasterCopy"]
 class MasterCopy:
     """This rank's fp32 master partition (shard space) of a stage with 16-bit parameters."""
 
-    def __init__(self, layout: Layout, full32: torch.Tensor) -> None:
-        """full32: [layout.full_numel] fp32, every parameter (the flattened, broadcast model)."""
+    def __init__(self, layout: Layout, full32: torch.Tensor, *, host: bool = False, pinned: bool = False) -> None:
+        """full32: [layout.full_numel] fp32, every parameter (the flattened, broadcast model).
+        `host`: keep the master in host memory (CPU optimizer offload updates it there; page-locked
+        when `pinned`), else on full32's device."""
         self.layout = layout
-        self.flat = torch.empty(layout.shard_numel, dtype=full32.dtype, device=full32.device)
+        self.host = host
+        if host:
+            self.flat = transfer.host_empty(layout.shard_numel, full32.dtype, pinned=pinned)
+        else:
+            self.flat = torch.empty(layout.shard_numel, dtype=full32.dtype, device=full32.device)
         """[shard_numel] fp32: this rank's partition of every group, back to back."""
         for g in layout.groups:
             lo, hi = layout.part_range(g)
-            self.part(g).copy_(full32[g.base + lo : g.base + hi])
+            if host:
+                transfer.to_host(self.part(g), full32[g.base + lo : g.base + hi]).wait()
+            else:
+                self.part(g).copy_(full32[g.base + lo : g.base + hi])
 
     def part(self, g: FlatGroup) -> torch.Tensor:
         return self.flat[g.shard_offset : g.shard_offset + g.part_numel]
@@ -58,9 +73,16 @@ class MasterCopy:
         1) all-gather every group's slices in place."""
         layout = self.layout
         with torch.no_grad():
+            last = None
             for g in layout.groups:
                 lo, hi = layout.part_range(g)
-                params_flat[g.base + lo : g.base + hi].copy_(self.part(g))
+                mine = params_flat[g.base + lo : g.base + hi]
+                if self.host:  # up from host memory, cast on the way (asynchronous when pinned)
+                    last = transfer.to_device(mine, self.part(g))
+                else:
+                    mine.copy_(self.part(g))
+            if last is not None:  # the next update rewrites the master: the copies must be done
+                last.wait()
             if world_size == 1:
                 return
             works = []

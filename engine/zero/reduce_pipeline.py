@@ -1,7 +1,7 @@
 """The gradient pipeline stages 2 and 3 share: full-gradient staging buffers, reduce-scattered into
 this rank's gradient shard, with at most `MAX_IN_FLIGHT` staging buffers alive.
 
-A stage that mixes this in owns `_staging` ({group index: buffer}), `_filled` ({group index: set
+A stage that mixes this in owns `device`, `_staging` ({group index: buffer}), `_filled` ({group index: set
 of offsets written}), `_pending` (gradients still expected per group), `_in_flight` (a deque) and
 `_grad_shard`; it decides *when* a group is launched (stage 2: bucket order; stage 3: unit
 order), this class *how*.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from dsl.engine import transfer
 from dsl.engine.zero.layout import FlatGroup
 
 MAX_IN_FLIGHT = 4
@@ -21,7 +22,8 @@ class ReducePipeline:
     def _staging_for(self, g: FlatGroup) -> torch.Tensor:
         buf = self._staging.get(g.index)
         if buf is None:
-            buf = torch.empty(g.padded, dtype=self._grad_shard.dtype, device=self._grad_shard.device)
+            # On the device (the reduce-scatter's source), whether or not the shard is host memory.
+            buf = torch.empty(g.padded, dtype=self._grad_shard.dtype, device=self.device)
             buf[g.numel :].zero_()
             self._staging[g.index] = buf
         return buf
@@ -42,7 +44,20 @@ class ReducePipeline:
         work, g, out, _staging = self._in_flight.popleft()
         if work is not None:
             work.wait()
-        self._grad_shard[g.shard_offset : g.shard_offset + g.part_numel].add_(out)
+        dst = self._grad_shard[g.shard_offset : g.shard_offset + g.part_numel]
+        if dst.device != out.device:  # the partition lives in host memory (CPU optimizer offload)
+            down = self._down_buffer(out.numel(), out.dtype)
+            transfer.to_host(down, out).wait()
+            out = down
+        dst.add_(out)
+
+    def _down_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reusable host buffer (pinned on a GPU host) for one reduced partition on its way down."""
+        buf = getattr(self, "_down", None)
+        if buf is None or buf.numel() < numel:
+            buf = self._down = transfer.host_empty(max(g.part_numel for g in self.layout.groups), dtype,
+                                                   pinned=self._grad_shard.is_pinned())
+        return buf[:numel]
 
     def _drain(self) -> None:
         while self._in_flight:

@@ -75,6 +75,8 @@ class Stage0(ZeroStage):
         dtype: torch.dtype,
         device: torch.device,
         compute_dtype: torch.dtype | None = None,
+        host_states: bool = False,
+        pinned: bool = False,
     ) -> None:
         super().__init__(grad_accum=grad_accum, world_size=world_size, rank=rank)
         parts = self._parts()
@@ -88,7 +90,7 @@ class Stage0(ZeroStage):
         """The fp32 master partition under the master-weights layout (zero/master.py), else None."""
         grads_full = torch.zeros_like(self.params_flat)
         if compute_dtype is not None and compute_dtype != dtype:
-            self.master = MasterCopy(self.layout, self.params_flat)
+            self.master = MasterCopy(self.layout, self.params_flat, host=host_states, pinned=pinned)
             self.params_flat = MasterCopy.to_compute(self.layout, self.params_flat, compute_dtype)
         self.grads_full = grads_full
         """[full_numel]: every gradient; `param.grad` are views of it (master layout: the hook
@@ -204,9 +206,14 @@ class Stage0(ZeroStage):
                 elif p.grad is None or p.grad.data_ptr() != view.data_ptr():
                     p.grad = view
 
+    def host_master(self) -> torch.Tensor | None:
+        return self.master.flat if self.master is not None and self.master.host else None
+
     def memory(self) -> dict[str, int]:
+        master = nbytes(self.master.flat) if self.master is not None else 0
         return {"params_bytes": nbytes(self.params_flat), "grads_bytes": nbytes(self.grads_full),
-                "master_bytes": nbytes(self.master.flat) if self.master is not None else 0}
+                "master_bytes": 0 if self.host_master() is not None else master,
+                "host_bytes": master if self.host_master() is not None else 0}
 
     # Compatibility with the first engine's reducer (tests and tools read these).
 

@@ -78,8 +78,10 @@ class Stage1(Stage0):
             work.wait()
 
     def memory(self) -> dict[str, int]:
+        master = nbytes(self.master.flat) if self.master is not None else 0
         return {
             "params_bytes": nbytes(self.params_flat),
             "grads_bytes": nbytes(self.grads_full) + nbytes(self._grad_shard),
-            "master_bytes": nbytes(self.master.flat) if self.master is not None else 0,
+            "master_bytes": 0 if self.host_master() is not None else master,
+            "host_bytes": master if self.host_master() is not None else 0,
         }

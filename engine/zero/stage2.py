@@ -41,6 +41,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from dsl.engine import transfer
 from dsl.engine.zero import collectives
 from dsl.engine.zero.base import ZeroStage, nbytes
 from dsl.engine.zero.layout import FlatGroup, Layout, Segment, flatten_params, split_buckets
@@ -66,8 +67,11 @@ class Stage2(ReducePipeline, ZeroStage):
         dtype: torch.dtype,
         device: torch.device,
         compute_dtype: torch.dtype | None = None,
+        host_states: bool = False,
+        pinned: bool = False,
     ) -> None:
         super().__init__(grad_accum=grad_accum, world_size=world_size, rank=rank)
+        self.device = device
         groups = split_buckets(list(reversed(named)), bucket_bytes)
         self.layout = Layout(groups, parts=world_size, rank=rank)
         self.params_flat = flatten_params(self.layout, dtype, device)
@@ -76,9 +80,13 @@ class Stage2(ReducePipeline, ZeroStage):
         self.master: MasterCopy | None = None
         """The fp32 master partition under the master-weights layout (zero/master.py), else None."""
         if compute_dtype is not None and compute_dtype != dtype:
-            self.master = MasterCopy(self.layout, self.params_flat)
+            self.master = MasterCopy(self.layout, self.params_flat, host=host_states, pinned=pinned)
             self.params_flat = MasterCopy.to_compute(self.layout, self.params_flat, compute_dtype)
-        self._grad_shard = torch.zeros(self.layout.shard_numel, dtype=dtype, device=device)
+        self.grads_on_host = host_states
+        if host_states:  # CPU optimizer offload: reduced partitions go straight down (base.py)
+            self._grad_shard = transfer.host_empty(self.layout.shard_numel, dtype, pinned=pinned).zero_()
+        else:
+            self._grad_shard = torch.zeros(self.layout.shard_numel, dtype=dtype, device=device)
         self.buckets = self.layout.groups
         self._where: dict[int, tuple[FlatGroup, int, int]] = {}
         for g in self.layout.groups:
@@ -163,8 +171,17 @@ class Stage2(ReducePipeline, ZeroStage):
             for p in g.params:
                 p.grad = None
 
+    def host_master(self) -> torch.Tensor | None:
+        return self.master.flat if self.master is not None and self.master.host else None
+
     def memory(self) -> dict[str, int]:
         staging = sum(nbytes(t) for t in self._staging.values())
         staging += sum(nbytes(s) + (nbytes(o) if o is not s else 0) for _, _, o, s in self._in_flight)
-        return {"params_bytes": nbytes(self.params_flat), "grads_bytes": nbytes(self._grad_shard) + staging,
-                "master_bytes": nbytes(self.master.flat) if self.master is not None else 0}
+        master = nbytes(self.master.flat) if self.master is not None else 0
+        shard = nbytes(self._grad_shard)
+        host = (shard + nbytes(getattr(self, "_down", None)) if self.grads_on_host else 0) \
+            + (master if self.host_master() is not None else 0)
+        return {"params_bytes": nbytes(self.params_flat),
+                "grads_bytes": (0 if self.grads_on_host else shard) + staging,
+                "master_bytes": 0 if self.host_master() is not None else master,
+                "host_bytes": host}

@@ -69,6 +69,7 @@ import torch.distributed as tdist
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from dsl.engine import transfer
 from dsl.engine.zero import collectives
 from dsl.engine.zero.base import ZeroStage, nbytes
 from dsl.engine.zero.layout import FlatGroup, Layout, Segment
@@ -182,6 +183,8 @@ class Stage3(ReducePipeline, ZeroStage):
         dtype: torch.dtype,
         device: torch.device,
         work_dtype: torch.dtype | None = None,
+        host_states: bool = False,
+        pinned: bool = False,
     ) -> None:
         super().__init__(grad_accum=grad_accum, world_size=world_size, rank=rank)
         unit_modules = choose_units(module)
@@ -198,15 +201,24 @@ class Stage3(ReducePipeline, ZeroStage):
             self._root_has_params = True
         self.layout = Layout(named_groups, parts=world_size, rank=rank)
         self.device = device
-        self.master = torch.empty(self.layout.shard_numel, dtype=dtype, device=device)
+        has_work = work_dtype is not None and work_dtype != dtype
+        self._host_master = host_states and has_work
+        if self._host_master:  # CPU optimizer offload: only the 16-bit copy is gathered (base.py)
+            self.master = transfer.host_empty(self.layout.shard_numel, dtype, pinned=pinned)
+        else:
+            self.master = torch.empty(self.layout.shard_numel, dtype=dtype, device=device)
         """This rank's partition of every unit (shard space): the persistent parameters, which the
         optimizer, offload and checkpoints read and write (`param_piece` / `param_part`)."""
         self.work = self.master
         """What `_gather` gathers: `master` itself, or (`work_dtype` given and not `dtype`) its
         copy in `work_dtype`, the same layout, refreshed by `after_update()`."""
-        if work_dtype is not None and work_dtype != dtype:
+        if has_work:
             self.work = torch.empty(self.layout.shard_numel, dtype=work_dtype, device=device)
-        self._grad_shard = torch.zeros(self.layout.shard_numel, dtype=dtype, device=device)
+        self.grads_on_host = host_states
+        if host_states:  # reduced partitions go straight down to host memory (base.py)
+            self._grad_shard = transfer.host_empty(self.layout.shard_numel, dtype, pinned=pinned).zero_()
+        else:
+            self._grad_shard = torch.zeros(self.layout.shard_numel, dtype=dtype, device=device)
         self.units: list[_Unit] = []
         self._where: dict[int, tuple[_Unit, int, int]] = {}
         with torch.no_grad():
@@ -217,7 +229,11 @@ class Stage3(ReducePipeline, ZeroStage):
                 if world_size > 1:
                     tdist.broadcast(flat, src=0)
                 lo, hi = self.layout.part_range(g)
-                self.master[g.shard_offset : g.shard_offset + g.part_numel].copy_(flat[lo:hi])
+                mine = self.master[g.shard_offset : g.shard_offset + g.part_numel]
+                if self._host_master:
+                    transfer.to_host(mine, flat[lo:hi]).wait()
+                else:
+                    mine.copy_(flat[lo:hi])
                 full = flat
                 if self.work is not self.master:  # gathered in work's dtype
                     full = torch.empty(g.padded, dtype=self.work.dtype, device=device)
@@ -427,7 +443,11 @@ class Stage3(ReducePipeline, ZeroStage):
 
     def _refresh_work(self) -> None:
         """Cast the new `master` into `work` (nothing to do when they are the same tensor)."""
-        if self.work is not self.master:
+        if self.work is self.master:
+            return
+        if self._host_master:  # up from host memory (CPU optimizer offload), cast on the way
+            transfer.to_device(self.work, self.master).wait()
+        else:
             self.work.copy_(self.master)
 
     def zero_grad(self) -> None:
@@ -440,12 +460,20 @@ class Stage3(ReducePipeline, ZeroStage):
         """Storage ids of the gathered-parameter buffers (to tell parameters from activations)."""
         return {u.full.untyped_storage()._cdata for u in self.units}
 
+    def host_master(self) -> torch.Tensor | None:
+        return self.master if self._host_master else None
+
     def memory(self) -> dict[str, int]:
         gathered = sum(nbytes(u.full) for u in self.units)
         staging = sum(nbytes(t) for t in self._staging.values())
         staging += sum(nbytes(s) + (nbytes(o) if o is not s else 0) for _, _, o, s in self._in_flight)
         work = nbytes(self.work) if self.work is not self.master else 0
+        master = nbytes(self.master)
+        shard = nbytes(self._grad_shard)
+        host = (master if self._host_master else 0) \
+            + (shard + nbytes(getattr(self, "_down", None)) if self.grads_on_host else 0)
         return {
-            "params_bytes": nbytes(self.master) + work + gathered,
-            "grads_bytes": nbytes(self._grad_shard) + staging,
+            "params_bytes": (0 if self._host_master else master) + work + gathered,
+            "grads_bytes": (0 if self.grads_on_host else shard) + staging,
+            "host_bytes": host,
         }

@@ -1,6 +1,6 @@
 """One benchmark run: the same model and data under one engine, on the ranks torchrun started.
 
-    torchrun --nproc-per-node 2 tests/bench/engine_step.py --impl dsl|ddp|fsdp2|deepspeed|local \
+    torchrun --nproc-per-node 2 tests/bench/engine_step.py --impl dsl|dsl-master|dsl-autocast|ddp|fsdp2|deepspeed|local \
         --stage N --precision fp32|bf16 [--compile on|off] [--steps 20 --warmup 5 --shape bench|comm]
         [--profile PATH] [--baton DIR --slot I --slots N]
 
@@ -93,10 +93,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _dsl(model, args):
+def _dsl(model, args, layout: str | None = None):
     from dsl.engine import initialize
 
     engine = initialize(model, {"zero_stage": args.stage, "precision": args.precision,
+                                "precision_layout": layout if args.precision != "fp32" else None,
                                 "compile": args.compile == "on",
                                 "micro_batch": args.micro_batch, "grad_clip": None,
                                 "optimizer": {"type": "adamw", "lr": 1e-3},
@@ -211,7 +212,10 @@ class Baton:
             os.write(self._out, b"x")
 
 
-IMPLS = {"dsl": _dsl, "ddp": _ddp, "fsdp2": _fsdp2, "deepspeed": _deepspeed, "local": _local}
+IMPLS = {"dsl": _dsl, "ddp": _ddp, "fsdp2": _fsdp2, "deepspeed": _deepspeed, "local": _local,
+         # dsl with an explicit engine.precision_layout (engine/zero/master.py); `dsl` is the default
+         "dsl-master": lambda model, args: _dsl(model, args, "master"),
+         "dsl-autocast": lambda model, args: _dsl(model, args, "autocast")}
 
 
 def main() -> int:
@@ -240,9 +244,9 @@ def main() -> int:
     if args.micro_batch is None:
         args.micro_batch = SHAPES[args.shape][1]
     model, cfg = _model(args.shape)
-    if args.impl != "dsl":  # dsl's engine moves the model to the rank's device itself
+    if not args.impl.startswith("dsl"):  # dsl's engine moves the model to the rank's device itself
         model = model.to(device)
-    if args.compile == "on" and args.impl != "dsl":
+    if args.compile == "on" and not args.impl.startswith("dsl"):
         from dsl.engine.compile import compile_blocks
 
         compile_blocks(model)  # what `compile: true` does inside dsl's engine

@@ -263,6 +263,14 @@ def scenario_offload(rank: int, nvme_root: str) -> dict[str, Any]:
         engine = build({"zero_stage": 2, "precision": "bf16", "precision_layout": "master",
                         "offload": offload or {"optimizer": "none"}})
         out[f"master-{name}"] = train(engine, range(1, 11), _local(rank))
+        out[f"master-{name}-summary"] = engine.state_summary()
+        engine.close()
+    # Stage 3, bf16: under CPU offload the fp32 shard lives in host memory (the optimizer's
+    # master) and only the 16-bit working copy stays on the device.
+    for name, offload in (("none", {}), ("cpu", {"optimizer": "cpu", "sub_group_mib": 0.01})):
+        engine = build({"zero_stage": 3, "precision": "bf16", "offload": offload or {"optimizer": "none"}})
+        out[f"s3-bf16-{name}"] = train(engine, range(1, 11), _local(rank))
+        out[f"s3-bf16-{name}-summary"] = engine.state_summary()
         engine.close()
     return out
 
@@ -468,6 +476,15 @@ def test_cpu_and_nvme_offload_give_the_losses_of_no_offload(ranks) -> None:
         assert off["nvme_files_after"] == []  # close() deleted the files and folders
         # bf16, master layout: the same fp32 update on the same master values, bit for bit.
         assert off["master-cpu"] == off["master-none"] and off["master-nvme"] == off["master-none"]
+        assert off["s3-bf16-cpu"] == off["s3-bf16-none"]
+        # What stays on the device under CPU offload: the 16-bit parameters, no gradient, no
+        # master (engine/zero/base.py host_states); stage 3: the 16-bit working-copy shard only.
+        for key, none in (("master-cpu-summary", "master-none-summary"), ("s3-bf16-cpu-summary", "s3-bf16-none-summary")):
+            cpu, dev = off[key], off[none]
+            assert cpu["grads_bytes"] == 0 < dev["grads_bytes"]
+            assert cpu["optimizer_states_bytes"] == 0
+        assert off["master-cpu-summary"]["params_bytes"] == off["master-none-summary"]["params_bytes"]
+        assert off["s3-bf16-cpu-summary"]["params_bytes"] * 3 == off["s3-bf16-none-summary"]["params_bytes"]
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

@@ -42,10 +42,15 @@ def test_offload_moves_the_optimizer_term_to_host_or_nvme():
     # The engine's CPU optimizer holds its own fp32 master copy of the shard next to the moments.
     assert on["master weights"].device_bytes == 0 and on["master weights"].host_bytes == 4 * p // n
     assert on["optimizer states"].host_bytes == 8 * p // n and on["optimizer states"].device_bytes == 0
-    assert on["gradients"].device_bytes == 4 * p // n  # the shard stays; sub-groups stream out
-    # On a GPU two pinned 1 MiB gradient sub-groups (one in flight), on a CPU device one.
-    assert on["offload buffers"].host_bytes == 2 * 2**20
-    cpu = {t.name: t for t in memory.model_states(p, stage=2, shards=n, precision="fp32", accelerator=False,
+    # Stages 2-3: the reduced gradient partition lives in host memory, read in place: no buffer.
+    assert on["gradients"].device_bytes == 0 and on["gradients"].host_bytes == 4 * p // n
+    assert on["offload buffers"].host_bytes == 0
+    # Stage 1 keeps its gradient shard on the device and streams it through sub-group buffers:
+    # two pinned 1 MiB buffers on a GPU (one in flight), one on a CPU device.
+    s1 = {t.name: t for t in memory.model_states(p, stage=1, shards=n, precision="fp32",
+                                                 offload_optimizer="cpu", sub_group_mib=1)}
+    assert s1["gradients"].device_bytes == 4 * p + 4 * p // n and s1["offload buffers"].host_bytes == 2 * 2**20
+    cpu = {t.name: t for t in memory.model_states(p, stage=1, shards=n, precision="fp32", accelerator=False,
                                                   offload_optimizer="cpu", sub_group_mib=1)}
     assert cpu["offload buffers"].host_bytes == 2**20
     nvme = {t.name: t for t in memory.model_states(p, stage=3, shards=n, offload_optimizer="nvme",
@@ -56,6 +61,18 @@ def test_offload_moves_the_optimizer_term_to_host_or_nvme():
     assert nvme["parameters"].host_bytes == (4 + 2) * p // n and nvme["parameters"].device_bytes == 0
     # 3 buffers of [master, m, v] + 2 gradient sub-groups (1 MiB of fp32 each)
     assert nvme["offload buffers"].host_bytes == 3 * 3 * 2**20 + 2 * 2**20
+
+
+@pytest.mark.parametrize(("stage", "device"), [(2, 2 * 8_000_000), (3, 2 * 8_000_000 // 8)])
+def test_cpu_offload_device_bytes_match_deepspeeds_estimator(stage, device):
+    """bf16, default layout, CPU optimizer offload: the device keeps only the 16-bit parameters
+    (replicated at stage 2, the working-copy shard at stage 3), as DeepSpeed 0.19.8's estimators
+    say (2P; 2P/N); master, moments and the gradient partition are in host memory."""
+    p, n = 8_000_000, 8
+    t = {x.name: x for x in memory.model_states(p, stage=stage, shards=n, offload_optimizer="cpu")}
+    states = (memory.PARAMETERS, memory.GRADIENTS, memory.MASTER, memory.OPTIMIZER)
+    assert sum(t[k].device_bytes for k in states) == device
+    assert t[memory.MASTER].host_bytes == 4 * p // n and t[memory.GRADIENTS].host_bytes == 4 * p // n
 
 
 @pytest.mark.parametrize(("preset", "params"), [
@@ -93,9 +110,12 @@ def test_deepspeed_estimators_reproduce_their_published_table():
         est = memory_reference.deepspeed_estimate(60_506_624, 16_449_536, 3, gpus_per_node=1, offload_optimizer=opt_off,
                                         offload_params=params_off, zero_init=zero_init)
         assert (round(est["cpu_bytes"] / GiB, 2), round(est["gpu_bytes"] / GiB, 2)) == (cpu, gpu)
-    # ZeRO-2 figures: the 1.5 buffer factor on CPU, 4P + 16P/N on the GPU.
+    # ZeRO-2 figures of 0.19.8 (deepspeed/runtime/zero/stage_1_and_2.py): the 1.5 buffer factor on
+    # CPU, 2P + int(18P/N) on the GPU (older releases: 4P + 16P/N); with offload 2P.
     z2 = memory_reference.deepspeed_estimate(1_000_000_000, 0, 2, gpus_per_node=8)
-    assert z2["gpu_bytes"] == 4 * 10**9 + 2 * 10**9 and z2["cpu_bytes"] == int(1e9 * 4 * 8 * 1.5)
+    assert z2["gpu_bytes"] == 2 * 10**9 + 2_250_000_000 and z2["cpu_bytes"] == int(1e9 * 4 * 8 * 1.5)
+    z2_off = memory_reference.deepspeed_estimate(10**9, 0, 2, gpus_per_node=8, offload_optimizer=True)
+    assert z2_off["gpu_bytes"] == 2 * 10**9 and z2_off["cpu_bytes"] == int(1e9 * 32 * 1.5)
     assert memory_reference.deepspeed_estimate(10**9, 0, 0, gpus_per_node=8) is None
 
 

@@ -83,7 +83,9 @@ def test_impossible_job_is_refused_by_launch_with_what_would_fit(tmp_path):
     assert proc.returncode == 2
     err = proc.stderr
     assert "does not fit on 1 x GeForce RTX 4090 (24.0 GiB), 63.0 GiB host RAM" in err
-    assert "what would fit:" in err and "a bigger machine:" in err
+    # Under CPU offload the device keeps only 16-bit parameters (engine/zero/base.py host_states),
+    # so host RAM alone is what this machine lacks.
+    assert "what would fit:" in err and "more host RAM:" in err
     assert "Traceback" not in err and proc.stdout == ""
     assert not (tmp_path / "runs").exists()  # refused before anything was written or started
 
