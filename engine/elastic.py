@@ -1,7 +1,7 @@
 """The per-host rank starter: torch's own elastic agent (torchrun), with a structured report.
 
 `python -m dsl.engine.elastic TORCHRUN_ARGS...` takes exactly torchrun's arguments and runs
-torchrun's `run()`; dsl does not reimplement rank spawning. It adds two things the launcher needs:
+torchrun's `run()`; dsl does not reimplement rank spawning. It adds what the launcher needs:
 
 - every line a rank prints is prefixed `[dsl:RANK:LOCAL_RANK] ` (torchrun's log-line prefix
   template, applied with `--tee`), so the launcher can demultiplex one stream per host into
@@ -10,22 +10,55 @@ torchrun's `run()`; dsl does not reimplement rank spawning. It adds two things t
   `[dsl-agent] {"event": "failed", "rank": R, "exitcode": C, ...}` on stderr (the first failing rank,
   torchrun's "root cause"), and this process exits with that rank's exit code (128+N for a rank
   killed by signal N), the way `deepspeed` and `srun` report a failed rank;
-- SIGUSR1/SIGUSR2 (Slurm's warning before the time limit) are passed on to every rank and the
-  job goes on (torchrun alone would die of them: their default action is to terminate);
+- SIGUSR1/SIGUSR2 (the warning before a time limit: Slurm's `--signal`, `dsl launch
+  --time-limit`) are passed on to every rank and the job goes on (torchrun alone would die of
+  them: their default action is to terminate). See "Warning signals" below;
+- a host whose ranks checkpointed at such a signal and exited EXIT_CHECKPOINTED (75, below; the
+  bundled trainer does, engine/train.py) reports `[dsl-agent] {"event": "checkpointed", ...}`
+  instead of a failure and exits 75 (ranks that torchrun stopped after the first one exited
+  count as checkpointed too: a rank exits 75 only after the collective save ended);
 - OMP_NUM_THREADS = this host's usable cores / its ranks (at least 1) unless already set: ranks
   sharing a host otherwise start one thread per core each and fight over the cores (torchrun
   would set 1, DeepSpeed nothing).
+
+Warning signals. The handler installed for SIGUSR1/SIGUSR2 writes one preallocated byte to a
+pipe and does nothing else: it runs between two bytecodes of torchrun's main thread, possibly in
+the middle of an import (an `import psutil` inside the old handler, re-entered by a second
+signal, crashed the agent with "partially initialized module 'psutil'"). It is installed first
+thing, before torch is imported. A thread reads the pipe and delivers the signal to each rank once
+the rank catches it (its handler shows in /proc/PID/status SigCgt) or CATCH_WAIT_S after the
+signal came, whichever is first; ranks not started yet get it when they start. So a warning that
+arrives while the ranks start is neither lost nor fatal to a rank that installs a handler (the
+bundled trainer does at its first line); a rank that never catches it gets it anyway, with its
+default action, as without dsl. Copies of one signal within COALESCE_S are delivered once:
+under Slurm every process of the step gets the signal from Slurm itself and again from the guard,
+so a rank may still see it twice (once from Slurm, once from here); handlers should be idempotent.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import sys
+import threading
+import time
+
+import psutil
 
 PREFIX_TEMPLATE = "[dsl:${rank}:${local_rank}] "
 AGENT_MARK = "[dsl-agent] "
+EXIT_CHECKPOINTED = 75
+"""A rank's exit code for "I checkpointed at a warning signal (SIGUSR1/SIGUSR2) and stopped:
+resume me". The bundled trainer exits with it (engine/train.py); a user script may too. The
+launcher reports it as such (not as a failure, no restart), and a Slurm batch script with
+`requeue: true` requeues the job on it. 75 is sysexits' EX_TEMPFAIL ("try again later"), none of
+0 = done, 1 = failure, 2 = bad input, 128+N = killed by signal N."""
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+CATCH_WAIT_S = 30.0
+COALESCE_S = 1.0
+_POLL_S = 0.05
 
 
 def _exit_code(exitcode: int) -> int:
@@ -58,25 +91,109 @@ def root_cause(failures: dict) -> int:
     return min(failures, key=lambda r: (int(failures[r].timestamp), _collateral(failures[r].exitcode), r))
 
 
-def _forward_to_ranks(signum: int, _frame: object) -> None:
-    import psutil
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (Linux: SigCgt of /proc/PID/status).
+    Elsewhere, or when it cannot be read, True: deliver at once."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return not sys.platform.startswith("linux") or not os.path.exists(f"/proc/{pid}")
 
-    for child in psutil.Process().children():
+
+class Forwarder:
+    """Passes SIGUSR1/SIGUSR2 received by this process on to its child processes (the ranks).
+
+    `install()` makes the pipe and starts the delivering thread before the handlers are set, so
+    the handler itself only writes a byte that exists already (see the module docstring).
+    `expected` is how many children to wait for (torchrun's --nproc-per-node), None: any.
+    """
+
+    def __init__(self, expected: int | None = None):
+        self.expected = expected
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        self._bytes = {sig: bytes([int(sig)]) for sig in WARNING_SIGNALS}
+        self._pending: dict[int, tuple[float, set[int]]] = {}  # signal -> (received at, pids done)
+        self._last: dict[int, float] = {}  # signal -> when it was last fully delivered
+        self.delivered: list[tuple[int, int]] = []  # (signal, pid), for tests and logs
+
+    def install(self) -> None:
+        threading.Thread(target=self._run, name="dsl-signal-forwarder", daemon=True).start()
+        for sig in WARNING_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
         try:
-            child.send_signal(signum)
+            os.write(self._write_fd, self._bytes[signum])
+        except OSError:
+            pass  # pipe full: copies already waiting say the same
+
+    def _run(self) -> None:
+        while True:
+            # Blocks until a signal comes; polls only while one waits for its ranks.
+            ready, _, _ = select.select([self._read_fd], [], [], _POLL_S if self._pending else None)
+            now = time.monotonic()
+            if ready:
+                for sig in os.read(self._read_fd, 64):
+                    if sig not in self._pending and now - self._last.get(sig, -COALESCE_S) >= COALESCE_S:
+                        self._pending[sig] = (now, set())
+            for sig in list(self._pending):
+                self._deliver(sig, now)
+
+    def _deliver(self, sig: int, now: float) -> None:
+        since, done = self._pending[sig]
+        waited = now - since >= CATCH_WAIT_S
+        try:
+            children = psutil.Process().children()
         except psutil.Error:
-            pass
+            children = []
+        for child in children:
+            if child.pid not in done and (waited or catches(child.pid, sig)):
+                try:
+                    os.kill(child.pid, sig)
+                except OSError:
+                    continue
+                done.add(child.pid)
+                self.delivered.append((sig, child.pid))
+        enough = len(done) >= self.expected if self.expected else bool(done)
+        if enough or waited:
+            del self._pending[sig]
+            self._last[sig] = now
+
+
+def _nproc(argv: list[str]) -> int | None:
+    """torchrun's --nproc-per-node from its argv, when it is a number (before argparse runs)."""
+    for i, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        if name in ("--nproc-per-node", "--nproc_per_node"):
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            return int(value) if value.isdigit() else None
+        if not arg.startswith("-"):
+            return None  # the training script: the rest are its arguments
+    return None
+
+
+def checkpointed(failures: dict) -> bool:
+    """Whether the failures of a host are its ranks stopping after a checkpoint at a warning
+    signal: some exited EXIT_CHECKPOINTED, the rest too or were stopped by torchrun (a signal)."""
+    codes = [f.exitcode for f in failures.values()]
+    return EXIT_CHECKPOINTED in codes and all(c == EXIT_CHECKPOINTED or c < 0 for c in codes)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Before torch is imported (seconds): a warning arriving meanwhile must not end the agent.
+    Forwarder(_nproc(argv)).install()
     os.environ["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = PREFIX_TEMPLATE
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    for sig in (signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, _forward_to_ranks)
+    args = parse_args(argv)
     if str(args.nproc_per_node).isdigit():
         set_omp_threads(int(args.nproc_per_node))
     try:
@@ -84,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     except ChildFailedError as exc:
         rank = root_cause(exc.failures)
         first = exc.failures[rank]
+        if checkpointed(exc.failures):
+            print(AGENT_MARK + json.dumps({
+                "event": "checkpointed", "rank": rank, "exitcode": EXIT_CHECKPOINTED,
+                "failures": {str(r): f.exitcode for r, f in sorted(exc.failures.items())},
+            }), file=sys.stderr, flush=True)
+            return EXIT_CHECKPOINTED
         report = {
             "event": "failed",
             "rank": rank,

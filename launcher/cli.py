@@ -32,6 +32,12 @@ def launch(
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
     preflight: bool = typer.Option(True, "--preflight/--no-preflight",
                                    help="Check remote hosts before starting (ssh/mpi backends)."),
+    time_limit: Optional[str] = typer.Option(
+        None, "--time-limit", metavar="DURATION",
+        help="Stop the job this long after it starts (2h, 90m, 1h30m, 45s; local and ssh backends). "
+             "resources.slurm.signal_before_end_s before it (default 120 s with run.train) every "
+             "rank gets SIGUSR1, as under Slurm's --signal: the bundled trainer checkpoints and "
+             "exits 75. Exit 124 if the limit itself is reached."),
 ) -> None:
     """Run SPEC on its hosts, streaming every rank's output with a [host:rank] prefix."""
     from dsl.launcher import console
@@ -40,12 +46,17 @@ def launch(
     from dsl.launcher.launch import dry_run_text, prepare
 
     prepared = prepare(spec, reserve=not dry_run)
+    limit = None
+    if time_limit is not None:
+        from dsl.launcher.supervise import time_limit_of
+
+        limit = time_limit_of(prepared.spec_file, time_limit, prepared.plan.backend)
     if dry_run:
         print(dry_run_text(prepared, as_json))
         return
     if preflight and prepared.plan.backend in ("ssh", "mpi"):
         _preflight(prepared.plan)
-    raise typer.Exit(_run(prepared))
+    raise typer.Exit(_run(prepared, limit))
 
 
 def _preflight(plan) -> None:  # type: ignore[no-untyped-def]
@@ -71,7 +82,7 @@ def preflight_cmd(spec: Path = SpecArg) -> None:
     _preflight(prepare(spec, reserve=False).plan)
 
 
-def _run(prepared) -> int:  # type: ignore[no-untyped-def]
+def _run(prepared, time_limit=None) -> int:  # type: ignore[no-untyped-def]
     import time
 
     from dsl.launcher import console
@@ -92,7 +103,7 @@ def _run(prepared) -> int:  # type: ignore[no-untyped-def]
         with console.StepProgress() as progress:
             output = RankOutput(out / "logs", on_step=progress.update)
             try:
-                outcome = supervise(plan, backend, output)
+                outcome = supervise(plan, backend, output, time_limit)
             finally:
                 output.close()
     finally:
@@ -106,6 +117,15 @@ def _run(prepared) -> int:  # type: ignore[no-untyped-def]
     if outcome.interrupted_by:
         console.message(f"dsl: job {plan.name} interrupted; every rank was stopped "
                         f"(exit {outcome.exit_code})", style="yellow")
+        return outcome.exit_code
+    if outcome.checkpointed:
+        console.message(f"dsl: job {plan.name} stopped at a time-limit signal after every rank "
+                        f"checkpointed (exit {outcome.exit_code}); launch it again to resume from "
+                        f"that checkpoint; logs in {out / 'logs'}", style="yellow")
+        return outcome.exit_code
+    if outcome.timed_out:
+        console.message(f"dsl: job {plan.name} reached its time limit ({time_limit.text}); every "
+                        f"rank still running was stopped (exit {outcome.exit_code})", style="bold red")
         return outcome.exit_code
     who = (f"rank {outcome.failed_rank} on {outcome.failed_host}" if outcome.failed_rank is not None
            else f"host {outcome.failed_host}")

@@ -11,10 +11,21 @@ starter) and makes sure that when the job ends, for whatever reason, nothing it 
 - With --env-stdin, the first line of stdin is a JSON object of environment variables for
   COMMAND: remote backends pass the job's environment (secrets included) this way, so no value
   appears on a command line that `ps` on the host would show.
-- SIGUSR1/SIGUSR2 (Slurm's `--signal` before the time limit: "checkpoint now") are passed to
-  COMMAND, and the guard keeps running.
+- SIGUSR1/SIGUSR2 (the warning before a time limit, "checkpoint now": Slurm's `--signal`, or
+  `dsl launch --time-limit`) are passed to COMMAND, and the guard keeps running. With
+  --watch-stdin, a stdin line `signal USR1` (or `signal USR2`) does the same: that is how the ssh
+  backend signals a remote guard. The handlers are installed first thing and only set a
+  preallocated flag (no import, I/O or allocation inside a handler: it runs between two bytecodes
+  of whatever the main thread does); the main loop delivers the signal to COMMAND once COMMAND
+  catches it (dsl.engine.elastic installs its handler before importing torch), or after
+  `elastic.CATCH_WAIT_S`, so a warning that arrives while COMMAND starts is not fatal to it.
 - When COMMAND exits, leftover descendants get the same treatment, and the guard exits with
-  COMMAND's exit code (128+N if COMMAND or the guard itself ended by signal N).
+  COMMAND's exit code (128+N if COMMAND or the guard itself ended by signal N). With
+  --checkpointed-linger-s S and COMMAND's code EXIT_CHECKPOINTED (75: every rank checkpointed at
+  the warning, engine/elastic.py), the guard waits up to S seconds before exiting, and a SIGTERM
+  in that time does not change its code: `srun --kill-on-bad-exit` ends every node's task at the
+  first non-zero exit, and the other nodes, finishing the same collective checkpoint a moment
+  later, must still report 75 (the batch script requeues the job on 75 only).
 
 It kills only its own descendants (by PID, found through /proc via psutil), never by name, so
 other jobs and other users' processes on the host are untouched. It imports no torch.
@@ -34,8 +45,12 @@ import time
 
 import psutil
 
+from dsl.engine.elastic import CATCH_WAIT_S, EXIT_CHECKPOINTED, WARNING_SIGNALS, catches
+
 _PR_SET_CHILD_SUBREAPER = 36
 _POLL_S = 0.05
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_CONTROL_LINES = {f"signal {sig.name[3:]}".encode(): sig for sig in WARNING_SIGNALS}  # b"signal USR1"
 
 
 def _become_subreaper() -> None:
@@ -113,11 +128,77 @@ def _read_line(fd: int) -> bytes:
         out += byte
 
 
+class _Signals:
+    """What the handlers record; made before they are installed, so that a handler only stores a
+    number into a list that exists already (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.stop = [0]  # the first of SIGTERM/SIGINT/SIGHUP (or end of stdin): 0 = none
+        self.warned = [0] * (max(WARNING_SIGNALS) + 1)  # per warning signal: 1 = received
+
+    def on_stop(self, signum: int, _frame: object) -> None:
+        if not self.stop[0]:
+            self.stop[0] = signum
+
+    def on_warning(self, signum: int, _frame: object) -> None:
+        self.warned[signum] = 1
+
+    def install(self) -> None:
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, self.on_stop)
+        for sig in WARNING_SIGNALS:
+            signal.signal(sig, self.on_warning)
+
+
+class _Warnings:
+    """Warning signals received and not yet delivered to COMMAND (main loop only)."""
+
+    def __init__(self, signals: _Signals):
+        self._signals = signals
+        self._since: dict[int, float] = {}
+
+    def deliver(self, pid: int) -> None:
+        now = time.monotonic()
+        for sig in WARNING_SIGNALS:
+            if self._signals.warned[sig]:
+                self._signals.warned[sig] = 0
+                self._since.setdefault(sig, now)
+        for sig, since in list(self._since.items()):
+            if catches(pid, sig) or now - since >= CATCH_WAIT_S:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+                del self._since[sig]
+
+
+def _watch_stdin(signals: _Signals) -> None:
+    """Read fd 0 until it closes (then stop the job); `signal USR1` lines are warnings."""
+    pending = b""
+    # Raw reads on fd 0: a buffered sys.stdin held by this thread would abort the interpreter at
+    # exit ("could not acquire lock for <stdin>").
+    while True:
+        chunk = os.read(0, 4096)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            sig = _CONTROL_LINES.get(line.strip())
+            if sig is not None:
+                signals.warned[sig] = 1
+    if not signals.stop[0]:
+        signals.stop[0] = signal.SIGHUP
+
+
 def main(argv: list[str] | None = None) -> int:
+    # First of all: until the handlers are set, a warning signal would end the guard.
+    signals = _Signals()
+    signals.install()
     parser = argparse.ArgumentParser(prog="python -m dsl.launcher.guard")
     parser.add_argument("--grace-s", type=float, default=3.0)
     parser.add_argument("--watch-stdin", action="store_true")
     parser.add_argument("--env-stdin", action="store_true")
+    parser.add_argument("--checkpointed-linger-s", type=float, default=0.0)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -134,23 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, **{str(k): str(v) for k, v in extra.items()}}
 
     _become_subreaper()
-    stop: dict[str, int] = {}
-
-    def on_signal(signum: int, _frame: object) -> None:
-        stop.setdefault("signal", signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-
     if args.watch_stdin:
-        def watch() -> None:
-            # Raw reads on fd 0: a buffered sys.stdin held by this thread would abort the
-            # interpreter at exit ("could not acquire lock for <stdin>").
-            while os.read(0, 4096):
-                pass
-            stop.setdefault("signal", signal.SIGHUP)
-
-        threading.Thread(target=watch, daemon=True).start()
+        threading.Thread(target=_watch_stdin, args=(signals,), daemon=True).start()
 
     try:
         # Ranks never read the launcher's terminal; with --watch-stdin the guard owns stdin.
@@ -159,22 +225,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsl guard: cannot start {command[0]!r}: {exc}", file=sys.stderr, flush=True)
         return 127
 
-    def forward(signum: int, _frame: object) -> None:
-        try:
-            child.send_signal(signum)
-        except psutil.Error:
-            pass
-
-    for sig in (signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, forward)
+    warnings = _Warnings(signals)
     status: dict[str, int] = {}
-    while "code" not in status and "signal" not in stop:
+    while "code" not in status and not signals.stop[0]:
         _reap(child.pid, status)
+        if "code" not in status:  # not reaped: the PID is still the child's
+            warnings.deliver(child.pid)
         time.sleep(_POLL_S)
     _clean_up(child.pid, status, args.grace_s)
-    if "signal" in stop and "code" not in status:
-        return 128 + stop["signal"]
+    if signals.stop[0] and "code" not in status:
+        return 128 + signals.stop[0]
     code = status.get("code", 1)
+    if code == EXIT_CHECKPOINTED and args.checkpointed_linger_s > 0:
+        deadline = time.monotonic() + args.checkpointed_linger_s
+        while time.monotonic() < deadline and not signals.stop[0]:
+            time.sleep(_POLL_S)
     return 128 - code if code < 0 else code
 
 

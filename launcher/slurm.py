@@ -5,6 +5,15 @@ command as every other backend, with the node rank, master address and port expa
 node from Slurm's own variables (`$SLURM_NODEID`, the allocation's first host, a port derived
 from the job id when the spec says `master_port: auto`). The same script runs under `sbatch`
 and, inside an existing allocation, under plain `bash`.
+
+Time limits: `--signal=USR1@N` is added for run.train specs (N = signal_before_end_s, default
+120: the bundled trainer checkpoints at SIGUSR1 and exits 75) and for a script or module only
+when the spec sets signal_before_end_s. `--requeue` / `--no-requeue` only when the spec sets
+`requeue: true` / `false`. With `requeue: true` the script runs `scontrol requeue $SLURM_JOB_ID`
+when srun exits 75 (EXIT_CHECKPOINTED: every rank checkpointed at the signal), so the job starts
+again and resumes from that checkpoint. With more than one node each node's guard holds a 75 for
+CHECKPOINTED_LINGER_S before exiting: srun's --kill-on-bad-exit stops every other node at the
+first non-zero exit, and they must still be able to report 75 (see launcher/guard.py).
 """
 
 from __future__ import annotations
@@ -12,13 +21,15 @@ from __future__ import annotations
 import string
 from importlib import metadata, resources
 
+from dsl.engine.elastic import EXIT_CHECKPOINTED
 from dsl.launcher import shell
 from dsl.launcher.hosts import Host
 from dsl.launcher.plan import HostLaunch, Job, LaunchPlan, base_env, guard_argv, layout, starter_argv
-from dsl.launcher.spec import SpecFile
+from dsl.launcher.spec import SpecFile, warning_before_end_s
 
 SCRIPT_NAME = "sbatch.sh"
 AUTO_PORT = "$((20000 + SLURM_JOB_ID % 20000))"  # distinct for concurrent jobs of one node
+CHECKPOINTED_LINGER_S = 5
 
 
 class _Template(string.Template):
@@ -40,9 +51,11 @@ def sbatch_options(spec_file: SpecFile, output_dir: str, nodes: int) -> list[str
     opts.append(f"--output={output_dir}/{s.output}")
     if s.error:
         opts.append(f"--error={output_dir}/{s.error}")
-    if s.signal_before_end_s:
-        opts.append(f"--signal=USR1@{s.signal_before_end_s}")
-    opts.append("--requeue" if s.requeue else "--no-requeue")
+    warn_s = warning_before_end_s(spec_file.spec)
+    if warn_s is not None:
+        opts.append(f"--signal=USR1@{warn_s}")
+    if s.requeue is not None:
+        opts.append("--requeue" if s.requeue else "--no-requeue")
     opts.append("--open-mode=append")  # a requeued job adds to its output file
     opts.extend(s.extra_sbatch)
     return opts
@@ -52,7 +65,30 @@ def node_argv(python: str, nodes: int, nproc: int, output_dir: str, program: lis
     starter = starter_argv(python, nodes, shell.Var("", "SLURM_NODEID"), nproc,
                            shell.Var("", "MASTER_ADDR"), shell.Var("", "MASTER_PORT"),
                            shell.Var(f"{output_dir}/logs/torchelastic/", "SLURMD_NODENAME"))
-    return guard_argv(python) + starter + program
+    guard = guard_argv(python)
+    if nodes > 1:
+        guard.insert(guard.index("--"), f"--checkpointed-linger-s={CHECKPOINTED_LINGER_S}")
+    return guard + starter + program
+
+
+def srun_lines(srun_command: str, requeue: bool) -> str:
+    """The script's last lines: srun, and with requeue its exit code 75 requeues the job."""
+    if not requeue:
+        return srun_command
+    return "\n".join([
+        f"# requeue: true. Exit {EXIT_CHECKPOINTED}: every rank checkpointed at the time-limit signal; "
+        "requeued, the job",
+        "# starts again and resumes from that checkpoint.",
+        "code=0",
+        f"{srun_command} || code=$?",
+        f'if [ "$code" -eq {EXIT_CHECKPOINTED} ]; then',
+        f'    echo "dsl: every rank checkpointed at the time-limit signal (exit {EXIT_CHECKPOINTED}); '
+        'requeueing job $SLURM_JOB_ID to resume" >&2',
+        '    scontrol requeue "$SLURM_JOB_ID" || echo "dsl: scontrol requeue failed (not a batch job?); '
+        'submit the script again to resume" >&2',
+        "fi",
+        'exit "$code"',
+    ])
 
 
 def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nodes: int, nproc: int,
@@ -76,8 +112,8 @@ def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nod
         sbatch_lines="\n".join(f"#SBATCH {shell.quote(o)}" for o in sbatch_options(spec_file, output_dir, nodes)),
         master_port_line=f"MASTER_PORT={AUTO_PORT if port == 'auto' else port}",
         exports=shell.exports({k: v for k, v in env.items() if k not in spec.env.secret}),
-        srun_options=shell.join(srun),
-        node_command=shell.quote(node_command),
+        srun_lines=srun_lines(f"srun {shell.join(srun)} bash -c {shell.quote(node_command)}",
+                              spec.resources.slurm.requeue is True),
     )
 
 

@@ -117,10 +117,15 @@ class Slurm(StrictModel):
     """Job output file, relative to output_dir; %j is the job id."""
     error: str | None = None
     """Separate error file (relative to output_dir); default: merged into `output`."""
-    signal_before_end_s: int | None = Field(120, ge=1)
-    """Send SIGUSR1 to the ranks this many seconds before the time limit, to checkpoint."""
-    requeue: bool = True
-    """Requeue the job when it is preempted or its node fails (`--requeue`)."""
+    signal_before_end_s: int | None = Field(None, ge=1)
+    """Send SIGUSR1 to every rank this many seconds before the time limit (`--signal=USR1@N`;
+    `dsl launch --time-limit` uses it too). Default: 120 with run.train, whose trainer then
+    checkpoints and exits 75; none for a script or module, which gets the signal only when this is
+    set. Must be less than the time limit; Slurm may send it up to a minute earlier than asked."""
+    requeue: bool | None = None
+    """true: `--requeue`, and when every rank exits 75 (checkpointed at the SIGUSR1 above) the
+    batch script requeues the job (`scontrol requeue`), which then resumes from that checkpoint.
+    false: `--no-requeue`. Default: neither option, the cluster's own default."""
     extra_sbatch: list[str] = []
     """More `#SBATCH` options, one per entry, e.g. `--mail-type=END`."""
 
@@ -280,7 +285,46 @@ def load_spec(path: str | os.PathLike[str]) -> SpecFile:
     data = _with_deepspeed_config(data, path, locations)
     spec = validate_located(Spec, data, locations)
     _check_sequence_parallel(spec, locations)
-    return SpecFile(spec, path, locations)
+    spec_file = SpecFile(spec, path, locations)
+    time_min = spec.resources.slurm.time_min
+    if time_min is not None:
+        check_warning_time(spec_file, time_min * 60, f"the time limit (time_min: {time_min} = "
+                           f"{time_min * 60} s)", ("resources", "slurm", "time_min"))
+    return spec_file
+
+
+DEFAULT_TRAIN_WARNING_S = 120
+"""signal_before_end_s when a run.train spec leaves it unset (the trainer checkpoints at it)."""
+
+
+def warning_before_end_s(spec: Spec) -> int | None:
+    """Seconds before a time limit at which the ranks get SIGUSR1 (Slurm's `--signal`, `dsl
+    launch --time-limit`): resources.slurm.signal_before_end_s; unset, DEFAULT_TRAIN_WARNING_S
+    with run.train (the bundled trainer checkpoints at it) and None for a script or module (a
+    user program gets the signal only when the spec asks)."""
+    asked = spec.resources.slurm.signal_before_end_s
+    if asked is not None:
+        return asked
+    return DEFAULT_TRAIN_WARNING_S if spec.run.train is not None else None
+
+
+def check_warning_time(spec_file: SpecFile, limit_s: float, limit_text: str,
+                       limit_field: tuple[str, ...] | None) -> None:
+    """The warning must come after the job starts: signal_before_end_s < the time limit. Else a
+    UserError at signal_before_end_s when the spec sets it, else at `limit_field` (the time
+    limit, or run.train whose default the warning is)."""
+    warn_s = warning_before_end_s(spec_file.spec)
+    if warn_s is None or warn_s < limit_s:
+        return
+    field = ("resources", "slurm", "signal_before_end_s")
+    written = field in spec_file.locations.values
+    suggestion = max(1, int(limit_s) // 2)
+    what = f"{warn_s} s" if written else f"{warn_s} s (its default with run.train)"
+    where = spec_file.where(*field) if written else         f"{spec_file.locations.where(limit_field or ('run', 'train'))} {dotted(field)}"
+    raise UserError(
+        f"{where}: {what} is not less than {limit_text}: the SIGUSR1 that asks the ranks to "
+        f"checkpoint would be due before the job starts. Set resources.slurm.signal_before_end_s "
+        f"below {limit_s:g} (e.g. {suggestion}), or give the job more time.")
 
 
 def _check_sequence_parallel(spec: Spec, locations: Locations) -> None:

@@ -5,28 +5,45 @@
   left after its grace period); the job's exit code is the failing rank's exit code.
 - SIGINT/SIGTERM to `dsl launch` stops every host of this job the same way (a second Ctrl-C kills
   at once) and the exit code is 130/143, like a shell's.
-- `max_restarts: N` runs the whole plan again after a failure (not after an interrupt), up to N
-  times; each attempt is marked in the logs.
+- `max_restarts: N` runs the whole plan again after a failure (not after an interrupt, a time
+  limit or a checkpoint at a warning signal), up to N times; each attempt is marked in the logs.
+- A host that exits EXIT_CHECKPOINTED (75: its ranks checkpointed at a time-limit warning and
+  stopped, engine/elastic.py) is not a failure: the other hosts, which took part in the same
+  collective checkpoint, get CHECKPOINTED_WAIT_S to exit too (then they are stopped), and the job
+  ends with 75 ("launch again to resume"; Slurm with `requeue: true` requeues it by itself).
+- `dsl launch --time-limit` (local and ssh backends; `TimeLimit`): `warn_before_s` before the
+  limit every host's guard gets SIGUSR1 (local: the signal; ssh: a `signal USR1` line on its
+  stdin), which it passes to every rank, as Slurm's `--signal=USR1@N` does; at the limit every
+  rank still running is stopped and the job ends with EXIT_TIME_LIMIT (124, as GNU `timeout`).
+  The limit counts from when the job first starts, across restarts, like a Slurm job's.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from dsl.engine.elastic import EXIT_CHECKPOINTED
+from dsl.engine.errors import UserError
 from dsl.launcher.backends import Backend, HostProcess
 from dsl.launcher.output import RankOutput
 from dsl.launcher.plan import GUARD_GRACE_S, LaunchPlan
+from dsl.launcher.spec import SpecFile, check_warning_time, warning_before_end_s
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
 # The guard needs GUARD_GRACE_S to escalate to SIGKILL; past this the backend kills it itself.
 STOP_TIMEOUT_S = GUARD_GRACE_S + 1.5
+# After one host exited 75 the others finish the same checkpoint and exit within seconds.
+CHECKPOINTED_WAIT_S = 30.0
+EXIT_TIME_LIMIT = 124
+TIME_LIMIT_BACKENDS = ("local", "ssh")
 
 
 @dataclass
@@ -37,10 +54,61 @@ class Outcome:
     failed_rank: int | None = None
     signal_name: str | None = None
     interrupted_by: int | None = None
+    checkpointed: bool = False
+    """Every rank checkpointed at a warning signal and stopped (exit 75): resume by launching again."""
+    timed_out: bool = False
+    """--time-limit ran out: the ranks still running were stopped."""
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class TimeLimit:
+    """`dsl launch --time-limit`: stop the job `limit_s` after it starts, warning every rank with
+    SIGUSR1 `warn_before_s` earlier (None: no warning)."""
+
+    limit_s: float
+    warn_before_s: float | None
+    text: str
+    """The limit as the user wrote it, for messages."""
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration_s(text: str) -> float:
+    """`2h`, `90m`, `1h30m`, `45s`, `1d`; a bare number is minutes (as Slurm's --time).
+    Raises ValueError."""
+    value = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        seconds = float(value) * 60
+    elif value and _DURATION.sub("", value) == "":
+        seconds = sum(float(n) * _UNIT_S[u] for n, u in _DURATION.findall(value))
+    else:
+        raise ValueError(f"{text!r} is not a duration; write e.g. 2h, 90m, 1h30m, 45s")
+    if seconds <= 0:
+        raise ValueError(f"{text!r}: a time limit must be longer than 0 s")
+    return seconds
+
+
+def time_limit_of(spec_file: SpecFile, text: str, backend: str) -> TimeLimit:
+    """The TimeLimit of `--time-limit TEXT` for this spec. Raises UserError (exit 2) for a bad
+    duration, a backend without it, or a warning due before the job starts (located)."""
+    try:
+        limit_s = parse_duration_s(text)
+    except ValueError as exc:
+        raise UserError(f"--time-limit: {exc}") from None
+    if backend not in TIME_LIMIT_BACKENDS:
+        hint = ("set resources.slurm.time_min (Slurm enforces the limit and sends the warning itself)"
+                if backend == "slurm" else "run it with backend local or ssh")
+        raise UserError(f"{spec_file.where('resources', 'backend')}: --time-limit applies to backends "
+                        f"{' and '.join(TIME_LIMIT_BACKENDS)}, not {backend}; {hint}")
+    check_warning_time(spec_file, limit_s, f"--time-limit {text} ({limit_s:g} s)", None)
+    warn_s = warning_before_end_s(spec_file.spec)
+    return TimeLimit(limit_s, float(warn_s) if warn_s is not None else None, text)
 
 
 class _Stop:
@@ -58,18 +126,21 @@ class _Stop:
         self.event.set()
 
 
-def supervise(plan: LaunchPlan, backend: Backend, output: RankOutput) -> Outcome:
+def supervise(plan: LaunchPlan, backend: Backend, output: RankOutput,
+              time_limit: TimeLimit | None = None) -> Outcome:
     stop = _Stop()
     handled = (signal.SIGINT, signal.SIGTERM)
     in_main = threading.current_thread() is threading.main_thread()
     previous = {s: signal.signal(s, stop) for s in handled} if in_main else {}
+    clock = _Clock(time_limit, time.monotonic())
     try:
         attempt = 0
         while True:
             attempt += 1
             output.note(f"attempt {attempt} of job {plan.name} starts", range(plan.world_size))
-            outcome = _run_attempt(plan, backend, output, stop, attempt)
-            if outcome.ok or outcome.interrupted_by or attempt > plan.max_restarts:
+            outcome = _run_attempt(plan, backend, output, stop, attempt, clock)
+            if (outcome.ok or outcome.interrupted_by or outcome.checkpointed or outcome.timed_out
+                    or attempt > plan.max_restarts):
                 return outcome
             log.warning("job %s failed (exit %d); restart %d of %d", plan.name, outcome.exit_code,
                         attempt, plan.max_restarts)
@@ -79,17 +150,53 @@ def supervise(plan: LaunchPlan, backend: Backend, output: RankOutput) -> Outcome
             signal.signal(sig, handler)
 
 
+class _Clock:
+    """When to warn and when to stop, from the time the job first started (monotonic)."""
+
+    def __init__(self, limit: TimeLimit | None, started: float):
+        self.limit = limit
+        self.deadline = started + limit.limit_s if limit else None
+        self.warn_at = self.deadline - limit.warn_before_s if limit and limit.warn_before_s is not None \
+            else None
+
+
+def _warn(procs: Sequence[HostProcess], clock: _Clock) -> None:
+    left = max(0.0, clock.deadline - time.monotonic())
+    log.warning("time limit %s: %.0f s left; asking every rank to checkpoint (SIGUSR1)",
+                clock.limit.text, left)
+    for proc in procs:
+        warn = getattr(proc, "warn", None)  # local and ssh hosts (TIME_LIMIT_BACKENDS)
+        if warn is not None and proc.poll() is None:
+            warn(signal.SIGUSR1)
+
+
 def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _Stop,
-                 attempt: int) -> Outcome:
+                 attempt: int, clock: _Clock) -> Outcome:
     procs = backend.start(plan, output)
     failed: HostProcess | None = None
+    warned = timed_out = False
+    checkpointed_at: float | None = None
     while not stop.event.is_set():
+        now = time.monotonic()
+        if clock.warn_at is not None and not warned and now >= clock.warn_at:
+            warned = True  # once per attempt: a restart after the warning time is warned at once
+            _warn(procs, clock)
         codes = [p.poll() for p in procs]
-        failed = next((p for p, c in zip(procs, codes) if c not in (None, 0)), None)
-        if failed is not None or all(c == 0 for c in codes):
+        failed = next((p for p, c in zip(procs, codes) if c not in (None, 0, EXIT_CHECKPOINTED)), None)
+        if failed is not None or all(c is not None for c in codes):
+            break
+        if EXIT_CHECKPOINTED in codes:
+            checkpointed_at = checkpointed_at or now
+            if now - checkpointed_at > CHECKPOINTED_WAIT_S:
+                log.warning("a host checkpointed and exited %d %.0f s ago; stopping the hosts still "
+                            "running", EXIT_CHECKPOINTED, CHECKPOINTED_WAIT_S)
+                break
+        if clock.deadline is not None and now >= clock.deadline:
+            timed_out = True
+            log.error("time limit %s reached: stopping every rank", clock.limit.text)
             break
         stop.event.wait(POLL_S)
-    if failed is not None or stop.event.is_set():
+    if any(p.poll() is None for p in procs):
         _stop_all(procs, stop)
     for proc in procs:
         proc.wait_output(2.0)
@@ -97,6 +204,10 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
     if stop.event.is_set() and failed is None:
         return Outcome(128 + (stop.signum or signal.SIGINT), attempt, interrupted_by=stop.signum)
     if failed is None:
+        if any(p.poll() == EXIT_CHECKPOINTED for p in procs):
+            return Outcome(EXIT_CHECKPOINTED, attempt, checkpointed=True)
+        if timed_out:
+            return Outcome(EXIT_TIME_LIMIT, attempt, timed_out=True)
         return Outcome(0, attempt)
     # mpirun and Slurm report for all hosts through one process: take the first failure seen.
     report = output.failures.get(failed.host) or next(iter(output.failures.values()), None)

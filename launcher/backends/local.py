@@ -47,6 +47,10 @@ class LocalProcess:
     def terminate(self) -> None:
         self._signal(signal.SIGTERM)
 
+    def warn(self, sig: int) -> None:
+        """Pass a time-limit warning (SIGUSR1/SIGUSR2) to the guard, which passes it to every rank."""
+        self._signal(sig)
+
     def kill(self) -> None:
         # The guard's session: the guard and anything of the job still in its process group.
         try:

@@ -4,7 +4,10 @@ Outside an allocation: `sbatch --parsable SCRIPT` (environment, secrets included
 sbatch's default `--export=ALL`), then every POLL_S: `scontrol show job -o ID` for the state
 and the node list, and the new lines of the job's output file (srun `--label` tags them with the
 node's task id, mapped here to the host name). Ctrl-C / a failure elsewhere: `scancel ID`.
-When scontrol has forgotten the job (MinJobAge), `sacct` answers.
+When scontrol has forgotten the job (MinJobAge), `sacct` answers. A requeued job (its batch
+script requeues itself when every rank checkpointed at the time-limit signal, `requeue: true`)
+goes back to PENDING and runs again: it is followed through every run, its output file is
+appended to, and each requeue is logged.
 
 Inside an allocation (`SLURM_JOB_ID` set): the same script runs under `bash` here, its srun
 output streamed directly (the local backend's process handling).
@@ -102,27 +105,35 @@ class SlurmJob:
     def _output_path(self) -> Path:
         return Path(self._output_pattern.replace("%j", self.job_id))
 
-    def _query(self) -> tuple[str, str, str]:
+    def _query(self) -> tuple[str, str, str, int]:
+        """(state, exit code, node list, restarts so far) of the job."""
         proc = self._run(["scontrol", "show", "job", "-o", self.job_id])
         if proc.returncode == 0 and proc.stdout.strip():
             job = parse_job(proc.stdout)
-            return job.get("JobState", "UNKNOWN"), job.get("ExitCode", "0:0"), job.get("NodeList", "")
+            restarts = job.get("Restarts", "0")
+            return (job.get("JobState", "UNKNOWN"), job.get("ExitCode", "0:0"), job.get("NodeList", ""),
+                    int(restarts) if restarts.isdigit() else 0)
         acct = self._run(["sacct", "-j", self.job_id, "-X", "-n", "-P", "-o", "State,ExitCode,NodeList"])
         if acct.returncode == 0 and acct.stdout.strip():
             state, code, nodes = acct.stdout.strip().splitlines()[0].split("|")
-            return state.split()[0], code, nodes
-        return "UNKNOWN", "0:0", ""
+            return state.split()[0], code, nodes, 0
+        return "UNKNOWN", "0:0", "", 0
 
     def _follow(self) -> None:
-        offset, pending, announced = 0, b"", None
+        offset, pending, announced, runs, nodes_of = 0, b"", None, 0, ""
         while True:
-            state, code, nodelist = self._query()
+            state, code, nodelist, restarts = self._query()
+            if restarts > runs:
+                runs = restarts
+                log.warning("Slurm job %s was requeued (restart %d); when it runs again it resumes "
+                            "from its latest checkpoint", self.job_id, restarts)
             if state != announced:
                 log.info("Slurm job %s: %s%s", self.job_id, state, f" on {nodelist}" if nodelist and
                          nodelist != "(null)" else "")
                 announced = state
-            if nodelist and nodelist != "(null)" and not self._hosts:
-                self._hosts = allocation_hosts_of(nodelist, self._run)
+            if nodelist and nodelist != "(null)" and nodelist != nodes_of:
+                # A requeued job may run on other nodes: srun's task ids follow the new list.
+                nodes_of, self._hosts = nodelist, allocation_hosts_of(nodelist, self._run)
             offset, pending = self._read(offset, pending)
             if state in _DONE or state == "UNKNOWN" and self._stop.is_set():
                 offset, pending = self._read(offset, pending)

@@ -7,13 +7,16 @@ and stream the session's stdout/stderr lines to the sink.
 
 Stopping: closing our end of the session's stdin (or losing the connection, or `dsl launch`
 dying) gives the guard end-of-file, and the guard SIGTERMs, then SIGKILLs, every process of the
-job on that host, only those. No `pkill`, no second connection needed.
+job on that host, only those. No `pkill`, no second connection needed. A time-limit warning
+(`dsl launch --time-limit`) is a `signal USR1` line on the same stdin, which the guard turns into
+SIGUSR1 for every rank (sshd's own "signal" channel requests are not available everywhere).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -73,6 +76,14 @@ class SshProcess:
             self._channel.shutdown_write()  # end of stdin: the guard stops every rank
         except (OSError, EOFError):
             pass
+
+    def warn(self, sig: int) -> None:
+        """Ask the guard to pass SIGUSR1/SIGUSR2 to every rank (a control line on its stdin)."""
+        name = signal.Signals(sig).name.removeprefix("SIG")
+        try:
+            self._channel.sendall(f"signal {name}\n".encode())
+        except (OSError, EOFError):
+            pass  # the session is gone: poll() reports it
 
     def kill(self) -> None:
         self._channel.close()

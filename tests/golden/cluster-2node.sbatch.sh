@@ -8,8 +8,6 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --time=5
 #SBATCH --output=<RUN>/out/slurm-%j.out
-#SBATCH --signal=USR1@120
-#SBATCH --requeue
 #SBATCH --open-mode=append
 set -euo pipefail
 
@@ -23,4 +21,4 @@ export DSL_OUTPUT_DIR=<RUN>/out
 
 # One task per node starts that node's ranks. --kill-on-bad-exit ends every node's task when
 # one fails; --label tags each output line with the node's task id (dsl maps it to the host).
-srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --label --export=ALL bash -c 'export NODE_RANK="$SLURM_NODEID"; cd <RUN> && exec <PYTHON> -m dsl.launcher.guard --grace-s=3 -- <PYTHON> -m dsl.engine.elastic --nnodes=2 --node-rank="$SLURM_NODEID" --nproc-per-node=2 --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0 --monitor-interval=0.1 --shutdown-timeout=3 --tee=3 --log-dir=<RUN>/out/logs/torchelastic/"$SLURMD_NODENAME" <ROOT>/tests/integration/scripts/torchrun_script.py'
+srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --label --export=ALL bash -c 'export NODE_RANK="$SLURM_NODEID"; cd <RUN> && exec <PYTHON> -m dsl.launcher.guard --grace-s=3 --checkpointed-linger-s=5 -- <PYTHON> -m dsl.engine.elastic --nnodes=2 --node-rank="$SLURM_NODEID" --nproc-per-node=2 --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0 --monitor-interval=0.1 --shutdown-timeout=3 --tee=3 --log-dir=<RUN>/out/logs/torchelastic/"$SLURMD_NODENAME" <ROOT>/tests/integration/scripts/torchrun_script.py'

@@ -35,4 +35,12 @@ export TRICKY='a b; echo pwned $(id) '"'"'q'"'"' "dq"'
 
 # One task per node starts that node's ranks. --kill-on-bad-exit ends every node's task when
 # one fails; --label tags each output line with the node's task id (dsl maps it to the host).
-srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --label --export=ALL --cpus-per-task=32 bash -c 'export NODE_RANK="$SLURM_NODEID"; cd /home/alice/project && exec /opt/venv/bin/python -m dsl.launcher.guard --grace-s=3 -- /opt/venv/bin/python -m dsl.engine.elastic --nnodes=2 --node-rank="$SLURM_NODEID" --nproc-per-node=4 --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0 --monitor-interval=0.1 --shutdown-timeout=3 --tee=3 --log-dir=/scratch/runs/two-node/logs/torchelastic/"$SLURMD_NODENAME" -m dsl.engine.train /scratch/runs/two-node/resolved.yaml'
+# requeue: true. Exit 75: every rank checkpointed at the time-limit signal; requeued, the job
+# starts again and resumes from that checkpoint.
+code=0
+srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --label --export=ALL --cpus-per-task=32 bash -c 'export NODE_RANK="$SLURM_NODEID"; cd /home/alice/project && exec /opt/venv/bin/python -m dsl.launcher.guard --grace-s=3 --checkpointed-linger-s=5 -- /opt/venv/bin/python -m dsl.engine.elastic --nnodes=2 --node-rank="$SLURM_NODEID" --nproc-per-node=4 --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0 --monitor-interval=0.1 --shutdown-timeout=3 --tee=3 --log-dir=/scratch/runs/two-node/logs/torchelastic/"$SLURMD_NODENAME" -m dsl.engine.train /scratch/runs/two-node/resolved.yaml' || code=$?
+if [ "$code" -eq 75 ]; then
+    echo "dsl: every rank checkpointed at the time-limit signal (exit 75); requeueing job $SLURM_JOB_ID to resume" >&2
+    scontrol requeue "$SLURM_JOB_ID" || echo "dsl: scontrol requeue failed (not a batch job?); submit the script again to resume" >&2
+fi
+exit "$code"

@@ -2,7 +2,9 @@
 
 Options (argv): --fail-rank R --code C (rank R exits with C after printing), --sleep S (others
 sleep), --kill-rank R (rank R kills itself with SIGKILL), --fail-once FILE (fail only while FILE
-does not exist; creates it), --marker M (ignored; makes the processes findable by tests).
+does not exist; creates it), --marker M (ignored; makes the processes findable by tests),
+--on-usr1 (print GOT USR1 and exit 0 at SIGUSR1), --keep-on-usr1 (a handler of its own that
+prints GOT USR1 and returns: the script keeps running; it prints DONE at its end).
 """
 
 import argparse
@@ -23,6 +25,7 @@ parser.add_argument("--sleep", type=float, default=0.0)
 parser.add_argument("--fail-once", default="")
 parser.add_argument("--marker", default="")
 parser.add_argument("--on-usr1", action="store_true", help="print GOT USR1 and exit 0 on SIGUSR1")
+parser.add_argument("--keep-on-usr1", action="store_true", help="print GOT USR1 on SIGUSR1, go on")
 args = parser.parse_args()
 
 if args.on_usr1:
@@ -31,6 +34,8 @@ if args.on_usr1:
         os._exit(0)
 
     signal.signal(signal.SIGUSR1, _usr1)
+if args.keep_on_usr1:
+    signal.signal(signal.SIGUSR1, lambda signum, frame: print("GOT USR1", flush=True))
 
 names = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK",
          "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "OMP_NUM_THREADS"]
