@@ -9,6 +9,7 @@ Usage (from the repository root, in the venv; `make test-gpu` runs the right one
     python tests/gpu/smoke.py --list             # the checks and what they do; runs nothing, no torch
     python tests/gpu/smoke.py --only env,offload # a subset (names from --list)
     python tests/gpu/smoke.py --device cpu [--multi]   # the self-test of this script (gloo, CPU)
+    python tests/gpu/smoke.py --timeout-s compile=1800  # more time for one check (or S for all)
 
 Isolation: the process started by the user runs no check itself and imports no torch; every
 check runs in a fresh process (part 1: `smoke.py --run-check NAME` with RANK=0 WORLD_SIZE=1
@@ -30,7 +31,7 @@ Output, in $DSL_SMOKE_OUT (default smoke-results/; part 2 in its multi/ subfolde
 - NAME.json per check: {name, description, part, status ("pass" | "fail" | "skip"), reason,
   duration_s, device, world_size, command, exit_code, timed_out, log, details, cases: [{name,
   status, reason, ...numbers: losses, reference, max_abs_diff, tol, bytes...}], error (a
-  traceback), ranks (part 2: each rank's status)}.
+  traceback), ranks (part 2: each rank's status), log_tail (a failure's last output)}.
 - logs/NAME.log: everything the check's processes printed.
 stdout gets one line per check and a total; exit code 0 when every check passed or was skipped,
 1 when one failed, 2 for a usage error (unknown check, no GPU without --device cpu).
@@ -92,7 +93,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--multi", action="store_true", help="part 2: the checks that need 2+ GPUs, each a torchrun")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks per part-2 check (default: WORLD_SIZE under torchrun, else 2)")
-    p.add_argument("--timeout-s", type=float, default=None, help="one timeout for every check (default: per check)")
+    p.add_argument("--timeout-s", default=None, metavar="S | NAME=S,...",
+                   help="a timeout for every check, or for the named ones (default: each check's own)")
     # Internal: what the harness starts.
     p.add_argument("--run-check", metavar="NAME", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_check(args.run_check, args.device, Path(args.out), multi=args.multi)
     try:
         selected = select(args.only, None if args.list else ("multi" if args.multi else "single"))
+        args.timeouts = timeouts(args.timeout_s, selected)
     except ValueError as exc:
         print(f"smoke.py: {exc}", file=sys.stderr)
         return 2
@@ -139,6 +142,25 @@ def select(only: str, part: str | None) -> list[Check]:
         raise ValueError(f"unknown check {n!r}" + (f"; did you mean {close[0]!r}?" if close else "")
                          + " (see --list)")
     return [c for c in pool if c.name in names]
+
+
+def timeouts(text: str | None, selected: list[Check]) -> dict[str, float]:
+    """Seconds per check: each check's own, or `S` for all, or `NAME=S,...` for the named ones."""
+    out = {c.name: c.timeout_s for c in selected}
+    if not text:
+        return out
+    try:
+        if "=" not in text:
+            return dict.fromkeys(out, float(text))
+        for item in text.split(","):
+            name, _, value = item.partition("=")
+            if name.strip() not in out:
+                raise ValueError(f"--timeout-s: {name.strip()!r} is not a selected check")
+            out[name.strip()] = float(value)
+    except ValueError as exc:
+        message = str(exc) if "--timeout-s" in str(exc) else f"--timeout-s {text!r}: use S or NAME=S,..."
+        raise ValueError(message) from None
+    return out
 
 
 # The harness: one process per check -----------------------------------------------------------
@@ -195,7 +217,7 @@ def orchestrate(args: argparse.Namespace, selected: list[Check]) -> int:
     t0 = time.monotonic()
     results = []
     for i, c in enumerate(selected, 1):
-        timeout = args.timeout_s or c.timeout_s
+        timeout = args.timeouts[c.name]
         print(f"[{i}/{len(selected)}] {c.name} (timeout {timeout:g} s)", file=sys.stderr, flush=True)
         res = run_isolated(c, device=args.device, out=out, nproc=nproc if c.launch == "torchrun" else 1,
                            timeout_s=timeout)
