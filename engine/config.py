@@ -126,14 +126,15 @@ class EngineConfig(StrictModel):
     rounding keeps small updates in expectation). Needs precision: bf16."""
     precision_layout: Literal["master", "autocast"] | None = None
     """bf16/fp16 with fp32 master weights: where each state lives (engine/precision.py).
-    master: the model's parameters are held in the compute dtype (replicated at stages 0-2) and
-    the fp32 master weights are a separate copy, partitioned at stages 1-3 (DeepSpeed's layout;
-    the fewest device bytes at stages 1-2: 2 B/param + 16 B/param / N at stage 2). autocast: the
-    parameters are the fp32 master weights and autocast casts them for every matmul (4 B/param
-    replicated at stages 0-2, no separate master; at stage 0 the fewest bytes). At stage 3 both
-    are the same: an fp32 master partition plus its compute-dtype copy. null (the default): master
-    at stages 1-3, autocast at stage 0; `dsl launch` writes the one it chose into resolved.yaml.
-    Only for precision bf16/fp16 without low_precision_states."""
+    master (the default): the model's parameters are held in the compute dtype (replicated at
+    stages 0-2) and the fp32 master weights are a separate copy, partitioned like the optimizer
+    states at stages 1-3, in host memory under CPU offload (DeepSpeed's layout; 2 B/param +
+    16 B/param / N at stage 2; no weight cast in any forward). autocast: the parameters are the
+    fp32 master weights and autocast casts them in every forward (4 B/param replicated at stages
+    0-2, no separate master: 2 B/param fewer at stage 0, 2 B/param - 4 B/param / N more at stages
+    1-2). At stage 3 both are the same: an fp32 master partition plus its compute-dtype copy.
+    null means master; `dsl launch` writes the layout that ran into resolved.yaml. Only for
+    precision bf16/fp16 without low_precision_states."""
     micro_batch: int = Field(8, ge=1)
     """Sequences per rank per forward/backward pass."""
     grad_accum: int = Field(1, ge=1)
@@ -233,17 +234,13 @@ class EngineConfig(StrictModel):
 def mixed_layout(engine: EngineConfig, stage: int | None = None) -> Literal["fp32", "low_precision", "master", "autocast"]:
     """How the engine holds its training state (engine/precision.py's table): `fp32`,
     `low_precision` (bf16 states, no master), or for bf16/fp16 with fp32 master weights the
-    `precision_layout`, the default (null) resolved for `stage` (the config's own when not
-    given; `auto` stages count as 0)."""
+    `precision_layout` (null: master, at every stage; `stage` is kept for callers that ask per
+    stage)."""
     if engine.precision == "fp32":
         return "fp32"
     if engine.low_precision_states:
         return "low_precision"
-    if engine.precision_layout is not None:
-        return engine.precision_layout
-    if stage is None:
-        stage = engine.zero_stage if isinstance(engine.zero_stage, int) else 0
-    return "master" if stage >= 1 else "autocast"
+    return engine.precision_layout or "master"
 
 
 def check_batch(engine: EngineConfig, dp: int) -> str | None:

@@ -31,8 +31,7 @@ bytes by precision (`state_bytes`):
     bf16|fp16, "master", st 0-2  2      4     4       8 / 4                   -     engine: precision_layout master
     low_precision_states         2      2     0       4 / 2                   0     bf16 params and moments, no master
 
-(`Layout` in engine/memory_shape.py; None is the engine's default for the stage, master at
-stages 1-3 and autocast at stage 0.) The engine's "autocast" keeps fp32 parameters, which are
+(`Layout` in engine/memory_shape.py; None is the engine's default, master.) The engine's "autocast" keeps fp32 parameters, which are
 the master weights, under autocast; at stages 0-2 autocast's 16-bit weight copies are saved for
 backward (2 B per matmul parameter, `autocast weight copies`). Its "master" keeps 16-bit
 parameters at stages 0-2 (no weight copies), fp32 gradients (full at stages 0-1; at stage 1

@@ -25,15 +25,12 @@ Layout = Literal["autocast", "master", "paper"]
   partitioned like the optimizer states (engine/zero/master.py); at stage 3 the same as autocast;
 - "paper": the ZeRO paper's and DeepSpeed's accounting (16-bit parameters and gradients, fp32
   master copy in the optimizer).
-None: the engine's default for the stage (engine/config.py mixed_layout): master at stages 1-3,
-autocast at stage 0."""
+None: the engine's default (engine/config.py mixed_layout): master."""
 
 
 def engine_layout(layout: Layout | None, stage: int | None) -> Layout:
-    """`layout`, or the bundled engine's default for `stage` (unknown stage: autocast)."""
-    if layout is not None:
-        return layout
-    return "master" if stage is not None and stage >= 1 else "autocast"
+    """`layout`, or the bundled engine's default (master; `stage` unused, kept for callers)."""
+    return layout if layout is not None else "master"
 
 GPU_RUNTIME_BYTES = 1 * GiB
 CPU_RUNTIME_BYTES = 400 * MiB

@@ -6,7 +6,7 @@ per-step ratios): dsl with `precision_layout: master` (16-bit parameters, fp32 m
 engine/zero/master.py), dsl with `precision_layout: autocast` (fp32 parameters under autocast),
 and DeepSpeed 0.19.8 (bf16). Stage 3 is left out: both layouts are the same there. Writes the
 "Precision layouts" section of docs/benchmarks.md with the CPU it ran on; the engine's default
-(engine/config.py `mixed_layout`) should be the faster layout on CPU at each stage.
+(engine/config.py `mixed_layout`: master) should not be the slower layout on CPU at any stage.
 """
 
 from __future__ import annotations

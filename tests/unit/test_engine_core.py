@@ -183,8 +183,11 @@ def test_optimizer_zero_grad_set_to_none_does_not_break_buckets() -> None:
     assert _max_diff(*results) < 1e-7
 
 
-def test_bf16_trains_with_fp32_params_and_grads() -> None:
-    engine = _engine(lr=3e-3, optimizer={"type": "adamw"}, precision="bf16")
+@pytest.mark.parametrize(("layout", "param_dtype"), [("autocast", torch.float32), (None, torch.bfloat16)])
+def test_bf16_trains_in_both_precision_layouts(layout, param_dtype) -> None:
+    """autocast: fp32 parameters and gradients; master (the default): bf16 parameters whose
+    gradients are taken into fp32 buffers at once (param.grad stays None), fp32 master apart."""
+    engine = _engine(lr=3e-3, optimizer={"type": "adamw"}, precision="bf16", precision_layout=layout)
     batches = _batches(30, 8)
     losses = []
     for x, y in batches:
@@ -194,7 +197,11 @@ def test_bf16_trains_with_fp32_params_and_grads() -> None:
         engine.step()
         engine.zero_grad()
         losses.append(loss.item())
-    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in engine.module.parameters())
+    assert all(p.dtype == param_dtype for p in engine.module.parameters())
+    if param_dtype == torch.float32:
+        assert all(p.grad.dtype == torch.float32 for p in engine.module.parameters())
+    else:
+        assert engine.stage.master.flat.dtype == torch.float32 and engine.stage.grad_flat.dtype == torch.float32
     assert losses[-1] < losses[0] - 0.5
 
 
@@ -320,9 +327,9 @@ def test_fp16_scales_gradients_and_grows_the_scale_after_the_interval() -> None:
     loss = engine(x, y)
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(ref.module(x, y).item(), abs=1e-2)
     loss.backward()
-    # Gradients arrive multiplied by the loss scale (fp16 compute: about 3 significant digits).
-    for p, q in zip(engine.module.parameters(), ref.module.parameters()):
-        torch.testing.assert_close(p.grad / 256, q.grad, atol=2e-4, rtol=2e-2)
+    # Gradients arrive multiplied by the loss scale (fp16 compute: about 3 significant digits),
+    # in the stage's fp32 gradient buffer (the master layout's fp16 parameters keep no .grad).
+    torch.testing.assert_close(engine.stage.grads_full / 256, ref.stage.grads_full, atol=2e-4, rtol=2e-2)
     engine.step()
     engine.zero_grad()
     assert engine.last_grad_norm == pytest.approx(ref._grad_stats(ref.stage.grad_flat)[0] ** 0.5, rel=2e-2)
@@ -337,7 +344,7 @@ def test_static_loss_scale_never_changes_and_overflow_still_skips() -> None:
     x, y = _batches(1, 4)[0]
     before = _params(engine)
     engine(x, y).backward()
-    next(engine.module.parameters()).grad.view(-1)[0] = float("nan")
+    engine.stage.grad_flat[0] = float("nan")  # the fp32 gradient buffer (any precision layout)
     engine.step()
     assert engine.last_step_skipped and engine.loss_scale == 4.0
     assert _max_diff(before, _params(engine)) == 0.0
