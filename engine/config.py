@@ -80,7 +80,9 @@ class OffloadConfig(StrictModel):
     sub_group_mib: float = Field(256.0, gt=0)
     """NVMe offload swaps optimizer state in sub-groups of this size, overlapping I/O and compute."""
     params: Literal["none", "cpu"] = "none"
-    """Stage 3 only: keep partitioned parameters in CPU memory between uses."""
+    """Stage 3 with optimizer: cpu: keep the partitioned parameters (fp32 master and 16-bit
+    working copy) in CPU memory; each unit is copied up and gathered ahead of use and released
+    after it (engine/zero/stage3.py), so the device holds the gathered units only."""
     pin_memory: bool = True
     """With a CUDA device: page-lock the host memory of offloaded master weights, optimizer
     states and transfer buffers, so copies to and from the GPU run asynchronously and overlap
@@ -270,8 +272,10 @@ def unsupported_reason(engine: EngineConfig) -> str | None:
                 f"there are none ({held}): remove precision_layout")
     if engine.offload.optimizer == "nvme" and not engine.offload.nvme_path:
         return "offload.optimizer: nvme needs offload.nvme_path (a folder on a fast local disk)"
-    if engine.offload.params != "none":
-        return "offload.params: cpu (stage-3 parameter offload) is not implemented yet; use params: none"
+    if engine.offload.params != "none" and (engine.zero_stage != 3 or engine.offload.optimizer != "cpu"):
+        return (f"offload.params: {engine.offload.params} (ZeRO-Infinity parameter offload) needs zero_stage: 3 "
+                f"and offload.optimizer: cpu (got zero_stage: {engine.zero_stage}, offload.optimizer: "
+                f"{engine.offload.optimizer}): the CPU optimizer updates the offloaded partitions in place")
     if engine.activation_offload and engine.activation_checkpointing is False:
         return ("activation_offload moves activation checkpoints to host memory; it needs "
                 "activation_checkpointing: true")

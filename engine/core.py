@@ -230,6 +230,7 @@ class Engine:
             # live in host memory, where the CPU optimizer reads them (zero/base.py).
             host_states=offload == "cpu",
             pinned=pinned,
+            params_on_host=config.offload.params == "cpu",
         )
         self.reducer = self.stage
         """The same object as `stage` (the first engine's name for it)."""

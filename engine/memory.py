@@ -166,7 +166,7 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
     # (one copy): the master layout's at stages 0-2, stage 3's fp32 shard behind its 16-bit
     # working copy. At stages 2-3 the reduced gradient partition lives there too.
     cpu = offload_optimizer == "cpu"
-    host_master = cpu and (sb.weights16 or (stage >= 3 and bool(sb.work)))
+    host_master = cpu and (sb.weights16 or (stage >= 3 and (bool(sb.work) or offload_params == "cpu")))
     p_bytes, p_f = part(sb.param, stage >= 3)
     if stage >= 3 and host_master:  # the fp32 shard is the optimizer's master, on the host
         p_bytes, p_f = 0, "fp32 shard: in host memory with the optimizer (master weights)"

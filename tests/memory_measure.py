@@ -90,4 +90,6 @@ def case_id(case: dict) -> str:
         extra.append("compiled")
     if case.get("precision_layout"):
         extra.append(case["precision_layout"])
+    if case.get("offload", {}).get("params", "none") != "none":
+        extra.append("params_" + case["offload"]["params"])
     return f"stage{case['zero_stage']}-{case['precision']}" + "".join(f"-{k}" for k in extra)

@@ -55,12 +55,21 @@ messages, 2-5x faster than gloo's all_gather_single / reduce_scatter_single).
 - world_size 1: the "gather" is a copy of the partition into the flat buffer and the
   reduce-scatter an add; the same hooks run.
 
+Parameter offload (`offload.params: cpu`, ZeRO-Infinity's offload_param to CPU, with
+`offload.optimizer: cpu`): `master` and `work` live in host memory (page-locked on a GPU host);
+a gather first copies this rank's `work` partition up into its own slice of the unit's flat
+buffer and all-gathers in place, so the device holds gathered units only (the root and resident
+units, the unit running and the one prefetched: `peak_live_numel` counts them) plus
+communication buffers. `timeline` records when each gather is issued and each unit's forward
+runs, which shows the prefetch ahead of use.
+
 A released parameter has its full shape but no storage: read parameters through
 `engine.full_state_dict()` or a checkpoint, not `module.state_dict()`.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any
 
@@ -185,6 +194,7 @@ class Stage3(ReducePipeline, ZeroStage):
         work_dtype: torch.dtype | None = None,
         host_states: bool = False,
         pinned: bool = False,
+        params_on_host: bool = False,
     ) -> None:
         super().__init__(grad_accum=grad_accum, world_size=world_size, rank=rank)
         unit_modules = choose_units(module)
@@ -202,7 +212,10 @@ class Stage3(ReducePipeline, ZeroStage):
         self.layout = Layout(named_groups, parts=world_size, rank=rank)
         self.device = device
         has_work = work_dtype is not None and work_dtype != dtype
-        self._host_master = host_states and has_work
+        self.params_on_host = params_on_host
+        """offload.params: cpu: the partitions (`master`, `work`) live in host memory; a gather
+        first copies this rank's partition up into its slice of the unit's flat buffer."""
+        self._host_master = (host_states and has_work) or params_on_host
         if self._host_master:  # CPU optimizer offload: only the 16-bit copy is gathered (base.py)
             self.master = transfer.host_empty(self.layout.shard_numel, dtype, pinned=pinned)
         else:
@@ -212,8 +225,17 @@ class Stage3(ReducePipeline, ZeroStage):
         self.work = self.master
         """What `_gather` gathers: `master` itself, or (`work_dtype` given and not `dtype`) its
         copy in `work_dtype`, the same layout, refreshed by `after_update()`."""
-        if has_work:
+        if has_work and params_on_host:
+            self.work = transfer.host_empty(self.layout.shard_numel, work_dtype, pinned=pinned)
+        elif has_work:
             self.work = torch.empty(self.layout.shard_numel, dtype=work_dtype, device=device)
+        self.live_numel = 0
+        """Parameter elements gathered on the device right now."""
+        self.peak_live_numel = 0
+        """The most parameter elements gathered at once since the last `reset_peak()`."""
+        self.timeline: list[tuple[str, int, float]] | None = None
+        """Set to a list to record (event, unit index, time.perf_counter()) for every gather issued
+        ("gather"), unit forward start ("forward") and end ("forward_end")."""
         self.grads_on_host = host_states
         if host_states:  # reduced partitions go straight down to host memory (base.py)
             self._grad_shard = transfer.host_empty(self.layout.shard_numel, dtype, pinned=pinned).zero_()
@@ -288,10 +310,18 @@ class Stage3(ReducePipeline, ZeroStage):
             return
         g = unit.group
         unit.full.untyped_storage().resize_(g.padded * unit.full.element_size())
+        self.live_numel += g.padded
+        self.peak_live_numel = max(self.peak_live_numel, self.live_numel)
+        if self.timeline is not None:
+            self.timeline.append(("gather", unit.index, time.perf_counter()))
         part = self.work[g.shard_offset : g.shard_offset + g.part_numel]
         # The parameters are views of `full`; writing into it must not look like an in-place
         # change of a tensor autograd saved (it restores the same values).
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(unit.full):
+            if self.params_on_host:  # up into this rank's slice first (stream-ordered before the gather)
+                lo, hi = self.layout.part_range(g)
+                transfer.to_device(unit.full[lo:hi], part)
+                part = unit.full[lo:hi]
             if self.world_size > 1:
                 unit.work = collectives.all_gather(unit.full, part)
                 unit.state = _GATHERING
@@ -311,6 +341,10 @@ class Stage3(ReducePipeline, ZeroStage):
         self._wait(unit)
         unit.full.untyped_storage().resize_(0)
         unit.state = _RELEASED
+        self.live_numel -= unit.group.padded
+
+    def reset_peak(self) -> None:
+        self.peak_live_numel = self.live_numel
 
     def _use(self, unit: _Unit) -> None:
         self._gather(unit)
@@ -344,6 +378,8 @@ class Stage3(ReducePipeline, ZeroStage):
 
     def _pre_forward(self, unit: _Unit) -> None:
         self._use(unit)
+        if self.timeline is not None:
+            self.timeline.append(("forward", unit.index, time.perf_counter()))
         if self._recording:
             if unit.index not in self._order:
                 self._order.append(unit.index)
@@ -353,6 +389,8 @@ class Stage3(ReducePipeline, ZeroStage):
                 self._gather(self.units[self._order[pos + 1]])
 
     def _post_forward(self, unit: _Unit, output: Any) -> None:
+        if self.timeline is not None:
+            self.timeline.append(("forward_end", unit.index, time.perf_counter()))
         if torch.is_grad_enabled():
             self._register_pre_backward(unit, output)
         if not _in_backward() and not unit.resident:
@@ -445,7 +483,7 @@ class Stage3(ReducePipeline, ZeroStage):
         """Cast the new `master` into `work` (nothing to do when they are the same tensor)."""
         if self.work is self.master:
             return
-        if self._host_master:  # up from host memory (CPU optimizer offload), cast on the way
+        if self._host_master and not self.params_on_host:  # up from host memory, cast on the way
             transfer.to_device(self.work, self.master).wait()
         else:
             self.work.copy_(self.master)
@@ -472,6 +510,8 @@ class Stage3(ReducePipeline, ZeroStage):
         shard = nbytes(self._grad_shard)
         host = (master if self._host_master else 0) \
             + (shard + nbytes(getattr(self, "_down", None)) if self.grads_on_host else 0)
+        if self.params_on_host:  # the 16-bit partition is host memory too
+            host, work = host + (work if self.work is not self.master else 0), 0
         return {
             "params_bytes": (0 if self._host_master else master) + work + gathered,
             "grads_bytes": (0 if self.grads_on_host else shard) + staging,

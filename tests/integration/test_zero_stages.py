@@ -267,10 +267,22 @@ def scenario_offload(rank: int, nvme_root: str) -> dict[str, Any]:
         engine.close()
     # Stage 3, bf16: under CPU offload the fp32 shard lives in host memory (the optimizer's
     # master) and only the 16-bit working copy stays on the device.
-    for name, offload in (("none", {}), ("cpu", {"optimizer": "cpu", "sub_group_mib": 0.01})):
+    for name, offload in (("none", {}), ("cpu", {"optimizer": "cpu", "sub_group_mib": 0.01}),
+                          ("params", {"optimizer": "cpu", "params": "cpu", "sub_group_mib": 0.01})):
         engine = build({"zero_stage": 3, "precision": "bf16", "offload": offload or {"optimizer": "none"}})
-        out[f"s3-bf16-{name}"] = train(engine, range(1, 11), _local(rank))
+        first = train(engine, range(1, 2), _local(rank))  # records the forward order
+        engine.stage.timeline = timeline = []
+        out[f"s3-bf16-{name}"] = first + train(engine, range(2, 11), _local(rank))
         out[f"s3-bf16-{name}-summary"] = engine.state_summary()
+        out[f"s3-bf16-{name}-live"] = {"peak": engine.stage.peak_live_numel,
+                                      "units": [u.group.padded for u in engine.stage.units],
+                                      "resident": [u.group.padded for u in engine.stage.units if u.resident],
+                                      "timeline": timeline[: 6 * len(engine.stage.units)]}
+        engine.close()
+    # fp32 stage 3 with parameter offload: the fp32 partition is host memory, gathered from there.
+    for name, offload in (("none", {}), ("params", {"optimizer": "cpu", "params": "cpu", "sub_group_mib": 0.01})):
+        engine = build({"zero_stage": 3, "offload": offload or {"optimizer": "none"}})
+        out[f"s3-fp32-{name}"] = train(engine, range(1, 11), _local(rank))
         engine.close()
     return out
 
@@ -485,6 +497,27 @@ def test_cpu_and_nvme_offload_give_the_losses_of_no_offload(ranks) -> None:
             assert cpu["optimizer_states_bytes"] == 0
         assert off["master-cpu-summary"]["params_bytes"] == off["master-none-summary"]["params_bytes"]
         assert off["s3-bf16-cpu-summary"]["params_bytes"] * 3 == off["s3-bf16-none-summary"]["params_bytes"]
+        # Parameter offload (stage 3, offload.params: cpu): the same losses, bit for bit, and only
+        # gathered units on the device: between steps nothing, during one at most the root and
+        # resident units plus the running and the prefetched unit.
+        assert off["s3-bf16-params"] == off["s3-bf16-none"] and off["s3-fp32-params"] == off["s3-fp32-none"]
+        summary = off["s3-bf16-params-summary"]
+        assert summary["params_bytes"] == summary["grads_bytes"] == summary["optimizer_states_bytes"] == 0
+        live = off["s3-bf16-params-live"]
+        layers = sorted(set(live["units"]) - set(live["resident"]))
+        cap = live["units"][0] + sum(live["resident"]) + 2 * max(layers)
+        assert 0 < live["peak"] <= cap
+        # Prefetch (step 2, after the first forward recorded the order): each unit's gather is
+        # issued before the forward of the unit before it ends.
+        events = live["timeline"]
+        order = []
+        for e, u, _ in events:
+            if e == "forward" and u not in order:
+                order.append(u)
+        first_at = lambda kind, unit: next(t for e, u, t in events if e == kind and u == unit)  # noqa: E731
+        assert len(order) >= 2
+        for a, b in zip(order, order[1:]):
+            assert first_at("gather", b) < first_at("forward_end", a), (a, b)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

@@ -30,6 +30,12 @@ CASES = [
     {"zero_stage": 2, "precision": "bf16", "micro_batch": 4, "precision_layout": "autocast"},
     {"zero_stage": 2, "precision": "bf16", "micro_batch": 4, "precision_layout": "master",
      "offload": {"optimizer": "cpu", "sub_group_mib": 0.25}},
+    # Stage 3 under CPU offload: the fp32 shard (and with params: cpu the 16-bit one) on the host.
+    {"zero_stage": 3, "precision": "bf16", "micro_batch": 4, "offload": {"optimizer": "cpu", "sub_group_mib": 0.25}},
+    {"zero_stage": 3, "precision": "bf16", "micro_batch": 4,
+     "offload": {"optimizer": "cpu", "params": "cpu", "sub_group_mib": 0.25}},
+    {"zero_stage": 3, "precision": "fp32", "micro_batch": 4,
+     "offload": {"optimizer": "cpu", "params": "cpu", "sub_group_mib": 0.25}},
     # Past its freeze step, 1-bit Adam holds its compression buffers too.
     {"zero_stage": 0, "precision": "fp32", "micro_batch": 4, "steps": 2,
      "optimizer": {"type": "onebit_adam", "freeze_step": 1}},

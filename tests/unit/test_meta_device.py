@@ -66,12 +66,12 @@ def _steps(engine: core.Engine, steps: int = 2, accum: int = 1) -> None:
         engine.zero_grad()
 
 
-def _engine(tmp_path, stage, prec="fp32", offload="none", **extra) -> core.Engine:
+def _engine(tmp_path, stage, prec="fp32", offload="none", params="none", **extra) -> core.Engine:
     torch.manual_seed(0)
     model = Llama(ModelConfig(preset="tiny", num_key_value_heads=2),
                   activation_checkpointing=bool(extra.pop("activation_checkpointing", False)))
-    conf = {"zero_stage": stage, "precision": prec, "grad_clip": 0.5,
-            "offload": {"optimizer": offload, "nvme_path": str(tmp_path), "sub_group_mib": 0.01}, **extra}
+    off = {"optimizer": offload, "params": params, "nvme_path": str(tmp_path), "sub_group_mib": 0.01}
+    conf = {"zero_stage": stage, "precision": prec, "grad_clip": 0.5, "offload": off, **extra}
     engine = core.initialize(model, conf, device=META)
     assert all(p.is_meta for p in engine.module.parameters())
     return engine
@@ -101,9 +101,19 @@ def test_engine_step_keeps_device_math_on_the_device(on_meta, tmp_path, stage, p
 ], ids=["low_precision_states", "checkpointing", "tiled", "sgd", "quantized"])
 @pytest.mark.parametrize("stage", [2, 3])
 def test_engine_variants_on_meta(on_meta, tmp_path, stage, extra):
+    extra = dict(extra)
     engine = _engine(tmp_path, stage, **extra)
     _steps(engine)
     assert engine.optimizer_steps == 2
+
+
+@pytest.mark.parametrize("prec", ["fp32", "bf16"])
+def test_parameter_offload_on_meta(on_meta, tmp_path, prec):
+    """Stage 3 with offload.params: cpu: host partitions copied up into each gathered unit."""
+    engine = _engine(tmp_path, 3, prec, offload="cpu", params="cpu")
+    _steps(engine)
+    assert engine.stage.master.device.type == "cpu" and engine.stage.work.device.type == "cpu"
+    assert all(u.full.is_meta for u in engine.stage.units)
 
 
 def test_fp16_overflow_skip_on_meta(on_meta, tmp_path):
