@@ -83,6 +83,11 @@ class OffloadConfig(StrictModel):
     """Stage 3 with optimizer: cpu: keep the partitioned parameters (fp32 master and 16-bit
     working copy) in CPU memory; each unit is copied up and gathered ahead of use and released
     after it (engine/zero/stage3.py), so the device holds the gathered units only."""
+    ratio: float = Field(1.0, ge=0.0, le=1.0)
+    """With optimizer: cpu, the fraction of the optimizer state and update that runs on the host
+    (ZeRO-Offload++ / SuperOffload's partial offload): the first `ratio` of this rank's shard
+    space is updated by the CPU optimizer, the rest on the device with its moments there. 1.0
+    offloads everything; 0.0 is no offload."""
     pin_memory: bool = True
     """With a CUDA device: page-lock the host memory of offloaded master weights, optimizer
     states and transfer buffers, so copies to and from the GPU run asynchronously and overlap
