@@ -98,6 +98,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     # Internal: what the harness starts.
     p.add_argument("--run-check", metavar="NAME", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--tmp", help=argparse.SUPPRESS)
     p.add_argument("--helper", help=argparse.SUPPRESS)
     p.add_argument("--args", default="{}", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(result, default=str), flush=True)
         return 0
     if args.run_check:
-        return run_check(args.run_check, args.device, Path(args.out), multi=args.multi)
+        return run_check(args.run_check, args.device, Path(args.out), Path(args.tmp), multi=args.multi)
     try:
         selected = select(args.only, None if args.list else ("multi" if args.multi else "single"))
         args.timeouts = timeouts(args.timeout_s, selected)
@@ -255,7 +256,9 @@ def run_isolated(c: Check, *, device: str, out: Path, nproc: int, timeout_s: flo
         env["CUDA_VISIBLE_DEVICES"] = ""  # the self-test: torch sees no GPU, dist.setup() picks gloo
     if c.name == "compile" and env.pop("TORCHDYNAMO_DISABLE", None) is not None:
         notes.append("TORCHDYNAMO_DISABLE was set; removed for this check")
-    inner = [str(HERE), "--run-check", c.name, "--device", device, "--out", str(parts)]
+    # The check's scratch folder belongs to this process: a killed check cannot clean up after itself.
+    scratch = Path(tempfile.mkdtemp(prefix=f"dsl-smoke-{c.name}-"))
+    inner = [str(HERE), "--run-check", c.name, "--device", device, "--out", str(parts), "--tmp", str(scratch)]
     if c.launch == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                f"--nproc-per-node={nproc}", *inner, "--multi"]
@@ -278,6 +281,8 @@ def run_isolated(c: Check, *, device: str, out: Path, nproc: int, timeout_s: flo
         except BaseException:  # Ctrl-C: the check runs in a session of its own and would outlive us
             _kill_tree(proc)
             raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     duration = round(time.monotonic() - t0, 1)
     ranks = []
     for f in sorted(parts.glob("rank*.json"), key=lambda f: int(f.stem[4:]) if f.stem[4:].isdigit() else 0):
@@ -397,10 +402,12 @@ def _inject(name: str) -> None:
         raise ValueError(f"{INJECT_ENV}: {item!r}: use NAME=raise, NAME=abort or NAME=hang")
 
 
-def run_check(name: str, device: str, parts: Path, *, multi: bool) -> int:
-    """Run check `name` in this process and write parts/rank<R>.json (its status, details, cases)."""
+def run_check(name: str, device: str, parts: Path, scratch: Path, *, multi: bool) -> int:
+    """Run check `name` in this process and write parts/rank<R>.json (its status, details, cases);
+    `scratch` is the harness's folder for it (this rank works in a subfolder)."""
     c = CHECKS[name]
-    tmp = Path(tempfile.mkdtemp(prefix=f"dsl-smoke-{name}-"))
+    tmp = scratch / f"rank{os.environ.get('RANK', '0')}"
+    tmp.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(name=name, mode=device, tmp=tmp)
     t0 = time.monotonic()
     error = None

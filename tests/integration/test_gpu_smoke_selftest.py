@@ -116,8 +116,10 @@ def test_device_cpu_runs_every_check_end_to_end(tmp_path: Path) -> None:
 def test_a_check_that_raises_aborts_or_hangs_fails_alone(tmp_path: Path) -> None:
     out = tmp_path / "results"
     names = ["env", "nvml_probe", "onebit_adam", "quantize_gradients"]  # the order they run in
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     proc = _smoke(out, "--device", "cpu", "--only", ",".join(reversed(names)), "--timeout-s", "onebit_adam=10",
-                  timeout=420, DSL_SMOKE_INJECT="env=raise,nvml_probe=abort,onebit_adam=hang")
+                  timeout=420, DSL_SMOKE_INJECT="env=raise,nvml_probe=abort,onebit_adam=hang", TMPDIR=str(scratch))
     assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
     summary = _check_folder(out, names)
     status = {c["name"]: c for c in summary["checks"]}
@@ -129,6 +131,7 @@ def test_a_check_that_raises_aborts_or_hangs_fails_alone(tmp_path: Path) -> None
     assert status["quantize_gradients"]["status"] == "pass", _failures(out)
     assert summary["counts"] == {"pass": 1, "fail": 3, "skip": 0}
     assert not processes_with(str(out)), "a check's process outlived the harness"
+    assert not list(scratch.iterdir()), "a killed check's scratch folder was left behind"
 
 
 def test_multi_part_under_torchrun_on_two_gloo_ranks(tmp_path: Path) -> None:
