@@ -228,7 +228,7 @@ class Engine:
             compute_dtype=stage_dtype,
             # CPU optimizer offload: the master partition and (stages 2-3) the gradient partition
             # live in host memory, where the CPU optimizer reads them (zero/base.py).
-            host_states=offload == "cpu",
+            host_states=offload == "cpu" and config.offload.ratio >= 1.0,
             pinned=pinned,
             params_on_host=config.offload.params == "cpu",
         )
@@ -247,7 +247,7 @@ class Engine:
             self.states = build_states(
                 self.stage, self.hyper, offload=offload, dtype=dtype, device=self.device,
                 sub_group_mib=config.offload.sub_group_mib, nvme_path=config.offload.nvme_path,
-                pin_memory=config.offload.pin_memory,
+                pin_memory=config.offload.pin_memory, ratio=config.offload.ratio,
             )  # fmt: skip
         for note in device_notes(config, self.device):
             log.warning("%s", note)

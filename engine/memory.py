@@ -151,7 +151,7 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
                  low_precision_states: bool = False, optimizer: str = "adamw",
                  offload_optimizer: str = "none", offload_params: str = "none",
                  layout: Layout | None = None, sub_group_mib: float = 256.0, accelerator: bool = True,
-                 pin_memory: bool = True) -> tuple[Term, ...]:
+                 pin_memory: bool = True, offload_ratio: float = 1.0) -> tuple[Term, ...]:
     """Parameters, gradients, master weights, optimizer states (and offload buffers), per rank."""
     sb = state_bytes(precision, low_precision_states, optimizer, layout, stage)
     n = max(1, shards)
@@ -165,7 +165,8 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
     # what the model computes with lives in host memory, where it is the optimizer's own master
     # (one copy): the master layout's at stages 0-2, stage 3's fp32 shard behind its 16-bit
     # working copy. At stages 2-3 the reduced gradient partition lives there too.
-    cpu = offload_optimizer == "cpu"
+    partial = offload_optimizer == "cpu" and offload_ratio < 1.0
+    cpu = offload_optimizer == "cpu" and not partial
     host_master = cpu and (sb.weights16 or (stage >= 3 and (bool(sb.work) or offload_params == "cpu")))
     p_bytes, p_f = part(sb.param, stage >= 3)
     if stage >= 3 and host_master:  # the fp32 shard is the optimizer's master, on the host
@@ -190,6 +191,9 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
                                                                        "copied down as each bucket completes)"))
     else:
         terms.append(Term(GRADIENTS, device_bytes=g_bytes, formula=g_f))
+    if partial:  # engine/offload.py SplitStates: `ratio` of the shard on the host, the rest on the device
+        return tuple(terms) + _partial_offload_terms(params, sb, stage, n, offload_ratio, sub_group_mib,
+                                                     accelerator and pin_memory, part)
     if offload_optimizer == "none":
         m_bytes, m_f = part(sb.master, stage >= 1)
         o_bytes, o_f = part(sb.optimizer, stage >= 1)
@@ -236,6 +240,29 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
                           formula=f"{NVME_SWAP_BUFFERS} swap buffers x [master + {moments} states] x {elem} B x "
                                   f"{sub:,} + {grad_f}"))
     return tuple(terms)
+
+
+def _partial_offload_terms(params: int, sb: StateBytes, stage: int, n: int, ratio: float, sub_group_mib: float,
+                           pinned: bool, part) -> tuple[Term, ...]:
+    """Master, optimizer and buffer terms under `offload.ratio` < 1 (engine/offload.py SplitStates):
+    the stage keeps its usual device state (its master, its gradient partition); the CPU
+    optimizer holds an fp32 master copy and the moments of the first `ratio` of the shard."""
+    elem = sb.master or sb.param
+    shard_numel = _ceil_div(params, n) if stage >= 1 else params
+    host_numel = int(shard_numel * ratio)
+    moments = sb.optimizer // elem
+    d_master, d_f = part(sb.master, stage >= 1)
+    sub = min(host_numel, max(1, int(sub_group_mib * MiB) // elem))
+    grads_n = 2 if pinned else 1
+    return (
+        Term(MASTER, device_bytes=d_master, host_bytes=elem * host_numel,
+             formula=f"{d_f} on the device + {elem} B x {host_numel:,} ({ratio:g} of the shard) on the host"),
+        Term(OPTIMIZER, device_bytes=sb.optimizer * (shard_numel - host_numel), host_bytes=sb.optimizer * host_numel,
+             formula=f"{sb.optimizer} B x {shard_numel - host_numel:,} on the device + {sb.optimizer} B x "
+                     f"{host_numel:,} on the host ({moments} moments)"),
+        Term(OFFLOAD_BUFFERS, host_bytes=grads_n * elem * sub,
+             formula=f"{grads_n} gradient sub-group buffer{'s' if grads_n > 1 else ''} x {elem} B x {sub:,}"),
+    )
 
 
 # Activations --------------------------------------------------------------------------------
@@ -462,6 +489,7 @@ def estimate(model: "ModelConfig | ModelShape | str", engine: "EngineConfig", *,
         checkpointing=bool(_fixed(engine, "activation_checkpointing", engine.activation_checkpointing)),
         bucket_mib=engine.bucket_mib,
         sub_group_mib=engine.offload.sub_group_mib, pin_memory=engine.offload.pin_memory,
+        offload_ratio=engine.offload.ratio,
         seq_len=seq_len, flash_attention=flash_attention, accelerator=accelerator,
         layout=layout if layout is not None else engine.precision_layout, fold_host=fold_host,
         **long_context(engine))
@@ -472,7 +500,7 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
               offload_params: str = "none", checkpointing: bool = False, bucket_mib: float = 25.0,
               sub_group_mib: float = 256.0, seq_len: int | None = None, flash_attention: bool = True,
               accelerator: bool = True, layout: Layout | None = None, tiled_loss_tokens: int | None = None,
-              pin_memory: bool = True, fold_host: bool = True,
+              pin_memory: bool = True, fold_host: bool = True, offload_ratio: float = 1.0,
               tiled_mlp_tokens: int | None = None, activation_offload: bool = False) -> Breakdown:
     """`estimate` with plain values instead of an EngineConfig (the planner's inner loop).
     `fold_host` (CPU ranks, accelerator=False): report host bytes as the rank's device bytes."""
@@ -484,7 +512,7 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
                               optimizer=optimizer, offload_optimizer=offload_optimizer,
                               offload_params=offload_params, layout=layout,
                               sub_group_mib=sub_group_mib, accelerator=accelerator,
-                              pin_memory=pin_memory))
+                              pin_memory=pin_memory, offload_ratio=offload_ratio))
     offload_acts = activation_offload and checkpointing  # offload moves checkpoints; none without
     acts, copies, recompute = activations(shape, micro_batch=mb, seq_len=seq_len, sp=sp,
                                           checkpointing=checkpointing, flash_attention=flash_attention,

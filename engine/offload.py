@@ -48,7 +48,7 @@ from dsl.engine.optim import STATE_NAMES, Hyper, update
 from dsl.engine.zero.base import ZeroStage, nbytes
 from dsl.engine.zero.layout import Segment, clip_segments
 
-__all__ = ["DeviceStates", "CpuOffload", "NvmeOffload", "build_states", "grad_buffers"]
+__all__ = ["DeviceStates", "CpuOffload", "NvmeOffload", "SplitStates", "build_states", "grad_buffers", "split_point"]
 
 _MIB = 1 << 20
 
@@ -58,19 +58,21 @@ class DeviceStates:
 
     kind = "none"
 
-    def __init__(self, stage: ZeroStage, hyper: Hyper, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, stage: ZeroStage, hyper: Hyper, dtype: torch.dtype, device: torch.device,
+                 lo: int = 0, hi: int | None = None) -> None:
+        """States of shard-space range [lo, hi) (default: all of it; `SplitStates` uses a part)."""
         self.stage = stage
         self.hyper = hyper
         self.names = STATE_NAMES[hyper.kind]
-        n = stage.layout.shard_numel
-        self.flats = {name: torch.zeros(n, dtype=dtype, device=device) for name in self.names}
-        segs = stage.layout.segments
-        self._params = [stage.param_piece(s) for s in segs]
-        self._states = {k: [_piece(f, s) for s in segs] for k, f in self.flats.items()}
-        self._decay = [s.decay for s in segs]
+        self.lo, self.hi = lo, stage.layout.shard_numel if hi is None else hi
+        self.flats = {name: torch.zeros(self.hi - lo, dtype=dtype, device=device) for name in self.names}
+        self._segs = clip_segments(stage.layout.segments, self.lo, self.hi)
+        self._params = [stage.param_piece(s) for s in self._segs]
+        self._states = {k: [_piece(f, s, lo) for s in self._segs] for k, f in self.flats.items()}
+        self._decay = [s.decay for s in self._segs]
 
     def step(self, grad_flat: torch.Tensor, *, step: int, lr: float, seed: int = 0) -> None:
-        grads = [_piece(grad_flat, s) for s in self.stage.layout.segments]
+        grads = [_piece(grad_flat, s) for s in self._segs]
         update(self.hyper, self._params, grads, self._states, self._decay, step=step, lr=lr, seed=seed)
 
     def read(self, name: str) -> torch.Tensor:
@@ -170,20 +172,22 @@ class CpuOffload:
     kind = "cpu"
 
     def __init__(self, stage: ZeroStage, hyper: Hyper, dtype: torch.dtype, sub_group_numel: int,
-                 pinned: bool = False) -> None:
+                 pinned: bool = False, hi: int | None = None) -> None:
+        """States of shard-space range [0, hi) (default: all of it; `SplitStates` uses a part)."""
         self.stage = stage
         self.hyper = hyper
         self.names = STATE_NAMES[hyper.kind]
         self.pinned = pinned
-        n = stage.layout.shard_numel
-        shared = stage.host_master()
+        n = stage.layout.shard_numel if hi is None else hi
+        self._segs = clip_segments(stage.layout.segments, 0, n)
+        shared = stage.host_master() if hi is None else None
         self.shared_master = shared is not None
         """The stage keeps its fp32 master partition in host memory (zero/base.py): it is this
         offload's master too, updated in place, never copied up or down by the offload."""
         self.master = shared if shared is not None else _host_zeros(n, dtype, pinned)
         self.flats = {name: _host_zeros(n, dtype, pinned) for name in self.names}
-        self.chunks = _chunks(stage.layout.segments, n, sub_group_numel)
-        width = 0 if stage.grads_on_host else max((hi - lo for lo, hi in self.chunks), default=0)
+        self.chunks = _chunks(self._segs, n, sub_group_numel)
+        width = 0 if stage.grads_on_host else max((b - a for a, b in self.chunks), default=0)
         self._grads = _GradStream(width, dtype, pinned, direct=stage.grads_on_host)
         self.sync_from_params()
 
@@ -191,11 +195,11 @@ class CpuOffload:
         if self.shared_master:
             return
         with torch.no_grad():
-            for s in self.stage.layout.segments:
+            for s in self._segs:
                 transfer.to_host(_piece(self.master, s), self.stage.param_piece(s)).wait()
 
     def step(self, grad_flat: torch.Tensor, *, step: int, lr: float, seed: int = 0) -> None:
-        segments = self.stage.layout.segments
+        segments = self._segs
         last: transfer.Pending | None = None
         for _, lo, hi, grad in self._grads.pieces(grad_flat, self.chunks):
             segs = clip_segments(segments, lo, hi)
@@ -375,12 +379,66 @@ class NvmeOffload:
         self._finalizer()
 
 
+class SplitStates:
+    """Partial optimizer offload (`offload.ratio` < 1, ZeRO-Offload++ / SuperOffload): shard
+    space [0, split) is updated by the CPU optimizer (`CpuOffload` of that range, its own fp32
+    master and moments in host memory), [split, n) on the device (`DeviceStates` of that range).
+    The split is `ratio` of this rank's shard space, moved down to a multiple of 256 elements from
+    its segment's start (the alignment `_chunks` keeps, so the fused kernel's vector loop sees the
+    same elements as an unsplit update: losses are bit-identical to no offload in fp32). A step
+    queues the device part first (asynchronous on a GPU), then runs the host part."""
+
+    kind = "cpu"
+
+    def __init__(self, stage: ZeroStage, hyper: Hyper, dtype: torch.dtype, device: torch.device,
+                 sub_group_numel: int, ratio: float, pinned: bool) -> None:
+        self.split = split_point(stage.layout.segments, stage.layout.shard_numel, ratio)
+        self.names = STATE_NAMES[hyper.kind]
+        self.host = CpuOffload(stage, hyper, dtype, sub_group_numel, pinned=pinned, hi=self.split)
+        self.device = DeviceStates(stage, hyper, dtype, device, lo=self.split)
+
+    def step(self, grad_flat: torch.Tensor, *, step: int, lr: float, seed: int = 0) -> None:
+        self.device.step(grad_flat, step=step, lr=lr, seed=seed)
+        self.host.step(grad_flat, step=step, lr=lr, seed=seed)
+
+    def read(self, name: str) -> torch.Tensor:
+        dev = self.device.read(name)
+        return torch.cat([self.host.read(name).to(dev.device), dev])
+
+    def write(self, name: str, flat: torch.Tensor) -> None:
+        self.host.write(name, flat[: self.split])
+        self.device.write(name, flat[self.split :])
+
+    def sync_from_params(self) -> None:
+        self.host.sync_from_params()
+
+    def memory(self) -> dict[str, int]:
+        h, d = self.host.memory(), self.device.memory()
+        return {"optimizer_states_bytes": d["optimizer_states_bytes"], "offload_cpu_bytes": h["offload_cpu_bytes"],
+                "offload_nvme_bytes": 0}
+
+    def close(self) -> None:
+        self.host.close()
+        self.device.close()
+
+
+def split_point(segments: list[Segment], total: int, ratio: float) -> int:
+    """`ratio` of [0, total), moved down to a multiple of _ALIGN from its segment's start."""
+    at = int(total * ratio)
+    inside = next((s for s in segments if s.shard_lo < at < s.shard_lo + s.numel), None)
+    if inside is not None:
+        at = inside.shard_lo + (at - inside.shard_lo) // _ALIGN * _ALIGN
+    return at
+
+
 def build_states(stage: ZeroStage, hyper: Hyper, *, offload: str, dtype: torch.dtype, device: torch.device,
-                 sub_group_mib: float, nvme_path: str | None, pin_memory: bool = True):
-    """The state holder for `offload` (none | cpu | nvme); host buffers are page-locked when
-    `pin_memory` and the device is a GPU (engine/transfer.py)."""
+                 sub_group_mib: float, nvme_path: str | None, pin_memory: bool = True, ratio: float = 1.0):
+    """The state holder for `offload` (none | cpu | nvme; with cpu, `ratio` of it on the host);
+    host buffers are page-locked when `pin_memory` and the device is a GPU (engine/transfer.py)."""
     sub_group_numel = max(1, int(sub_group_mib * _MIB) // torch.empty((), dtype=dtype).element_size())
     pinned = pin_memory and transfer.use_pinned(device)
+    if offload == "cpu" and ratio < 1.0:
+        return SplitStates(stage, hyper, dtype, device, sub_group_numel, ratio, pinned)
     if offload == "cpu":
         return CpuOffload(stage, hyper, dtype, sub_group_numel, pinned=pinned)
     if offload == "nvme":

@@ -265,6 +265,7 @@ def evaluate(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: in
                          bucket_mib=engine.bucket_mib, sub_group_mib=engine.offload.sub_group_mib,
                          accelerator=hw.accelerator, flash_attention=flash_attention,
                          layout=engine.precision_layout,
+                         offload_ratio=engine.offload.ratio if offload == "cpu" else 1.0,
                          **memory.long_context(engine))  # tiled loss/MLP, activation offload
     device = b.device_bytes
     host = hw.ranks_per_host * b.host_peak_bytes

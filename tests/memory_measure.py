@@ -90,6 +90,8 @@ def case_id(case: dict) -> str:
         extra.append("compiled")
     if case.get("precision_layout"):
         extra.append(case["precision_layout"])
+    if case.get("offload", {}).get("ratio", 1.0) < 1.0:
+        extra.append(f"ratio{case['offload']['ratio']:g}")
     if case.get("offload", {}).get("params", "none") != "none":
         extra.append("params_" + case["offload"]["params"])
     return f"stage{case['zero_stage']}-{case['precision']}" + "".join(f"-{k}" for k in extra)

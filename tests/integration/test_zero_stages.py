@@ -279,6 +279,16 @@ def scenario_offload(rank: int, nvme_root: str) -> dict[str, Any]:
                                       "resident": [u.group.padded for u in engine.stage.units if u.resident],
                                       "timeline": timeline[: 6 * len(engine.stage.units)]}
         engine.close()
+    # Partial offload (offload.ratio 0.5): half of the shard space updated on the host, half on
+    # the device; fp32 and bf16 (master layout), stages 1-3.
+    for stage in (1, 2, 3):
+        for prec in ("fp32", "bf16"):
+            for name, offload in (("none", {}), ("half", {"optimizer": "cpu", "ratio": 0.5, "sub_group_mib": 0.01})):
+                engine = build({"zero_stage": stage, "precision": prec, "offload": offload or {"optimizer": "none"}})
+                out[f"ratio-s{stage}-{prec}-{name}"] = train(engine, range(1, 11), _local(rank))
+                if name == "half":
+                    out[f"ratio-s{stage}-{prec}-split"] = (engine.states.split, engine.stage.layout.shard_numel)
+                engine.close()
     # fp32 stage 3 with parameter offload: the fp32 partition is host memory, gathered from there.
     for name, offload in (("none", {}), ("params", {"optimizer": "cpu", "params": "cpu", "sub_group_mib": 0.01})):
         engine = build({"zero_stage": 3, "offload": offload or {"optimizer": "none"}})
@@ -501,6 +511,11 @@ def test_cpu_and_nvme_offload_give_the_losses_of_no_offload(ranks) -> None:
         # gathered units on the device: between steps nothing, during one at most the root and
         # resident units plus the running and the prefetched unit.
         assert off["s3-bf16-params"] == off["s3-bf16-none"] and off["s3-fp32-params"] == off["s3-fp32-none"]
+        for stage in (1, 2, 3):
+            for prec in ("fp32", "bf16"):
+                assert off[f"ratio-s{stage}-{prec}-half"] == off[f"ratio-s{stage}-{prec}-none"], (stage, prec)
+                split, total = off[f"ratio-s{stage}-{prec}-split"]
+                assert 0 < split < total and abs(split / total - 0.5) < 0.05
         summary = off["s3-bf16-params-summary"]
         assert summary["params_bytes"] == summary["grads_bytes"] == summary["optimizer_states_bytes"] == 0
         live = off["s3-bf16-params-live"]

@@ -30,6 +30,10 @@ CASES = [
     {"zero_stage": 2, "precision": "bf16", "micro_batch": 4, "precision_layout": "autocast"},
     {"zero_stage": 2, "precision": "bf16", "micro_batch": 4, "precision_layout": "master",
      "offload": {"optimizer": "cpu", "sub_group_mib": 0.25}},
+    # Partial offload (offload.ratio): half of the moments and an fp32 master copy of that half.
+    *({"zero_stage": s, "precision": p, "micro_batch": 4, "offload": {"optimizer": "cpu", "ratio": 0.5,
+                                                                      "sub_group_mib": 0.25}}
+      for s, p in ((2, "bf16"), (3, "fp32"))),
     # Stage 3 under CPU offload: the fp32 shard (and with params: cpu the 16-bit one) on the host.
     {"zero_stage": 3, "precision": "bf16", "micro_batch": 4, "offload": {"optimizer": "cpu", "sub_group_mib": 0.25}},
     {"zero_stage": 3, "precision": "bf16", "micro_batch": 4,
