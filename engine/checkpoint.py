@@ -1,4 +1,5 @@
-"""Checkpoints: one rank-count- and stage-independent format, written atomically.
+"""Checkpoints: per-parameter slices written by every rank in parallel, committed atomically;
+loadable at any rank count, ZeRO stage, precision layout and optimizer offload.
 
 Layout of a checkpoints folder (e.g. output_dir/checkpoints)::
 
@@ -6,34 +7,43 @@ Layout of a checkpoints folder (e.g. output_dir/checkpoints)::
     step-000020/
     latest                text: the folder name of the newest complete checkpoint
 
-A checkpoint folder holds:
+A checkpoint folder (format 2) holds:
 
-- `model.pt`: {parameter or buffer name: FULL tensor} (names of `module.named_parameters()` /
-  `named_buffers()`, a tied parameter under its first name), in the engine's parameter dtype
-  (fp32 master weights; bf16 with low_precision_states).
-- `optimizer.pt`: {"type": "adamw" | "sgd", "step": optimizer steps taken, "state": {name:
-  {"exp_avg", "exp_avg_sq", "step"} | {"momentum_buffer", "step"}}}, full tensors shaped like
-  the parameter (torch.optim's per-parameter names).
+- `rank-<r>-of-<W>.safetensors`, one per saving rank r of W (safetensors layout,
+  engine/ckpt_files.py): for every trainable parameter (by its `named_parameters()` name, a tied
+  one under its first name) with elements in r's writer range, the 1-D slices `param/<name>`
+  (the values the optimizer updates: fp32 master weights under both precision layouts; bf16
+  with low_precision_states) and `<state>/<name>` per optimizer state (`exp_avg`, `exp_avg_sq`
+  | `momentum_buffer`), in the engine's parameter dtype; metadata `dsl` = {"format": 2, "writer",
+  "writers", "slices": {name: [start, numel, full shape]}}. The writer range is the rank's own
+  partition at stages 1-3 and 1/W of the replicated model at stage 0 (engine/ckpt_slices.py says
+  why). Rank 0's file also holds `module/<name>`: frozen parameters and buffers, whole.
 - `rng.pt`: a list with one entry per saving rank: {"torch": CPU RNG state, "python":
   random.getstate(), "cuda": the CUDA RNG state of that rank's own device, or None}. (Older
   checkpoints hold every visible GPU's state there; a resume that sees fewer GPUs restores the
   one of its device when present and warns otherwise.)
 - `extra.pt`: the caller's `extra` (plain Python data and tensors: loaded with weights_only).
-- `meta.json`: format version, step, engine steps, world size, ZeRO stage, precision, loss
-  scaler state, the engine config. Written last.
+- `meta.json`: format version, step, engine steps, world size (= writers), ZeRO stage,
+  precision, optimizer and its state names, loss scaler state, the engine config, and `layout`:
+  the saving ranks' parameter groups and partition count, from which a loading rank computes
+  which file holds which elements of each parameter. Written last.
 
-Because every tensor is full and named, a checkpoint saved by N ranks at stage X loads into M
-ranks at stage Y with no conversion: each rank reads the files (memory-mapped) and copies out
-the slices of its own partitions. Saving gathers partitions with one all_gather per group and
-state (stages 1-3; stage 0 already holds everything); rank 0 alone writes, so its CPU memory
-briefly holds one full copy of parameters and optimizer states (the other ranks keep none: they
-drop each gathered group at once). That copy is the limit for very large models (a 7B model
-with AdamW: ~84 GB on rank 0's host); writing one file per group as it is gathered would bound
-it to one group (not done yet).
+Memory: a save writes each rank's slices straight from the tensors that hold them (CPU), or
+through one staging buffer of `offload.sub_group_mib` (device tensors; NVMe-offloaded states are
+read from their sub-group files by range, never whole). A load reads only the byte ranges that
+overlap the loading rank's own partition, straight into its tensors or through the same bounded
+buffer. So no rank ever holds more than one sub-group of anything beyond its own state, and no
+rank gathers the model (format 1 gathered everything on rank 0: ~84 GB for a 7B model with
+AdamW). `Engine.full_state_dict()` still gathers, for callers who ask; `load_full()` assembles a
+folder's full tensors for tools.
 
-Atomicity: rank 0 writes every file into `.tmp-step-XXXXXX-<id>/`, fsyncs each file and the
-folder, renames the folder to `step-XXXXXX` and fsyncs the parent, then writes `latest` the same
-way (temporary file, fsync, `os.replace`, fsync the parent). A writer killed at any moment leaves
+Atomicity, with every rank writing: rank 0 removes leftovers of killed writers, applies
+retention, creates `.tmp-step-XXXXXX-<id>/` and tells every rank its name (a rank that cannot see
+it fails the save: the folder must be shared by all ranks); every rank writes and fsyncs its file
+there; a barrier (an all_gather of each rank's outcome: a failure anywhere fails the save on every
+rank, with no rename); then rank 0 alone writes rng.pt, extra.pt and meta.json, fsyncs them and
+the folder, renames it to `step-XXXXXX`, fsyncs the parent, and writes `latest` the same way
+(temporary file, fsync, `os.replace`, fsync the parent). A writer killed at any moment leaves
 either the previous state or the new one, plus leftovers the next save removes (`.tmp-*`,
 `.del-*`, `.latest-*`): `latest` never names a partial folder, and a `step-*` folder is always
 complete, because folders are renamed out of that name (`.del-*`) before they are deleted.
@@ -45,7 +55,12 @@ deletes all but the newest K `step-*` folders before writing and again after `la
 RNG: rank r restores entry r when the checkpoint has one (same or smaller world size), else
 keeps its own state. With the same ranks and stage, a resumed fp32 run is bit-identical to an
 uninterrupted one (parameters, optimizer states, step counts and the loss scale are restored
-exactly; gradient buffers are zero at a step boundary).
+exactly; gradient buffers are zero at a step boundary); on another rank count, stage or layout
+the restored master weights and states are the same bits, so the next forward computes the same
+loss wherever its arithmetic is the same (fp32).
+
+Format 1 (full tensors in model.pt / optimizer.pt, written by rank 0) still loads
+(engine/ckpt_v1.py); nothing writes it.
 """
 
 from __future__ import annotations
@@ -63,6 +78,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as tdist
 
+from dsl.engine import ckpt_slices, ckpt_v1
+from dsl.engine.ckpt_files import Staging
 from dsl.engine.errors import RunError, UserError
 
 log = logging.getLogger(__name__)
@@ -70,9 +87,9 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from dsl.engine.core import Engine
 
-__all__ = ["save", "load", "resolve", "gather_full", "FORMAT_VERSION"]
+__all__ = ["save", "load", "resolve", "load_full", "gather_full", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -119,16 +136,20 @@ def _delete(path: Path, root: Path, token: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def write_folder(root: Path, name: str, files: dict[str, Any], meta: dict[str, Any], keep: int | None) -> Path:
-    """Atomically create `root/name` holding `files` (torch.save) and meta.json; point `latest`
-    at it; apply retention. Single writer (rank 0)."""
-    root.mkdir(parents=True, exist_ok=True)
-    # Leftovers of a writer killed earlier: partial folders, folders being deleted, pointers.
+def _clear_leftovers(root: Path) -> None:
+    """Partial folders, folders being deleted and pointers of writers killed earlier."""
     for stale in [*root.glob(".tmp-*"), *root.glob(".del-*"), *root.glob(f".{LATEST}-*")]:
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
+
+
+def begin_folder(root: Path, name: str, keep: int | None) -> Path:
+    """Rank 0, before any rank writes: clear leftovers, apply retention, create and return the
+    temporary folder every rank writes into."""
+    root.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(root)
     token = uuid.uuid4().hex[:8]
     # Retention before writing too, so a writer killed before its own clean-up never lets
     # folders pile up: at most keep + 1 `step-*` folders exist at any moment.
@@ -137,15 +158,22 @@ def write_folder(root: Path, name: str, files: dict[str, Any], meta: dict[str, A
     _retain(root, keep, protect={named}, token=token)
     tmp = root / f".tmp-{name}-{token}"
     tmp.mkdir()
+    return tmp
+
+
+def commit_folder(root: Path, tmp: Path, name: str, files: dict[str, Any], meta: dict[str, Any],
+                  keep: int | None) -> Path:
+    """Rank 0, after every rank's file in `tmp` is complete and fsynced: add `files`
+    (torch.save) and meta.json, rename `tmp` to `root/name`, point `latest` at it, apply
+    retention."""
+    token = tmp.name.rsplit("-", 1)[-1]
     for fname, obj in files.items():
         _save_file(obj, tmp / fname)
     _write_text(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
     _fsync_dir(tmp)
     final = root / name
-    old = None
     if final.exists():
-        old = root / f".old-{name}-{token}"
-        os.rename(final, old)
+        os.rename(final, root / f".old-{name}-{token}")
     os.rename(tmp, final)
     _fsync_dir(root)
     pointer = root / f".{LATEST}-{token}"
@@ -244,30 +272,85 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.cuda.set_rng_state(cuda, device)
 
 
+
+# Save / load -----------------------------------------------------------------------------
+
+
+def _sub_group_bytes(engine: "Engine") -> int:
+    """The staging bound of a save or load: one sub-group (`offload.sub_group_mib`)."""
+    return int(engine.config.offload.sub_group_mib * (1 << 20))
+
+
+def _from_rank0(engine: "Engine", obj: Any) -> Any:
+    if engine.world_size == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all(engine: "Engine", obj: Any) -> list[Any]:
+    """Every rank's `obj` (also the barrier of the protocol)."""
+    if engine.world_size == 1:
+        return [obj]
+    out = [None] * engine.world_size
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def _outcome(err: BaseException | None, rank: int) -> str | None:
+    return None if err is None else f"rank {rank}: {type(err).__name__}: {err}"
+
+
+def _raise_failures(own: BaseException | None, outcomes: list[str | None], what: str) -> None:
+    """After a collective exchange of outcomes: every rank raises when any rank failed (its own
+    error where it had one, a RunError naming the others' elsewhere)."""
+    failed = [o for o in outcomes if o is not None]
+    if not failed:
+        return
+    if isinstance(own, OSError):
+        raise RunError(f"{what}: {own}") from own
+    if own is not None:
+        raise own
+    raise RunError(f"{what}: " + "; ".join(failed))
+
+
 def save(engine: "Engine", directory: str | os.PathLike, *, step: int, extra: dict[str, Any] | None, keep: int | None) -> Path:
-    """Collective: every rank calls it; rank 0 writes. Returns the checkpoint folder."""
+    """Collective: every rank calls it and writes its own slices. Returns the checkpoint folder."""
     if step < 0:
         raise UserError(f"checkpoint step must be >= 0, got {step}")
     if keep is not None and keep < 1:
         raise UserError(f"keep must be >= 1 (checkpoints to retain), got {keep}")
-    # Only rank 0 writes, so only rank 0 keeps the full copy of parameters and optimizer states.
-    params, optim = gather_full(engine, optimizer=True, keep=engine.rank == 0)
-    world = engine.world_size
-    rng = [None] * world
-    if world > 1:
-        tdist.all_gather_object(rng, _rng_state(engine.device))
-    else:
-        rng = [_rng_state(engine.device)]
+    rank, world = engine.rank, engine.world_size
     root, name = Path(directory), f"step-{step:06d}"
+    rng = _all(engine, _rng_state(engine.device))
+    tmp, error = None, None
+    if rank == 0:
+        try:
+            tmp = str(begin_folder(root, name, keep))
+        except OSError as err:
+            error = f"preparing checkpoint {root / name} failed: {err}"
+    tmp, error = _from_rank0(engine, (tmp, error))
+    if error is not None:
+        raise RunError(error)
+    folder = Path(tmp)
+    own: BaseException | None = None
+    try:
+        if not folder.is_dir():
+            raise UserError(f"{folder} (created by rank 0) is not visible on rank {rank}: every rank "
+                            "writes its own checkpoint file, so the checkpoint folder must be on a "
+                            "filesystem all hosts share")
+        ckpt_slices.write_rank(engine, folder / ckpt_slices.file_name(rank, world), rank, world,
+                               Staging(_sub_group_bytes(engine)))
+    except Exception as err:  # noqa: BLE001 - raised below on every rank, after the barrier
+        own = err
+    outcomes = _all(engine, _outcome(own, rank))
+    if any(o is not None for o in outcomes):
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        _raise_failures(own, outcomes, f"writing checkpoint {root / name} failed")
     error = None
-    if engine.rank == 0:
-        module = engine.module
-        model = dict(params)
-        for n, p in module.named_parameters():
-            if not p.requires_grad:
-                model[n] = p.detach().cpu().clone()
-        for n, b in module.named_buffers():
-            model[n] = b.detach().cpu().clone()
+    if rank == 0:
         meta = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -275,77 +358,68 @@ def save(engine: "Engine", directory: str | os.PathLike, *, step: int, extra: di
             "optimizer_steps": engine.optimizer_steps,
             "skipped_steps": engine.skipped_steps,
             "world_size": world,
+            "writers": world,
+            "files": [ckpt_slices.file_name(r, world) for r in range(world)],
             "zero_stage": engine.stage.stage,
+            "layout": ckpt_slices.layout_meta(engine.stage.layout),
             "precision": engine.config.precision,
             "low_precision_states": engine.config.low_precision_states,
             "optimizer": engine.hyper.kind,
+            "state_names": list(engine.states.names),
             "loss_scale": engine.scaler.state_dict() if engine.scaler is not None else None,
             "config": engine.config.model_dump(mode="json"),
         }
-        files = {
-            "model.pt": model,
-            "optimizer.pt": {"type": engine.hyper.kind, "step": engine.optimizer_steps, "state": optim},
-            "rng.pt": rng,
-            "extra.pt": dict(extra or {}),
-        }
         try:
-            write_folder(root, name, files, meta, keep)
+            missing = [f for f in meta["files"] if not (folder / f).is_file()]
+            if missing:
+                raise OSError(f"rank files missing in {folder}: {', '.join(missing)} (is the folder "
+                              "on a filesystem all hosts share?)")
+            commit_folder(root, folder, name, {"rng.pt": rng, "extra.pt": dict(extra or {})}, meta, keep)
         except OSError as err:
             error = f"writing checkpoint {root / name} failed: {err}"
-    if world > 1:
-        box = [error]
-        tdist.broadcast_object_list(box, src=0)
-        error = box[0]
+    error = _from_rank0(engine, error)
     if error is not None:
         raise RunError(error)
     return root / name
 
 
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    if meta.get("format") not in (1, FORMAT_VERSION):
+        raise UserError(f"{path}: checkpoint format {meta.get('format')} is not one this version reads "
+                        f"(1, {FORMAT_VERSION})")
+    return meta
+
+
 def load(engine: "Engine", directory: str | os.PathLike) -> dict[str, Any]:
     """Collective. Restores parameters, optimizer states, steps, loss scale and RNG; returns
-    `extra` plus "step"."""
-    path = resolve(directory)
-    if engine.world_size > 1:  # every rank loads the folder rank 0 chose
-        box = [str(path)]
-        tdist.broadcast_object_list(box, src=0)
-        path = Path(box[0])
-    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT_VERSION:
-        raise UserError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
-    if meta["optimizer"] != engine.hyper.kind:
-        raise UserError(f"{path} holds {meta['optimizer']} optimizer states but this engine uses "
-                        f"{engine.hyper.kind}; set optimizer.type: {meta['optimizer']}")
-    model = torch.load(path / "model.pt", mmap=True, weights_only=True)
-    optim = torch.load(path / "optimizer.pt", mmap=True, weights_only=True)
-    stage, states = engine.stage, engine.states
-    names = stage.layout.names()
-    missing = [n for n in names if n not in model]
-    if missing:
-        raise UserError(f"{path}: {len(missing)} parameter(s) of this model are not in the "
-                        f"checkpoint, e.g. {', '.join(missing[:3])}")
-    with torch.no_grad():
-        flats = {k: torch.zeros(stage.layout.shard_numel, dtype=states.read(k).dtype) for k in states.names}
-        for g in stage.layout.groups:
-            for slot in g.slots:
-                if tuple(model[slot.name].shape) != tuple(slot.shape):
-                    raise UserError(f"{path}: {slot.name} has shape {tuple(model[slot.name].shape)} "
-                                    f"in the checkpoint, {tuple(slot.shape)} in this model")
-            part = stage.param_part(g)
-            for slot, p_lo, shard_lo, n in stage.layout.pieces(g):
-                lo = shard_lo - g.shard_offset
-                part[lo : lo + n].copy_(model[slot.name].reshape(-1)[p_lo : p_lo + n])
-                for k, flat in flats.items():
-                    flat[shard_lo : shard_lo + n].copy_(optim["state"][slot.name][k].reshape(-1)[p_lo : p_lo + n])
-        for k, flat in flats.items():
-            states.write(k, flat)
-        for n, p in engine.module.named_parameters():
-            if not p.requires_grad and n in model:
-                p.copy_(model[n])
-        for n, b in engine.module.named_buffers():
-            if n in model:
-                b.copy_(model[n])
-    states.sync_from_params()
-    stage.after_update()  # stages 1-2: all_gather the partitions; stage 3: drop stale gathers, recast work
+    `extra` plus "step". Each rank reads only the slices that overlap its own partition."""
+    found, error = None, None
+    if engine.rank == 0:  # every rank loads the folder rank 0 chose
+        try:
+            found = str(resolve(directory))
+        except UserError as err:
+            error = err
+    found, error = _from_rank0(engine, (found, error))
+    if error is not None:
+        raise error
+    path = Path(found)
+    own: BaseException | None = None
+    meta: dict[str, Any] = {}
+    try:
+        meta = _read_meta(path)
+        if meta["optimizer"] != engine.hyper.kind:
+            raise UserError(f"{path} holds {meta['optimizer']} optimizer states but this engine uses "
+                            f"{engine.hyper.kind}; set optimizer.type: {meta['optimizer']}")
+        if meta["format"] == 1:
+            ckpt_v1.load_tensors(engine, path)
+        else:
+            ckpt_slices.load_rank(engine, path, meta, Staging(_sub_group_bytes(engine)))
+    except Exception as err:  # noqa: BLE001 - raised below on every rank, after the exchange
+        own = err
+    _raise_failures(own, _all(engine, _outcome(own, engine.rank)), f"loading checkpoint {path} failed")
+    engine.states.sync_from_params()
+    engine.stage.after_update()  # stages 1-2: all_gather the partitions; stage 3: drop stale gathers, recast work
     engine.zero_grad()
     engine.global_step = int(meta["global_step"])
     engine.optimizer_steps = int(meta["optimizer_steps"])
@@ -358,3 +432,14 @@ def load(engine: "Engine", directory: str | os.PathLike) -> dict[str, Any]:
     engine._refresh_lr()
     extra = torch.load(path / "extra.pt", weights_only=True)
     return {**extra, "step": int(meta["step"])}
+
+
+def load_full(directory: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """The full tensors of the checkpoint `directory` names, by field: {"param": {name: tensor},
+    "<optimizer state>": {name: tensor}, "module": {frozen parameter or buffer name: tensor}}.
+    Not collective; holds the whole checkpoint in memory (for tools and exports)."""
+    path = resolve(directory)
+    meta = _read_meta(path)
+    if meta["format"] == 1:
+        raise UserError(f"{path}: format 1 holds full tensors already: torch.load model.pt and optimizer.pt")
+    return ckpt_slices.read_full(path, meta)

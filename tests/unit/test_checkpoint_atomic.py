@@ -2,14 +2,19 @@
 retention, refusals, and a writer SIGKILLed at random moments (20 trials).
 
 Cross-rank-count resume (2 ranks stage 2 -> 1 rank stage 3 / 2 ranks stage 1) is in
-tests/integration/test_checkpoint_resume.py.
+tests/integration/test_checkpoint_resume.py; 2 writers at stage 3 (memory, kills, resume on
+another rank count, stage and layout) in tests/integration/test_checkpoint_sharded.py; format
+details (dtype casts, NVMe streaming, format 1) in tests/unit/test_checkpoint_format.py.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import signal
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,7 @@ import pytest
 import torch
 
 from dsl.engine import initialize
-from dsl.engine.checkpoint import resolve
+from dsl.engine.checkpoint import load_full, resolve
 from dsl.engine.data import SyntheticData
 from dsl.engine.errors import UserError
 from dsl.engine.train_config import DataConfig, ModelConfig
@@ -59,8 +64,11 @@ def _train(engine, steps: range) -> list[float]:
      {"zero_stage": 2, "precision": "fp16", "loss_scale": {"initial_scale_power": 30, "hysteresis": 1}},
      {"zero_stage": 3, "precision": "bf16"},  # the load refreshes stage 3's bf16 working copy
      {"zero_stage": 3, "precision": "fp16", "loss_scale": {"initial_scale_power": 30, "hysteresis": 1}},
-     {"zero_stage": 1, "offload": {"optimizer": "cpu"}}, {"zero_stage": 0, "optimizer": {"type": "sgd"}}],
-    ids=["s0", "s1-accum2", "s2", "s3", "s2-fp16", "s3-bf16", "s3-fp16", "s1-cpu-offload", "s0-sgd"],
+     {"zero_stage": 1, "offload": {"optimizer": "cpu"}}, {"zero_stage": 0, "optimizer": {"type": "sgd"}},
+     {"zero_stage": 2, "offload": {"optimizer": "cpu", "ratio": 0.5}},
+     {"zero_stage": 3, "precision": "bf16", "offload": {"optimizer": "cpu", "params": "cpu"}}],
+    ids=["s0", "s1-accum2", "s2", "s3", "s2-fp16", "s3-bf16", "s3-fp16", "s1-cpu-offload", "s0-sgd",
+         "s2-partial-offload", "s3-bf16-param-offload"],
 )
 def test_resume_on_the_same_setup_is_bit_identical(tmp_path: Path, cfg: dict[str, Any]) -> None:
     whole = _engine(**cfg)
@@ -82,28 +90,44 @@ def test_resume_on_the_same_setup_is_bit_identical(tmp_path: Path, cfg: dict[str
     assert _train(resumed, range(5, 9)) == expected[4:]
 
 
-def test_the_format_is_full_named_tensors_and_loads_into_another_stage(tmp_path: Path) -> None:
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(header, data section start) read the way the safetensors format defines them."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), 8 + n
+
+
+def test_the_format_is_named_slices_and_loads_into_another_stage(tmp_path: Path) -> None:
     s3 = _engine(zero_stage=3)
     _train(s3, range(1, 4))
     path = s3.save_checkpoint(tmp_path, step=3)
     assert path == tmp_path / "step-000003"
     assert (tmp_path / "latest").read_text().strip() == "step-000003"
-    model = torch.load(path / "model.pt", weights_only=True)
-    optim = torch.load(path / "optimizer.pt", weights_only=True)
+    rank_file = "rank-00000-of-00001.safetensors"
+    assert sorted(p.name for p in path.iterdir()) == ["extra.pt", "meta.json", rank_file, "rng.pt"]
+    # The rank file is in the safetensors layout: tensors back to back after the header.
+    header, data = _safetensors_header(path / rank_file)
+    slices = json.loads(header.pop("__metadata__")["dsl"])["slices"]
+    ends = sorted(t["data_offsets"] for t in header.values())
+    assert ends[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ends, ends[1:]))
+    assert (path / rank_file).stat().st_size == data + ends[-1][1]
     shapes = {n: tuple(p.shape) for n, p in Model(SMALL).named_parameters()}
-    assert {n: tuple(t.shape) for n, t in model.items() if n in shapes} == shapes
-    assert optim["type"] == "adamw" and optim["step"] == 3
-    assert set(optim["state"]) == set(shapes)
-    for n, entry in optim["state"].items():
-        assert set(entry) == {"exp_avg", "exp_avg_sq", "step"}
-        assert tuple(entry["exp_avg"].shape) == shapes[n] and float(entry["step"]) == 3
-        assert float(entry["exp_avg_sq"].min()) >= 0
+    assert {n: tuple(shape) for n, (start, numel, shape) in slices.items()} == shapes
+    assert all(start == 0 and numel == math.prod(shapes[n]) for n, (start, numel, _) in slices.items())
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["format"] == 2 and meta["optimizer"] == "adamw" and meta["optimizer_steps"] == 3
+    full = load_full(tmp_path)
+    assert set(full) == {"param", "exp_avg", "exp_avg_sq", "module"}
+    for field in ("param", "exp_avg", "exp_avg_sq"):
+        assert {n: tuple(t.shape) for n, t in full[field].items()} == shapes
+    assert all(float(t.min()) >= 0 for t in full["exp_avg_sq"].values())
     # Stage 3's full tensors equal what it trains with.
-    full = s3.full_state_dict()
-    assert all(torch.equal(full[n], model[n]) for n in full)
+    trained = s3.full_state_dict()
+    assert all(torch.equal(trained[n], full["param"][n]) for n in trained)
     s0 = _engine(zero_stage=0)
     assert s0.load_checkpoint(tmp_path)["step"] == 3
-    assert all(torch.equal(p, model[n]) for n, p in s0.module.named_parameters())
+    assert all(torch.equal(p, full["param"][n]) for n, p in s0.module.named_parameters())
+    assert all(torch.equal(b, full["module"][n]) for n, b in s0.module.named_buffers())
     # Both continue the same way (stage 3 and stage 0 differ only in summation order).
     assert _train(s0, range(4, 7)) == pytest.approx(_train(s3, range(4, 7)), abs=1e-6)
 
@@ -196,8 +220,9 @@ def test_a_writer_killed_at_random_moments_never_leaves_a_partial_latest(tmp_pat
         folders = list(directory.glob("step-*"))
         assert len(folders) <= 3
         for f in folders:
-            assert sorted(p.name for p in f.iterdir()) == ["extra.pt", "meta.json", "model.pt", "optimizer.pt", "rng.pt"]
-            torch.load(f / "model.pt", weights_only=True, mmap=True)
+            assert sorted(p.name for p in f.iterdir()) == ["extra.pt", "meta.json", "rank-00000-of-00001.safetensors",
+                                                           "rng.pt"]
+            load_full(f)
         last_step = step
     assert last_step >= 3  # the writer made progress between kills
     print(f"last step {last_step}, interrupted writes {interrupted}")
