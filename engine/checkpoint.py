@@ -228,10 +228,11 @@ def gather_full(engine: "Engine", *, optimizer: bool, keep: bool = True) -> tupl
     params: dict[str, torch.Tensor] = {}
     optim: dict[str, dict[str, torch.Tensor]] = {}
     step = torch.tensor(float(engine.optimizer_steps))
-    for g in stage.layout.groups:
-        full = stage.gather_group(stage.param_part(g), g)
+    device = engine.device  # partitions in host memory (CPU offload) are gathered on the device:
+    for g in stage.layout.groups:  # NCCL takes device tensors only
+        full = stage.gather_group(stage.param_part(g).to(device), g)
         fulls = {
-            k: stage.gather_group(f[g.shard_offset : g.shard_offset + g.part_numel].to(full.device), g)
+            k: stage.gather_group(f[g.shard_offset : g.shard_offset + g.part_numel].to(device), g)
             for k, f in flats.items()
         }
         if not keep:

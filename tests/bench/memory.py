@@ -29,6 +29,9 @@ CASES = [
       for s, layout in ((0, "master"), (1, "master"), (0, "autocast"), (2, "autocast"))),
     {"zero_stage": 2, "precision": "fp16", "micro_batch": 8, "precision_layout": "master", **EAGER},
     {"zero_stage": 2, "precision": "bf16", "micro_batch": 8, "offload": {"optimizer": "cpu"}, **EAGER},
+    {"zero_stage": 2, "precision": "bf16", "micro_batch": 8, "offload": {"optimizer": "cpu", "ratio": 0.5}, **EAGER},
+    {"zero_stage": 3, "precision": "bf16", "micro_batch": 8, "offload": {"optimizer": "cpu"}, **EAGER},
+    {"zero_stage": 3, "precision": "bf16", "micro_batch": 8, "offload": {"optimizer": "cpu", "params": "cpu"}, **EAGER},
     {"zero_stage": 3, "precision": "bf16", "micro_batch": 8, "activation_checkpointing": True, **EAGER},
     {"zero_stage": 2, "precision": "fp32", "micro_batch": 8, "offload": {"optimizer": "cpu"}, **EAGER},
     {"zero_stage": 0, "precision": "fp32", "micro_batch": 8, "steps": 2,
@@ -68,7 +71,9 @@ def main() -> int:
                              f"{_mb(want['total_bytes'])} | {_mb(got[peak])} | {ratio:.3f} |")
     table = "\n".join(lines)
     print(table)
-    body = ("Per rank, 2 gloo ranks, one training step of the bundled model (preset `bench`: vocab 8192, "
+    from layout import cpu_model
+
+    body = (f"CPU: {cpu_model()}. Per rank, 2 gloo ranks, one training step of the bundled model (preset `bench`: vocab 8192, "
             "hidden 256, 4 layers, 8 heads, seq 256), micro-batch 8. Predicted = `engine.memory`, the "
             "model `dsl plan` uses; measured = `Engine.state_summary()` (tensor bytes held per rank; "
             "activations counted by autograd saved-tensor hooks). Every case runs eager (`compile: false`), "
