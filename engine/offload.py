@@ -16,15 +16,22 @@ gradient partition (`stage.grad_flat`).
   parameters go up while i+1 is updated; the step waits for the last upload before it returns.
   On a CPU-only host "device" and "CPU" are the same memory, but the copies are real (the same
   code moves data across PCIe on a GPU host). Holds: master + states (CPU) and two
-  sub-group-sized gradient buffers.
+  sub-group-sized gradient buffers (one without a GPU, where copies cannot overlap).
+  Where the stage keeps its own master partition in host memory (zero/base.py `host_master`:
+  the master layout, stage 3's fp32 shard behind its 16-bit copy, parameter offload) that tensor
+  *is* this offload's master: no second copy, nothing copied up by the offload (the stage casts
+  it into the 16-bit parameters in `after_update`). Where the stage keeps the gradient partition
+  in host memory (`grads_on_host`, stages 2-3) the update reads it in place: no gradient buffer.
 - `NvmeOffload` (offload.optimizer: nvme): master weights and states of each sub-group in one file
   under `nvme_path` (`[master | state_1 | state_2]` back to back). A step streams the sub-groups
   through three CPU buffers: while sub-group i is updated, sub-group i+1 is read and i-1 written
   by a 2-thread pool (file I/O releases the GIL, so it overlaps the update). The gradient piece
   is copied to a host buffer first and the updated master back to the device, as `CpuOffload`
   does (pinned and asynchronous on CUDA). Holds: three state buffers and one or two gradient
-  buffers (as `CpuOffload`) in CPU memory and the files on disk; `close()` (also at interpreter exit) deletes
-  the files and their folder.
+  buffers (as `CpuOffload`) in CPU memory and the files on disk; `close()` (also at interpreter
+  exit) deletes the files and their folder.
+- `SplitStates` (offload.optimizer: cpu with `offload.ratio` < 1): a `CpuOffload` of the first
+  `ratio` of the shard space and a `DeviceStates` of the rest (each takes a shard-space range).
 
 All of them expose `step(grad_flat, step=, lr=)`, `read(name)` / `write(name, flat)` of a whole
 shard-space tensor (`master` or a state name, for checkpoints), `sync_from_params()` (take the
