@@ -69,18 +69,19 @@ def host_empty(numel: int, dtype: torch.dtype, *, pinned: bool) -> torch.Tensor:
 
 def to_host(dst: torch.Tensor, src: torch.Tensor) -> Pending:
     """Copy device tensor `src` into host tensor `dst` (same numel); wait() before reading dst."""
-    if src.device.type == "cuda" and dst.is_pinned():
-        dst.copy_(src, non_blocking=True)
-        return _Event(src.device)
-    dst.copy_(src)
-    return _DONE
+    return _copy(dst, src, gpu=src, host=dst)
 
 
 def to_device(dst: torch.Tensor, src: torch.Tensor) -> Pending:
     """Copy host tensor `src` into device tensor `dst`; wait() before overwriting src."""
-    if dst.device.type == "cuda" and src.is_pinned():
+    return _copy(dst, src, gpu=dst, host=src)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, *, gpu: torch.Tensor, host: torch.Tensor) -> Pending:
+    """Asynchronous (an event to wait on) between a CUDA tensor and a pinned one; else done now."""
+    if gpu.device.type == "cuda" and host.is_pinned():
         dst.copy_(src, non_blocking=True)
-        return _Event(dst.device)
+        return _Event(gpu.device)
     dst.copy_(src)
     return _DONE
 
