@@ -77,9 +77,8 @@ def _engine(tmp_path, stage, prec="fp32", offload="none", params="none", **extra
     return engine
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize(("stage", "offload"), [(0, "none")] + [(s, o) for s in (1, 2, 3) for o in ("none", "cpu", "nvme")])
 @pytest.mark.parametrize("prec", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("offload", ["none", "cpu", "nvme"])
 def test_engine_step_keeps_device_math_on_the_device(on_meta, tmp_path, stage, prec, offload):
     """Flatten/partition views, hooks, gradient statistics, clipping, loss-scale unscaling, the
     optimizer update (on the device, or handed to the host by the offload), the stage-3
