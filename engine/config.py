@@ -3,7 +3,8 @@
 Plain pydantic v2 data, no torch, so the launcher can validate and plan on a login node. The
 launcher's `Spec` composes these models with `train_config.TrainConfig` (what is trained); the
 engine re-validates the same sections on every rank from the resolved spec the launcher wrote,
-so both sides read one schema.
+so both sides read one schema. The rules that combine fields (offload needs ZeRO 1-3, 1-bit Adam's
+stages, train_batch arithmetic, ...) are in engine/validity.py, which every entry point calls.
 
 Every field carries a docstring: it is the field's description in `dsl schema`.
 """
@@ -12,9 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-
-from dsl.engine.onebit_config import onebit_reason, quantize_reason
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class StrictModel(BaseModel):
@@ -206,37 +205,6 @@ class EngineConfig(StrictModel):
     comm: CommConfig = CommConfig()
     """Compressed gradient communication (int8 reduce-scatter at stages 2-3)."""
 
-    @field_validator("optimizer")
-    @classmethod
-    def _onebit_stage(cls, value: OptimizerConfig, info: ValidationInfo) -> OptimizerConfig:
-        # zero_stage, precision and low_precision_states are declared before optimizer, so they
-        # are in info.data (when they were valid themselves).
-        if value.type == "onebit_adam":
-            reason = onebit_reason(info.data.get("zero_stage"), info.data.get("precision"),
-                                   info.data.get("low_precision_states"))
-            if reason:
-                raise ValueError(reason)
-        return value
-
-    @field_validator("offload")
-    @classmethod
-    def _onebit_offload(cls, value: OffloadConfig, info: ValidationInfo) -> OffloadConfig:
-        opt = info.data.get("optimizer")
-        if opt is not None and opt.type == "onebit_adam":
-            reason = onebit_reason(None, offload_optimizer=value.optimizer)
-            if reason:
-                raise ValueError(reason)
-        return value
-
-    @field_validator("comm")
-    @classmethod
-    def _quantize_stage(cls, value: CommConfig, info: ValidationInfo) -> CommConfig:
-        if value.quantize_gradients:
-            reason = quantize_reason(info.data.get("zero_stage"))
-            if reason:
-                raise ValueError(reason)
-        return value
-
 
 def mixed_layout(engine: EngineConfig, stage: int | None = None) -> Literal["fp32", "low_precision", "master", "autocast"]:
     """How the engine holds its training state (engine/precision.py's table): `fp32`,
@@ -251,46 +219,18 @@ def mixed_layout(engine: EngineConfig, stage: int | None = None) -> Literal["fp3
 
 
 def check_batch(engine: EngineConfig, dp: int) -> str | None:
-    """The reason train_batch disagrees with micro_batch x grad_accum x dp, or None."""
-    if engine.train_batch is None:
-        return None
-    product = engine.micro_batch * engine.grad_accum * dp
-    if product != engine.train_batch:
-        return (f"train_batch ({engine.train_batch}) != micro_batch ({engine.micro_batch}) x "
-                f"grad_accum ({engine.grad_accum}) x data-parallel size ({dp}) = {product}")
-    return None
+    """The reason train_batch disagrees with micro_batch x grad_accum x dp, or None
+    (engine/validity.py's rule)."""
+    from dsl.engine.validity import batch_reason
+
+    return batch_reason(engine, dp)
 
 
 def unsupported_reason(engine: EngineConfig) -> str | None:
-    """Why this version of the bundled engine cannot run `engine`, or None when it can.
+    """Why the bundled engine cannot run `engine` (`engine.<field>: <message>` of the first rule
+    it breaks, engine/validity.py), or None when it can. Rules that need the world size or the
+    model are not checked here; the planner calls this on every candidate it considers."""
+    from dsl.engine.validity import problems
 
-    Checked by the launcher at plan time (so `dsl launch` fails before starting anything) and by
-    the engine itself on every rank.
-    """
-    if engine.low_precision_states and engine.precision != "bf16":
-        return (f"low_precision_states keeps bf16 parameters and optimizer states; it needs "
-                f"precision: bf16 (got precision: {engine.precision})")
-    if engine.precision_layout is not None and (engine.precision == "fp32" or engine.low_precision_states):
-        held = "fp32 parameters" if engine.precision == "fp32" else "bf16 parameters and states"
-        return (f"precision_layout: {engine.precision_layout} chooses where bf16/fp16 training keeps its "
-                f"fp32 master weights; with {'precision: fp32' if engine.precision == 'fp32' else 'low_precision_states'} "
-                f"there are none ({held}): remove precision_layout")
-    if engine.offload.optimizer == "nvme" and not engine.offload.nvme_path:
-        return "offload.optimizer: nvme needs offload.nvme_path (a folder on a fast local disk)"
-    if engine.offload.params != "none" and (engine.zero_stage != 3 or engine.offload.optimizer != "cpu"):
-        return (f"offload.params: {engine.offload.params} (ZeRO-Infinity parameter offload) needs zero_stage: 3 "
-                f"and offload.optimizer: cpu (got zero_stage: {engine.zero_stage}, offload.optimizer: "
-                f"{engine.offload.optimizer}): the CPU optimizer updates the offloaded partitions in place")
-    if engine.activation_offload and engine.activation_checkpointing is False:
-        return ("activation_offload moves activation checkpoints to host memory; it needs "
-                "activation_checkpointing: true")
-    if engine.deepspeed_config is not None:
-        return "deepspeed_config is not supported yet; write the engine settings in the spec"
-    if engine.optimizer.type == "onebit_adam":  # also for configs built by model_copy (the planner)
-        reason = onebit_reason(engine.zero_stage, engine.precision, engine.low_precision_states,
-                               engine.offload.optimizer)
-        if reason:
-            return reason
-    if engine.comm.quantize_gradients and quantize_reason(engine.zero_stage):
-        return quantize_reason(engine.zero_stage)
-    return None
+    found = problems(engine)
+    return str(found[0]) if found else None

@@ -62,7 +62,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
 from dsl.engine import checkpoint, cpu_alloc, dist, precision, transfer
-from dsl.engine.config import EngineConfig, unsupported_reason
+from dsl.engine.config import EngineConfig
 from dsl.engine.errors import UserError
 from dsl.engine.compile import apply as compile_blocks
 from dsl.engine.long import setup as long_setup
@@ -488,16 +488,31 @@ class Engine:
         self.states.close()
 
 
-def _validate(config: EngineConfig | Mapping[str, Any] | None) -> EngineConfig:
+def _validate(config: EngineConfig | Mapping[str, Any] | None, model: nn.Module) -> EngineConfig:
+    """The config, or a UserError of `engine.<field>: <message>` lines: the words `dsl validate`
+    and `dsl launch` print after their file:line:col (engine/validity.py holds the rules)."""
+    import os
+
+    from dsl.engine.train_config import ModelConfig
+    from dsl.engine.validity import field_problems, problems, refuse
+
     if config is None:
-        return EngineConfig()
-    if isinstance(config, EngineConfig):
-        return config
-    try:
-        return EngineConfig.model_validate(dict(config))
-    except ValidationError as err:
-        lines = [f"engine.{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise UserError("invalid engine config:\n  " + "\n  ".join(lines)) from None
+        config = EngineConfig()
+    elif not isinstance(config, EngineConfig):
+        try:
+            config = EngineConfig.model_validate(dict(config))
+        except ValidationError as err:
+            found = field_problems(err)
+        else:
+            found = []
+        refuse(found)  # outside the except: no chained pydantic traceback under DSL_DEBUG
+    grouped = tdist.is_available() and tdist.is_initialized()
+    world = tdist.get_world_size() if grouped else 1
+    local = os.environ.get("LOCAL_WORLD_SIZE", "") if grouped else "1"  # a user's own group may not say
+    shape = getattr(model, "cfg", None)  # the bundled Llama's dimensions (sequence-parallel rules)
+    refuse(problems(config, model=shape if isinstance(shape, ModelConfig) else None, world_size=world,
+                    ranks_per_host=int(local) if local.isdigit() and int(local) > 0 else None))
+    return config
 
 
 def initialize(
@@ -519,10 +534,7 @@ def initialize(
     The device defaults to the rank's device (cuda:LOCAL_RANK with nccl, else cpu).
     Raises UserError for a config this version cannot run.
     """
-    config = _validate(config)
-    reason = unsupported_reason(config)
-    if reason is not None:
-        raise UserError(reason)
+    config = _validate(config, model)
     lr = config.optimizer.lr if lr is None else lr
     weight_decay = config.optimizer.weight_decay if weight_decay is None else weight_decay
     if schedule is None and total_steps is not None:

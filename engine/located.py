@@ -121,23 +121,33 @@ def validate_located(model: type[M], data: Any, locations: Locations, prefix: Pa
 
 def _format_errors(exc: ValidationError, root: type[BaseModel], locations: Locations,
                    prefix: Path_) -> list[str]:
-    found: dict[tuple[Any, ...], tuple[Any, str]] = {}
+    found = [(locations.of(prefix + loc, key=key), f"{dotted(prefix + loc)}: {message}")
+             for loc, message, key in field_errors(exc, root)]
+    ordered = sorted(found, key=lambda item: (item[0].line, item[0].col))
+    return [f"{locations.source}:{mark.line}:{mark.col} {text}" for mark, text in ordered]
+
+
+def field_errors(exc: ValidationError, root: type[BaseModel]) -> list[tuple[Path_, str, bool]]:
+    """(field path inside `root`, message, whether the path names a key rather than a value) of
+    every error, duplicates dropped: the words of a located line without its location (also what
+    dsl.engine.initialize() says about an engine mapping, engine/validity.py)."""
+    found: dict[tuple[Any, ...], bool] = {}
     for error in exc.errors(include_url=False):
         kind = error["type"]
+        key = False
         if kind == "extra_forbidden":  # the last element is the unknown key itself
             loc = _data_path(root, error["loc"][:-1]) + (error["loc"][-1],)
-            message, mark = _unknown_field(root, loc), locations.of(prefix + loc, key=True)
+            message, key = _unknown_field(root, loc), True
         elif kind == "missing":
             loc = _data_path(root, error["loc"])
-            message, mark = f"required field is missing{_field_hint(root, loc)}", locations.of(prefix + loc)
+            message = f"required field is missing{_field_hint(root, loc)}"
         else:
             loc = _data_path(root, error["loc"])
-            message, mark = error["msg"].removeprefix("Value error, "), locations.of(prefix + loc)
+            message = error["msg"].removeprefix("Value error, ")
             if kind == "literal_error":
                 message += _did_you_mean(error.get("input"), error.get("ctx", {}).get("expected", ""))
-        found.setdefault((loc, message), (mark, f"{dotted(prefix + loc)}: {message}"))
-    ordered = sorted(found.values(), key=lambda item: (item[0].line, item[0].col))
-    return [f"{locations.source}:{mark.line}:{mark.col} {text}" for mark, text in ordered]
+        found.setdefault((loc, message), key)
+    return [(loc, message, key) for (loc, message), key in found.items()]
 
 
 def _did_you_mean(value: Any, expected: str) -> str:

@@ -1,8 +1,8 @@
 """Which engine settings 1-bit Adam and the int8 gradient reduce-scatter can run with (torch-free).
 
-Read by engine/config.py's validators (so `dsl validate` reports a located error) and by
-`unsupported_reason` (so the planner never picks a stage 1-bit Adam cannot run when zero_stage is
-auto, and every rank re-checks).
+Read by engine/validity.py, the rules every entry point checks (so `dsl validate` reports a
+located error, the planner never picks a stage 1-bit Adam cannot run when zero_stage is auto,
+and every rank re-checks).
 
 1-bit Adam runs at ZeRO stage 0 only. Its compressed all-reduce replaces stage 0's gradient
 all-reduce: every rank keeps the full momentum, updates it with its *local* gradient and

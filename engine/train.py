@@ -88,11 +88,12 @@ if __name__ == "__main__":
     for _sig in (signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(_sig, _on_warning)
 
-from dsl.engine.config import EngineConfig, check_batch, unsupported_reason
+from dsl.engine.config import EngineConfig
 from dsl.engine.elastic import EXIT_CHECKPOINTED, WARNING_SIGNALS
 from dsl.engine.train_config import TrainConfig
 from dsl.engine.errors import DslError, UserError
 from dsl.engine.located import load_located, validate_located
+from dsl.engine.validity import problems, refuse, refuse_located
 
 __all__ = ["RunSpec", "load_run_spec", "format_progress", "train", "main", "EXIT_CHECKPOINTED",
            "WARNING_SIGNALS"]
@@ -112,8 +113,10 @@ class RunSpec:
 # Spec loading (torch-free) ---------------------------------------------------------------
 
 
-def load_run_spec(path: str | Path) -> RunSpec:
-    """Read `run.train`, `engine` and `output_dir` of a resolved spec. Raises UserError."""
+def load_run_spec(path: str | Path, world_size: int | None = None, ranks_per_host: int | None = None) -> RunSpec:
+    """Read `run.train`, `engine` and `output_dir` of a resolved spec. Raises UserError. With
+    `world_size` / `ranks_per_host` (the rank's environment: `world_of_environment`) the rules
+    about the ranks take part too."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -131,19 +134,23 @@ def load_run_spec(path: str | Path) -> RunSpec:
     if not isinstance(output_dir, str) or not output_dir:
         raise UserError(f"{locations.where(('output_dir',))} output_dir: a directory path "
                         f"(string) is required, got {output_dir!r}")
-    reason = unsupported_reason(engine)
-    if reason is not None:
-        raise UserError(f"{locations.where(('engine',))} engine: {reason}")
-    if engine.sequence_parallel != "auto":
-        from dsl.engine.long.degrees import sp_reason
-
-        m = train_cfg.model
-        reason = sp_reason(engine.sequence_parallel, heads=m.num_attention_heads, kv_heads=m.kv_heads,
-                           seq_len=m.seq_len)
-        if reason is not None:
-            where = locations.where(("engine", "sequence_parallel"))
-            raise UserError(f"{where} engine.sequence_parallel: {reason}")
+    # The rules `dsl validate` and `dsl launch` checked (engine/validity.py), located in this file.
+    refuse_located(problems(engine, model=train_cfg.model, world_size=world_size, ranks_per_host=ranks_per_host),
+                   locations)
     return RunSpec(train=train_cfg, engine=engine, output_dir=Path(output_dir))
+
+
+def world_of_environment() -> tuple[int | None, int | None]:
+    """(ranks, ranks per host) as torchrun / dsl launch export them (WORLD_SIZE, LOCAL_WORLD_SIZE);
+    (1, 1) for a single process without them; None for a value dist.setup will refuse."""
+    if "WORLD_SIZE" not in os.environ:
+        return 1, 1
+
+    def count(name: str) -> int | None:
+        text = os.environ.get(name, os.environ["WORLD_SIZE"])  # dist.setup's default for LOCAL_WORLD_SIZE
+        return int(text) if text.isdigit() and int(text) > 0 else None
+
+    return count("WORLD_SIZE"), count("LOCAL_WORLD_SIZE")
 
 
 # Output ----------------------------------------------------------------------------------
@@ -226,16 +233,12 @@ def _signal_name(signum: int) -> str:
 
 
 def data_parallel_size(engine: EngineConfig, world_size: int) -> int:
-    """Ranks that read different samples: world_size / sequence_parallel. Raises UserError."""
+    """Ranks that read different samples: world_size / sequence_parallel. Raises UserError
+    (engine/validity.py's rules about the ranks)."""
+    about_ranks = (("sequence_parallel",), ("train_batch",))
+    refuse([p for p in problems(engine, world_size=world_size) if p.path in about_ranks])
     sp = 1 if engine.sequence_parallel == "auto" else engine.sequence_parallel
-    if world_size % sp:
-        raise UserError(f"engine.sequence_parallel ({sp}) must divide the number of ranks "
-                        f"({world_size})")
-    dp = world_size // sp
-    reason = check_batch(engine, dp)
-    if reason is not None:
-        raise UserError(f"engine.train_batch: {reason}")
-    return dp
+    return world_size // sp
 
 
 def _require_checkpoints(engine: Any, why: str) -> None:
@@ -472,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     # must not end it (SIGUSR1's default action), only make it stop after its first step.
     previous = install_warning_handlers()
     try:
-        summary = train(load_run_spec(spec_path))
+        summary = train(load_run_spec(spec_path, *world_of_environment()))
     except DslError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code

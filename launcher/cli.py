@@ -168,7 +168,8 @@ def sbatch(
 
 @app.command()
 def validate(specs: List[Path] = typer.Argument(..., help="Spec files to check.")) -> None:
-    """Check spec files; print every problem as file:line:col field: message."""
+    """Check spec files (the schema and the engine rules dsl launch and the engine apply; the
+    rules about the ranks when the spec fixes them); print every problem as file:line:col field: message."""
     from dsl.engine.errors import UserError
     from dsl.launcher.spec import load_spec
 

@@ -30,7 +30,7 @@ from dsl.launcher.envfile import load_env_file
 from dsl.launcher.plan import LaunchPlan, RenderInputs, plan_json
 from dsl.launcher.render import render
 from dsl.launcher.ports import PortReservation, hold_port, reserve_port
-from dsl.launcher.spec import SpecFile, load_spec
+from dsl.launcher.spec import SpecFile, check_engine, load_spec
 from dsl.topology.gpus import count_gpus, visible_devices
 
 log = logging.getLogger(__name__)
@@ -223,10 +223,6 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
         resources = spec_file.spec.resources.model_copy(update={"backend": backend})
         spec_file = dataclasses.replace(spec_file, spec=spec_file.spec.model_copy(update={"resources": resources}))
     spec = spec_file.spec
-    if spec.run.train is not None:
-        reason = unsupported_reason(spec.engine)
-        if reason:
-            raise UserError(f"{spec_file.where('engine')}: {reason}")
     if spec.run.script is not None:
         script = spec_file.resolve(spec.run.script)
         if not script.is_file():
@@ -238,6 +234,10 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
 
     hosts, pin = planspec.recorded_hosts(spec_file, topology, launching_visible_devices()) \
         or resolve_spec_hosts(spec_file)
+    # load_spec checked the engine section with what the spec alone says; now the hosts fix the
+    # world (engine/validity.py: sequence_parallel and train_batch against the ranks).
+    ranks = [len(h.slots) for h in hosts]
+    check_engine(spec_file, sum(ranks) or None, max(ranks, default=0) or None)
     inputs, port = _render_inputs(spec_file, pin, reserve)
     backend = spec.resources.backend
     dry_run = not reserve and refuse_unfit

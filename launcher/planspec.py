@@ -13,7 +13,8 @@ from dsl.engine.config import EngineConfig, mixed_layout
 from dsl.engine.errors import UserError
 from dsl.launcher.hardware import hardware_of
 from dsl.engine.memory import ModelShape
-from dsl.launcher.planner import Free, Plan, search, valid_sp
+from dsl.launcher.planner import Free, Plan, search
+from dsl.launcher.spec import check_engine
 from dsl.topology.model import HostTopology
 
 if TYPE_CHECKING:
@@ -67,15 +68,9 @@ def plan_spec(spec_file: "SpecFile", topology: HostTopology, *, hosts: int, rank
     free = free_fields(spec_file)
     engine = spec.engine
     hw = hardware_of(topology, hosts=hosts, ranks_per_host=ranks_per_host, precision=engine.precision)
-    if engine.sequence_parallel != "auto":
-        reason = valid_sp(shape, engine.sequence_parallel, hw.ranks_per_host, hw.world)
-        if reason:
-            raise UserError(f"{spec_file.where('engine', 'sequence_parallel')}: {reason}")
-    if engine.offload.optimizer in ("cpu", "nvme") and engine.zero_stage == 0:
-        raise UserError(f"{spec_file.where('engine', 'offload', 'optimizer')}: offload needs zero_stage >= 1 "
-                        "(or auto): stage 0 has no partitioned optimizer to move")
-    if engine.offload.params == "cpu" and engine.zero_stage not in (3, "auto"):
-        raise UserError(f"{spec_file.where('engine', 'offload', 'params')}: offload.params needs zero_stage 3")
+    # The rules of engine/validity.py for these hosts (dsl launch checked them already; a direct
+    # caller with a topology gets them here): sequence_parallel and train_batch against the ranks.
+    check_engine(spec_file, hw.world, hw.ranks_per_host)
     batch = target_batch_of(engine, hw.world)
     plan = search(shape, _concrete(engine, free), hw, batch, free, runnable=runnable)
     plan.fixed = {name: value for name, value in (

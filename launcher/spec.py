@@ -284,8 +284,8 @@ def load_spec(path: str | os.PathLike[str]) -> SpecFile:
                         f"got {type(data).__name__ if data is not None else 'an empty file'}")
     data = _with_deepspeed_config(data, path, locations)
     spec = validate_located(Spec, data, locations)
-    _check_sequence_parallel(spec, locations)
     spec_file = SpecFile(spec, path, locations)
+    check_engine(spec_file, *(spec_world(spec) or (None, None)))
     time_min = spec.resources.slurm.time_min
     if time_min is not None:
         check_warning_time(spec_file, time_min * 60, f"the time limit (time_min: {time_min} = "
@@ -327,19 +327,39 @@ def check_warning_time(spec_file: SpecFile, limit_s: float, limit_text: str,
         f"below {limit_s:g} (e.g. {suggestion}), or give the job more time.")
 
 
-def _check_sequence_parallel(spec: Spec, locations: Locations) -> None:
-    """A sequence-parallel degree the model cannot be split by (heads, kv heads, seq_len) is an
-    error of the spec itself; whether it fits the hosts is the planner's to say."""
-    from dsl.engine.long.degrees import sp_reason
+def spec_world(spec: Spec) -> tuple[int, int] | None:
+    """(ranks, ranks per host) when the spec alone fixes them, else None (`dsl launch` knows them
+    once it has resolved the hosts). Fixed: procs_per_node is a number and no hostfile decides the
+    hosts: the local backend's one host, or backend slurm's `nodes` (default 1). With a hostfile
+    the count depends on its slots and include/exclude, with procs_per_node auto on the devices
+    found at launch."""
+    res = spec.resources
+    ppn = res.procs_per_node
+    if not isinstance(ppn, int) or res.hostfile:
+        return None
+    if res.backend == "slurm":
+        return (res.nodes or 1) * ppn, ppn
+    if res.backend == "local" and (res.nodes or 1) == 1:
+        return ppn, ppn
+    return None  # ssh/mpi need a hostfile; a local multi-node spec is refused at launch
 
-    sp = spec.engine.sequence_parallel
-    if spec.run.train is None or sp == "auto":
+
+def check_engine(spec_file: SpecFile, world_size: int | None = None, ranks_per_host: int | None = None) -> None:
+    """The rules of engine/validity.py on the spec's engine section, located in the spec file.
+
+    With run.train the model and (when given) the world take part, and the fields the planner
+    still fills at launch (micro_batch, grad_accum left out; `auto` values) only need a value to
+    exist; a script or module gets the rules of the section alone."""
+    from dsl.engine.validity import problems, refuse_located
+
+    spec = spec_file.spec
+    if spec.run.train is None:
+        refuse_located(problems(spec.engine), spec_file.locations)
         return
-    m = spec.run.train.model
-    reason = sp_reason(sp, heads=m.num_attention_heads, kv_heads=m.kv_heads, seq_len=m.seq_len)
-    if reason is not None:
-        field = ("engine", "sequence_parallel")
-        raise UserError(f"{locations.where(field)} {dotted(field)}: {reason}")
+    written = spec_file.locations.values
+    planned = [name for name in ("micro_batch", "grad_accum") if ("engine", name) not in written]
+    refuse_located(problems(spec.engine, model=spec.run.train.model, world_size=world_size,
+                            ranks_per_host=ranks_per_host, planned=planned), spec_file.locations)
 
 
 def _with_deepspeed_config(data: dict[str, Any], path: Path, locations: Locations) -> dict[str, Any]:

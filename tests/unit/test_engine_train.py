@@ -64,7 +64,7 @@ def test_other_top_level_keys_are_ignored_and_defaults_apply(tmp_path: Path) -> 
         ("engine:\n  micro_bach: 4\noutput_dir: o\n", r"spec\.yaml:2:3 engine\.micro_bach: unknown field 'micro_bach'; did you mean 'micro_batch'\?"),
         (
             "engine:\n  low_precision_states: true\noutput_dir: o\n",
-            r"spec\.yaml:2:3 engine: low_precision_states .* needs precision: bf16 \(got precision: fp32\)",
+            r"spec\.yaml:2:25 engine\.low_precision_states: true keeps .* needs precision: bf16 \(got precision: fp32\)",
         ),
         ("engine: {}\n", r"output_dir: a directory path \(string\) is required"),
         ("run: [1, 2\n", r"spec\.yaml:2:1: YAML syntax error"),

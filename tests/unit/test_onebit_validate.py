@@ -52,7 +52,6 @@ def test_planner_configs_are_refused_too():
     auto = EngineConfig(zero_stage="auto", optimizer={"type": "onebit_adam"})
     assert unsupported_reason(auto.model_copy(update={"zero_stage": 0})) is None
     assert "zero_stage 0 only" in unsupported_reason(auto.model_copy(update={"zero_stage": 2}))
-    with pytest.raises(ValueError, match="precision fp32 or bf16"):
-        EngineConfig(precision="fp16", optimizer={"type": "onebit_adam"})
-    with pytest.raises(ValueError, match="offload.optimizer: none"):
-        EngineConfig(optimizer={"type": "onebit_adam"}, offload={"optimizer": "cpu"})
+    assert "precision fp32 or bf16" in unsupported_reason(EngineConfig(precision="fp16", optimizer={"type": "onebit_adam"}))
+    assert "offload.optimizer: none" in unsupported_reason(
+        EngineConfig(zero_stage="auto", optimizer={"type": "onebit_adam"}, offload={"optimizer": "cpu"}))

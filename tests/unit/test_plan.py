@@ -85,7 +85,7 @@ def test_secret_without_value_is_an_error(write):
 
 
 def test_unsupported_engine_is_refused_at_plan_time(write):
-    with pytest.raises(UserError, match=r"s.yaml:4:3 engine: activation_offload .* needs activation_checkpointing"):
+    with pytest.raises(UserError, match=r"s.yaml:4:23 engine\.activation_offload: true moves .* needs activation_checkpointing"):
         prepare(write("s.yaml", "name: t\nrun: {train: {}}\nengine:\n  activation_offload: true\n"), reserve=False)
 
 

@@ -1,0 +1,235 @@
+"""Which engine configurations are valid: the one home of the rules that combine settings (torch-free).
+
+`problems(engine, ...)` returns every rule the configuration breaks, as `Problem(path, message)`:
+`path` is the field inside `engine:` to point at, `message` what is wrong, with the numbers and
+the fix. Each caller locates the same text its own way, so the words after the location are
+identical everywhere:
+
+- `dsl validate` and `dsl launch` (launcher/spec.py `check_engine`, called by `load_spec` and,
+  with the hosts it resolved, by launcher/launch.py `prepare`):
+  `file:line:col engine.<path>: <message>`, exit 2;
+- `dsl.engine.initialize()` (engine/core.py): `UserError("engine.<path>: <message>")`;
+- the trainer on every rank (engine/train.py `load_run_spec`): the located line, as validate.
+
+What a caller knows decides which rules can run; a rule whose inputs are unknown passes:
+- the configuration alone: every rule below not listed under the next two;
+- `model` (the spec's run.train.model, or the bundled Llama's config in initialize): the
+  sequence-parallel degree against heads, kv heads and seq_len (engine/long/degrees.py);
+- `world_size` / `ranks_per_host`: sequence_parallel divides the ranks and the ranks of one host
+  (an SP group stays inside a host: its all-to-alls run in every layer), and
+  train_batch = micro_batch x grad_accum x dp. `dsl validate` knows them when the spec fixes
+  them (launcher/spec.py `spec_world`: procs_per_node a number and no hostfile), `dsl launch`
+  from the hosts it resolved, initialize from the process group (LOCAL_WORLD_SIZE when set), a
+  rank from WORLD_SIZE / LOCAL_WORLD_SIZE.
+`planned` names the fields the planner still chooses (micro_batch, grad_accum when the spec leaves
+them out): the batch rule then asks only for a split to exist. An `auto` value passes every rule:
+the planner only picks candidates that pass (launcher/planner.py marks the others with
+`unsupported_reason`), and the engine runs an unresolved `auto` as stage 0 / no offload / sp 1.
+
+Decisions:
+- optimizer offload needs ZeRO stage 1-3, DeepSpeed's rule (its ZeRO config documents
+  offload_optimizer as "valid for ZeRO stage 1, 2, 3"): offload moves the partitioned optimizer
+  states and their update to the host, and stage 0 partitions none.
+- offload.ratio below 1 needs offload.optimizer: cpu (partial offload splits the update between
+  device and host memory); with none it would change nothing, which is an error here, not a
+  silent no-op. A `ratio: 1.0` next to none is the default value and passes: the resolved spec
+  the ranks read writes every default, so a written 1.0 cannot be told from an unwritten one.
+- compile: true with a layer that runs its own autograd (sequence_parallel > 1, tiled_mlp,
+  activation_offload) is refused from the configuration; the refusals that need the model or
+  the host (no C++ compiler, `auto` on a model other than the bundled Llama) stay in
+  engine/compile.py, as do tiled_loss / tiled_mlp / sequence parallelism on a model without the
+  bundled layers (engine/long/setup.py) and whether a plan fits the hosts' memory
+  (launcher/planner.py).
+- pin_memory and tf32 set on a CPU device are notes, not errors (engine/core.py device_notes):
+  the same spec is valid on a GPU host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable
+
+from dsl.engine.errors import UserError
+from dsl.engine.located import dotted
+from dsl.engine.onebit_config import onebit_reason, quantize_reason
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+    from dsl.engine.config import EngineConfig
+    from dsl.engine.located import Locations
+    from dsl.engine.train_config import ModelConfig
+
+__all__ = ["Problem", "problems", "batch_reason", "compile_conflicts", "field_problems", "refuse",
+           "refuse_located"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule: the field inside `engine:` to point at, and what is wrong."""
+
+    path: tuple[str | int, ...]
+    message: str
+
+    def __str__(self) -> str:
+        """`engine.<path>: <message>`: the text every caller prints after its location."""
+        return f"{dotted(('engine', *self.path))}: {self.message}"
+
+
+def problems(engine: "EngineConfig", *, model: "ModelConfig | None" = None, world_size: int | None = None,
+             ranks_per_host: int | None = None, planned: Iterable[str] = ()) -> list[Problem]:
+    """Every rule `engine` breaks (empty: valid), in a fixed order (see the module docstring)."""
+    found: list[Problem] = []
+
+    def add(path: str, message: str | None) -> None:
+        if message:
+            found.append(Problem(tuple(path.split(".")), message))
+
+    stage, offload = engine.zero_stage, engine.offload
+    add("low_precision_states", _low_precision(engine))
+    add("precision_layout", _layout(engine))
+    if offload.optimizer in ("cpu", "nvme") and stage == 0:
+        add("offload.optimizer",
+            f"{offload.optimizer} needs zero_stage 1, 2 or 3 (got zero_stage: 0): offload moves the partitioned "
+            f"optimizer states and their update to the host, and stage 0 partitions none (DeepSpeed: "
+            f"offload_optimizer is valid for ZeRO stage 1, 2, 3); set zero_stage: 1, 2, 3 or auto, or "
+            f"offload.optimizer: none")
+    if offload.optimizer == "nvme" and not offload.nvme_path:
+        add("offload.optimizer", "nvme needs offload.nvme_path (a folder on a fast local disk)")
+    if offload.params != "none" and (stage not in (3, "auto") or offload.optimizer not in ("cpu", "auto")):
+        add("offload.params",
+            f"{offload.params} (ZeRO-Infinity parameter offload) needs zero_stage: 3 and offload.optimizer: cpu "
+            f"(got zero_stage: {stage}, offload.optimizer: {offload.optimizer}): the CPU optimizer updates "
+            f"the offloaded partitions in place")
+    if offload.ratio < 1.0 and offload.optimizer not in ("cpu", "auto"):
+        why = ("which offloads nothing, so ratio would have no effect" if offload.optimizer == "none"
+               else "partial offload splits the update between the device and host memory, not NVMe")
+        add("offload.ratio",
+            f"{offload.ratio:g} puts that fraction of the optimizer state and update on the host; it needs "
+            f"offload.optimizer: cpu (got offload.optimizer: {offload.optimizer}, {why}); set "
+            f"offload.optimizer: cpu, or remove ratio")
+    if engine.activation_offload and engine.activation_checkpointing is False:
+        add("activation_offload", "true moves activation checkpoints to host memory; it needs "
+                                  "activation_checkpointing: true (or auto)")
+    if engine.optimizer.type == "onebit_adam":
+        add("optimizer", onebit_reason(stage, engine.precision, engine.low_precision_states))
+        add("offload.optimizer", onebit_reason(None, offload_optimizer=offload.optimizer))
+    if engine.comm.quantize_gradients:
+        add("comm", quantize_reason(stage))
+    conflicts = compile_conflicts(engine)
+    if engine.compile is True and conflicts:
+        add("compile", f"true cannot be used with {'; '.join(conflicts)}: those layers run their own "
+                       f"autograd.Function, which the engine does not compile (engine/compile.py); set "
+                       f"compile: auto (which then stays eager) or false")
+    if engine.deepspeed_config is not None:
+        add("deepspeed_config", "is read by `dsl launch` and `dsl validate` into the spec's engine settings; "
+                                "dsl.engine.initialize() takes the settings themselves")
+    sp = engine.sequence_parallel
+    if sp != "auto":
+        add("sequence_parallel", _degree(sp, model, world_size, ranks_per_host))
+    if world_size is not None and sp != "auto" and sp >= 1 and world_size % sp == 0:
+        add("train_batch", batch_reason(engine, world_size // sp, planned))
+    return found
+
+
+def compile_conflicts(engine: "EngineConfig") -> list[str]:
+    """The settings of `engine` whose layers torch.compile cannot take (each with why)."""
+    out = []
+    sp = engine.sequence_parallel
+    if sp != "auto" and sp > 1:
+        out.append(f"sequence_parallel {sp} (Ulysses all-to-all inside attention)")
+    if engine.tiled_mlp.enabled:
+        out.append("tiled_mlp (per-chunk recomputation inside the MLP)")
+    if engine.activation_offload:
+        out.append("activation_offload (host copies of each layer's input)")
+    return out
+
+
+def _low_precision(engine: "EngineConfig") -> str | None:
+    if engine.low_precision_states and engine.precision != "bf16":
+        return (f"true keeps bf16 parameters and optimizer states with no fp32 master copy; it needs "
+                f"precision: bf16 (got precision: {engine.precision})")
+    return None
+
+
+def _layout(engine: "EngineConfig") -> str | None:
+    if engine.precision_layout is None or not (engine.precision == "fp32" or engine.low_precision_states):
+        return None
+    setting, held = (("precision: fp32", "fp32 parameters") if engine.precision == "fp32"
+                     else ("low_precision_states", "bf16 parameters and states"))
+    return (f"{engine.precision_layout} chooses where bf16/fp16 training keeps its fp32 master weights; "
+            f"with {setting} there are none ({held}): remove precision_layout")
+
+
+def _degree(sp: int, model: "ModelConfig | None", world_size: int | None, ranks_per_host: int | None) -> str | None:
+    from dsl.engine.long.degrees import sp_reason
+
+    if sp < 1:
+        return f"sequence_parallel must be >= 1, got {sp}"
+    if model is not None:
+        reason = sp_reason(sp, heads=model.num_attention_heads, kv_heads=model.kv_heads, seq_len=model.seq_len)
+        if reason:
+            return reason
+    if world_size is not None and world_size % sp:
+        return f"sequence_parallel ({sp}) must divide the number of ranks ({world_size})"
+    if ranks_per_host is not None and ranks_per_host % sp:
+        return (f"sequence_parallel ({sp}) must divide the ranks of one host ({ranks_per_host}): an SP group "
+                f"stays inside a host (its all-to-alls run in every layer)")
+    return None
+
+
+def batch_reason(engine: "EngineConfig", dp: int, planned: Iterable[str] = ()) -> str | None:
+    """Why train_batch disagrees with micro_batch x grad_accum x dp (`planned` fields only need a
+    whole-number value to exist), or None."""
+    planned = frozenset(planned)
+    want = engine.train_batch
+    if want is None:
+        return None
+    micro, accum = engine.micro_batch, engine.grad_accum
+    if "micro_batch" in planned and "grad_accum" in planned:
+        if want % dp:
+            return (f"train_batch ({want}) must be a multiple of the data-parallel size ({dp}) so that every "
+                    f"data-parallel rank gets the same number of sequences")
+        return None
+    if "grad_accum" in planned:
+        if want % (micro * dp):
+            return (f"train_batch ({want}) must be a multiple of micro_batch ({micro}) x data-parallel size "
+                    f"({dp}) = {micro * dp}, so that grad_accum is a whole number")
+        return None
+    if "micro_batch" in planned:
+        if want % (accum * dp):
+            return (f"train_batch ({want}) must be a multiple of grad_accum ({accum}) x data-parallel size "
+                    f"({dp}) = {accum * dp}, so that micro_batch is a whole number")
+        return None
+    product = micro * accum * dp
+    if product != want:
+        return (f"train_batch ({want}) != micro_batch ({micro}) x grad_accum ({accum}) x "
+                f"data-parallel size ({dp}) = {product}")
+    return None
+
+
+def field_problems(exc: "ValidationError") -> list[Problem]:
+    """pydantic's errors of an `EngineConfig` mapping as Problems, in the words `dsl validate`
+    prints for the same fields (engine/located.py: choices, did-you-mean)."""
+    from dsl.engine.config import EngineConfig
+    from dsl.engine.located import field_errors
+
+    return [Problem(path, message) for path, message, _ in field_errors(exc, EngineConfig)]
+
+
+def refuse(found: list[Problem]) -> None:
+    """Raise one UserError of `engine.<path>: <message>` lines (no file: the caller has none)."""
+    if found:
+        raise UserError("\n".join(str(p) for p in found))
+
+
+def refuse_located(found: list[Problem], locations: "Locations", prefix: tuple[Any, ...] = ("engine",)) -> None:
+    """Raise one UserError of `file:line:col engine.<path>: <message>` lines, in file order; a
+    field the file does not write points at its nearest written parent."""
+    if not found:
+        return
+    lines = []
+    for problem in found:
+        mark = locations.of(tuple(prefix) + problem.path)
+        lines.append(((mark.line, mark.col), f"{locations.source}:{mark.line}:{mark.col} {problem}"))
+    raise UserError("\n".join(text for _, text in sorted(lines, key=lambda item: item[0])))
