@@ -90,14 +90,18 @@ def seed_everything(seed: int) -> None:
 
 
 def device_notes(config: EngineConfig, device: torch.device) -> list[str]:
-    """Settings the user made explicitly that cannot apply on `device` (no silent no-ops)."""
+    """GPU-only settings changed from their defaults on a device they cannot apply to (no silent
+    no-ops). Only changed values: a resolved spec (engine/train.py) writes every default out, so
+    which fields a user wrote is not known here; dsl launch's own spec check sees that."""
     notes = []
+    defaults = EngineConfig()
     if device.type != "cuda":
-        if "pin_memory" in config.offload.model_fields_set and config.offload.pin_memory:
-            notes.append(f"engine.offload.pin_memory: no effect on {device.type} (page-locking is "
-                         "for copies to and from a GPU)")
-        if "tf32" in config.model_fields_set and config.tf32:
-            notes.append(f"engine.tf32: no effect on {device.type} (TensorFloat-32 is a CUDA matmul mode)")
+        if config.offload.pin_memory != defaults.offload.pin_memory and config.offload.optimizer != "none":
+            notes.append(f"engine.offload.pin_memory: {config.offload.pin_memory} has no effect on "
+                         f"{device.type} (page-locking is for copies to and from a GPU)")
+        if config.tf32 != defaults.tf32:
+            notes.append(f"engine.tf32: {config.tf32} has no effect on {device.type} (TensorFloat-32 is a "
+                         "CUDA matmul mode; fp32 on the CPU is IEEE fp32 either way)")
     return notes
 
 

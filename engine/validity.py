@@ -108,6 +108,11 @@ def problems(engine: "EngineConfig", *, model: "ModelConfig | None" = None, worl
             f"{offload.ratio:g} puts that fraction of the optimizer state and update on the host; it needs "
             f"offload.optimizer: cpu (got offload.optimizer: {offload.optimizer}, {why}); set "
             f"offload.optimizer: cpu, or remove ratio")
+    if offload.params != "none" and offload.ratio < 1.0:
+        add("offload.ratio",
+            f"{offload.ratio:g} keeps part of the update on the device, but offload.params: {offload.params} "
+            f"moves every parameter partition to the host, where the whole update then has to run; "
+            f"remove ratio (1.0) or offload.params")
     if engine.activation_offload and engine.activation_checkpointing is False:
         add("activation_offload", "true moves activation checkpoints to host memory; it needs "
                                   "activation_checkpointing: true (or auto)")

@@ -35,6 +35,8 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
      ["offload.params"]),
     ("param-offload-without-optimizer-offload", {"zero_stage": 3, "offload": {"params": "cpu"}}, ["offload.params"]),
     ("ratio-without-offload", {"zero_stage": 2, "offload": {"ratio": 0.5}}, ["offload.ratio"]),
+    ("ratio-with-param-offload", {"zero_stage": 3, "offload": {"optimizer": "cpu", "params": "cpu", "ratio": 0.5}},
+     ["offload.ratio"]),
     ("ratio-with-nvme", {"zero_stage": 2, "offload": {"optimizer": "nvme", "nvme_path": NVME, "ratio": 0.25}},
      ["offload.ratio"]),
     ("low-precision-states-in-fp32", {"low_precision_states": True}, ["low_precision_states"]),

@@ -181,9 +181,10 @@ def test_explicit_gpu_only_settings_on_cpu_are_noted():
 
     cpu = torch.device("cpu")
     assert device_notes(EngineConfig(), cpu) == []  # defaults are not the user's settings
-    notes = device_notes(EngineConfig(tf32=True, offload={"optimizer": "cpu", "pin_memory": True}), cpu)
+    assert device_notes(EngineConfig(tf32=True, offload={"optimizer": "cpu", "pin_memory": True}), cpu) == []
+    notes = device_notes(EngineConfig(zero_stage=2, tf32=False, offload={"optimizer": "cpu", "pin_memory": False}), cpu)
     assert any("tf32" in n for n in notes) and any("pin_memory" in n for n in notes)
-    assert device_notes(EngineConfig(tf32=True), torch.device("cuda", 0)) == []
+    assert device_notes(EngineConfig(tf32=False), torch.device("cuda", 0)) == []
 
 
 def test_fp32_gqa_on_cuda_repeats_kv_heads_for_a_memory_efficient_kernel(monkeypatch):
