@@ -30,8 +30,13 @@ Output of rank 0 (the other ranks print nothing):
   loss is that step's loss averaged over micro-batches and ranks (an all_reduce on log steps
   only); tok/s counts the tokens of all ranks over the interval since the previous line.
 - `{output_dir}/metrics.jsonl`, one JSON object per printed line: step, loss, lr, tokens_per_s,
-  elapsed_s (seconds since the first step of this process started), grad_norm (before clipping).
-- stdout at the end: a summary table (rich, rendered as plain text when piped).
+  elapsed_s (seconds since the first step of this process started), grad_norm (before clipping),
+  and each rank's peak memory so far, lists in rank order (engine/peak.py: host_peak_rss_bytes,
+  device_peak_allocated_bytes / device_peak_reserved_bytes, 0 off CUDA) with the memory model's
+  predicted_peak_bytes for one rank; the progress line adds `| peak X GiB > plan Y GiB` when a
+  rank's peak (resident set on a CPU device, CUDA reserved on a GPU) passes the prediction.
+- stdout at the end: a summary table (rich, rendered as plain text when piped), with every
+  rank's measured peak against the prediction.
 
 Time limits (SIGUSR1 / SIGUSR2): Slurm's `--signal=USR1@T` (resources.slurm.signal_before_end_s)
 and `dsl launch --time-limit` warn the ranks with SIGUSR1 before a job's time limit. The handler
@@ -198,9 +203,22 @@ def _print_summary(summary: dict[str, Any], out: TextIO) -> None:
         "output_dir": str(summary["output_dir"]),
         "world size": str(summary["world_size"]),
     }
+    for rank, values in enumerate(summary.get("peaks") or []):
+        measured = _peak_of([values], torch_device_type=summary["device_type"])
+        what = "CUDA reserved" if summary["device_type"] == "cuda" else "resident"
+        rows[f"peak memory rank {rank}"] = (f"{measured / 2**30:.2f} GiB {what} (plan: "
+                                            f"{summary['predicted_peak_bytes'] / 2**30:.2f} GiB, "
+                                            f"{measured / summary['predicted_peak_bytes']:.0%})")
     for key, value in rows.items():
         table.add_row(key, value)
     Console(file=out, force_terminal=False, highlight=False).print(table)
+
+
+def _peak_of(peaks: list[list[int]], device: Any = None, *, torch_device_type: str | None = None) -> int:
+    """The largest peak over ranks of what the plan predicts: CUDA reserved bytes on a GPU, the
+    resident set on a CPU device (engine/peak.py)."""
+    kind = torch_device_type or device.type
+    return max(r[2] if kind == "cuda" else r[0] for r in peaks)
 
 
 # Time-limit signals (the handler is at the top of the module) -------------------------------
@@ -256,7 +274,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
     """
     import torch
 
-    from dsl.engine import dist
+    from dsl.engine import dist, peak
     from dsl.engine.core import initialize
     from dsl.engine.data import open_data
     from dsl.engine.model import Llama
@@ -314,6 +332,18 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
             torch.distributed.all_reduce(value)
             value /= ctx.world_size
         return float(value)
+
+    # Peak memory per rank (engine/peak.py), next to the memory model's figure for this rank.
+    predicted = peak.predicted_peak_bytes(tcfg.model, ecfg, dp=dp, sp=sp, device=engine.device)
+
+    def rank_peaks() -> list[list[int]]:
+        """[rank][PEAK_KEYS] measured now on every rank (a collective: on logged steps only)."""
+        mine = torch.tensor(peak.measured(engine.device), dtype=torch.int64, device=engine.device)
+        if ctx.world_size == 1:
+            return [mine.tolist()]
+        every = torch.empty(ctx.world_size * len(peak.PEAK_KEYS), dtype=torch.int64, device=engine.device)
+        torch.distributed.all_gather_single(every, mine)
+        return every.view(ctx.world_size, -1).tolist()
 
     # Made once: each step's agreement on a time-limit signal reuses it.
     warned = torch.zeros(1, dtype=torch.int32, device=engine.device)
@@ -404,14 +434,17 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
             if not log_now:
                 continue
             final_loss = loss_value
+            peaks = rank_peaks()
             now = time.perf_counter()
             interval_s = max(now - last_time, 1e-9)
             tokens_per_s = (step - last_step) * tokens_per_step / interval_s
             eta_s = (tcfg.steps - step) * interval_s / (step - last_step)
             last_time, last_step = now, step
             if metrics is not None:
+                worst = _peak_of(peaks, engine.device)
                 print(
-                    format_progress(step, tcfg.steps, loss_value, engine.lr, tokens_per_s, eta_s),
+                    format_progress(step, tcfg.steps, loss_value, engine.lr, tokens_per_s, eta_s)
+                    + (f" | peak {worst / 2**30:.2f} GiB > plan {predicted / 2**30:.2f} GiB" if worst > predicted else ""),
                     file=out,
                     flush=True,
                 )
@@ -422,6 +455,9 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
                     "tokens_per_s": tokens_per_s,
                     "elapsed_s": now - start,
                     "grad_norm": engine.last_grad_norm,
+                    # per rank, in rank order (engine/peak.py); device peaks are 0 off CUDA
+                    **{key: [r[i] for r in peaks] for i, key in enumerate(peak.PEAK_KEYS)},
+                    "predicted_peak_bytes": predicted,
                 }
                 comm_stats = getattr(engine.states, "comm_stats", None)  # 1-bit Adam: bytes sent
                 if comm_stats is not None:
@@ -447,6 +483,9 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
         "train_s": train_s,
         "output_dir": spec.output_dir,
         "world_size": ctx.world_size,
+        "peaks": rank_peaks() if steps_run else [],
+        "predicted_peak_bytes": predicted,
+        "device_type": engine.device.type,
     }
     if ctx.is_main:
         if steps_run:

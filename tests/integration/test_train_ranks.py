@@ -127,3 +127,22 @@ def test_checkpoint_of_two_ranks_resumes_on_one_rank_with_accumulation(tmp_path:
     assert "at step 8 (64 samples seen)" in proc.stderr
     resumed, expected = _losses(split), _losses(whole)
     assert [resumed[s] for s in range(9, 17)] == pytest.approx([expected[s] for s in range(9, 17)], abs=2e-5)
+
+
+def test_every_rank_reports_its_peak_next_to_the_plan(tmp_path: Path) -> None:
+    """metrics.jsonl: each logged step has every rank's peak resident set (2 entries) and the
+    memory model's prediction for one rank; the progress line names a peak over the plan."""
+    out_dir = tmp_path / "peak"
+    spec = _spec(tmp_path, "peak", out_dir, steps=3, engine="  zero_stage: 2\n  micro_batch: 2\n")
+    proc = _run(spec, 2, tmp_path)
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    from dsl.engine.peak import PEAK_KEYS
+
+    for row in rows:
+        assert all(len(row[key]) == 2 for key in PEAK_KEYS)
+        assert all(v > 50 * 2**20 for v in row["host_peak_rss_bytes"])
+    worst = max(rows[-1]["host_peak_rss_bytes"])
+    over = worst > rows[-1]["predicted_peak_bytes"]
+    assert ("GiB > plan" in proc.stdout) == over
+    assert "peak memory rank 1" in proc.stdout

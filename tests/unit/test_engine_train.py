@@ -114,6 +114,14 @@ def test_single_process_run_logs_metrics_and_summary(tmp_path: Path, capsys: pyt
     assert re.search(r"tokens seen\s*│\s*3,072\b", summary)  # 12 steps x 2 x 4 x 32 tokens
     assert re.search(r"world size\s*│\s*1\b", summary)
     assert f"{rows[-1]['loss']:.4f}" in summary
+    # Peak memory on every logged step, per rank (engine/peak.py), next to the plan's figure.
+    for row in rows:
+        assert len(row["host_peak_rss_bytes"]) == 1 and row["host_peak_rss_bytes"][0] > 50 * 2**20
+        assert row["device_peak_allocated_bytes"] == row["device_peak_reserved_bytes"] == [0]  # no CUDA
+        assert row["predicted_peak_bytes"] > 0
+    assert rows[0]["host_peak_rss_bytes"][0] <= rows[-1]["host_peak_rss_bytes"][0]  # a high-water mark
+    match = re.search(r"peak memory rank 0\s*│\s*([0-9.]+) GiB resident \(plan: ([0-9.]+) GiB", summary)
+    assert match and float(match.group(2)) == pytest.approx(rows[-1]["predicted_peak_bytes"] / 2**30, abs=0.006)
 
 
 # Schedule, batch checks, data sources, activation checkpointing ---------------------------

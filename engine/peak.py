@@ -1,0 +1,63 @@
+"""A rank's measured peak memory, next to what the memory model predicts for it.
+
+What a run reports (engine/train.py: every logged step in metrics.jsonl, the progress line when a
+peak passes the prediction, the training summary):
+
+- `host_peak_rss_bytes`: the process's peak resident set (`VmHWM` of /proc/self/status: the
+  high-water mark the kernel keeps, so a peak between two logged steps is not missed). On a CPU
+  device this is the rank's whole footprint: device and host are the same RAM.
+- on CUDA, `device_peak_allocated_bytes` / `device_peak_reserved_bytes`: the caching allocator's
+  high-water marks (`torch.cuda.max_memory_allocated` / `max_memory_reserved`), the reserved one
+  being what an out-of-memory error is about.
+- `predicted_peak_bytes`: `engine.memory.estimate(...)` for this rank's configuration, the
+  figure `dsl plan` shows per device: on a CPU device the whole RAM of the rank (host terms
+  folded in, Python and torch's runtime included), on CUDA the device bytes (CUDA context and
+  NCCL buffers included as documented figures).
+
+The memory model adds up terms; whether a step's true peak stays under that sum is what these
+figures let a user (and tests/bench) check.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from dsl.engine.config import EngineConfig
+    from dsl.engine.train_config import ModelConfig
+
+__all__ = ["host_peak_rss_bytes", "measured", "predicted_peak_bytes", "PEAK_KEYS"]
+
+PEAK_KEYS = ("host_peak_rss_bytes", "device_peak_allocated_bytes", "device_peak_reserved_bytes")
+"""The measured figures, in the order `measured` gives them (device ones 0 off CUDA)."""
+
+
+def host_peak_rss_bytes() -> int:
+    """This process's peak resident set in bytes (VmHWM); 0 where /proc is not available."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return 0
+    return 0
+
+
+def measured(device: torch.device) -> list[int]:
+    """[host peak RSS, CUDA peak allocated, CUDA peak reserved] of this rank (PEAK_KEYS order)."""
+    out = [host_peak_rss_bytes(), 0, 0]
+    if device.type == "cuda":
+        out[1] = torch.cuda.max_memory_allocated(device)
+        out[2] = torch.cuda.max_memory_reserved(device)
+    return out
+
+
+def predicted_peak_bytes(model: "ModelConfig", engine: "EngineConfig", *, dp: int, device: torch.device,
+                         **kw: Any) -> int:
+    """The memory model's bytes for one rank: the device's on CUDA, the whole rank's on a CPU."""
+    from dsl.engine.memory import estimate
+
+    return estimate(model, engine, dp=dp, accelerator=device.type == "cuda", **kw).device_bytes
