@@ -206,7 +206,7 @@ def _print_summary(summary: dict[str, Any], out: TextIO) -> None:
     for rank, values in enumerate(summary.get("peaks") or []):
         measured = _peak_of([values], torch_device_type=summary["device_type"])
         what = "CUDA reserved" if summary["device_type"] == "cuda" else "resident"
-        rows[f"peak memory rank {rank}"] = (f"{measured / 2**30:.2f} GiB {what} (plan: "
+        rows[f"peak rank {rank}"] = (f"{measured / 2**30:.2f} GiB {what} (plan: "
                                             f"{summary['predicted_peak_bytes'] / 2**30:.2f} GiB, "
                                             f"{measured / summary['predicted_peak_bytes']:.0%})")
     for key, value in rows.items():

@@ -287,7 +287,17 @@ def test_forwarder_waits_for_a_rank_to_catch_the_signal(tmp_path, monkeypatch):
     forwarder.install()
     forwarder._on_signal(signal.SIGUSR1, None)  # what the handler does: one byte into the pipe
     time.sleep(0.3)  # no rank yet: the warning waits
-    child = _child(True, tmp_path / "ready", sleep_s=0.5)
+    # The child waits (up to 20 s) for the signal after installing its handler: a fixed short
+    # sleep lost the race under a loaded machine (the forwarder polls).
+    ready = tmp_path / "ready"
+    code = ("import signal, time, pathlib\n"
+            "got = []\n"
+            "signal.signal(signal.SIGUSR1, lambda *a: (got.append(1), print('GOT USR1', flush=True)))\n"
+            f"pathlib.Path({str(ready)!r}).write_text('')\n"
+            "deadline = time.monotonic() + 20\n"
+            "while not got and time.monotonic() < deadline:\n    time.sleep(0.05)\n"
+            "print('DONE', flush=True)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     out, _ = child.communicate(timeout=30)
     assert out.split() == ["GOT", "USR1", "DONE"]  # delivered once, after the handler, not fatal
     assert forwarder.delivered == [(signal.SIGUSR1, child.pid)]
