@@ -280,27 +280,34 @@ def test_catches_reads_the_handler_mask(tmp_path):
         with_handler.wait(), without.wait()
 
 
-def test_forwarder_waits_for_a_rank_to_catch_the_signal(tmp_path, monkeypatch):
-    """A warning that comes before the rank installed its handler is delivered once it has."""
-    forwarder = Forwarder(expected=1)
-    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own handlers
-    forwarder.install()
-    forwarder._on_signal(signal.SIGUSR1, None)  # what the handler does: one byte into the pipe
-    time.sleep(0.3)  # no rank yet: the warning waits
-    # The child waits (up to 20 s) for the signal after installing its handler: a fixed short
-    # sleep lost the race under a loaded machine (the forwarder polls).
+def test_forwarder_waits_for_a_rank_to_catch_the_signal(tmp_path):
+    """A warning that comes before the rank installed its handler is delivered once it has.
+
+    The forwarder signals the children of its process, as in the agent (whose children are the
+    ranks). It runs in a driver process of its own: pytest's children include the test cluster's
+    daemons, which would receive the warning instead."""
     ready = tmp_path / "ready"
-    code = ("import signal, time, pathlib\n"
+    rank = ("import signal, time, pathlib\n"
             "got = []\n"
             "signal.signal(signal.SIGUSR1, lambda *a: (got.append(1), print('GOT USR1', flush=True)))\n"
             f"pathlib.Path({str(ready)!r}).write_text('')\n"
             "deadline = time.monotonic() + 20\n"
             "while not got and time.monotonic() < deadline:\n    time.sleep(0.05)\n"
             "print('DONE', flush=True)\n")
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    out, _ = child.communicate(timeout=30)
-    assert out.split() == ["GOT", "USR1", "DONE"]  # delivered once, after the handler, not fatal
-    assert forwarder.delivered == [(signal.SIGUSR1, child.pid)]
+    driver = ("import json, signal, subprocess, sys, time\n"
+              "from dsl.engine.elastic import Forwarder\n"
+              "forwarder = Forwarder(expected=1)\n"
+              "forwarder.install()\n"
+              "forwarder._on_signal(signal.SIGUSR1, None)  # what the handler does: one byte into the pipe\n"
+              "time.sleep(0.3)  # no rank yet: the warning waits\n"
+              f"child = subprocess.Popen([sys.executable, '-c', {rank!r}], stdout=subprocess.PIPE, text=True)\n"
+              "out, _ = child.communicate(timeout=30)\n"
+              "print(json.dumps({'out': out.split(), 'delivered': forwarder.delivered, 'pid': child.pid}))\n")
+    proc = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["out"] == ["GOT", "USR1", "DONE"]  # delivered once, after the handler, not fatal
+    assert result["delivered"] == [[signal.SIGUSR1, result["pid"]]]
 
 
 def test_guard_passes_a_stdin_control_line_on_as_sigusr1(tmp_path):
