@@ -523,5 +523,20 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_CHECKPOINTED if summary["stopped_by"] else 0
 
 
+def exit_now(code: int) -> None:
+    """End the rank with `code` after Python's own exit handlers (atexit: logging, offload-file
+    finalizers), skipping C++ static destructors: a gloo rank sometimes aborts in one after its
+    work is done and its group destroyed (`terminate called without an active exception`,
+    SIGABRT; engine/dist.py), and torchrun then reports a finished run as failed."""
+    import atexit
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
