@@ -12,7 +12,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and the demo.
     "tiny": dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, intermediate_size=176, seq_len=64),
-    # The shape of the peer baseline in ../shared/docs/FACTS.md: 7.36M parameters, which counts
+    # The shape of the peer baseline of docs/benchmarks.md ("Engine step"): 7.36M parameters, which counts
     # the output head apart from the embedding (HF LlamaConfig's default; tied it would be 5.26M).
     "bench": dict(vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=8, intermediate_size=688, seq_len=256,

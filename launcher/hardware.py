@@ -20,7 +20,7 @@ LINK_EFFICIENCY = 0.80
 ASSUMED_SOCKET_MEMORY_GB_S = 100.0
 ASSUMED_NETWORK_GBIT_S = 100.0
 ASSUMED_NVME_GB_S = (2.0, 1.0)
-GLOO_SHM_GB_S = 1.0  # ../shared/docs/FACTS.md: gloo on CPU moves 0.3-2 GB/s
+GLOO_SHM_GB_S = 1.0  # gloo between ranks of one CPU host moves 0.3-2 GB/s (measured on this project's 2-core VMs)
 
 
 def fmt_gb(n: float) -> str:

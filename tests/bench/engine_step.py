@@ -7,7 +7,7 @@
 Every implementation trains dsl's bundled model from the same seed on the same random tokens with
 AdamW (lr 1e-3, no clipping), one thread per rank. Shapes (`SHAPES`):
 
-- `bench`: the `bench` preset (the shape of the peer baseline in shared/docs/FACTS.md), micro-batch
+- `bench`: the `bench` preset (the shape of the DDP/DeepSpeed/FSDP2 peer baseline), micro-batch
   8: compute-bound, the gradient exchange is a few percent of a step;
 - `comm`: 6x the parameters and 1/8 of the tokens per rank, so that moving gradients and
   parameters costs about as much as the forward and backward and the engines' communication
