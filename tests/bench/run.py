@@ -4,7 +4,7 @@ Variants (2 gloo ranks, 1 thread each, AdamW; shapes in engine_step.SHAPES):
 dsl at ZeRO stages 0-3, DeepSpeed 0.19.8 at stages 0-3 (its own virtualenv, see
 setup_deepspeed.sh), torch DDP (stage 0's peer), FSDP2 (stage 3's peer) and `local` (no engine,
 no communication: the ceiling of any eager engine under the system allocator). Everything runs eager, as each
-engine does by default (dsl's `engine.compile` is off by default), except one extra column. The `bench` shape (the peer baseline of shared/docs/FACTS.md) runs in fp32 and
+engine does by default (dsl's `engine.compile` is off by default), except one extra column. The `bench` shape (the DDP/DeepSpeed/FSDP2 peer baseline) runs in fp32 and
 bf16, the communication-heavy `comm` shape in fp32. Ratios compare dsl with each peer on the
 same shape, stage and precision. The `bench` shape's runs also take dsl with `compile: true`
 (`--compiled`), shown in its own column.

@@ -63,7 +63,7 @@ def test_parameter_shapes_are_llama_without_biases() -> None:
 
 
 def test_bench_preset_has_the_peer_baselines_parameter_count() -> None:
-    # FACTS.md: vocab 8192, hidden 256, 4 layers, 8 heads, SwiGLU 688, seq 256 -> 7.36M parameters.
+    # The peer-baseline shape: vocab 8192, hidden 256, 4 layers, 8 heads, SwiGLU 688, seq 256 -> 7.36M parameters.
     with torch.device("meta"):
         model = Llama(ModelConfig(preset="bench"))
     assert round(model.num_params() / 1e6, 2) == 7.36

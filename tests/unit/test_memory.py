@@ -82,7 +82,7 @@ def test_cpu_offload_device_bytes_match_deepspeeds_estimator(stage, device):
 ])
 def test_parameter_counts_of_published_models(preset: str, params: int):
     assert ModelShape.of(preset).params == params
-    assert round(ModelShape.of("bench").params / 1e6, 2) == 7.36  # ../shared/docs/FACTS.md
+    assert round(ModelShape.of("bench").params / 1e6, 2) == 7.36  # the peer-baseline shape
 
 
 def test_parameter_count_matches_the_bundled_model():
