@@ -74,8 +74,11 @@ def set_omp_threads(ranks_on_host: int) -> None:
 
 def _collateral(exitcode: int) -> int:
     """How likely a failure is the consequence of another rank's, not the cause (0 = least)."""
+    if exitcode == -signal.SIGTERM:
+        return 3  # what torchrun sends the ranks still running once one failed (stamped after it)
     if exitcode < 0:
-        return 2  # killed by a signal: gloo aborts (SIGABRT) or torchrun's SIGTERM after a peer died
+        return 2  # killed by another signal: a gloo rank aborts (SIGABRT) when its peer's socket
+        # closes, or at exit in gloo's destructors ("terminate called without an active exception")
     return 1 if exitcode == 1 else 0  # 1 is what Python exits with when a collective's peer vanished
 
 
@@ -86,7 +89,9 @@ def root_cause(failures: dict) -> int:
     error file is stamped to the whole second when the agent notices it, so the failing rank and
     the peers it takes down (a gloo rank typically aborts with SIGABRT when its peer's socket
     closes) usually tie, and the lowest rank wins the tie. Within the earliest second we prefer a
-    specific exit code over exit 1 over death by signal, then the lowest rank.
+    specific exit code over exit 1 over death by a signal over death by SIGTERM (torchrun stops
+    the ranks still running with it, so a rank that died by SIGABRT and the peer torchrun stopped
+    tie), then the lowest rank.
     """
     return min(failures, key=lambda r: (int(failures[r].timestamp), _collateral(failures[r].exitcode), r))
 

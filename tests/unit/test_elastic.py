@@ -19,6 +19,13 @@ def test_a_specific_code_beats_exit_1_which_beats_a_signal():
     assert root_cause({0: failure(-15, 100), 1: failure(1, 100)}) == 1
 
 
+def test_a_rank_aborted_at_exit_beats_the_peer_torchrun_stopped():
+    # Reproduced under load: rank 1 calls sys.exit(4) and dies by SIGABRT in gloo's destructors,
+    # torchrun then SIGTERMs rank 0; both stamped in the same second. Rank 0 was named (exit 143).
+    assert root_cause({0: failure(-15, 100), 1: failure(-6, 100)}) == 1
+    assert root_cause({0: failure(-15, 100), 1: failure(-9, 100)}) == 1
+
+
 def test_an_earlier_second_wins_whatever_the_kind():
     assert root_cause({0: failure(4, 101), 1: failure(-11, 100)}) == 1
 

@@ -1,6 +1,7 @@
 """An unchanged torchrun-style script: reads torchrun's environment, all-reduces over gloo.
 
-Options (argv): --fail-rank R --code C (rank R exits with C after printing), --sleep S (others
+Options (argv): --fail-rank R --code C (rank R exits with C after printing; through os._exit:
+with a live gloo group, sys.exit may end in SIGABRT from gloo's destructors under load instead), --sleep S (others
 sleep), --kill-rank R (rank R kills itself with SIGKILL), --fail-once FILE (fail only while FILE
 does not exist; creates it), --marker M (ignored; makes the processes findable by tests),
 --on-usr1 (print GOT USR1 and exit 0 at SIGUSR1), --keep-on-usr1 (a handler of its own that
@@ -16,6 +17,12 @@ import time
 
 import torch
 import torch.distributed as dist
+
+def _exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--fail-rank", type=int, default=-1)
@@ -51,11 +58,11 @@ print(f"to stderr from {rank}", file=sys.stderr)
 if args.fail_once and rank == args.fail_rank and not os.path.exists(args.fail_once):
     open(args.fail_once, "w").close()
     print(f"failing once at {time.time():.3f}")
-    sys.exit(args.code)
+    _exit(args.code)
 if rank == args.fail_rank and not args.fail_once:
     time.sleep(0.5)
     print(f"EXITING {args.code} at {time.time():.3f}")
-    sys.exit(args.code)
+    _exit(args.code)
 if rank == args.kill_rank:
     time.sleep(0.5)
     print(f"KILLING myself at {time.time():.3f}")
