@@ -14,7 +14,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned here (CPU wheel on this machine, CUDA wheel on a GPU machine); pyproject has a range.
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# setuptools' editable install of a package whose folders are mapped (each top-level folder is
+	# a dsl.* subpackage) always prints an "Editable installation" notice that recommends nothing
+	# to change here; the filter hides that notice only.
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet -e '.[test,hf]'
 	# Triton (dsl.ops.adam's CUDA kernel; tested here under TRITON_INTERPRET=1): a CUDA build of
 	# torch brings the Triton it was built with, and installing another would break it, so the
 	# pinned one is installed only where torch brought none (the CPU wheel).

@@ -122,6 +122,19 @@ def test_ssh_time_limit_warns_remote_ranks_through_the_guards_stdin(cluster, tmp
     assert wait_until(lambda: _no_job_left(cluster, str(tmp_path / "out")), 10)
 
 
+def _previous_run_gone(job_id: str, marker: str) -> bool:
+    """No slurmstepd of the job's earlier run and none of its processes is left on any node.
+
+    Slurm lists a requeued job as PENDING while the old run's steps may still be ending (KillWait);
+    started again in that window (the test moves the begin time to now; Slurm's own 121 s hold
+    never does), the new run failed at once with no output, twice in full-suite runs."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "slurmstepd" in cmdline and f"[{job_id}." in cmdline or marker in cmdline:
+            return False
+    return True
+
+
 def _slurm(cluster, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=30,
                           env={**os.environ, **cluster.env()})
@@ -150,7 +163,8 @@ def test_slurm_time_limit_checkpoints_requeues_and_resumes_twice_then_finishes(c
         while dsl.poll() is None and time.monotonic() - started < 600:
             job = _job(cluster, job_id)
             restarts = int(job.get("Restarts", "0") or 0)
-            if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime" and restarts > released:
+            if (job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime" and restarts > released
+                    and _previous_run_gone(job_id, str(out))):
                 released = restarts
                 if restarts == 2:  # the third run: 10 more steps, so it ends before any signal
                     resolved = yaml.safe_load((out / "resolved.yaml").read_text())
