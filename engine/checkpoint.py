@@ -52,6 +52,14 @@ to it, or to the newest `step-*` folder, if `latest` names a folder that is miss
 deletes all but the newest K `step-*` folders before writing and again after `latest` moved
 (never the one `latest` names), so at most K + 1 exist at any moment.
 
+Two writers in one folder (two runs, or a run and a tool): a `.tmp-*` folder is locked by the
+writer that made it (flock) until it is renamed, so the leftover clean-up removes only those of
+dead writers, never another live run's checkpoint in progress (engine/ckpt_folders.py).
+`dsl launch` refuses a second launch into a run folder anyway (launcher/runlock.py).
+
+A write that fails (a full disk, a quota) raises WriteError (exit 74) on every rank, naming the
+file and the free space, and leaves `latest` and the previous checkpoint as they were.
+
 RNG: rank r restores entry r when the checkpoint has one (same or smaller world size), else
 keeps its own state. With the same ranks and stage, a resumed fp32 run is bit-identical to an
 uninterrupted one (parameters, optimizer states, step counts and the loss scale are restored
@@ -69,18 +77,16 @@ import json
 import logging
 import os
 import random
-import re
-import shutil
-import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as tdist
 
 from dsl.engine import ckpt_slices, ckpt_v1
 from dsl.engine.ckpt_files import Staging
-from dsl.engine.errors import RunError, UserError
+from dsl.engine.ckpt_folders import LATEST, begin_folder, commit_folder, discard, step_folders
+from dsl.engine.errors import DslError, RunError, UserError, WriteError
 
 log = logging.getLogger(__name__)
 
@@ -90,110 +96,6 @@ if TYPE_CHECKING:
 __all__ = ["save", "load", "resolve", "load_full", "gather_full", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 2
-LATEST = "latest"
-_STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-# Filesystem -----------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _save_file(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _step_folders(root: Path) -> list[tuple[int, Path]]:
-    out = []
-    for child in root.iterdir() if root.is_dir() else []:
-        m = _STEP_RE.match(child.name)
-        if m and child.is_dir() and (child / "meta.json").is_file():
-            out.append((int(m.group(1)), child))
-    return sorted(out)
-
-
-def _delete(path: Path, root: Path, token: str) -> None:
-    """Rename `path` out of the `step-*` namespace first, so a kill during the (non-atomic)
-    delete never leaves a half-deleted folder that looks like a checkpoint."""
-    doomed = root / f".del-{path.name}-{token}"
-    os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _clear_leftovers(root: Path) -> None:
-    """Partial folders, folders being deleted and pointers of writers killed earlier."""
-    for stale in [*root.glob(".tmp-*"), *root.glob(".del-*"), *root.glob(f".{LATEST}-*")]:
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
-
-
-def begin_folder(root: Path, name: str, keep: int | None) -> Path:
-    """Rank 0, before any rank writes: clear leftovers, apply retention, create and return the
-    temporary folder every rank writes into."""
-    root.mkdir(parents=True, exist_ok=True)
-    _clear_leftovers(root)
-    token = uuid.uuid4().hex[:8]
-    # Retention before writing too, so a writer killed before its own clean-up never lets
-    # folders pile up: at most keep + 1 `step-*` folders exist at any moment.
-    current = root / LATEST
-    named = current.read_text(encoding="utf-8").strip() if current.is_file() else None
-    _retain(root, keep, protect={named}, token=token)
-    tmp = root / f".tmp-{name}-{token}"
-    tmp.mkdir()
-    return tmp
-
-
-def commit_folder(root: Path, tmp: Path, name: str, files: dict[str, Any], meta: dict[str, Any],
-                  keep: int | None) -> Path:
-    """Rank 0, after every rank's file in `tmp` is complete and fsynced: add `files`
-    (torch.save) and meta.json, rename `tmp` to `root/name`, point `latest` at it, apply
-    retention."""
-    token = tmp.name.rsplit("-", 1)[-1]
-    for fname, obj in files.items():
-        _save_file(obj, tmp / fname)
-    _write_text(tmp / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
-    _fsync_dir(tmp)
-    final = root / name
-    if final.exists():
-        os.rename(final, root / f".old-{name}-{token}")
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    pointer = root / f".{LATEST}-{token}"
-    _write_text(pointer, name + "\n")
-    os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
-    for aside in root.glob(".old-*"):  # `latest` names a complete folder now
-        _delete(aside, root, token)
-    _retain(root, keep, protect={name}, token=token)
-    return final
-
-
-def _retain(root: Path, keep: int | None, *, protect: set[str | None], token: str) -> None:
-    """Delete all but the newest `keep` `step-*` folders, never one named in `protect`."""
-    if keep is None:
-        return
-    folders = _step_folders(root)
-    for _, path in folders[: max(0, len(folders) - keep)]:
-        if path.name not in protect:
-            _delete(path, root, token)
 
 
 def resolve(directory: str | os.PathLike) -> Path:
@@ -210,7 +112,7 @@ def resolve(directory: str | os.PathLike) -> Path:
         for aside in sorted(root.glob(f".old-{name}-*")):  # killed while replacing this step
             if (aside / "meta.json").is_file():
                 return aside
-    folders = _step_folders(root)
+    folders = step_folders(root)
     if folders:
         return folders[-1][1]
     raise UserError(f"no checkpoint in {root}: expected a `latest` file or step-NNNNNN folders")
@@ -299,13 +201,20 @@ def _all(engine: "Engine", obj: Any) -> list[Any]:
     return out
 
 
-def _outcome(err: BaseException | None, rank: int) -> str | None:
-    return None if err is None else f"rank {rank}: {type(err).__name__}: {err}"
+def _outcome(err: BaseException | None, rank: int) -> tuple[bool, str] | None:
+    """(a failed write?, message) of a rank's part of a save; None: it went well."""
+    if err is None:
+        return None
+    if isinstance(err, WriteError):
+        return True, str(err)
+    return False, f"rank {rank}: {type(err).__name__}: {err}"
 
 
-def _raise_failures(own: BaseException | None, outcomes: list[str | None], what: str) -> None:
+def _raise_failures(own: BaseException | None, outcomes: list[tuple[bool, str] | None], what: str) -> None:
     """After a collective exchange of outcomes: every rank raises when any rank failed (its own
-    error where it had one, a RunError naming the others' elsewhere)."""
+    error where it had one; elsewhere the failed write's WriteError, echoed, or a RunError naming
+    the others' errors), so every rank of a save that ran out of space exits 74 and the message
+    is printed once (by the rank whose write failed)."""
     failed = [o for o in outcomes if o is not None]
     if not failed:
         return
@@ -313,11 +222,32 @@ def _raise_failures(own: BaseException | None, outcomes: list[str | None], what:
         raise RunError(f"{what}: {own}") from own
     if own is not None:
         raise own
-    raise RunError(f"{what}: " + "; ".join(failed))
+    writes = [text for is_write, text in failed if is_write]
+    if writes:
+        raise WriteError(writes[0], echoed=True)
+    raise RunError(f"{what}: " + "; ".join(text for _, text in failed))
+
+
+def _rank0_step(engine: "Engine", action: Callable[[], Any]) -> Any:
+    """Run `action` on rank 0 and give every rank its result, or raise its error on every rank
+    (a WriteError as a WriteError: exit 74 everywhere, printed by rank 0 only)."""
+    result, failure = None, None
+    if engine.rank == 0:
+        try:
+            result = action()
+        except (OSError, DslError) as err:
+            failure = (isinstance(err, WriteError), str(err))
+    result, failure = _from_rank0(engine, (result, failure))
+    if failure is not None:
+        is_write, text = failure
+        raise WriteError(text, echoed=engine.rank != 0) if is_write else RunError(text)
+    return result
 
 
 def save(engine: "Engine", directory: str | os.PathLike, *, step: int, extra: dict[str, Any] | None, keep: int | None) -> Path:
-    """Collective: every rank calls it and writes its own slices. Returns the checkpoint folder."""
+    """Collective: every rank calls it and writes its own slices. Returns the checkpoint folder.
+    A failed write raises WriteError on every rank (engine/errors.py) and leaves the previous
+    checkpoint, and `latest`, as they were."""
     if step < 0:
         raise UserError(f"checkpoint step must be >= 0, got {step}")
     if keep is not None and keep < 1:
@@ -325,16 +255,7 @@ def save(engine: "Engine", directory: str | os.PathLike, *, step: int, extra: di
     rank, world = engine.rank, engine.world_size
     root, name = Path(directory), f"step-{step:06d}"
     rng = _all(engine, _rng_state(engine.device))
-    tmp, error = None, None
-    if rank == 0:
-        try:
-            tmp = str(begin_folder(root, name, keep))
-        except OSError as err:
-            error = f"preparing checkpoint {root / name} failed: {err}"
-    tmp, error = _from_rank0(engine, (tmp, error))
-    if error is not None:
-        raise RunError(error)
-    folder = Path(tmp)
+    folder = Path(_rank0_step(engine, lambda: str(begin_folder(root, name, keep))))
     own: BaseException | None = None
     try:
         if not folder.is_dir():
@@ -348,10 +269,10 @@ def save(engine: "Engine", directory: str | os.PathLike, *, step: int, extra: di
     outcomes = _all(engine, _outcome(own, rank))
     if any(o is not None for o in outcomes):
         if rank == 0:
-            shutil.rmtree(folder, ignore_errors=True)
+            discard(folder)
         _raise_failures(own, outcomes, f"writing checkpoint {root / name} failed")
-    error = None
-    if rank == 0:
+
+    def commit() -> None:
         meta = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -373,14 +294,17 @@ def save(engine: "Engine", directory: str | os.PathLike, *, step: int, extra: di
         try:
             missing = [f for f in meta["files"] if not (folder / f).is_file()]
             if missing:
-                raise OSError(f"rank files missing in {folder}: {', '.join(missing)} (is the folder "
-                              "on a filesystem all hosts share?)")
+                raise RunError(f"writing checkpoint {root / name} failed: rank files missing in "
+                               f"{folder}: {', '.join(missing)} (is the folder on a filesystem all "
+                               "hosts share?)")
             commit_folder(root, folder, name, {"rng.pt": rng, "extra.pt": dict(extra or {})}, meta, keep)
-        except OSError as err:
-            error = f"writing checkpoint {root / name} failed: {err}"
-    error = _from_rank0(engine, error)
-    if error is not None:
-        raise RunError(error)
+        except (OSError, DslError) as err:
+            discard(folder)
+            if isinstance(err, OSError):
+                raise RunError(f"writing checkpoint {root / name} failed: {err}") from None
+            raise
+
+    _rank0_step(engine, commit)
     return root / name
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from dsl.engine.errors import UserError
+from dsl.engine.writefail import write_failed
 
 __all__ = ["Entry", "Staging", "RankFile", "write_file", "raw_bytes", "DTYPES"]
 
@@ -106,7 +107,8 @@ class Staging:
 
 
 def write_file(path: Path, entries: list[Entry], metadata: dict[str, str]) -> int:
-    """Write `entries` to `path` (safetensors layout), fsync it; returns the bytes written."""
+    """Write `entries` to `path` (safetensors layout), fsync it; returns the bytes written.
+    Raises WriteError when the file cannot be written (a full disk)."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for e in entries:
@@ -114,6 +116,14 @@ def write_file(path: Path, entries: list[Entry], metadata: dict[str, str]) -> in
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    try:
+        _write_entries(path, raw, entries)
+    except OSError as err:  # a full disk: name the file and the free space (engine/writefail.py)
+        raise write_failed(path, err, "checkpoint file") from None
+    return 8 + len(raw) + offset
+
+
+def _write_entries(path: Path, raw: bytes, entries: list[Entry]) -> None:
     with open(path, "wb", buffering=0) as f:
         _write_all(f, memoryview(struct.pack("<Q", len(raw)) + raw))
         for e in entries:
@@ -125,7 +135,6 @@ def write_file(path: Path, entries: list[Entry], metadata: dict[str, str]) -> in
             if done != e.nbytes:
                 raise ValueError(f"{e.name}: wrote {done} bytes, the header says {e.nbytes}")
         os.fsync(f.fileno())
-    return 8 + len(raw) + offset
 
 
 def _write_all(f: Any, view: memoryview) -> int:

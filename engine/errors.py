@@ -28,3 +28,17 @@ class RunError(DslError):
     """The job or a backend failed while running."""
 
     exit_code = 1
+
+
+class WriteError(RunError):
+    """Writing the run's output (logs, metrics.jsonl, a checkpoint) failed: a full disk, a quota,
+    a read-only or vanished filesystem. The message names the path and the free space there
+    (engine/writefail.py). Exit 74 (sysexits' EX_IOERR) from `dsl launch` and from a rank."""
+
+    exit_code = 74
+
+    def __init__(self, message: str, *, echoed: bool = False):
+        super().__init__(message)
+        self.echoed = echoed
+        """True on a rank that did not fail itself but learned of another rank's failure (the
+        message is that rank's): such a rank exits 74 quietly, so the message is printed once."""

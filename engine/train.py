@@ -99,6 +99,7 @@ from dsl.engine.train_config import TrainConfig
 from dsl.engine.errors import DslError, UserError
 from dsl.engine.located import load_located, validate_located
 from dsl.engine.validity import problems, refuse, refuse_located
+from dsl.engine.writefail import write_failed
 
 __all__ = ["RunSpec", "load_run_spec", "format_progress", "train", "main", "EXIT_CHECKPOINTED",
            "WARNING_SIGNALS"]
@@ -372,7 +373,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
     metrics = None
     if ctx.is_main:
         spec.output_dir.mkdir(parents=True, exist_ok=True)
-        metrics = (spec.output_dir / "metrics.jsonl").open("a")
+        metrics = _open_metrics(spec.output_dir / "metrics.jsonl")
         print(
             f"{PROG}: {ctx.world_size} rank(s) (data-parallel {dp}"
             + (f", sequence-parallel {sp}" if sp > 1 else "") + "), backend "
@@ -462,13 +463,12 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
                 comm_stats = getattr(engine.states, "comm_stats", None)  # 1-bit Adam: bytes sent
                 if comm_stats is not None:
                     row.update(comm_stats())
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                _write_metrics(metrics, row)
             if stopping:
                 break
     finally:
         if metrics is not None:
-            metrics.close()
+            _close_metrics(metrics)
     train_s = time.perf_counter() - start
     steps_run = end_step - start_step if end_step > start_step else 0
     summary = {
@@ -502,6 +502,29 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
     return summary
 
 
+def _open_metrics(path: Path) -> TextIO:
+    try:
+        return path.open("a")
+    except OSError as err:
+        raise write_failed(path, err, "metrics file") from None
+
+
+def _close_metrics(metrics: TextIO) -> None:
+    try:  # a row a full disk refused is still buffered: close() tries it again
+        metrics.close()
+    except OSError as err:
+        raise write_failed(metrics.name, err, "metrics file") from None
+
+
+def _write_metrics(metrics: TextIO, row: dict[str, Any]) -> None:
+    """One row of metrics.jsonl; a full disk is a WriteError naming the file (exit 74)."""
+    try:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+    except OSError as err:
+        raise write_failed(metrics.name, err, "metrics file") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
     parser.add_argument("spec", nargs="?", help="resolved dsl spec (YAML)")
@@ -516,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(load_run_spec(spec_path, *world_of_environment()))
     except DslError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+        if not getattr(err, "echoed", False):  # a failed write is printed by the rank it failed on
+            print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
     finally:
         restore_handlers(previous)

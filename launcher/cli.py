@@ -83,32 +83,44 @@ def preflight_cmd(spec: Path = SpecArg) -> None:
 
 
 def _run(prepared, time_limit=None) -> int:  # type: ignore[no-untyped-def]
+    from dsl.launcher.backends import get_backend
+    from dsl.launcher.runlock import acquire
+
+    plan = prepared.plan
+    backend = get_backend(plan.backend)
+    lock = None
+    try:
+        # Before anything is written there: a second launch into this run folder is refused.
+        lock = acquire(Path(plan.output_dir), plan.name, prepared.spec_file.where("output_dir"))
+        return _run_locked(prepared, backend, time_limit)
+    finally:
+        if lock is not None:
+            lock.release()
+        if prepared.port is not None:
+            prepared.port.release()
+
+
+def _run_locked(prepared, backend, time_limit) -> int:  # type: ignore[no-untyped-def]
     import time
 
     from dsl.launcher import console
-    from dsl.launcher.backends import get_backend
     from dsl.launcher.launch import write_run_folder
     from dsl.launcher.output import RankOutput
     from dsl.launcher.supervise import supervise
 
     plan = prepared.plan
-    backend = get_backend(plan.backend)
     out = write_run_folder(plan)
     hosts = ", ".join(h.host for h in plan.hosts) if plan.backend != "slurm" or plan.submit.argv[0] == "bash" \
         else f"{len(plan.hosts)} node(s) Slurm allocates"
     console.message(f"dsl: launching {plan.name}: {plan.world_size} rank(s) on {hosts} "
                     f"({plan.backend}), master {plan.master_addr}:{plan.master_port}; run folder {out}")
     started = time.monotonic()
-    try:
-        with console.StepProgress() as progress:
-            output = RankOutput(out / "logs", on_step=progress.update)
-            try:
-                outcome = supervise(plan, backend, output, time_limit)
-            finally:
-                output.close()
-    finally:
-        if prepared.port is not None:
-            prepared.port.release()
+    with console.StepProgress() as progress:
+        output = RankOutput(out / "logs", on_step=progress.update)
+        try:
+            outcome = supervise(plan, backend, output, time_limit)
+        finally:
+            output.close()
     elapsed = time.monotonic() - started
     if outcome.ok:
         console.message(f"dsl: job {plan.name} finished in {elapsed:.1f} s "
@@ -155,8 +167,12 @@ def sbatch(
     from dsl.launcher.launch import prepare, write_run_folder
     from dsl.launcher.slurm import SCRIPT_NAME
 
-    plan = prepare(spec, reserve=False, backend="slurm").plan
-    write_run_folder(plan)
+    from dsl.launcher.runlock import acquire
+
+    prepared = prepare(spec, reserve=False, backend="slurm")
+    plan = prepared.plan
+    with acquire(Path(plan.output_dir), plan.name, prepared.spec_file.where("output_dir")):
+        write_run_folder(plan)
     script = next(text for path, text in plan.files.items() if path.endswith("/" + SCRIPT_NAME))
     if output is None:
         print(script, end="")
