@@ -106,6 +106,7 @@ def _run_locked(prepared, backend, time_limit) -> int:  # type: ignore[no-untype
     from dsl.launcher import console
     from dsl.launcher.launch import write_run_folder
     from dsl.launcher.output import RankOutput
+    from dsl.engine.writefail import EXIT_WRITE_FAILED
     from dsl.launcher.supervise import supervise
 
     plan = prepared.plan
@@ -122,6 +123,10 @@ def _run_locked(prepared, backend, time_limit) -> int:  # type: ignore[no-untype
         finally:
             output.close()
     elapsed = time.monotonic() - started
+    if outcome.write_error or (outcome.ok and output.write_error):
+        console.message(f"dsl: job {plan.name} stopped: {outcome.write_error or output.write_error} "
+                        f"(exit {EXIT_WRITE_FAILED})", style="bold red")
+        return EXIT_WRITE_FAILED
     if outcome.ok:
         console.message(f"dsl: job {plan.name} finished in {elapsed:.1f} s "
                         f"({plan.world_size} ranks, attempt {outcome.attempts}); logs in {out / 'logs'}")
@@ -142,6 +147,8 @@ def _run_locked(prepared, backend, time_limit) -> int:  # type: ignore[no-untype
     who = (f"rank {outcome.failed_rank} on {outcome.failed_host}" if outcome.failed_rank is not None
            else f"host {outcome.failed_host}")
     how = f"was killed by {outcome.signal_name}" if outcome.signal_name else f"exited with code {outcome.exit_code}"
+    if outcome.exit_code == EXIT_WRITE_FAILED and not outcome.signal_name:
+        how += " (a write of its output failed: see its last lines)"
     console.message(f"dsl: job {plan.name} failed: {who} {how}; every other rank was stopped "
                     f"(attempt {outcome.attempts} of {plan.max_restarts + 1})", style="bold red")
     if outcome.failed_rank is not None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from dsl.engine.config import unsupported_reason
 from dsl.engine.errors import UserError
+from dsl.engine.writefail import write_failed
 from dsl.launcher import hosts as hostlib
 from dsl.launcher.envfile import load_env_file
 from dsl.launcher.plan import LaunchPlan, RenderInputs, plan_json
@@ -261,8 +262,12 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
 
 
 def write_run_folder(plan: LaunchPlan) -> Path:
+    """The run folder's files (resolved spec, plan.json, ...). Raises WriteError (exit 74)."""
     out = Path(plan.output_dir)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_failed(out / "logs", exc, "run folder") from None
     for path, content in plan.files.items():
         _write_atomic(Path(path), content)
     _write_atomic(out / "plan.json", plan_json(plan) + "\n")
@@ -271,8 +276,12 @@ def write_run_folder(plan: LaunchPlan) -> Path:
 
 def _write_atomic(path: Path, content: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(content, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(content, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, exc, "run folder file") from None
 
 
 def dry_run_text(prepared: Prepared, as_json: bool) -> str:

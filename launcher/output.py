@@ -12,6 +12,11 @@ backends feed, from their reader threads:
   printed;
 - a progress line of the bundled trainer (`step N/M | loss X | ...` on rank 0) moves the progress
   bar when stderr is a terminal.
+
+A log file that cannot be written (a full disk) is not an exception in a reader thread: the first
+such error is kept in `write_error` (a WriteError naming the file and the free space,
+engine/writefail.py), log files are no longer written, lines still reach the terminal, and
+`supervise` stops the job and exits 74.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
+
+from dsl.engine.errors import WriteError
+from dsl.engine.writefail import write_failed
 
 _RANK_LINE = re.compile(r"^\[dsl:(\d+):(\d+)\] ?(.*)$", re.DOTALL)
 _AGENT_MARK = "[dsl-agent] "
@@ -55,7 +63,11 @@ class RankOutput:
         self.rank_hosts: dict[int, str] = {}
         self.failures: dict[str, Failure] = {}
         self._header = ""
-        log_dir.mkdir(parents=True, exist_ok=True)
+        self.write_error: WriteError | None = None
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise write_failed(log_dir, exc, "log folder") from None
 
     def __call__(self, host: str, stream: str, line: str) -> None:
         match = _RANK_LINE.match(line)
@@ -85,26 +97,40 @@ class RankOutput:
         rank that prints nothing still has one."""
         with self._lock:
             self._header = f"# dsl: {text}\n"
-            for handle in self._files.values():
-                handle.write(self._header)
-                handle.flush()
+            for name in list(self._files):
+                self._log(name, self._header.rstrip("\n"))
             for rank in ranks or ():
                 if f"rank{rank}.log" not in self._files:
-                    self._open(f"rank{rank}.log").flush()
+                    self._guarded(f"rank{rank}.log", lambda n: self._open(n).flush())
 
     def close(self) -> None:
         with self._lock:
-            for handle in self._files.values():
-                handle.close()
+            for name, handle in self._files.items():
+                try:  # after a failed write its line is still buffered: close() tries it again
+                    handle.close()
+                except OSError as exc:
+                    self.write_error = self.write_error or write_failed(self._log_dir / name, exc, "log file")
             self._files.clear()
 
     def log_path(self, rank: int) -> Path:
         return self._log_dir / f"rank{rank}.log"
 
     def _log(self, name: str, text: str) -> None:
-        handle = self._files.get(name) or self._open(name)
-        handle.write(text + "\n")
-        handle.flush()
+        def write(name: str) -> None:
+            handle = self._files.get(name) or self._open(name)
+            handle.write(text + "\n")
+            handle.flush()
+
+        self._guarded(name, write)
+
+    def _guarded(self, name: str, action: Callable[[str], object]) -> None:
+        """`action(name)` on a log file, unless one failed already; the first OSError is kept."""
+        if self.write_error is not None:
+            return
+        try:
+            action(name)
+        except OSError as exc:
+            self.write_error = write_failed(self._log_dir / name, exc, "log file")
 
     def _open(self, name: str) -> TextIO:
         # Append: a restart or a later launch of the same spec adds to, never erases, a log.

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsl.engine.errors import UserError
+from dsl.engine.writefail import write_failed
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,12 @@ def _read_record(fd: int) -> dict:
 def acquire(output_dir: Path, job: str, where: str) -> RunLock:
     """Lock `output_dir` for this launch (created if missing). `where` locates output_dir in the
     spec for the refusal. Raises UserError (exit 2) when another launch holds it."""
-    output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise write_failed(path, exc, "run-folder lock") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -98,6 +102,10 @@ def acquire(output_dir: Path, job: str, where: str) -> RunLock:
         raise
     record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(), "job": job}
     data = (json.dumps(record) + "\n").encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+    except OSError as exc:
+        os.close(fd)
+        raise write_failed(path, exc, "run-folder lock") from None
     return RunLock(path, fd)

@@ -16,6 +16,9 @@
   stdin), which it passes to every rank, as Slurm's `--signal=USR1@N` does; at the limit every
   rank still running is stopped and the job ends with EXIT_TIME_LIMIT (124, as GNU `timeout`).
   The limit counts from when the job first starts, across restarts, like a Slurm job's.
+- A rank's log that dsl cannot write (a full disk; `RankOutput.write_error`) stops every rank and
+  the job ends with EXIT_WRITE_FAILED (74, as a rank whose checkpoint or metrics write failed:
+  engine/writefail.py); neither is restarted, the disk would still be full.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Sequence
 
 from dsl.engine.elastic import EXIT_CHECKPOINTED
 from dsl.engine.errors import UserError
+from dsl.engine.writefail import EXIT_WRITE_FAILED
 from dsl.launcher.backends import Backend, HostProcess
 from dsl.launcher.output import RankOutput
 from dsl.launcher.plan import GUARD_GRACE_S, LaunchPlan
@@ -58,6 +62,8 @@ class Outcome:
     """Every rank checkpointed at a warning signal and stopped (exit 75): resume by launching again."""
     timed_out: bool = False
     """--time-limit ran out: the ranks still running were stopped."""
+    write_error: str | None = None
+    """dsl could not write a rank's log (a full disk): the job was stopped (exit 74)."""
 
     @property
     def ok(self) -> bool:
@@ -140,7 +146,8 @@ def supervise(plan: LaunchPlan, backend: Backend, output: RankOutput,
             output.note(f"attempt {attempt} of job {plan.name} starts", range(plan.world_size))
             outcome = _run_attempt(plan, backend, output, stop, attempt, clock)
             if (outcome.ok or outcome.interrupted_by or outcome.checkpointed or outcome.timed_out
-                    or attempt > plan.max_restarts):
+                    or outcome.write_error or outcome.exit_code == EXIT_WRITE_FAILED
+                    or attempt > plan.max_restarts):  # a full disk stays full: no restart
                 return outcome
             log.warning("job %s failed (exit %d); restart %d of %d", plan.name, outcome.exit_code,
                         attempt, plan.max_restarts)
@@ -191,6 +198,10 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
                 log.warning("a host checkpointed and exited %d %.0f s ago; stopping the hosts still "
                             "running", EXIT_CHECKPOINTED, CHECKPOINTED_WAIT_S)
                 break
+        write_error = getattr(output, "write_error", None)  # RankOutput's; fakes may lack it
+        if write_error is not None:
+            log.error("%s; stopping every rank", write_error)
+            break
         if clock.deadline is not None and now >= clock.deadline:
             timed_out = True
             log.error("time limit %s reached: stopping every rank", clock.limit.text)
@@ -203,6 +214,8 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
 
     if stop.event.is_set() and failed is None:
         return Outcome(128 + (stop.signum or signal.SIGINT), attempt, interrupted_by=stop.signum)
+    if failed is None and getattr(output, "write_error", None) is not None:
+        return Outcome(EXIT_WRITE_FAILED, attempt, write_error=str(output.write_error))
     if failed is None:
         if any(p.poll() == EXIT_CHECKPOINTED for p in procs):
             return Outcome(EXIT_CHECKPOINTED, attempt, checkpointed=True)
