@@ -68,3 +68,22 @@ def load_env_file(path: Path, where: str) -> dict[str, str]:
     except OSError as exc:
         raise UserError(f"{where}: cannot read env file {path}: {exc.strerror or exc}") from None
     return parse_env_file(text, str(path))
+
+
+def parse_deepspeed_env(text: str, source: str) -> dict[str, str]:
+    """A `.deepspeed_env` file as DeepSpeed 0.19.8's launcher reads it (deepspeed/launcher/
+    runner.py: `key, val = line.split('=', maxsplit=1)`, both stripped): the value is everything
+    after the first `=`, quotes and `#` included, taken literally. Where DeepSpeed would crash
+    (a line without `=`: ValueError) or export a broken name, this is an error naming file and
+    line; blank lines and lines starting with `#` are skipped (DeepSpeed crashes on both)."""
+    out: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise UserError(f"{source}:{number}: expected NAME=value, got {line!r}")
+        out[name] = value.strip()
+    return out

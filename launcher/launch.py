@@ -27,7 +27,7 @@ from dsl.engine.config import unsupported_reason
 from dsl.engine.errors import UserError
 from dsl.engine.writefail import write_failed
 from dsl.launcher import hosts as hostlib
-from dsl.launcher.envfile import load_env_file
+from dsl.launcher import envsources
 from dsl.launcher.plan import LaunchPlan, RenderInputs, plan_json
 from dsl.launcher.render import render
 from dsl.launcher.ports import PortReservation, hold_port, reserve_port
@@ -148,22 +148,6 @@ def resolve_spec_hosts(spec_file: SpecFile) -> tuple[list[hostlib.Host], bool]:
     return _local_hosts(spec_file, num_procs)
 
 
-def _env_values(spec_file: SpecFile) -> dict[str, str]:
-    env = spec_file.spec.env
-    values: dict[str, str] = {}
-    if env.file:
-        values.update(load_env_file(spec_file.resolve(env.file), spec_file.where("env", "file")))
-    for name in env.forward:
-        if name in os.environ:
-            values[name] = os.environ[name]
-    values.update(env.vars)
-    missing = [n for n in env.secret if n not in values and n not in os.environ]
-    if missing:
-        raise UserError(f"{spec_file.where('env', 'secret')}: secret {', '.join(missing)} has no "
-                        "value (set it in env.vars, env.file or the environment of dsl launch)")
-    return values
-
-
 def _render_inputs(spec_file: SpecFile, pin: bool, reserve: bool) -> tuple[RenderInputs, PortReservation | None]:
     """What render needs from this machine: env values, interpreter, and the master port (held
     until the ranks start when `reserve`)."""
@@ -183,7 +167,8 @@ def _render_inputs(spec_file: SpecFile, pin: bool, reserve: bool) -> tuple[Rende
             port = hold_port(master_port)
         except UserError as exc:
             raise UserError(f"{spec_file.where('resources', 'master_port')}: {exc}") from None
-    env_values = _env_values(spec_file)
+    env = envsources.env_values(spec_file)
+    env_values = env.values
     inputs = RenderInputs(
         python=sys.executable,
         cwd=os.getcwd(),
@@ -194,6 +179,7 @@ def _render_inputs(spec_file: SpecFile, pin: bool, reserve: bool) -> tuple[Rende
         set_visible_devices=pin and "CUDA_VISIBLE_DEVICES" not in env_values,
         in_slurm_allocation=in_slurm_allocation(),
         is_root=hasattr(os, "geteuid") and os.geteuid() == 0,
+        secrets=frozenset(env.secrets),
     )
     return inputs, port
 

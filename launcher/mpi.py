@@ -62,7 +62,7 @@ def render_plan(job: Job, hosts: list[Host]) -> LaunchPlan:
         output_dir=job.output_dir,
         max_restarts=spec.max_restarts,
         hosts=tuple(launches),
-        secrets=frozenset(spec.env.secret),
+        secrets=job.secrets,
         files={**job.files, hostfile_path: hostfile},
         ssh=target,
         submit=HostLaunch(host="mpirun", node_rank=-1, ranks=(), slots=(), argv=tuple(mpirun),

@@ -162,6 +162,9 @@ class RenderInputs:
     set_visible_devices: bool
     in_slurm_allocation: bool = False
     is_root: bool = False
+    secrets: frozenset[str] = frozenset()
+    """Names to show as <secret> beyond env.secret: credential-like names from the launching
+    shell or env files (launcher/envsources.py)."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,11 @@ class Job:
     @property
     def spec(self):  # -> Spec
         return self.spec_file.spec
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        """Names whose values are never printed or written: env.secret and credential-like names."""
+        return frozenset(self.spec.env.secret) | self.inputs.secrets
 
 
 def job_of(spec_file: SpecFile, inputs: RenderInputs) -> Job:
@@ -235,7 +243,7 @@ def render_per_host(job: Job, hosts: list[Host]) -> LaunchPlan:
         output_dir=job.output_dir,
         max_restarts=spec.max_restarts,
         hosts=tuple(launches),
-        secrets=frozenset(spec.env.secret),
+        secrets=job.secrets,
         files=job.files,
         ssh=ssh_target(job.spec_file) if backend == "ssh" else None,
     )

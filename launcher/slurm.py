@@ -92,8 +92,10 @@ def srun_lines(srun_command: str, requeue: bool) -> str:
 
 
 def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nodes: int, nproc: int,
-                  python: str, cwd: str, program: list[str], env: dict[str, str]) -> str:
+                  python: str, cwd: str, program: list[str], env: dict[str, str],
+                  secrets: frozenset[str] | None = None) -> str:
     spec = spec_file.spec
+    secrets = frozenset(spec.env.secret) if secrets is None else secrets
     port = spec.resources.master_port
     node_command = (f"export NODE_RANK=\"$SLURM_NODEID\"; "
                     f"{shell.remote_command(cwd, node_argv(python, nodes, nproc, output_dir, program))}")
@@ -108,10 +110,10 @@ def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nod
         version=_version(),
         spec_path=str(spec_file.path.resolve()),
         script_path=shell.quote(script_path),
-        secrets=", ".join(spec.env.secret) or "none",
+        secrets=", ".join(sorted(secrets)) or "none",
         sbatch_lines="\n".join(f"#SBATCH {shell.quote(o)}" for o in sbatch_options(spec_file, output_dir, nodes)),
         master_port_line=f"MASTER_PORT={AUTO_PORT if port == 'auto' else port}",
-        exports=shell.exports({k: v for k, v in env.items() if k not in spec.env.secret}),
+        exports=shell.exports({k: v for k, v in env.items() if k not in secrets}),
         srun_lines=srun_lines(f"srun {shell.join(srun)} bash -c {shell.quote(node_command)}",
                               spec.resources.slurm.requeue is True),
     )
@@ -133,7 +135,7 @@ def render_plan(job: Job, hosts: list[Host]) -> LaunchPlan:
     env = base_env(job)
     script = render_script(job.spec_file, output_dir=job.output_dir, script_path=script_path,
                            nodes=nodes, nproc=nproc, python=job.python, cwd=job.cwd,
-                           program=job.program, env=env)
+                           program=job.program, env=env, secrets=job.secrets)
     port = spec.resources.master_port
     launches = [
         HostLaunch(host=host.name, node_rank=node_rank, ranks=ranks, slots=tuple(host.slots),
@@ -152,7 +154,7 @@ def render_plan(job: Job, hosts: list[Host]) -> LaunchPlan:
         output_dir=job.output_dir,
         max_restarts=spec.max_restarts,
         hosts=tuple(launches),
-        secrets=frozenset(spec.env.secret),
+        secrets=job.secrets,
         files={**job.files, script_path: script},
         submit=HostLaunch(host="submit", node_rank=-1, ranks=(), slots=(), argv=submit_argv,
                           env=env, cwd=job.cwd),

@@ -195,6 +195,14 @@ class Env(StrictModel):
     """Names whose values are passed to ranks but never printed or written to the run folder."""
     forward: list[str] = []
     """Names copied from the environment of `dsl launch` (remote backends pass nothing else)."""
+    forward_prefixes: list[str] = ["NCCL", "PYTHON", "UCX", "MLFLOW", "MV2"]
+    """Every variable of the environment of `dsl launch` whose name starts with one of these is
+    passed to every rank. The default is DeepSpeed's (its launcher's EXPORT_ENVS plus the CUDA
+    accelerator's NCCL); `[]` turns it off. See launcher/envsources.py for the precedence."""
+    dotfiles: bool = True
+    """Read `.deepspeed_env` (or the file DS_ENV_FILE names) and `.dsl_env` from the home folder
+    and the working folder of `dsl launch`, as DeepSpeed's launcher reads `.deepspeed_env`:
+    `NAME=value` lines, the value taken literally."""
 
     @field_validator("vars")
     @classmethod
@@ -202,6 +210,14 @@ class Env(StrictModel):
         for name in value:
             if not _ENV_NAME.match(name):
                 raise ValueError(f"{name!r} is not a valid environment variable name")
+        return value
+
+    @field_validator("forward_prefixes")
+    @classmethod
+    def _prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", prefix):
+                raise ValueError(f"{prefix!r} is not the start of an environment variable name")
         return value
 
     @field_validator("vars", mode="before")
