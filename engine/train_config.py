@@ -14,8 +14,17 @@ from dsl.engine.config import StrictModel
 
 
 class ModelConfig(StrictModel):
-    """A Llama-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention), in Hugging Face's
-    names. `preset` fills every field not written explicitly."""
+    """The model, in one of three forms:
+
+    - the bundled Llama-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention), in Hugging
+      Face's names; `preset` fills every field not written explicitly. The trainer trains this one.
+    - `hf: DIR` or `hf_config: FILE`: a Hugging Face model described by its config.json
+      (engine/modeldesc/ counts its parameters by family); `seq_len` may be written next to it.
+    - `params: N` and `largest_layer_params: M`: a model known only by its counts, with `layers`,
+      `hidden`, `heads`, `vocab`, `seq_len` when known (activations need them).
+
+    `dsl plan` describes all three; `dsl launch` trains only the first (engine/validity.py
+    `model_problems`: Hugging Face models are issue 16)."""
 
     preset: str | None = None
     """A named shape (see engine/presets.py): tiny, bench, llama-1b, llama2-7b, llama3-8b,
@@ -45,6 +54,25 @@ class ModelConfig(StrictModel):
     """Mixture-of-experts MLPs per layer (0: dense). Used by the planner; the engine trains dense."""
     num_experts_per_tok: int = Field(2, ge=1)
     """Experts each token is routed to (MoE only)."""
+    hf: str | None = None
+    """A folder holding a Hugging Face model's config.json (relative paths start at the spec
+    file's folder): `dsl plan` describes that model instead of the bundled Llama."""
+    hf_config: str | None = None
+    """A Hugging Face config.json file (relative paths start at the spec file's folder), as `hf`."""
+    params: int | None = Field(None, ge=1)
+    """Every parameter of a model known only by its counts (with largest_layer_params): model
+    states are exact from it; activations need layers, hidden, heads, vocab and seq_len."""
+    largest_layer_params: int | None = Field(None, ge=1)
+    """With params: the parameters of the largest unit ZeRO-3 gathers at once (one transformer
+    block, or the embedding), DeepSpeed's `largest_layer_params`."""
+    layers: int | None = Field(None, ge=1)
+    """With params: transformer blocks."""
+    hidden: int | None = Field(None, ge=1)
+    """With params: width of the residual stream."""
+    heads: int | None = Field(None, ge=1)
+    """With params: attention heads."""
+    vocab: int | None = Field(None, ge=2)
+    """With params: vocabulary size."""
 
     @model_validator(mode="before")
     @classmethod
@@ -57,6 +85,51 @@ class ModelConfig(StrictModel):
                 raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
             return {**PRESETS[name], **data}
         return data
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "ModelConfig":
+        written = self.model_fields_set
+        forms = [name for name in ("hf", "hf_config", "params") if getattr(self, name) is not None]
+        if len(forms) > 1:
+            raise ValueError(f"{' and '.join(forms)} are alternatives: give one (hf: a folder with config.json, "
+                             "hf_config: the file itself, params: the counts)")
+        llama = sorted(written & _LLAMA_FIELDS)
+        counts = sorted(written & _COUNT_FIELDS)
+        if forms and llama:
+            source = "the counts" if forms == ["params"] else "config.json"
+            raise ValueError(f"{', '.join(llama)} describe the bundled Llama; with {forms[0]} the model comes from "
+                             f"{source}: remove {', '.join(llama)} (seq_len may stay)")
+        if forms and forms != ["params"] and counts:
+            raise ValueError(f"{', '.join(counts)} go with params (a model known by its counts); with {forms[0]} "
+                             f"config.json gives the dimensions: remove {', '.join(counts)}")
+        if forms == ["params"]:
+            if self.largest_layer_params is None:
+                raise ValueError("params needs largest_layer_params: the parameters of the largest block (or the "
+                                 "embedding, when larger), which ZeRO-3 gathers at once")
+            if self.largest_layer_params > self.params:  # type: ignore[operator]
+                raise ValueError(f"largest_layer_params ({self.largest_layer_params:,}) is more than params "
+                                 f"({self.params:,})")
+            if self.heads is not None and self.hidden is not None and self.hidden % self.heads:
+                raise ValueError(f"heads ({self.heads}) must divide hidden ({self.hidden})")
+        elif not forms and counts:
+            raise ValueError(f"{', '.join(counts)} describe a model known by its counts: they need params "
+                             "(and largest_layer_params)")
+        return self
+
+    @property
+    def form(self) -> str:
+        """`llama` (the bundled decoder), `hf` (hf or hf_config) or `counts` (params)."""
+        if self.hf is not None or self.hf_config is not None:
+            return "hf"
+        return "counts" if self.params is not None else "llama"
+
+    @property
+    def form_field(self) -> str:
+        """The field that chose the form (hf, hf_config, params; preset or seq_len for the Llama)."""
+        for name in ("hf", "hf_config", "params"):
+            if getattr(self, name) is not None:
+                return name
+        return "preset" if self.preset is not None else "seq_len"
 
     @model_validator(mode="after")
     def _divisible(self) -> "ModelConfig":
@@ -86,6 +159,12 @@ class ModelConfig(StrictModel):
         if self.intermediate_size is not None:
             return self.intermediate_size
         return -(-int(8 * self.hidden_size / 3) // 16) * 16
+
+
+_LLAMA_FIELDS = frozenset({"preset", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "num_key_value_heads", "intermediate_size", "tie_word_embeddings", "rope_theta",
+                           "rms_norm_eps", "num_experts", "num_experts_per_tok"})
+_COUNT_FIELDS = frozenset({"largest_layer_params", "layers", "hidden", "heads", "vocab"})
 
 
 class DataConfig(StrictModel):

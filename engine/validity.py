@@ -27,6 +27,9 @@ the planner only picks candidates that pass (launcher/planner.py marks the other
 `unsupported_reason`), and the engine runs an unresolved `auto` as stage 0 / no offload / sp 1.
 
 Decisions:
+- a model given by its Hugging Face config or by its counts (run.train.model hf, hf_config,
+  params) is described by `dsl plan` but refused for training (`model_problems`, applied by
+  `dsl launch`): the trainer builds only the bundled Llama, and would train that in its place.
 - optimizer offload needs ZeRO stage 1-3, DeepSpeed's rule (its ZeRO config documents
   offload_optimizer as "valid for ZeRO stage 1, 2, 3"): offload moves the partitioned optimizer
   states and their update to the host, and stage 0 partitions none.
@@ -60,8 +63,8 @@ if TYPE_CHECKING:
     from dsl.engine.located import Locations
     from dsl.engine.train_config import ModelConfig
 
-__all__ = ["Problem", "problems", "batch_reason", "compile_conflicts", "field_problems", "refuse",
-           "refuse_located"]
+__all__ = ["Problem", "problems", "batch_reason", "compile_conflicts", "field_problems", "model_problems",
+           "refuse", "refuse_located"]
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,12 @@ class Problem:
 
     path: tuple[str | int, ...]
     message: str
+    root: tuple[str, ...] = ("engine",)
+    """The section `path` is inside: `engine`, or `run.train.model` for `model_problems`."""
 
     def __str__(self) -> str:
         """`engine.<path>: <message>`: the text every caller prints after its location."""
-        return f"{dotted(('engine', *self.path))}: {self.message}"
+        return f"{dotted((*self.root, *self.path))}: {self.message}"
 
 
 def problems(engine: "EngineConfig", *, model: "ModelConfig | None" = None, world_size: int | None = None,
@@ -135,6 +140,24 @@ def problems(engine: "EngineConfig", *, model: "ModelConfig | None" = None, worl
     if world_size is not None and sp != "auto" and sp >= 1 and world_size % sp == 0:
         add("train_batch", batch_reason(engine, world_size // sp, planned))
     return found
+
+
+TRAIN_HF_UNSUPPORTED = ("training a Hugging Face model is not supported yet (issue 16); dsl plan describes it")
+
+
+def model_problems(model: "ModelConfig") -> list[Problem]:
+    """Rules on `run.train.model` for training it, not for describing it: the trainer builds only
+    the bundled Llama (engine/model.py), so a model given by its Hugging Face config (`hf`,
+    `hf_config`) or by its counts (`params`) would otherwise train the default Llama in its
+    place. `dsl launch` (launcher/planspec.py `resolve` with refuse) applies them; `dsl plan`
+    does not: it describes every form (engine/train_config.py ModelConfig)."""
+    if model.form == "llama":
+        return []
+    field = model.form_field
+    return [Problem((field,), f"{TRAIN_HF_UNSUPPORTED}: `dsl plan SPEC` shows the memory and the plan for "
+                              f"this model; to train now, describe the bundled Llama instead (preset, or "
+                              f"its dimensions: hidden_size, num_hidden_layers, ...)",
+                    root=("run", "train", "model"))]
 
 
 def compile_conflicts(engine: "EngineConfig") -> list[str]:
@@ -228,13 +251,14 @@ def refuse(found: list[Problem]) -> None:
         raise UserError("\n".join(str(p) for p in found))
 
 
-def refuse_located(found: list[Problem], locations: "Locations", prefix: tuple[Any, ...] = ("engine",)) -> None:
+def refuse_located(found: list[Problem], locations: "Locations", prefix: tuple[Any, ...] | None = None) -> None:
     """Raise one UserError of `file:line:col engine.<path>: <message>` lines, in file order; a
-    field the file does not write points at its nearest written parent."""
+    field the file does not write points at its nearest written parent. `prefix` (default: each
+    problem's root) is where the problems' paths start in the file."""
     if not found:
         return
     lines = []
     for problem in found:
-        mark = locations.of(tuple(prefix) + problem.path)
+        mark = locations.of(tuple(problem.root if prefix is None else prefix) + problem.path)
         lines.append(((mark.line, mark.col), f"{locations.source}:{mark.line}:{mark.col} {problem}"))
     raise UserError("\n".join(text for _, text in sorted(lines, key=lambda item: item[0])))

@@ -307,6 +307,8 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    precision: str = "bf16"
+    """The engine's precision (decides accelerate's dtype row in `references`)."""
 
     def engine_config(self, base: EngineConfig, candidate: Candidate | None = None) -> EngineConfig:
         c = candidate or self.launch_choice
@@ -324,6 +326,17 @@ class Plan:
             gpus_per_node=self.hardware.ranks_per_host, nodes=self.hardware.hosts,
             offload_optimizer=c.offload != "none", offload_params=c.offload_params != "none")
 
+    def references(self, c: Candidate) -> dict[str, Any]:
+        """DeepSpeed's estimator, the ZeRO paper's split and accelerate's estimate for candidate `c`
+        (engine/memory_reference.py `candidate_references`): model states only, for comparison."""
+        return memory_reference.candidate_references(
+            self.shape.params, self.shape.largest_unit_params, stage=c.zero_stage, offload_optimizer=c.offload,
+            offload_params=c.offload_params, gpus_per_node=self.hardware.ranks_per_host, nodes=self.hardware.hosts,
+            shards=self.hardware.world, precision=self.precision)
+
+    def _candidate_json(self, c: Candidate | None) -> dict[str, Any] | None:
+        return None if c is None else {**c.to_json(), "references": self.references(c)}
+
     def to_json(self) -> dict[str, Any]:
         hw = self.hardware
         return {
@@ -339,13 +352,13 @@ class Plan:
             "target_batch": self.target_batch,
             "fixed": self.fixed,
             "safety_margin": SAFETY_MARGIN,
-            "choice": self.choice.to_json() if self.choice else None,
-            "launch_choice": self.launch_choice.to_json() if self.launch_choice else None,
+            "choice": self._candidate_json(self.choice),
+            "launch_choice": self._candidate_json(self.launch_choice),
             "reasons": self.reasons,
             "suggestions": self.suggestions,
             "notes": self.notes,
             "deepspeed": self.deepspeed_comparison(),
-            "candidates": [c.to_json() for c in self.candidates],
+            "candidates": [self._candidate_json(c) for c in self.candidates],
         }
 
 
@@ -419,7 +432,7 @@ def search(shape: ModelShape, engine: EngineConfig, hw: Hardware, target_batch: 
                     key=lambda c: (c.device_bytes / hw.device_memory_bytes, c.step.total_s))
     plan = Plan(shape, hw, target_batch, {}, fitting + others, choice,
                 launch_choice=_choose([c for c in fitting if c.unsupported is None]),
-                notes=list(hw.notes) + sorted(set(skipped)))
+                notes=list(hw.notes) + sorted(set(skipped)), precision=engine.precision)
     if choice is not None:
         plan.reasons = _reasons(plan, choice)
     if choice is None and suggest:

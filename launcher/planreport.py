@@ -24,6 +24,39 @@ def _bars(terms: list[tuple[str, int, str]], capacity: float) -> list[str]:
     return lines
 
 
+def reference_lines(plan: Plan, c: Any) -> list[str]:
+    """One line per published estimator for the chosen candidate (engine/memory_reference.py):
+    DeepSpeed's (next to dsl's own model states), the ZeRO paper's split, accelerate's."""
+    from rich.markup import escape
+
+    hw = plan.hardware
+    refs = plan.references(c)
+    names = (memory.PARAMETERS, memory.GRADIENTS, memory.MASTER, memory.OPTIMIZER, memory.OFFLOAD_BUFFERS)
+    states = sum(c.breakdown.term(n).device_bytes for n in names)
+    host = hw.ranks_per_host * sum(c.breakdown.term(n).host_bytes for n in names)
+    where = "GPU" if hw.accelerator else "rank"
+    lines = ["\nreferences (model states only):"]
+    ds = plan.deepspeed_comparison() if hw.accelerator else None
+    if ds is not None:
+        flags = refs["deepspeed"]["flags"]
+        shown = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()
+                          if k in ("cpu_offload", "cpu_offload_params", "zero_init"))
+        lines.append(f"  DeepSpeed {ds['function']} ({shown}): {fmt_gb(ds['gpu_bytes'])} per GPU, "
+                     f"{fmt_gb(ds['cpu_bytes'])} CPU per node; dsl's model states: {fmt_gb(states)} per {where}"
+                     + (f", {fmt_gb(host)} host RAM per node" if host else "")
+                     + f". [dim]{escape(ds['why_different'])}[/dim]")
+    elif c.zero_stage == 0:
+        lines.append("  DeepSpeed: no estimator for ZeRO stage 0")
+    paper = refs["zero_paper"]
+    lines.append(f"  ZeRO paper {paper['formula']} (K={paper['k']}, N_d={paper['n_d']}): "
+                 f"{fmt_gb(paper['device_bytes'])} per device")
+    acc = refs["accelerate"]
+    lines.append(f"  accelerate estimate-memory ({acc['dtype']}): total {fmt_gb(acc['total_bytes'])}, largest layer "
+                 f"{fmt_gb(acc['largest_layer_bytes'])}, training with Adam {fmt_gb(acc['training_adam_bytes'])} "
+                 "(one device, no sharding)")
+    return lines
+
+
 def render(plan: Plan, name: str, commands: str | None, console: Any) -> None:
     """`dsl plan`'s report, printed with rich (markup) on `console`."""
     from rich.markup import escape
@@ -31,8 +64,14 @@ def render(plan: Plan, name: str, commands: str | None, console: Any) -> None:
     hw, shape = plan.hardware, plan.shape
     p = console.print
     count = f"{shape.params / 1e9:.2f} B" if shape.params >= 1e9 else f"{shape.params:,}"
-    p(f"[bold]{escape(name)}[/bold]: {count} parameters ({shape.layers} layers, hidden "
-      f"{shape.hidden}, {shape.heads} heads / {shape.kv_heads} kv, ffn {shape.ffn}, vocab {shape.vocab:,}), "
+    if getattr(shape, "model_states_only", False):  # engine/modeldesc/shape.py: counts without dimensions
+        dims = "dimensions unknown: the plan covers model states only"
+    else:
+        dims = (f"{shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads / {shape.kv_heads} kv, "
+                f"ffn {shape.ffn}, vocab {shape.vocab:,}")
+    family = getattr(shape, "family", None)
+    label = {None: "", "counts": ", given by their count"}.get(family, f" ({family})")
+    p(f"[bold]{escape(name)}[/bold]: {count} parameters{label} ({dims}), "
       f"seq_len {shape.seq_len}, train_batch {plan.target_batch} ({plan.target_batch * shape.seq_len:,} tokens/step)")
     p(f"hardware: {escape(hw.describe())} [dim]({escape(hw.topology.source)})[/dim]")
     p("fixed by the spec: " + (", ".join(f"{k} {str(v).lower() if isinstance(v, bool) else v}"
@@ -70,15 +109,8 @@ def render(plan: Plan, name: str, commands: str | None, console: Any) -> None:
                 p(line)
             if c.nvme_bytes:
                 p(f"NVMe per host: {fmt_gb(c.nvme_bytes)} of {fmt_gb(hw.nvme_free_bytes)} free")
-        ds = plan.deepspeed_comparison()
-        if ds is not None:
-            names = (memory.PARAMETERS, memory.GRADIENTS, memory.MASTER, memory.OPTIMIZER, memory.OFFLOAD_BUFFERS)
-            states = sum(c.breakdown.term(n).device_bytes for n in names)
-            host = hw.ranks_per_host * sum(c.breakdown.term(n).host_bytes for n in names)
-            p(f"\nDeepSpeed's {ds['function']} for this layout: {fmt_gb(ds['gpu_bytes'])} per GPU, "
-              f"{fmt_gb(ds['cpu_bytes'])} CPU per node; dsl's model states: {fmt_gb(states)} per GPU"
-              + (f", {fmt_gb(host)} host RAM per node" if host else "")
-              + f". [dim]{escape(ds['why_different'])}[/dim]")
+        for line in reference_lines(plan, c):
+            p(line)
     # A plain fixed-width table (rich's Table costs more time than the whole plan).
     header = ("stage", "offload", "sp", "ckpt", "micro x accum", "device", "host", "step", "bound by", "fits")
     rows = []

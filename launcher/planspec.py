@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from dsl.engine.config import EngineConfig, mixed_layout
 from dsl.engine.errors import UserError
 from dsl.launcher.hardware import hardware_of
-from dsl.engine.memory import ModelShape
+from dsl.engine.modeldesc.shape import shape_of
 from dsl.launcher.planner import Free, Plan, search
 from dsl.launcher.spec import check_engine
 from dsl.topology.model import HostTopology
@@ -64,7 +64,9 @@ def plan_spec(spec_file: "SpecFile", topology: HostTopology, *, hosts: int, rank
     if spec.run.train is None:
         raise UserError(f"{spec_file.where('run')}: dsl plan needs run.train (the bundled engine); "
                         "the memory of a script or module is unknown to dsl")
-    shape = ModelShape.of(spec.run.train.model)
+    model = spec.run.train.model
+    shape, model_notes = shape_of(model, spec_file.path.parent,
+                                  lambda field: spec_file.where("run", "train", "model", field))
     free = free_fields(spec_file)
     engine = spec.engine
     hw = hardware_of(topology, hosts=hosts, ranks_per_host=ranks_per_host, precision=engine.precision)
@@ -79,6 +81,7 @@ def plan_spec(spec_file: "SpecFile", topology: HostTopology, *, hosts: int, rank
         ("activation_checkpointing", engine.activation_checkpointing), ("micro_batch", engine.micro_batch),
         ("grad_accum", engine.grad_accum)) if not getattr(free, _FREE_NAME[name])}
     plan.fixed["precision"] = engine.precision
+    plan.notes[:0] = model_notes
     if engine.train_batch is None:
         plan.notes.append(f"train_batch not set: planning for {batch} sequences per step "
                           f"(micro_batch {engine.micro_batch} x grad_accum {engine.grad_accum} x {hw.world} ranks)")
@@ -151,6 +154,10 @@ def resolve(spec_file: "SpecFile", hosts: "list[Host]", pin: bool, *, topology: 
     spec = spec_file.spec
     if spec.run.train is None:
         return spec_file, hosts, pin, None
+    if refuse:  # dsl launch: the trainer builds only the bundled Llama (dsl plan describes any model)
+        from dsl.engine.validity import model_problems, refuse_located
+
+        refuse_located(model_problems(spec.run.train.model), spec_file.locations)
     topo = spec_topology(spec_file, topology)
     res = spec.resources
     auto = any(v == "auto" for v in (spec.engine.zero_stage, spec.engine.offload.optimizer,
