@@ -129,6 +129,8 @@ from dsl.engine.memory_shape import (  # noqa: F401 - re-exported: engine.memory
     Term, WEIGHT_COPIES, _ceil_div, state_bytes,
 )
 
+from dsl.engine.memory_peak import Peak, device_peak  # noqa: E402
+
 ONEBIT_BLOCK = 256
 """Elements per scale of the 1-bit compression (ops/comm/allreduce.py DEFAULT_BLOCK)."""
 
@@ -432,7 +434,18 @@ class Breakdown:
 
     @property
     def device_bytes(self) -> int:
+        """The rank's device bytes at the step's peak phase (engine/memory_peak.py): terms that
+        are never live together (the logits and a recomputed layer) are not added."""
+        return self.peak.bytes
+
+    @property
+    def device_sum_bytes(self) -> int:
+        """Every steady term added up, as if all were live at once (an upper bound)."""
         return sum(t.device_bytes for t in self.terms if not t.transient)
+
+    @property
+    def peak(self) -> Peak:
+        return device_peak(self.terms)
 
     @property
     def host_bytes(self) -> int:
@@ -457,6 +470,7 @@ class Breakdown:
 
     def to_json(self) -> dict[str, Any]:
         return {"params": self.params, "shards": self.shards, "device_bytes": self.device_bytes,
+                "device_sum_bytes": self.device_sum_bytes, "peak": self.peak.to_json(),
                 "host_bytes": self.host_bytes, "host_peak_bytes": self.host_peak_bytes,
                 "nvme_bytes": self.nvme_bytes, "terms": [t.to_json() for t in self.terms]}
 

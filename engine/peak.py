@@ -9,13 +9,15 @@ peak passes the prediction, the training summary):
 - on CUDA, `device_peak_allocated_bytes` / `device_peak_reserved_bytes`: the caching allocator's
   high-water marks (`torch.cuda.max_memory_allocated` / `max_memory_reserved`), the reserved one
   being what an out-of-memory error is about.
-- `predicted_peak_bytes`: `engine.memory.estimate(...)` for this rank's configuration, the
+- `predicted_peak_bytes` (and `predicted_peak_phase`, the phase of the step it occurs in:
+  engine/memory_peak.py): `engine.memory.estimate(...)` for this rank's configuration, the
   figure `dsl plan` shows per device: on a CPU device the whole RAM of the rank (host terms
   folded in, Python and torch's runtime included), on CUDA the device bytes (CUDA context and
   NCCL buffers included as documented figures).
 
-The memory model adds up terms; whether a step's true peak stays under that sum is what these
-figures let a user (and tests/bench) check.
+The memory model predicts the live peak (tests/unit/test_memory_peak_measured.py measures it);
+on a CPU the resident set adds what malloc keeps of freed memory, which these figures let a user
+(and tests/bench/peak.py) compare.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from dsl.engine.config import EngineConfig
     from dsl.engine.train_config import ModelConfig
 
-__all__ = ["host_peak_rss_bytes", "measured", "predicted_peak_bytes", "PEAK_KEYS"]
+__all__ = ["host_peak_rss_bytes", "measured", "predicted_peak", "predicted_peak_bytes", "PEAK_KEYS"]
 
 PEAK_KEYS = ("host_peak_rss_bytes", "device_peak_allocated_bytes", "device_peak_reserved_bytes")
 """The measured figures, in the order `measured` gives them (device ones 0 off CUDA)."""
@@ -55,9 +57,17 @@ def measured(device: torch.device) -> list[int]:
     return out
 
 
-def predicted_peak_bytes(model: "ModelConfig", engine: "EngineConfig", *, dp: int, device: torch.device,
-                         **kw: Any) -> int:
-    """The memory model's bytes for one rank: the device's on CUDA, the whole rank's on a CPU."""
+def predicted_peak(model: "ModelConfig", engine: "EngineConfig", *, dp: int, device: torch.device,
+                   **kw: Any) -> tuple[int, str]:
+    """The memory model's peak bytes for one rank (the device's on CUDA, the whole rank's on a
+    CPU) and the phase of the step where it occurs (engine/memory_peak.py)."""
     from dsl.engine.memory import estimate
 
-    return estimate(model, engine, dp=dp, accelerator=device.type == "cuda", **kw).device_bytes
+    b = estimate(model, engine, dp=dp, accelerator=device.type == "cuda", **kw)
+    return b.device_bytes, b.peak.phase
+
+
+def predicted_peak_bytes(model: "ModelConfig", engine: "EngineConfig", *, dp: int, device: torch.device,
+                         **kw: Any) -> int:
+    """`predicted_peak`'s bytes."""
+    return predicted_peak(model, engine, dp=dp, device=device, **kw)[0]

@@ -208,7 +208,8 @@ def _print_summary(summary: dict[str, Any], out: TextIO) -> None:
         measured = _peak_of([values], torch_device_type=summary["device_type"])
         what = "CUDA reserved" if summary["device_type"] == "cuda" else "resident"
         rows[f"peak rank {rank}"] = (f"{measured / 2**30:.2f} GiB {what} (plan: "
-                                            f"{summary['predicted_peak_bytes'] / 2**30:.2f} GiB, "
+                                            f"{summary['predicted_peak_bytes'] / 2**30:.2f} GiB at "
+                                            f"{summary['predicted_peak_phase']}, "
                                             f"{measured / summary['predicted_peak_bytes']:.0%})")
     for key, value in rows.items():
         table.add_row(key, value)
@@ -335,7 +336,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
         return float(value)
 
     # Peak memory per rank (engine/peak.py), next to the memory model's figure for this rank.
-    predicted = peak.predicted_peak_bytes(tcfg.model, ecfg, dp=dp, sp=sp, device=engine.device)
+    predicted, predicted_phase = peak.predicted_peak(tcfg.model, ecfg, dp=dp, sp=sp, device=engine.device)
 
     def rank_peaks() -> list[list[int]]:
         """[rank][PEAK_KEYS] measured now on every rank (a collective: on logged steps only)."""
@@ -459,6 +460,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
                     # per rank, in rank order (engine/peak.py); device peaks are 0 off CUDA
                     **{key: [r[i] for r in peaks] for i, key in enumerate(peak.PEAK_KEYS)},
                     "predicted_peak_bytes": predicted,
+                    "predicted_peak_phase": predicted_phase,
                 }
                 comm_stats = getattr(engine.states, "comm_stats", None)  # 1-bit Adam: bytes sent
                 if comm_stats is not None:
@@ -485,6 +487,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
         "world_size": ctx.world_size,
         "peaks": rank_peaks() if steps_run else [],
         "predicted_peak_bytes": predicted,
+        "predicted_peak_phase": predicted_phase,
         "device_type": engine.device.type,
     }
     if ctx.is_main:

@@ -120,8 +120,10 @@ def test_single_process_run_logs_metrics_and_summary(tmp_path: Path, capsys: pyt
         assert len(row["host_peak_rss_bytes"]) == 1 and row["host_peak_rss_bytes"][0] > 50 * 2**20
         assert row["device_peak_allocated_bytes"] == row["device_peak_reserved_bytes"] == [0]  # no CUDA
         assert row["predicted_peak_bytes"] > 0
+        assert row["predicted_peak_phase"] in ("forward", "loss backward", "layer backward", "optimizer step")
     assert rows[0]["host_peak_rss_bytes"][0] <= rows[-1]["host_peak_rss_bytes"][0]  # a high-water mark
-    match = re.search(r"peak rank 0\s*│\s*([0-9.]+) GiB resident \(plan: ([0-9.]+) GiB", summary)
+    match = re.search(r"peak rank 0\s*│\s*([0-9.]+) GiB resident \(plan: ([0-9.]+) GiB at "
+                      + rows[-1]["predicted_peak_phase"], summary)
     assert match and float(match.group(2)) == pytest.approx(rows[-1]["predicted_peak_bytes"] / 2**30, abs=0.006)
 
 
