@@ -146,3 +146,15 @@ def test_launch_refuses_to_train_what_the_engine_cannot_build(tmp_path: Path, mo
     field, col = ("hf_config", 18) if model.startswith("hf") else ("params", 15)
     assert f"{spec}:5:{col} run.train.model.{field}: training a Hugging Face model is not supported yet (issue 16); " \
            "dsl plan describes it" in proc.stderr
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("plan-*.yaml")), ids=lambda p: p.stem)
+def test_every_candidate_of_the_shipped_plans_has_references(config: Path):
+    proc = run_dsl("plan", str(config), "--json")  # exit 1 when nothing fits: the JSON is still there
+    assert proc.returncode in (0, 1), proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["candidates"]
+    for c in data["candidates"]:
+        refs = c["references"]
+        assert refs["zero_paper"]["stage"] == c["zero_stage"] and refs["accelerate"]["total_bytes"] > 0
+        assert (refs["deepspeed"] is None) == (c["zero_stage"] == 0)
