@@ -94,7 +94,8 @@ class ModelConfig(StrictModel):
             raise ValueError(f"{' and '.join(forms)} are alternatives: give one (hf: a folder with config.json, "
                              "hf_config: the file itself, params: the counts)")
         llama = sorted(written & _LLAMA_FIELDS)
-        counts = sorted(written & _COUNT_FIELDS)
+        # resolved.yaml writes every field, the unused count fields as null: only values count.
+        counts = sorted(f for f in written & _COUNT_FIELDS if getattr(self, f) is not None)
         if forms and llama:
             source = "the counts" if forms == ["params"] else "config.json"
             raise ValueError(f"{', '.join(llama)} describe the bundled Llama; with {forms[0]} the model comes from "
