@@ -144,6 +144,11 @@ def _run_locked(prepared, backend, time_limit) -> int:  # type: ignore[no-untype
         console.message(f"dsl: job {plan.name} reached its time limit ({time_limit.text}); every "
                         f"rank still running was stopped (exit {outcome.exit_code})", style="bold red")
         return outcome.exit_code
+    if outcome.lost:
+        console.message(f"dsl: job {plan.name} failed: lost contact with host {outcome.failed_host} "
+                        f"({outcome.lost}); every other rank was stopped (exit {outcome.exit_code}, "
+                        f"attempt {outcome.attempts} of {plan.max_restarts + 1})", style="bold red")
+        return outcome.exit_code
     who = (f"rank {outcome.failed_rank} on {outcome.failed_host}" if outcome.failed_rank is not None
            else f"host {outcome.failed_host}")
     how = f"was killed by {outcome.signal_name}" if outcome.signal_name else f"exited with code {outcome.exit_code}"

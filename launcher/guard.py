@@ -11,6 +11,9 @@ starter) and makes sure that when the job ends, for whatever reason, nothing it 
 - With --env-stdin, the first line of stdin is a JSON object of environment variables for
   COMMAND: remote backends pass the job's environment (secrets included) this way, so no value
   appears on a command line that `ps` on the host would show.
+- With --launcher-timeout-s S (the ssh backend: its keepalive interval x count), S seconds
+  without a byte on stdin also stop the job: the launcher writes a `ping` line every keepalive
+  interval, and a connection cut without a close (a partitioned host) never ends stdin.
 - SIGUSR1/SIGUSR2 (the warning before a time limit, "checkpoint now": Slurm's `--signal`, or
   `dsl launch --time-limit`) are passed to COMMAND, and the guard keeps running. With
   --watch-stdin, a stdin line `signal USR1` (or `signal USR2`) does the same: that is how the ssh
@@ -37,6 +40,7 @@ import argparse
 import ctypes
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -172,12 +176,19 @@ class _Warnings:
                 del self._since[sig]
 
 
-def _watch_stdin(signals: _Signals) -> None:
-    """Read fd 0 until it closes (then stop the job); `signal USR1` lines are warnings."""
+def _watch_stdin(signals: _Signals, timeout_s: float | None = None) -> None:
+    """Read fd 0 until it closes (then stop the job); `signal USR1` lines are warnings. With
+    `timeout_s`, nothing read for that long also stops the job (the launcher writes `ping`
+    lines: a connection cut without a close, e.g. a partition, never ends stdin by itself)."""
     pending = b""
     # Raw reads on fd 0: a buffered sys.stdin held by this thread would abort the interpreter at
     # exit ("could not acquire lock for <stdin>").
     while True:
+        ready, _, _ = select.select([0], [], [], timeout_s)
+        if not ready:
+            print(f"dsl guard: nothing heard from the launcher for {timeout_s:g} s (connection "
+                  "lost?); stopping every rank of this host", file=sys.stderr, flush=True)
+            break
         chunk = os.read(0, 4096)
         if not chunk:
             break
@@ -199,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch-stdin", action="store_true")
     parser.add_argument("--env-stdin", action="store_true")
     parser.add_argument("--checkpointed-linger-s", type=float, default=0.0)
+    parser.add_argument("--launcher-timeout-s", type=float, default=None)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -216,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _become_subreaper()
     if args.watch_stdin:
-        threading.Thread(target=_watch_stdin, args=(signals,), daemon=True).start()
+        threading.Thread(target=_watch_stdin, args=(signals, args.launcher_timeout_s), daemon=True).start()
 
     try:
         # Ranks never read the launcher's terminal; with --watch-stdin the guard owns stdin.

@@ -62,6 +62,13 @@ class SshTarget:
     config_file: str | None
     strict_host_key_checking: bool
     connect_timeout_s: float
+    keepalive_interval_s: float = 5.0
+    keepalive_count_max: int = 3
+
+    @property
+    def dead_after_s(self) -> float:
+        """Silence after which a host (or, seen from a host, the launcher) counts as lost."""
+        return self.keepalive_interval_s * self.keepalive_count_max
 
     def options(self) -> list[str]:
         """These settings as OpenSSH client options (for plans shown to people, and mpirun)."""
@@ -220,10 +227,12 @@ def render_per_host(job: Job, hosts: list[Host]) -> LaunchPlan:
     backend = spec.resources.backend
     master_addr = spec.resources.master_addr or ("127.0.0.1" if backend == "local" else hosts[0].name)
     launches = []
+    target = ssh_target(job.spec_file) if backend == "ssh" else None
     for node_rank, host, ranks in layout(hosts):
         starter = starter_argv(job.python, len(hosts), node_rank, len(host.slots), master_addr,
                                inputs.master_port, f"{job.output_dir}/logs/torchelastic/{host.name}")
-        guard = guard_argv(job.python, remote=backend == "ssh")
+        guard = guard_argv(job.python, remote=backend == "ssh",
+                           launcher_timeout_s=target.dead_after_s if target else None)
         launches.append(HostLaunch(
             host=host.name,
             node_rank=node_rank,
@@ -245,7 +254,7 @@ def render_per_host(job: Job, hosts: list[Host]) -> LaunchPlan:
         hosts=tuple(launches),
         secrets=job.secrets,
         files=job.files,
-        ssh=ssh_target(job.spec_file) if backend == "ssh" else None,
+        ssh=target,
     )
 
 
@@ -256,7 +265,8 @@ def ssh_target(spec_file: SpecFile) -> SshTarget:
         return str(spec_file.resolve(value)) if value else None
 
     return SshTarget(ssh.user, ssh.port, path(ssh.identity_file), path(ssh.known_hosts),
-                     path(ssh.config_file), ssh.strict_host_key_checking, ssh.connect_timeout_s)
+                     path(ssh.config_file), ssh.strict_host_key_checking, ssh.connect_timeout_s,
+                     ssh.keepalive_interval_s, ssh.keepalive_count_max)
 
 
 def starter_argv(python: str, nnodes: int, node_rank: int | str, nproc: int, master_addr: str,
@@ -283,12 +293,16 @@ def starter_argv(python: str, nnodes: int, node_rank: int | str, nproc: int, mas
     ]
 
 
-def guard_argv(python: str, remote: bool = False) -> list[str]:
+def guard_argv(python: str, remote: bool = False, launcher_timeout_s: float | None = None) -> list[str]:
     guard = [python, "-m", "dsl.launcher.guard", f"--grace-s={GUARD_GRACE_S:g}"]
     if remote:
         # The environment arrives on stdin (no secret on a command line) and the end of stdin
         # (connection closed or lost) stops every rank of the host.
         guard += ["--env-stdin", "--watch-stdin"]
+    if launcher_timeout_s is not None:
+        # The launcher writes to stdin every keepalive interval: silence this long means the
+        # connection is dead without a close (a partition), and the host stops its own ranks.
+        guard.append(f"--launcher-timeout-s={launcher_timeout_s:g}")
     return guard + ["--"]
 
 

@@ -16,6 +16,11 @@
   stdin), which it passes to every rank, as Slurm's `--signal=USR1@N` does; at the limit every
   rank still running is stopped and the job ends with EXIT_TIME_LIMIT (124, as GNU `timeout`).
   The limit counts from when the job first starts, across restarts, like a Slurm job's.
+- A host that stops answering ssh keepalives (launcher/backends/ssh.py) is lost: the job is
+  stopped, the host named, and the exit code is EXIT_LOST_HOST (255, as ssh's). When a rank
+  fails on one host while another host's keepalive is unanswered, dsl waits for that host's
+  dead-peer timeout first: a partitioned host makes its peers' collectives fail, and the host
+  that went silent first is the cause, not the ranks that errored afterwards.
 - A rank's log that dsl cannot write (a full disk; `RankOutput.write_error`) stops every rank and
   the job ends with EXIT_WRITE_FAILED (74, as a rank whose checkpoint or metrics write failed:
   engine/writefail.py); neither is restarted, the disk would still be full.
@@ -47,6 +52,7 @@ STOP_TIMEOUT_S = GUARD_GRACE_S + 1.5
 # After one host exited 75 the others finish the same checkpoint and exit within seconds.
 CHECKPOINTED_WAIT_S = 30.0
 EXIT_TIME_LIMIT = 124
+EXIT_LOST_HOST = 255  # OpenSSH's client's code when the connection fails
 TIME_LIMIT_BACKENDS = ("local", "ssh")
 
 
@@ -62,6 +68,8 @@ class Outcome:
     """Every rank checkpointed at a warning signal and stopped (exit 75): resume by launching again."""
     timed_out: bool = False
     """--time-limit ran out: the ranks still running were stopped."""
+    lost: str | None = None
+    """failed_host stopped answering (ssh keepalives) or its connection closed: why (exit 255)."""
     write_error: str | None = None
     """dsl could not write a rank's log (a full disk): the job was stopped (exit 74)."""
 
@@ -207,6 +215,8 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
             log.error("time limit %s reached: stopping every rank", clock.limit.text)
             break
         stop.event.wait(POLL_S)
+    if failed is not None and not getattr(failed, "lost", None):
+        failed = _lost_before(procs, failed, stop) or failed
     if any(p.poll() is None for p in procs):
         _stop_all(procs, stop)
     for proc in procs:
@@ -222,6 +232,9 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
         if timed_out:
             return Outcome(EXIT_TIME_LIMIT, attempt, timed_out=True)
         return Outcome(0, attempt)
+    lost = getattr(failed, "lost", None)
+    if lost:
+        return Outcome(EXIT_LOST_HOST, attempt, failed_host=failed.host, lost=lost)
     # mpirun and Slurm report for all hosts through one process: take the first failure seen.
     report = output.failures.get(failed.host) or next(iter(output.failures.values()), None)
     # The failing rank's own code; a scheduler's job code may be a stopped peer's (143).
@@ -231,6 +244,31 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
     return Outcome(code, attempt, failed_host=host,
                    failed_rank=report.rank if report else None,
                    signal_name=report.signal if report else None)
+
+
+def _lost_before(procs: Sequence[HostProcess], failed: HostProcess, stop: _Stop) -> HostProcess | None:
+    """A host that stopped answering before `failed` failed: the cause, rather than the ranks
+    that errored when its traffic stopped. Every other host that can (ssh) is sent a keepalive
+    now; a host that answers none within its dead-peer timeout is lost, and named instead."""
+    probes = {p: p.probe() for p in procs
+              if p is not failed and hasattr(p, "probe") and p.poll() is None}
+    if not probes:
+        return None
+    deadline = time.monotonic() + max(p.dead_after_s for p in probes) + 1.0
+    said = False
+    while time.monotonic() < deadline and not stop.event.is_set():
+        for proc in probes:
+            if proc.poll() is not None and getattr(proc, "lost", None):
+                return proc
+        if all(proc.answered_since(at) or proc.poll() is not None for proc, at in probes.items()):
+            return None
+        if not said and time.monotonic() - min(probes.values()) > 1.0:
+            said = True
+            log.warning("%s failed; waiting up to %.0f s for an answer from %s before naming the "
+                        "cause", failed.host, deadline - time.monotonic(),
+                        ", ".join(p.host for p, at in probes.items() if not p.answered_since(at)))
+        stop.event.wait(POLL_S)
+    return None
 
 
 def _shell_code(exitcode: int) -> int:

@@ -5,6 +5,14 @@ Per host: open a connection (host keys checked, see `sshconn`), open a session, 
 `shell.remote_command`), send the job's environment as one JSON line on the session's stdin,
 and stream the session's stdout/stderr lines to the sink.
 
+Lost hosts: every `resources.ssh.keepalive_interval_s` a keepalive request goes to each host's
+sshd and a `ping` line to its guard. A host whose sshd answers nothing for interval x
+`keepalive_count_max` seconds is lost: `poll()` reports 255 (OpenSSH's code for a failed
+connection) and `lost` says why, so the job is stopped and the host named within seconds (TCP
+alone takes ~15 minutes to give up on a peer whose packets are dropped). On the host, the guard
+hears no ping for as long and stops its ranks itself (`--launcher-timeout-s`), so a partitioned
+host leaves nothing running either.
+
 Stopping: closing our end of the session's stdin (or losing the connection, or `dsl launch`
 dying) gives the guard end-of-file, and the guard SIGTERMs, then SIGKILLs, every process of the
 job on that host, only those. No `pkill`, no second connection needed. A time-limit warning
@@ -18,8 +26,11 @@ import json
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
+
+import paramiko
 
 from dsl.engine.errors import DslError, RunError
 from dsl.launcher import shell
@@ -39,6 +50,14 @@ class SshProcess:
         self._channel.exec_command(shell.remote_command(launch.cwd, launch.argv))
         self._channel.sendall((json.dumps(dict(launch.env)) + "\n").encode())
         self._code: int | None = None
+        self.lost: str | None = None
+        """Why the host counts as lost (no keepalive answer, connection closed), else None."""
+        self._interval_s = target.keepalive_interval_s
+        self.dead_after_s = target.dead_after_s
+        self._answered = time.monotonic()  # when sshd last answered a keepalive
+        self._stopping = threading.Event()
+        self._probe = threading.Event()
+        threading.Thread(target=self._keepalive, name=f"dsl-keepalive-{self.host}", daemon=True).start()
         self._readers = [
             threading.Thread(target=self._pump, args=(recv, name, sink), daemon=True)
             for recv, name in ((self._channel.recv, "stdout"), (self._channel.recv_stderr, "stderr"))
@@ -62,6 +81,39 @@ class SshProcess:
         if pending:
             sink(self.host, name, pending.decode("utf-8", errors="replace"))
 
+    def _keepalive(self) -> None:
+        """Every interval: a `ping` line for the guard (it stops the host's ranks when the pings
+        stop, --launcher-timeout-s) and an OpenSSH keepalive request, whose answer proves the
+        host is reachable. paramiko's own `set_keepalive` sends requests without asking for an
+        answer, which keeps NAT state alive but notices nothing; TCP alone takes ~15 minutes
+        to give up on a peer whose packets are dropped."""
+        transport = self._channel.get_transport()
+        while not self._stopping.is_set():
+            self._probe.wait(self._interval_s)
+            self._probe.clear()
+            if self._stopping.is_set():
+                return
+            try:
+                self._channel.sendall(b"ping\n")
+                # Blocks until sshd answers (its "request failure" is an answer) or the transport
+                # is closed; poll() measures the wait.
+                transport.global_request("keepalive@openssh.com", wait=True)
+            except (OSError, EOFError, paramiko.SSHException):
+                return
+            if not transport.is_active():
+                return
+            self._answered = time.monotonic()
+
+    def probe(self) -> float:
+        """Send a keepalive now (another host failed: is this one still there?); returns the
+        time to compare `answered_since` with."""
+        now = time.monotonic()
+        self._probe.set()
+        return now
+
+    def answered_since(self, when: float) -> bool:
+        return self._answered >= when
+
     def poll(self) -> int | None:
         if self._code is None:
             if self._channel.exit_status_ready():
@@ -69,9 +121,18 @@ class SshProcess:
                 self._code = _LOST if status < 0 else status
             elif self._channel.closed or not self._conn.is_connected:
                 self._code = _LOST
+                self.lost = "the ssh connection closed"
+            elif self._stopping.is_set():
+                pass  # being stopped: its silence is no longer news
+            elif time.monotonic() - self._answered > self.dead_after_s:
+                self._code = _LOST
+                self.lost = f"no answer to ssh keepalives for {self.dead_after_s:g} s"
+                log.error("%s: %s; counting it as lost", self.host, self.lost)
         return self._code
 
     def terminate(self) -> None:
+        self._stopping.set()
+        self._probe.set()
         try:
             self._channel.shutdown_write()  # end of stdin: the guard stops every rank
         except (OSError, EOFError):
@@ -86,10 +147,14 @@ class SshProcess:
             pass  # the session is gone: poll() reports it
 
     def kill(self) -> None:
+        self._stopping.set()
+        self._probe.set()
         self._channel.close()
         self._conn.close()
 
     def wait_output(self, timeout_s: float) -> None:
+        if self.lost:  # nothing more will come: don't wait for readers blocked on a dead link
+            self.kill()
         for reader in self._readers:
             reader.join(timeout_s)
         self._conn.close()

@@ -6,7 +6,7 @@ set -euo pipefail
 PACKAGES=(
   openssh-server openssh-client iproute2 iputils-ping munge slurm-wlm
   openmpi-bin libopenmpi-dev util-linux procps
-  g++ python3-dev numactl
+  g++ python3-dev numactl nftables
 )
 
 missing=()
