@@ -84,6 +84,9 @@ class ModelShape:
             from dsl.engine.train_config import ModelConfig
 
             model = ModelConfig(preset=model)
+        if model.form != "llama":  # its dimensions are in config.json or its counts, not these fields
+            raise ValueError(f"run.train.model is given by {model.form_field}: plan it through "
+                             "dsl.engine.modeldesc.shape.shape_of, not ModelShape.of")
         return cls(layers=model.num_hidden_layers, hidden=model.hidden_size,
                    heads=model.num_attention_heads, kv_heads=model.kv_heads, ffn=model.ffn_size,
                    vocab=model.vocab_size, seq_len=model.seq_len, tied=model.tie_word_embeddings,

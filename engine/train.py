@@ -98,7 +98,7 @@ from dsl.engine.elastic import EXIT_CHECKPOINTED, WARNING_SIGNALS
 from dsl.engine.train_config import TrainConfig
 from dsl.engine.errors import DslError, UserError
 from dsl.engine.located import load_located, validate_located
-from dsl.engine.validity import problems, refuse, refuse_located
+from dsl.engine.validity import model_problems, problems, refuse, refuse_located
 from dsl.engine.writefail import write_failed
 
 __all__ = ["RunSpec", "load_run_spec", "format_progress", "train", "main", "EXIT_CHECKPOINTED",
@@ -141,8 +141,9 @@ def load_run_spec(path: str | Path, world_size: int | None = None, ranks_per_hos
         raise UserError(f"{locations.where(('output_dir',))} output_dir: a directory path "
                         f"(string) is required, got {output_dir!r}")
     # The rules `dsl validate` and `dsl launch` checked (engine/validity.py), located in this file.
-    refuse_located(problems(engine, model=train_cfg.model, world_size=world_size, ranks_per_host=ranks_per_host),
-                   locations)
+    # ... and the trainer builds only the bundled Llama: a Hugging Face or counts model is refused.
+    refuse_located(problems(engine, model=train_cfg.model, world_size=world_size, ranks_per_host=ranks_per_host)
+                   + model_problems(train_cfg.model), locations)
     return RunSpec(train=train_cfg, engine=engine, output_dir=Path(output_dir))
 
 
