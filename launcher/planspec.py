@@ -42,8 +42,10 @@ def free_fields(spec_file: "SpecFile") -> Free:
 
 
 def target_batch_of(engine: EngineConfig, world: int) -> int:
-    """train_batch when set, else micro_batch x grad_accum x world (the batch the spec implies at sp 1)."""
-    return engine.train_batch or engine.micro_batch * engine.grad_accum * world
+    """train_batch when set, else micro_batch x grad_accum x dp, the batch the spec implies: dp is
+    world / sequence_parallel (the ranks of an SP group read the same samples), world at sp auto."""
+    sp = engine.sequence_parallel if isinstance(engine.sequence_parallel, int) else 1
+    return engine.train_batch or engine.micro_batch * engine.grad_accum * max(1, world // sp)
 
 
 def _concrete(engine: EngineConfig, free: Free) -> EngineConfig:
@@ -84,7 +86,8 @@ def plan_spec(spec_file: "SpecFile", topology: HostTopology, *, hosts: int, rank
     plan.notes[:0] = model_notes
     if engine.train_batch is None:
         plan.notes.append(f"train_batch not set: planning for {batch} sequences per step "
-                          f"(micro_batch {engine.micro_batch} x grad_accum {engine.grad_accum} x {hw.world} ranks)")
+                          f"(micro_batch {engine.micro_batch} x grad_accum {engine.grad_accum} x "
+                          f"{batch // (engine.micro_batch * engine.grad_accum)} data-parallel ranks)")
     return plan
 
 

@@ -222,3 +222,17 @@ def test_topology_of_a_spec_names_the_field_on_error(write):
     spec = write("t.yaml", "name: t\nrun: {train: {}}\nresources: {topology: dgx-h200}\n")
     with pytest.raises(UserError, match=r"t.yaml:3:\d+ resources.topology: topology 'dgx-h200'"):
         prepare(spec, reserve=False)
+
+
+def test_a_fixed_sequence_parallel_degree_implies_the_batch_of_its_data_parallel_ranks(write):
+    """micro_batch 8 x grad_accum 1 with sp 2 on 2 ranks is one data-parallel rank: a batch of 8.
+    The planner used to imply 16 (x world), which no candidate could meet: "nothing fits"."""
+    spec = write("sp.yaml", """\
+name: sp
+run: {train: {model: {preset: bench}}}
+resources: {procs_per_node: 2, topology: cpu-only}
+engine: {zero_stage: 2, precision: fp32, micro_batch: 8, grad_accum: 1, sequence_parallel: 2}
+""")
+    plan = _plan("cpu-only", spec=spec, ranks=2)
+    assert (plan.choice.sp, plan.choice.micro_batch, plan.choice.grad_accum) == (2, 8, 1)
+    assert any("8 sequences per step (micro_batch 8 x grad_accum 1 x 1 data-parallel ranks)" in n for n in plan.notes)
