@@ -59,14 +59,29 @@ class CommConfig(StrictModel):
 
 
 class SchedulerConfig(StrictModel):
-    """Learning-rate schedule: linear warm-up, then a decay to min_lr_ratio x lr."""
+    """Learning-rate schedule: linear warm-up, then a decay to min_lr_ratio x lr; or one of
+    DeepSpeed's schedulers with DeepSpeed's exact formulas (engine/schedule.py)."""
 
-    type: Literal["cosine", "linear", "constant"] = "cosine"
-    """Shape of the decay after warm-up."""
+    type: Literal["cosine", "linear", "constant", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR"] = "cosine"
+    """Shape of the decay after warm-up. WarmupLR, WarmupDecayLR and WarmupCosineLR are
+    DeepSpeed 0.19.8's schedulers, step for step (its warm-up starts one step later than dsl's
+    own, its lr follows the applied updates: an fp16 step skipped for overflow does not advance
+    it); engine.deepspeed_config sets them."""
     warmup_steps: int = Field(20, ge=0)
-    """Steps of linear warm-up from 0 to lr."""
+    """Steps of linear warm-up from 0 to lr (the DeepSpeed types: warmup_num_steps)."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    """Learning rate at the last step, as a fraction of lr."""
+    """Learning rate at the last step, as a fraction of lr (WarmupCosineLR: cos_min_ratio;
+    unused by WarmupLR and WarmupDecayLR)."""
+    warmup_type: Literal["log", "linear"] = "log"
+    """The DeepSpeed types only: how the warm-up rises, DeepSpeed's warmup_type (default log)."""
+    warmup_min_lr: float = Field(0.0, ge=0)
+    """WarmupLR and WarmupDecayLR only: the lr the warm-up starts from (DeepSpeed's warmup_min_lr;
+    the peak is optimizer.lr). WarmupDecayLR decays back to it."""
+    warmup_min_ratio: float = Field(0.0, ge=0)
+    """WarmupCosineLR only: the warm-up starts at this fraction of lr (DeepSpeed's warmup_min_ratio)."""
+    total_steps: int | None = Field(None, ge=1)
+    """WarmupDecayLR and WarmupCosineLR only: the step the decay ends at (DeepSpeed's
+    total_num_steps); null: the run's last step (run.train.steps)."""
 
 
 class OffloadConfig(StrictModel):

@@ -34,7 +34,9 @@ What the engine owns (one module each):
    parameters current on every rank (`after_update`).
 
 `global_step` counts `step()` calls (skipped ones too; the schedule follows it, as the trainer's
-step counter does); `optimizer_steps` counts applied updates (Adam's bias correction follows it).
+step counter does); `optimizer_steps` counts applied updates (Adam's bias correction follows it,
+and DeepSpeed's schedulers, which DeepSpeed steps only after an applied update: a schedule with
+`follows_updates`, engine/schedule.py, gets applied updates + 1).
 
 Gradient accumulation: stages 0 and 1 communicate only during the last micro-step's backward;
 stages 2 and 3 reduce-scatter during every backward into the partitioned accumulator (keeping
@@ -332,9 +334,13 @@ class Engine:
         return self.stage.micro_step
 
     def _refresh_lr(self) -> None:
-        """lr of step `global_step` (of step 1 before any step)."""
+        """lr of step `global_step` (of step 1 before any step); a DeepSpeed schedule
+        (`follows_updates`) gets the number of the update about to run instead."""
         if self.schedule is not None:
-            self._lr = self.schedule(max(1, self.global_step))
+            if getattr(self.schedule, "follows_updates", False):
+                self._lr = self.schedule(self.optimizer_steps + 1)
+            else:
+                self._lr = self.schedule(max(1, self.global_step))
         else:
             self._lr = self.base_lr
         self.optimizer._set_lr(self._lr)
@@ -519,6 +525,60 @@ def _validate(config: EngineConfig | Mapping[str, Any] | None, model: nn.Module)
     return config
 
 
+def _deepspeed(config: EngineConfig | Mapping[str, Any] | None, model: nn.Module,
+               total_steps: int | None) -> EngineConfig | Mapping[str, Any] | None:
+    """A DeepSpeed config handed to initialize() (`{"deepspeed_config": path_or_dict, ...engine
+    settings}`, a DeepSpeed dict itself, or an EngineConfig naming a deepspeed_config) as the engine
+    mapping the YAML path makes of it (engine/dsconfig.py): `auto` from the settings written next
+    to it and dsl's defaults, the bucket sizes from the model's hidden size, total_num_steps from
+    total_steps, DeepSpeed's batch arithmetic on this process group's data-parallel size."""
+    from dsl.engine.dsconfig import Context, is_deepspeed_config, report, resolve
+
+    if isinstance(config, EngineConfig):
+        if config.deepspeed_config is None:
+            return config
+        config = {**config.model_dump(exclude_defaults=True), "deepspeed_config": config.deepspeed_config}
+    if not isinstance(config, Mapping):
+        return config
+    if "deepspeed_config" in config:
+        source, explicit = config["deepspeed_config"], {k: v for k, v in config.items() if k != "deepspeed_config"}
+        if source is None:
+            return explicit
+    elif is_deepspeed_config(config):
+        source, explicit = config, {}
+    else:
+        return config
+    if not isinstance(source, (str, Path, Mapping)):
+        raise UserError(f"engine.deepspeed_config: a path to a DeepSpeed JSON file or a dict, got "
+                        f"{type(source).__name__}")
+    grouped = tdist.is_available() and tdist.is_initialized()
+    world = tdist.get_world_size() if grouped else 1
+    sp = explicit.get("sequence_parallel", source.get("sequence_parallel_size", 1) if isinstance(source, Mapping) else 1)
+    context = Context(explicit=explicit, steps=total_steps, hidden_size=_hidden_size(model),
+                      dp=world // sp if isinstance(sp, int) and sp >= 1 and world % sp == 0 else None)
+    engine, imported = resolve(source, context, where="engine.deepspeed_config")
+    try:
+        final = EngineConfig.model_validate(engine)
+    except ValidationError:
+        return engine  # _validate reports it
+    for line in imported.notes + report(imported, final):
+        log.info("%s", line)
+    return engine
+
+
+def _hidden_size(model: nn.Module) -> int | None:
+    """The bundled Llama's hidden size, or a Hugging Face model's (config.hidden_size, the largest of
+    config.hidden_sizes), as Hugging Face's DeepSpeed integration reads it."""
+    for cfg in (getattr(model, "cfg", None), getattr(model, "config", None)):
+        hidden = getattr(cfg, "hidden_size", None)
+        if isinstance(hidden, int):
+            return hidden
+        sizes = getattr(cfg, "hidden_sizes", None)
+        if isinstance(sizes, (list, tuple)) and sizes and all(isinstance(h, int) for h in sizes):
+            return max(sizes)
+    return None
+
+
 def initialize(
     model: nn.Module,
     config: EngineConfig | Mapping[str, Any] | None = None,
@@ -531,19 +591,29 @@ def initialize(
 ) -> Engine:
     """Wrap `model` for training with `config` (an EngineConfig or the `engine:` mapping).
 
+    A DeepSpeed config works too, as in a spec: `{"deepspeed_config": "ds.json"}` (a path or a
+    dict, with engine settings next to it that override it), or the DeepSpeed dict itself
+    (`config=ds_config`); see engine/dsconfig.py. Its `auto` values take dsl's defaults (or the
+    settings next to it), total_num_steps: auto takes `total_steps`, and DeepSpeed's batch
+    arithmetic runs on this process group's data-parallel size.
+
     lr and weight_decay default to `config.optimizer`. The lr schedule: `schedule(step) -> lr`
     for 1-based steps when given; else, with `total_steps`, the `config.scheduler` block
-    (warm-up + cosine/linear/constant, schedule.from_config); else a constant lr.
+    (warm-up + cosine/linear/constant, schedule.from_config); a DeepSpeed scheduler
+    (WarmupLR, or WarmupDecayLR / WarmupCosineLR with their total_num_steps) also without
+    total_steps, as DeepSpeed runs it; else a constant lr.
     Uses the process group that exists (see `dist.setup`); without one it runs a single process.
     The device defaults to the rank's device (cuda:LOCAL_RANK with nccl, else cpu).
     Raises UserError for a config this version cannot run.
     """
-    config = _validate(config, model)
+    config = _validate(_deepspeed(config, model, total_steps), model)
     lr = config.optimizer.lr if lr is None else lr
     weight_decay = config.optimizer.weight_decay if weight_decay is None else weight_decay
-    if schedule is None and total_steps is not None:
-        from dsl.engine.schedule import from_config
+    from dsl.engine.schedule import DEEPSPEED_TYPES, from_config
 
+    deepspeed_schedule = config.scheduler.type in DEEPSPEED_TYPES and (
+        config.scheduler.type == "WarmupLR" or config.scheduler.total_steps is not None)
+    if schedule is None and (total_steps is not None or deepspeed_schedule):
         schedule = from_config(config.scheduler, lr, total_steps)
     return Engine(
         model,

@@ -132,8 +132,9 @@ def problems(engine: "EngineConfig", *, model: "ModelConfig | None" = None, worl
                        f"autograd.Function, which the engine does not compile (engine/compile.py); set "
                        f"compile: auto (which then stays eager) or false")
     if engine.deepspeed_config is not None:
-        add("deepspeed_config", "is read by `dsl launch` and `dsl validate` into the spec's engine settings; "
-                                "dsl.engine.initialize() takes the settings themselves")
+        add("deepspeed_config", "is read into engine settings before these rules run (launcher/spec.py for a "
+                                "spec, dsl.engine.initialize() for a mapping or an EngineConfig naming it; "
+                                "engine/dsconfig.py); an unresolved one reached the rules, which is a bug")
     sp = engine.sequence_parallel
     if sp != "auto":
         add("sequence_parallel", _degree(sp, model, world_size, ranks_per_host))
