@@ -115,7 +115,8 @@ class LossScaleConfig(StrictModel):
     initial_scale_power: int = Field(16, ge=0, le=64)
     """The scale starts at 2**initial_scale_power."""
     growth_interval: int = Field(1000, ge=1)
-    """Double the scale after this many steps without overflow (DeepSpeed: loss_scale_window)."""
+    """Double the scale every this many steps without overflow (DeepSpeed's loss_scale_window, counted
+    as DeepSpeed counts: the first doubling after growth_interval + 1 clean steps)."""
     hysteresis: int = Field(2, ge=1)
     """Overflows tolerated before the scale is halved."""
     min_scale: float = Field(1.0, gt=0)

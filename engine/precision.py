@@ -43,7 +43,10 @@ overflow, and otherwise unscales them in the same pass as clipping.
 - start at 2**initial_scale_power;
 - on an overflow the step is skipped; if fewer than `hysteresis` overflows remain tolerated the
   scale is halved (never below `min_scale`), else the tolerance counter decreases;
-- after `growth_interval` consecutive clean steps the scale doubles and the tolerance resets;
+- a clean step that follows a positive multiple of `growth_interval` clean steps since the last
+  overflow (or the start) doubles the scale and resets the tolerance: DeepSpeed's count
+  (`stable_interval % scale_window == 0`), so the first doubling comes after growth_interval + 1
+  clean steps and the next ones every growth_interval steps;
 - `static`: a fixed scale; overflowing steps are still skipped.
 """
 
@@ -119,7 +122,7 @@ class LossScaler:
         self.scale = float(cfg.static) if cfg.static is not None else float(2**cfg.initial_scale_power)
         self.hysteresis_left = cfg.hysteresis
         self.clean_steps = 0
-        """Steps without overflow since the last overflow or growth."""
+        """Steps without overflow since the last overflow (or the start)."""
         self.overflows = 0
         """Skipped steps so far."""
 
@@ -135,11 +138,10 @@ class LossScaler:
             else:
                 self.hysteresis_left -= 1
             return
-        self.clean_steps += 1
-        if self.cfg.static is None and self.clean_steps % self.cfg.growth_interval == 0:
+        if self.cfg.static is None and self.clean_steps > 0 and self.clean_steps % self.cfg.growth_interval == 0:
             self.scale *= 2
             self.hysteresis_left = self.cfg.hysteresis
-            self.clean_steps = 0
+        self.clean_steps += 1
 
     def state_dict(self) -> dict[str, float | int]:
         return {"scale": self.scale, "hysteresis_left": self.hysteresis_left,
