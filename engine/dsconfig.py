@@ -664,6 +664,14 @@ class _Import:
                     self.note(path, f"{value!r}: {entry.why}")
             else:
                 self.refuse(path, entry.why)
+        decay = params.get("weight_decay", 0.01 if name == "adamw" and params.get("torch_adam") is True else 0.0)
+        if decay == _AUTO:
+            decay = self.spec("optimizer.weight_decay")
+        if name != "sgd" and isinstance(decay, (int, float)) and decay > 0:
+            self.note(("optimizer", "params", "weight_decay") if "weight_decay" in params else ("optimizer",),
+                      f"{decay:g}: dsl decays matrices and embeddings, not gains and biases (1-D parameters); "
+                      "DeepSpeed decays every parameter the script passes it (Hugging Face's Trainer passes all of "
+                      "them when the config has an optimizer section)")
         # DeepSpeed's defaults for what the section leaves out.
         for entry in OPTIMIZER_PARAMS[name]:
             if entry.use != "mapped" or entry.path in params or entry.default is NO_DEFAULT:
