@@ -8,7 +8,8 @@ message (`file:line:col run.train.steps: ...`) to stderr and exits 2, before tor
 Then, on every rank: process group from torchrun's environment (`dist.setup`); data-parallel
 size dp = world_size / engine.sequence_parallel, and `engine.train_batch` (when set) must equal
 micro_batch x grad_accum x dp; the same model weights everywhere (`torch.manual_seed(
-TrainConfig.seed)` before building the Llama model; the engine also broadcasts from rank 0), with
+TrainConfig.seed)` before building the Llama model, or the Hugging Face model `run.train.model:
+{hf: DIR}` names, engine/hf_model.py; the engine also broadcasts from rank 0), with
 per-layer activation checkpointing when `engine.activation_checkpointing` is true ("auto" is the
 planner's to resolve and stays off here); the optimizer and learning-rate schedule of
 `engine.optimizer` / `engine.scheduler`, the decay ending at `run.train.steps`; `steps` optimizer
@@ -140,11 +141,27 @@ def load_run_spec(path: str | Path, world_size: int | None = None, ranks_per_hos
     if not isinstance(output_dir, str) or not output_dir:
         raise UserError(f"{locations.where(('output_dir',))} output_dir: a directory path "
                         f"(string) is required, got {output_dir!r}")
-    # The rules `dsl validate` and `dsl launch` checked (engine/validity.py), located in this file.
-    # ... and the trainer builds only the bundled Llama: a Hugging Face or counts model is refused.
-    refuse_located(problems(engine, model=train_cfg.model, world_size=world_size, ranks_per_host=ranks_per_host)
-                   + model_problems(train_cfg.model), locations)
+    # The rules `dsl validate` and `dsl launch` checked (engine/validity.py), located in this file;
+    # a counts model (nothing to build) and a Hugging Face one without dsl[hf] installed are refused.
+    llama = train_cfg.model if train_cfg.model.form == "llama" else None
+    refuse_located(problems(engine, model=llama, world_size=world_size, ranks_per_host=ranks_per_host)
+                   + model_problems(train_cfg.model, check_installed=True), locations)
+    if train_cfg.model.form == "hf":
+        train_cfg = train_cfg.model_copy(update={"model": _hf_absolute(train_cfg.model, path, locations)})
     return RunSpec(train=train_cfg, engine=engine, output_dir=Path(output_dir))
+
+
+def _hf_absolute(model: Any, spec_path: Path, locations: Any) -> Any:
+    """`model` (hf / hf_config) with its path made absolute from the spec file's folder, its
+    config.json read (a located error when it is missing or not JSON)."""
+    from dsl.engine.modeldesc.registry import read_config
+
+    field = "hf" if model.hf is not None else "hf_config"
+    written = Path(str(getattr(model, field))).expanduser()
+    absolute = (written if written.is_absolute() else spec_path.parent / written).resolve()
+    read_config(absolute / "config.json" if field == "hf" else absolute,
+                f"{locations.where(('run', 'train', 'model', field))} run.train.model.{field}")
+    return model.model_copy(update={field: str(absolute)})
 
 
 def world_of_environment() -> tuple[int | None, int | None]:
@@ -296,7 +313,12 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
 
     torch.manual_seed(tcfg.seed)  # same initial weights on every rank
     # activation_checkpointing "auto" is the planner's to decide; unresolved, it stays off.
-    model = Llama(tcfg.model, activation_checkpointing=ecfg.activation_checkpointing is True)
+    if tcfg.model.form == "hf":  # engine/long/setup.py applies activation checkpointing to it
+        from dsl.engine import hf_model
+
+        model = hf_model.build(tcfg.model, seed=tcfg.seed)
+    else:
+        model = Llama(tcfg.model, activation_checkpointing=ecfg.activation_checkpointing is True)
     # lr, weight decay and the schedule come from engine.optimizer / engine.scheduler; the
     # schedule's decay ends at run.train.steps.
     engine = initialize(model, ecfg, total_steps=tcfg.steps)
@@ -316,7 +338,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
 
     data = open_data(
         tcfg.data,
-        vocab_size=tcfg.model.vocab_size,
+        vocab_size=model.config.vocab_size if tcfg.model.form == "hf" else tcfg.model.vocab_size,
         seq_len=tcfg.model.seq_len,
         micro_batch=ecfg.micro_batch,
         rank=dp_rank,
@@ -337,7 +359,8 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
         return float(value)
 
     # Peak memory per rank (engine/peak.py), next to the memory model's figure for this rank.
-    predicted, predicted_phase = peak.predicted_peak(tcfg.model, ecfg, dp=dp, sp=sp, device=engine.device)
+    predicted, predicted_phase = peak.predicted_peak(_planned_shape(tcfg.model), ecfg, dp=dp, sp=sp,
+                                                     device=engine.device)
 
     def rank_peaks() -> list[list[int]]:
         """[rank][PEAK_KEYS] measured now on every rank (a collective: on logged steps only)."""
@@ -504,6 +527,16 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
         out.flush()
     dist.teardown(ctx)
     return summary
+
+
+def _planned_shape(model: Any) -> Any:
+    """What the memory model plans for `model`: the bundled Llama's config, or the shape of a
+    Hugging Face config.json (engine/modeldesc/shape.py; its path is absolute here)."""
+    if model.form == "llama":
+        return model
+    from dsl.engine.modeldesc.shape import shape_of
+
+    return shape_of(model, Path("/"), lambda field: f"run.train.model.{field}")[0]
 
 
 def _open_metrics(path: Path) -> TextIO:

@@ -23,8 +23,8 @@ class ModelConfig(StrictModel):
     - `params: N` and `largest_layer_params: M`: a model known only by its counts, with `layers`,
       `hidden`, `heads`, `vocab`, `seq_len` when known (activations need them).
 
-    `dsl plan` describes all three; `dsl launch` trains only the first (engine/validity.py
-    `model_problems`: Hugging Face models are issue 16)."""
+    `dsl plan` describes all three; `dsl launch` trains the first two (engine/hf_model.py builds a
+    Hugging Face model), not the counts (engine/validity.py `model_problems`)."""
 
     preset: str | None = None
     """A named shape (see engine/presets.py): tiny, bench, llama-1b, llama2-7b, llama3-8b,

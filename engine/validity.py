@@ -27,9 +27,10 @@ the planner only picks candidates that pass (launcher/planner.py marks the other
 `unsupported_reason`), and the engine runs an unresolved `auto` as stage 0 / no offload / sp 1.
 
 Decisions:
-- a model given by its Hugging Face config or by its counts (run.train.model hf, hf_config,
-  params) is described by `dsl plan` but refused for training (`model_problems`, applied by
-  `dsl launch`): the trainer builds only the bundled Llama, and would train that in its place.
+- a model given by its counts (run.train.model params) is described by `dsl plan` but refused
+  for training (`model_problems`, applied by `dsl launch` and the ranks): there are no weights to
+  build. A Hugging Face model (hf, hf_config) trains (engine/hf_model.py); the ranks also refuse
+  it when transformers/safetensors (the extra dsl[hf]) are missing, with the install hint.
 - optimizer offload needs ZeRO stage 1-3, DeepSpeed's rule (its ZeRO config documents
   offload_optimizer as "valid for ZeRO stage 1, 2, 3"): offload moves the partitioned optimizer
   states and their update to the host, and stage 0 partitions none.
@@ -143,21 +144,33 @@ def problems(engine: "EngineConfig", *, model: "ModelConfig | None" = None, worl
     return found
 
 
-TRAIN_HF_UNSUPPORTED = ("training a Hugging Face model is not supported yet (issue 16); dsl plan describes it")
+TRAIN_COUNTS_UNSUPPORTED = "a model known only by its counts has no weights to train; dsl plan describes it"
 
 
-def model_problems(model: "ModelConfig") -> list[Problem]:
-    """Rules on `run.train.model` for training it, not for describing it: the trainer builds only
-    the bundled Llama (engine/model.py), so a model given by its Hugging Face config (`hf`,
-    `hf_config`) or by its counts (`params`) would otherwise train the default Llama in its
-    place. `dsl launch` (launcher/planspec.py `resolve` with refuse) applies them; `dsl plan`
-    does not: it describes every form (engine/train_config.py ModelConfig)."""
+def model_problems(model: "ModelConfig", *, check_installed: bool = False) -> list[Problem]:
+    """Rules on `run.train.model` for training it, not for describing it. A model given by its
+    counts (`params`) is refused: there is nothing to build (the trainer would otherwise train the
+    default Llama in its place). A Hugging Face model (`hf`, `hf_config`) trains through
+    engine/hf_model.py; with `check_installed` (the ranks, engine/train.py `load_run_spec`) it
+    is refused when the extra dsl[hf] is not installed. `dsl launch` (launcher/planspec.py
+    `resolve` with refuse) applies them; `dsl plan` does not: it describes every form
+    (engine/train_config.py ModelConfig)."""
     if model.form == "llama":
         return []
     field = model.form_field
-    return [Problem((field,), f"{TRAIN_HF_UNSUPPORTED}: `dsl plan SPEC` shows the memory and the plan for "
-                              f"this model; to train now, describe the bundled Llama instead (preset, or "
-                              f"its dimensions: hidden_size, num_hidden_layers, ...)",
+    if model.form == "hf":
+        if not check_installed:
+            return []
+        import importlib.util
+
+        missing = [name for name in ("transformers", "safetensors") if importlib.util.find_spec(name) is None]
+        if not missing:
+            return []
+        return [Problem((field,), f"training a Hugging Face model needs {' and '.join(missing)} (the optional "
+                                  f"extra dsl[hf]): pip install 'dsl[hf]'", root=("run", "train", "model"))]
+    return [Problem((field,), f"{TRAIN_COUNTS_UNSUPPORTED}: `dsl plan SPEC` shows the memory and the plan for "
+                              f"this model; to train, give its config.json (hf: DIR) or describe the bundled "
+                              f"Llama (preset, or its dimensions: hidden_size, num_hidden_layers, ...)",
                     root=("run", "train", "model"))]
 
 

@@ -271,12 +271,12 @@ def test_resume_at_or_past_steps_trains_nothing(tmp_path: Path, saves: list[dict
 
 
 def test_a_rank_refuses_a_model_it_cannot_build(tmp_path: Path):
-    """A resolved spec naming a Hugging Face config reaches the ranks only if someone starts them
+    """A resolved spec naming a model by its counts reaches the ranks only if someone starts them
     by hand; they refuse it, located, instead of training the default Llama in its place."""
     from dsl.engine.errors import UserError
 
-    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     spec = tmp_path / "resolved.yaml"
-    spec.write_text(f"run:\n  train:\n    model: {{hf: {tmp_path}}}\nengine: {{}}\noutput_dir: {tmp_path / 'out'}\n")
-    with pytest.raises(UserError, match=r"resolved.yaml:3:\d+ .*not supported yet"):
+    spec.write_text(f"run:\n  train:\n    model: {{params: 1000, largest_layer_params: 100}}\nengine: {{}}\n"
+                    f"output_dir: {tmp_path / 'out'}\n")
+    with pytest.raises(UserError, match=r"resolved.yaml:3:\d+ .*counts has no weights to train"):
         load_run_spec(spec)

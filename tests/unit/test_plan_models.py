@@ -135,16 +135,13 @@ def test_forms_are_alternatives_located_by_validate(tmp_path: Path):
     assert proc.returncode == 2 and "params needs largest_layer_params" in proc.stderr
 
 
-@pytest.mark.parametrize("model", ["hf_config: gpt2.json", "params: 7000000000\nlargest_layer_params: 400000000"])
-def test_launch_refuses_to_train_what_the_engine_cannot_build(tmp_path: Path, model: str):
-    """The trainer builds only the bundled Llama: launching an HF or counts model must not train
-    the default Llama in its place (engine/validity.py model_problems)."""
-    shutil.copy(FIXTURES / "gpt2.json", tmp_path / "gpt2.json")
-    spec = write_spec(tmp_path, model)
+def test_launch_refuses_to_train_what_the_engine_cannot_build(tmp_path: Path):
+    """A model known by its counts has no weights: launching it must not train the default Llama
+    in its place (engine/validity.py model_problems). Hugging Face models train (engine/hf_model.py)."""
+    spec = write_spec(tmp_path, "params: 7000000000\nlargest_layer_params: 400000000")
     proc = run_dsl("launch", str(spec), "--dry-run")
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    field, col = ("hf_config", 18) if model.startswith("hf") else ("params", 15)
-    assert f"{spec}:5:{col} run.train.model.{field}: training a Hugging Face model is not supported yet (issue 16); " \
+    assert f"{spec}:5:15 run.train.model.params: a model known only by its counts has no weights to train; " \
            "dsl plan describes it" in proc.stderr
 
 

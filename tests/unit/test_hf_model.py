@@ -1,0 +1,118 @@
+"""Hugging Face causal LMs in the bundled trainer (engine/hf_model.py, engine/train.py):
+`run.train.model: {hf: DIR}` builds what transformers builds from DIR/config.json (or loads its
+safetensors weights) and trains it; without the extra dsl[hf] the rank exits 2 with the hint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsl.engine.errors import UserError
+from dsl.engine.train import load_run_spec, main
+from tests.hf_tiny import FAMILIES, write_model
+
+pytest.importorskip("transformers")
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = "{micro_batch: 2, optimizer: {lr: 0.01}, scheduler: {type: constant, warmup_steps: 0}}"
+
+
+@pytest.fixture(autouse=True)
+def _no_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _spec(tmp_path: Path, model: str, engine: str = "{micro_batch: 2}", steps: int = 4) -> Path:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"run:\n  train:\n    model: {model}\n    steps: {steps}\n    log_every: 1\n"
+                    f"engine: {engine}\noutput_dir: {tmp_path / 'out'}\n")
+    return spec
+
+
+def _plain(folder: Path, seed: int = 0):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_trains_from_its_config_with_the_weights_transformers_builds(tmp_path: Path, family: str,
+                                                                                  capsys) -> None:
+    import torch
+
+    from dsl.engine import hf_model
+
+    folder = write_model(tmp_path / "m", family)
+    spec = load_run_spec(_spec(tmp_path, "{hf: m, seq_len: 16}", engine="{zero_stage: 3, " + FAST[1:]))
+    assert spec.train.model.hf == str(folder.resolve())  # relative to the spec file's folder
+    built = hf_model.build(spec.train.model, seed=0)
+    plain = _plain(folder)
+    assert {n.removeprefix("lm."): p for n, p in built.named_parameters()}.keys() == dict(plain.named_parameters()).keys()
+    for name, p in plain.named_parameters():
+        assert torch.equal(built.get_parameter(f"lm.{name}"), p), name
+
+    assert main([str(spec_path := tmp_path / "spec.yaml")]) == 0, spec_path
+    captured = capsys.readouterr()
+    assert f"{sum(p.numel() for p in plain.parameters()):,} params, zero 3" in captured.err
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert abs(rows[0]["loss"] - 4.852) < 0.1  # ln(128): a random init over 128 tokens
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_safetensors_weights_in_the_folder_are_loaded_instead_of_a_random_init(tmp_path: Path) -> None:
+    import torch
+
+    from dsl.engine import hf_model
+
+    folder = write_model(tmp_path / "m", "llama")
+    trained = _plain(folder, seed=7)
+    trained.save_pretrained(str(folder), max_shard_size="20KB")  # sharded: an index and several files
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    built = hf_model.build(load_run_spec(_spec(tmp_path, "{hf: m, seq_len: 16}")).train.model, seed=0)
+    for name, p in trained.named_parameters():
+        assert torch.equal(built.get_parameter(f"lm.{name}"), p), name
+    assert built.training
+
+
+def test_hf_config_names_the_file_itself(tmp_path: Path) -> None:
+    write_model(tmp_path / "m", "gpt2")
+    assert main([str(_spec(tmp_path, "{hf_config: m/config.json, seq_len: 16}", steps=2))]) == 0
+
+
+def test_a_missing_config_is_located(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"spec.yaml:3:\d+ run.train.model.hf: no config.json in that folder"):
+        load_run_spec(_spec(tmp_path, "{hf: empty}"))
+
+
+def test_a_sequence_longer_than_the_model_allows_is_refused(tmp_path: Path) -> None:
+    write_model(tmp_path / "m", "gpt2")
+    assert main([str(_spec(tmp_path, "{hf: m, seq_len: 128}"))]) == 2
+
+
+def test_without_the_extra_a_rank_exits_2_with_the_install_hint(tmp_path: Path) -> None:
+    """`pip install dsl` without [hf]: simulated by hiding transformers from the import system."""
+    write_model(tmp_path / "m", "llama")
+    spec = _spec(tmp_path, "{hf: m}")
+    code = ("import sys; sys.modules['transformers'] = None; from dsl.engine.train import main; "
+            f"sys.exit(main([{str(spec)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{spec}:3:" in proc.stderr and "run.train.model.hf: training a Hugging Face model needs transformers" \
+        in proc.stderr and "pip install 'dsl[hf]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_model_known_only_by_its_counts_is_still_refused(tmp_path: Path) -> None:
+    spec = _spec(tmp_path, "{params: 1000000, largest_layer_params: 10000}")
+    with pytest.raises(UserError, match=r"spec.yaml:3:\d+ run.train.model.params: a model known only by its "
+                                        r"counts has no weights to train"):
+        load_run_spec(spec)
