@@ -3,7 +3,8 @@
 From lowest to highest precedence (a later source overrides an earlier one):
 
 1. `env.forward_prefixes`: every variable of the environment of `dsl launch` whose name starts
-   with one of them (default DeepSpeed's: NCCL, PYTHON, UCX, MLFLOW, MV2);
+   with one of them (default DeepSpeed's: NCCL, PYTHON, UCX, MLFLOW, MV2); not for backend
+   slurm, where sbatch passes the submitting shell's environment on by itself;
 2. `~/.deepspeed_env`, `~/.dsl_env`, then `./.deepspeed_env`, `./.dsl_env` (`.` = the working
    folder of `dsl launch`; DS_ENV_FILE renames `.deepspeed_env`, as for DeepSpeed), read as
    DeepSpeed reads `.deepspeed_env` (launcher/envfile.py, `parse_deepspeed_env`); off with
@@ -83,7 +84,9 @@ def env_values(spec_file, environ: Mapping[str, str] | None = None,  # spec_file
         out.values.update(values)
         out.secrets.update(name for name in values if looks_secret(name))
 
-    prefixes = tuple(env.forward_prefixes)
+    # Slurm's sbatch passes the submitting shell's whole environment on by itself; writing the
+    # prefixed variables into the batch script would only make it depend on that shell.
+    prefixes = tuple(env.forward_prefixes) if spec_file.spec.resources.backend != "slurm" else ()
     add({k: v for k, v in environ.items() if prefixes and k.startswith(prefixes)})
     if env.dotfiles:
         for path in dotfiles(home or Path.home(), cwd or Path.cwd(), environ):

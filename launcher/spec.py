@@ -205,7 +205,8 @@ class Env(StrictModel):
     forward_prefixes: list[str] = ["NCCL", "PYTHON", "UCX", "MLFLOW", "MV2"]
     """Every variable of the environment of `dsl launch` whose name starts with one of these is
     passed to every rank. The default is DeepSpeed's (its launcher's EXPORT_ENVS plus the CUDA
-    accelerator's NCCL); `[]` turns it off. See launcher/envsources.py for the precedence."""
+    accelerator's NCCL); `[]` turns it off. Backend slurm: sbatch passes the whole environment
+    itself. See launcher/envsources.py for the precedence."""
     dotfiles: bool = True
     """Read `.deepspeed_env` (or the file DS_ENV_FILE names) and `.dsl_env` from the home folder
     and the working folder of `dsl launch`, as DeepSpeed's launcher reads `.deepspeed_env`:
@@ -262,6 +263,13 @@ class Spec(StrictModel):
     Relative to the directory `dsl launch` runs in."""
     max_restarts: int = Field(0, ge=0)
     """Restart the whole job this many times after a failure."""
+    watchdog_s: float | None = Field(300.0, gt=0)
+    """Hang watchdog (backends local and ssh): when no rank has finished a step for this many
+    seconds, dsl names the ranks and their last step, prints every rank's Python stack, stops
+    the job and exits 70. Ranks report steps with heartbeats (the bundled trainer does; a script
+    calls `dsl.engine.wire.heartbeat(step)`), and the watchdog starts with the first one.
+    Collectives of the engine's process group also time out after this + 60 s (every backend),
+    so a rank stuck in one raises. null: neither."""
 
     @field_validator("name")
     @classmethod
