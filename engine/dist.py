@@ -32,6 +32,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
+from dsl.engine.wire import collective_timeout_s
 from dsl.engine.errors import UserError
 
 __all__ = ["DistContext", "setup", "teardown", "current", "backend_for_machine", "single_process_device",
@@ -137,7 +138,9 @@ def setup(timeout_min: float = 10.0) -> DistContext:
         init_method="env://",
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(minutes=timeout_min),
+        # dsl sets a shorter one with `watchdog_s` (engine/wire.py): a rank stuck in a
+        # collective raises instead of waiting torch's default 10 minutes.
+        timeout=timedelta(seconds=collective_timeout_s(timeout_min * 60)),
     )
     log.debug("rank %d/%d: %s process group on %s", rank, world_size, backend, device)
     return DistContext(

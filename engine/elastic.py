@@ -47,8 +47,8 @@ import time
 
 import psutil
 
-PREFIX_TEMPLATE = "[dsl:${rank}:${local_rank}] "
-AGENT_MARK = "[dsl-agent] "
+from dsl.engine.wire import AGENT_MARK, PREFIX_TEMPLATE  # the wire format's home
+
 EXIT_CHECKPOINTED = 75
 """A rank's exit code for "I checkpointed at a warning signal (SIGUSR1/SIGUSR2) and stopped:
 resume me". The bundled trainer exits with it (engine/train.py); a user script may too. The

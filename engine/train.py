@@ -100,6 +100,7 @@ from dsl.engine.train_config import TrainConfig
 from dsl.engine.errors import DslError, UserError
 from dsl.engine.located import load_located, validate_located
 from dsl.engine.validity import model_problems, problems, refuse, refuse_located
+from dsl.engine.wire import heartbeat
 from dsl.engine.writefail import write_failed
 
 __all__ = ["RunSpec", "load_run_spec", "format_progress", "train", "main", "EXIT_CHECKPOINTED",
@@ -436,6 +437,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
                 loss_sum += loss.detach()
             engine.step()
             engine.zero_grad()
+            heartbeat(step)  # for dsl's hang watchdog (engine/wire.py); a no-op unless it watches
 
             # A collective on every step: all ranks stop after the same one. At the last step
             # there is nothing left to resume, so the run just finishes.

@@ -144,6 +144,18 @@ def _run_locked(prepared, backend, time_limit) -> int:  # type: ignore[no-untype
         console.message(f"dsl: job {plan.name} reached its time limit ({time_limit.text}); every "
                         f"rank still running was stopped (exit {outcome.exit_code})", style="bold red")
         return outcome.exit_code
+    if outcome.hung:
+        console.message(f"dsl: job {plan.name} hung: no rank finished a step for {plan.watchdog_s:g} s "
+                        f"(watchdog_s); every rank was stopped (exit {outcome.exit_code}). Each rank's "
+                        f"Python stack is above and in its log ({out / 'logs'}). Last steps:",
+                        style="bold red")
+        newest = max(step for _, _, step, _, _ in outcome.hung)
+        for host, rank, step, age_s, lines in outcome.hung:
+            behind = " (behind)" if step < newest else ""
+            console.message(f"  {host}:{rank} step {step}, {age_s:.0f} s ago{behind}; last lines:")
+            for line in lines:
+                console.message(f"    {line}")
+        return outcome.exit_code
     if outcome.lost:
         console.message(f"dsl: job {plan.name} failed: lost contact with host {outcome.failed_host} "
                         f"({outcome.lost}); every other rank was stopped (exit {outcome.exit_code}, "

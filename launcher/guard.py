@@ -11,6 +11,9 @@ starter) and makes sure that when the job ends, for whatever reason, nothing it 
 - With --env-stdin, the first line of stdin is a JSON object of environment variables for
   COMMAND: remote backends pass the job's environment (secrets included) this way, so no value
   appears on a command line that `ps` on the host would show.
+- Stack dumps for the hang watchdog: DUMP_SIGNAL (engine/wire.py), or a stdin line `dump`, makes
+  the guard send DUMP_SIGNAL to every descendant that catches it (a rank that registered
+  faulthandler for it prints its threads' stacks); processes that do not catch it never get it.
 - With --launcher-timeout-s S (the ssh backend: its keepalive interval x count), S seconds
   without a byte on stdin also stop the job: the launcher writes a `ping` line every keepalive
   interval, and a connection cut without a close (a partitioned host) never ends stdin.
@@ -50,6 +53,7 @@ import time
 import psutil
 
 from dsl.engine.elastic import CATCH_WAIT_S, EXIT_CHECKPOINTED, WARNING_SIGNALS, catches
+from dsl.engine.wire import DUMP_SIGNAL
 
 _PR_SET_CHILD_SUBREAPER = 36
 _POLL_S = 0.05
@@ -122,6 +126,17 @@ def _clean_up(child_pid: int, status: dict[str, int], grace_s: float) -> None:
     _reap(child_pid, status)
 
 
+def _dump_stacks() -> None:
+    """DUMP_SIGNAL to every descendant that catches it (the ranks registered faulthandler for it,
+    engine/wire.py); the others would die of it, so they do not get it."""
+    for proc in _descendants():
+        if catches(proc.pid, DUMP_SIGNAL):
+            try:
+                proc.send_signal(DUMP_SIGNAL)
+            except psutil.Error:
+                pass
+
+
 def _read_line(fd: int) -> bytes:
     """One line from a raw fd, byte by byte, so nothing after it is consumed."""
     out = bytearray()
@@ -139,6 +154,10 @@ class _Signals:
     def __init__(self) -> None:
         self.stop = [0]  # the first of SIGTERM/SIGINT/SIGHUP (or end of stdin): 0 = none
         self.warned = [0] * (max(WARNING_SIGNALS) + 1)  # per warning signal: 1 = received
+        self.dump = [0]  # 1: pass DUMP_SIGNAL to every process that catches it (stack dumps)
+
+    def on_dump(self, _signum: int, _frame: object) -> None:
+        self.dump[0] = 1
 
     def on_stop(self, signum: int, _frame: object) -> None:
         if not self.stop[0]:
@@ -152,6 +171,8 @@ class _Signals:
             signal.signal(sig, self.on_stop)
         for sig in WARNING_SIGNALS:
             signal.signal(sig, self.on_warning)
+        if DUMP_SIGNAL is not None:
+            signal.signal(DUMP_SIGNAL, self.on_dump)
 
 
 class _Warnings:
@@ -197,6 +218,8 @@ def _watch_stdin(signals: _Signals, timeout_s: float | None = None) -> None:
             sig = _CONTROL_LINES.get(line.strip())
             if sig is not None:
                 signals.warned[sig] = 1
+            elif line.strip() == b"dump":
+                signals.dump[0] = 1
     if not signals.stop[0]:
         signals.stop[0] = signal.SIGHUP
 
@@ -243,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         _reap(child.pid, status)
         if "code" not in status:  # not reaped: the PID is still the child's
             warnings.deliver(child.pid)
+        if signals.dump[0]:
+            signals.dump[0] = 0
+            _dump_stacks()
         time.sleep(_POLL_S)
     _clean_up(child.pid, status, args.grace_s)
     if signals.stop[0] and "code" not in status:

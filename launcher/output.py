@@ -8,6 +8,8 @@ backends feed, from their reader threads:
   to `OUTPUT_DIR/logs/rank{R}.log`; the last lines of every rank are kept for the failure message;
 - a line of the starter itself (torchrun's own logging) goes to stderr as `[host] text` and to
   `OUTPUT_DIR/logs/{host}.agent.log`;
+- a heartbeat `[dsl-beat] STEP` (engine/wire.py) is recorded in `beats`, for the hang
+  watchdog, and neither printed nor logged;
 - the starter's `[dsl-agent] {json}` report (which rank failed, with what code) is recorded, not
   printed;
 - a progress line of the bundled trainer (`step N/M | loss X | ...` on rank 0) moves the progress
@@ -23,9 +25,9 @@ from __future__ import annotations
 
 import collections
 import json
-import re
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
@@ -33,9 +35,7 @@ from typing import Callable, TextIO
 from dsl.engine.errors import WriteError
 from dsl.engine.writefail import write_failed
 
-_RANK_LINE = re.compile(r"^\[dsl:(\d+):(\d+)\] ?(.*)$", re.DOTALL)
-_AGENT_MARK = "[dsl-agent] "
-STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| loss ([0-9.]+|nan|inf)")
+from dsl.engine.wire import AGENT_MARK as _AGENT_MARK, RANK_LINE as _RANK_LINE, STEP_LINE, parse_heartbeat
 TAIL_LINES = 20
 
 
@@ -62,6 +62,8 @@ class RankOutput:
             lambda: collections.deque(maxlen=TAIL_LINES))
         self.rank_hosts: dict[int, str] = {}
         self.failures: dict[str, Failure] = {}
+        self.beats: dict[int, tuple[int, float]] = {}
+        """rank -> (its last heartbeat's step, when it came: time.monotonic())."""
         self._header = ""
         self.write_error: WriteError | None = None
         try:
@@ -75,6 +77,10 @@ class RankOutput:
             if match:
                 rank, text = int(match.group(1)), match.group(3)
                 self.rank_hosts[rank] = host
+                beat = parse_heartbeat(text)
+                if beat is not None:  # neither printed nor logged (engine/wire.py)
+                    self.beats[rank] = (beat, time.monotonic())
+                    return
                 self.tails[rank].append(text)
                 self._log(f"rank{rank}.log", text)
                 out = self._stdout if stream == "stdout" else self._stderr

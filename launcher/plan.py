@@ -25,12 +25,16 @@ from typing import Any, Mapping
 
 import yaml
 
+from dsl.engine import wire
 from dsl.launcher import shell
 from dsl.launcher.hosts import Host
 from dsl.launcher.spec import SpecFile
 
 REDACTED = "<secret>"
 GUARD_GRACE_S = 3.0
+COLLECTIVE_MARGIN_S = 60.0
+"""A collective times out this long after the watchdog would have fired: dsl's watchdog (with
+the stacks) comes first where it watches; elsewhere the timeout is what ends a hang."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,8 @@ class LaunchPlan:
     batch script inside an allocation)."""
     job_output: str | None = None
     """Slurm: the file the job's output goes to (`%j` = the job id)."""
+    watchdog_s: float | None = None
+    """The hang watchdog's limit (spec `watchdog_s`), for the backends dsl watches (local, ssh)."""
 
     def redacted_env(self, env: Mapping[str, str]) -> dict[str, str]:
         return {k: (REDACTED if k in self.secrets else v) for k, v in env.items()}
@@ -255,6 +261,7 @@ def render_per_host(job: Job, hosts: list[Host]) -> LaunchPlan:
         secrets=job.secrets,
         files=job.files,
         ssh=target,
+        watchdog_s=spec.watchdog_s,
     )
 
 
@@ -323,12 +330,16 @@ def base_env(job: Job) -> dict[str, str]:
         "DSL_JOB_NAME": job.spec.name,
         "DSL_OUTPUT_DIR": job.output_dir,
     }
+    if job.spec.watchdog_s is not None:
+        env[wire.COLLECTIVE_TIMEOUT_ENV] = f"{job.spec.watchdog_s + COLLECTIVE_MARGIN_S:g}"
     env.update(job.inputs.env_values)
     return env
 
 
 def host_env(job: Job, host: Host, node_rank: int) -> dict[str, str]:
     env = {"NODE_RANK": str(node_rank)}
+    if job.spec.watchdog_s is not None:  # dsl watches local and ssh ranks for hangs
+        env[wire.HEARTBEAT_ENV] = "1"
     if job.inputs.set_visible_devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(host.devices)
     env.update(base_env(job))  # the user's values win

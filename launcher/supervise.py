@@ -21,6 +21,11 @@
   fails on one host while another host's keepalive is unanswered, dsl waits for that host's
   dead-peer timeout first: a partitioned host makes its peers' collectives fail, and the host
   that went silent first is the cause, not the ranks that errored afterwards.
+- Hang watchdog (`watchdog_s`, local and ssh): ranks send a heartbeat per step
+  (engine/wire.py); when none has come from any rank for watchdog_s, dsl names every rank with
+  its last step, has each print its Python stack (faulthandler, through the guards), stops the
+  job and exits EXIT_HUNG (70). It starts with the first heartbeat, so a script that sends none
+  is never judged hung. No restart after a hang (it would most likely hang again).
 - A rank's log that dsl cannot write (a full disk; `RankOutput.write_error`) stops every rank and
   the job ends with EXIT_WRITE_FAILED (74, as a rank whose checkpoint or metrics write failed:
   engine/writefail.py); neither is restarted, the disk would still be full.
@@ -53,6 +58,8 @@ STOP_TIMEOUT_S = GUARD_GRACE_S + 1.5
 CHECKPOINTED_WAIT_S = 30.0
 EXIT_TIME_LIMIT = 124
 EXIT_LOST_HOST = 255  # OpenSSH's client's code when the connection fails
+EXIT_HUNG = 70  # sysexits' EX_SOFTWARE: the job stopped making progress (watchdog_s)
+DUMP_WAIT_S = 3.0  # after asking for the stacks, for them to arrive (over ssh too)
 TIME_LIMIT_BACKENDS = ("local", "ssh")
 
 
@@ -68,6 +75,9 @@ class Outcome:
     """Every rank checkpointed at a warning signal and stopped (exit 75): resume by launching again."""
     timed_out: bool = False
     """--time-limit ran out: the ranks still running were stopped."""
+    hung: list[tuple[str, int, int, float, list[str]]] | None = None
+    """No rank finished a step for watchdog_s: per rank (host, rank, last step, seconds since,
+    its last lines before the stack dump), exit 70."""
     lost: str | None = None
     """failed_host stopped answering (ssh keepalives) or its connection closed: why (exit 255)."""
     write_error: str | None = None
@@ -154,12 +164,13 @@ def supervise(plan: LaunchPlan, backend: Backend, output: RankOutput,
             output.note(f"attempt {attempt} of job {plan.name} starts", range(plan.world_size))
             outcome = _run_attempt(plan, backend, output, stop, attempt, clock)
             if (outcome.ok or outcome.interrupted_by or outcome.checkpointed or outcome.timed_out
-                    or outcome.write_error or outcome.exit_code == EXIT_WRITE_FAILED
+                    or outcome.write_error or outcome.exit_code == EXIT_WRITE_FAILED or outcome.hung
                     or attempt > plan.max_restarts):  # a full disk stays full: no restart
                 return outcome
             log.warning("job %s failed (exit %d); restart %d of %d", plan.name, outcome.exit_code,
                         attempt, plan.max_restarts)
             output.failures.clear()
+            getattr(output, "beats", {}).clear()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -189,6 +200,7 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
                  attempt: int, clock: _Clock) -> Outcome:
     procs = backend.start(plan, output)
     failed: HostProcess | None = None
+    hung = None
     warned = timed_out = False
     checkpointed_at: float | None = None
     while not stop.event.is_set():
@@ -206,6 +218,10 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
                 log.warning("a host checkpointed and exited %d %.0f s ago; stopping the hosts still "
                             "running", EXIT_CHECKPOINTED, CHECKPOINTED_WAIT_S)
                 break
+        hung = _hung(plan, output, now)
+        if hung is not None:
+            _dump_stacks(procs, hung, plan.watchdog_s, stop)
+            break
         write_error = getattr(output, "write_error", None)  # RankOutput's; fakes may lack it
         if write_error is not None:
             log.error("%s; stopping every rank", write_error)
@@ -224,6 +240,8 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
 
     if stop.event.is_set() and failed is None:
         return Outcome(128 + (stop.signum or signal.SIGINT), attempt, interrupted_by=stop.signum)
+    if failed is None and hung is not None:
+        return Outcome(EXIT_HUNG, attempt, hung=hung)
     if failed is None and getattr(output, "write_error", None) is not None:
         return Outcome(EXIT_WRITE_FAILED, attempt, write_error=str(output.write_error))
     if failed is None:
@@ -244,6 +262,28 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
     return Outcome(code, attempt, failed_host=host,
                    failed_rank=report.rank if report else None,
                    signal_name=report.signal if report else None)
+
+
+def _hung(plan: LaunchPlan, output: RankOutput, now: float) -> list | None:
+    """Per rank (host, rank, last step, seconds since, last lines) when no rank has sent a
+    heartbeat for watchdog_s (engine/wire.py); None while one has, or before the first."""
+    limit = getattr(plan, "watchdog_s", None)
+    beats = dict(getattr(output, "beats", {}))
+    if not limit or not beats or now - max(at for _, at in beats.values()) <= limit:
+        return None
+    return [(output.rank_hosts.get(rank, "?"), rank, step, now - at, list(output.tails.get(rank, []))[-5:])
+            for rank, (step, at) in sorted(beats.items())]
+
+
+def _dump_stacks(procs: Sequence[HostProcess], hung: list, limit_s: float, stop: _Stop) -> None:
+    log.error("no rank finished a step for %.0f s (watchdog_s): %s; asking every rank for its "
+              "Python stack, then stopping the job", limit_s,
+              ", ".join(f"{host}:{rank} at step {step}" for host, rank, step, _, _ in hung))
+    for proc in procs:
+        dump = getattr(proc, "dump_stacks", None)  # local and ssh hosts
+        if dump is not None and proc.poll() is None:
+            dump()
+    stop.event.wait(DUMP_WAIT_S)
 
 
 def _lost_before(procs: Sequence[HostProcess], failed: HostProcess, stop: _Stop) -> HostProcess | None:

@@ -13,6 +13,7 @@ import subprocess
 import threading
 from typing import Callable, Mapping, Sequence
 
+from dsl.engine.wire import DUMP_SIGNAL
 from dsl.engine.errors import RunError
 from dsl.launcher.backends import Sink
 from dsl.launcher.plan import HostLaunch, LaunchPlan
@@ -50,6 +51,11 @@ class LocalProcess:
     def warn(self, sig: int) -> None:
         """Pass a time-limit warning (SIGUSR1/SIGUSR2) to the guard, which passes it to every rank."""
         self._signal(sig)
+
+    def dump_stacks(self) -> None:
+        """Ask the guard for every rank's Python stack (engine/wire.py DUMP_SIGNAL)."""
+        if DUMP_SIGNAL is not None:
+            self._signal(DUMP_SIGNAL)
 
     def kill(self) -> None:
         # The guard's session: the guard and anything of the job still in its process group.

@@ -146,6 +146,13 @@ class SshProcess:
         except (OSError, EOFError):
             pass  # the session is gone: poll() reports it
 
+    def dump_stacks(self) -> None:
+        """Ask the guard for every rank's Python stack (a `dump` line on its stdin)."""
+        try:
+            self._channel.sendall(b"dump\n")
+        except (OSError, EOFError):
+            pass
+
     def kill(self) -> None:
         self._stopping.set()
         self._probe.set()

@@ -18,6 +18,7 @@ export MASTER_ADDR MASTER_PORT
 export PYTHONUNBUFFERED=1
 export DSL_JOB_NAME=sl
 export DSL_OUTPUT_DIR=<RUN>/out
+export DSL_COLLECTIVE_TIMEOUT_S=360
 
 # One task per node starts that node's ranks. --kill-on-bad-exit ends every node's task when
 # one fails; --label tags each output line with the node's task id (dsl maps it to the host).

@@ -30,6 +30,7 @@ export MASTER_ADDR MASTER_PORT
 export PYTHONUNBUFFERED=1
 export DSL_JOB_NAME=two-node
 export DSL_OUTPUT_DIR=/scratch/runs/two-node
+export DSL_COLLECTIVE_TIMEOUT_S=360
 export NCCL_DEBUG=WARN
 export TRICKY='a b; echo pwned $(id) '"'"'q'"'"' "dq"'
 
