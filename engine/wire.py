@@ -10,7 +10,8 @@ rank starter imports it before torch).
 - `step N/M | loss X | ...`: the bundled trainer's progress line on rank 0 (STEP_LINE);
 - `[dsl-beat] N`: a heartbeat, one per step on every rank, printed only when the launcher
   watches for hangs (HEARTBEAT_ENV is set: local and ssh backends with `watchdog_s`). dsl
-  neither prints nor logs these lines; a job whose ranks all stop sending them for
+  neither prints nor logs these lines (torchrun's raw per-rank files under
+  logs/torchelastic/ keep them); a job whose ranks all stop sending them for
   `watchdog_s` is hung (launcher/supervise.py). A line of ~20 bytes per step per rank;
 - DUMP_SIGNAL: a rank that registered for it (`heartbeat()` and the bundled trainer do, with
   faulthandler) writes every thread's Python stack to stderr when it arrives; the guard sends it
