@@ -128,6 +128,7 @@ class Candidate:
             "step_time_s": round(self.step.total_s, 4),
             "step": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self.step).items()},
             "terms": [t.to_json() for t in self.breakdown.terms],
+            "peak": self.breakdown.peak.to_json(), "device_sum_bytes": self.breakdown.device_sum_bytes,
         }
 
 

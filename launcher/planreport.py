@@ -57,6 +57,17 @@ def reference_lines(plan: Plan, c: Any) -> list[str]:
     return lines
 
 
+def peak_line(b: Any) -> str:
+    """Where the step peaks and what is live there (engine/memory_peak.py), when terms are left out."""
+    peak = b.peak
+    if peak.bytes == b.device_sum_bytes:
+        return f"  peak at {peak.phase}: every term above is live at once"
+    left = [name for name, _ in ((t.name, t.device_bytes) for t in b.terms if not t.transient and t.device_bytes)
+            if name not in dict(peak.live)]
+    return (f"  peak at {peak.phase}: {fmt_gb(peak.bytes)}, the sum less what is not live then "
+            f"({', '.join(left)}; sum {fmt_gb(b.device_sum_bytes)})")
+
+
 def render(plan: Plan, name: str, commands: str | None, console: Any) -> None:
     """`dsl plan`'s report, printed with rich (markup) on `console`."""
     from rich.markup import escape
@@ -100,6 +111,7 @@ def render(plan: Plan, name: str, commands: str | None, console: Any) -> None:
         for line in _bars([(t.name, t.device_bytes, t.formula) for t in c.breakdown.terms if not t.transient],
                           usable):
             p(line)
+        p(escape(peak_line(c.breakdown)))
         if hw.accelerator:
             host_usable = hw.host_ram_bytes * (1 - SAFETY_MARGIN)
             per_rank = [(t.name + (" (transient)" if t.transient else ""), hw.ranks_per_host * t.host_bytes,

@@ -69,7 +69,11 @@ ROOT = HERE.parents[2]
 MODEL = dict(vocab_size=8192, hidden_size=128, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, intermediate_size=512, tie_word_embeddings=False)
 CHUNK_TOKENS = 512
-BASE = {"precision": "fp32", "micro_batch": 1, "zero_stage": 1, "optimizer": {"lr": 1e-3}, "compile": False}
+BASE = {"precision": "fp32", "micro_batch": 1, "zero_stage": 1, "optimizer": {"lr": 1e-3}, "compile": False,
+        "cpu_allocator": "system"}
+"""cpu_allocator system: the workers' MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ (below) make
+freed memory leave the process at once; the engine's default (reuse, engine/cpu_alloc.py) would
+override them and keep every trial at the heap's high-water mark."""
 TILED_LOSS = {"tiled_loss": {"enabled": True, "chunk_tokens": CHUNK_TOKENS}}
 TILED_MLP = {"tiled_mlp": {"enabled": True, "chunk_tokens": CHUNK_TOKENS}}
 CONFIGS: list[tuple[str, dict]] = [

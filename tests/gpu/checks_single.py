@@ -550,7 +550,8 @@ def memory_model(ctx: Ctx) -> None:
                 b = estimate(model_config(model), ecfg, dp=1, micro_batch=MEMORY_MICRO, accelerator=True)
                 predicted = b.device_bytes - b.term(RUNTIME).device_bytes  # the CUDA context is not allocated memory
                 measured = info["peak_allocated_bytes"]
-                extra = {"peak_reserved_bytes": info["peak_reserved_bytes"],
+                extra = {"peak_reserved_bytes": info["peak_reserved_bytes"], "predicted_phase": b.peak.phase,
+                         "predicted_phases": dict(b.peak.phases),
                          "reserved_ratio": info["peak_reserved_bytes"] / predicted,
                          "predicted_terms": {t.name: t.device_bytes for t in b.terms if t.device_bytes},
                          "expected_state_summary": expected_state_summary(model_config(model), ecfg, dp=1,

@@ -236,3 +236,26 @@ engine: {zero_stage: 2, precision: fp32, micro_batch: 8, grad_accum: 1, sequence
     plan = _plan("cpu-only", spec=spec, ranks=2)
     assert (plan.choice.sp, plan.choice.micro_batch, plan.choice.grad_accum) == (2, 8, 1)
     assert any("8 sequences per step (micro_batch 8 x grad_accum 1 x 1 data-parallel ranks)" in n for n in plan.notes)
+
+
+def test_the_plan_names_the_phase_of_the_peak_and_what_is_not_live_there(write):
+    """With checkpointing the recomputed layer and the logits are never live together: the plan
+    reports the phase peak (engine/memory_peak.py), below the sum of its terms, and says why."""
+    import json
+
+    from tests.conftest import run_dsl
+
+    spec = write("ck.yaml", """\
+name: ck
+run: {train: {model: {preset: bench}}}
+resources: {procs_per_node: 2, topology: cpu-only}
+engine: {zero_stage: 2, precision: fp32, micro_batch: 8, grad_accum: 1, activation_checkpointing: true}
+""")
+    data = json.loads(run_dsl("plan", str(spec), "--json", check=True).stdout)
+    choice = data["choice"]
+    assert choice["peak"]["phase"] == "loss backward" and choice["device_bytes"] == choice["peak"]["bytes"]
+    assert choice["device_bytes"] < choice["device_sum_bytes"]
+    live = dict(choice["peak"]["live"])
+    assert "logits" in live and "recomputation peak" not in live
+    text = run_dsl("plan", str(spec), check=True).stdout
+    assert "peak at loss backward:" in text and "recomputation peak" in text.split("peak at loss backward:")[1]
