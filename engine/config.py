@@ -175,7 +175,13 @@ class EngineConfig(StrictModel):
     loss_scale: LossScaleConfig = LossScaleConfig()
     """fp16 loss scaling."""
     activation_checkpointing: bool | Literal["auto"] = False
-    """Recompute each layer's activations in backward instead of keeping them."""
+    """Recompute each layer's activations in backward instead of keeping them. On a model other
+    than the bundled Llama the layers are the children of its repeated block list (an
+    nn.ModuleList of modules of one class), or the modules checkpoint_module names."""
+    checkpoint_module: str | None = Field(None, min_length=1)
+    """The class name of the blocks activation checkpointing recomputes (e.g. LlamaDecoderLayer,
+    GPT2Block), for a model whose blocks are not found automatically (engine/long/blocks.py).
+    Needs activation_checkpointing: true (or auto). Default: the repeated block list."""
     sequence_parallel: int | Literal["auto"] = 1
     """Ulysses sequence-parallel degree: ranks that split one sequence (each holds seq_len / sp
     tokens; attention all-to-alls to heads / sp full-sequence heads). Must divide the world, the

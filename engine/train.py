@@ -74,7 +74,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -99,7 +99,7 @@ from dsl.engine.elastic import EXIT_CHECKPOINTED, WARNING_SIGNALS
 from dsl.engine.train_config import TrainConfig
 from dsl.engine.errors import DslError, UserError
 from dsl.engine.located import load_located, validate_located
-from dsl.engine.validity import model_problems, problems, refuse, refuse_located
+from dsl.engine.validity import Refusal, model_problems, problems, refuse, refuse_located
 from dsl.engine.wire import heartbeat
 from dsl.engine.writefail import write_failed
 
@@ -116,6 +116,9 @@ class RunSpec:
     train: TrainConfig
     engine: EngineConfig
     output_dir: Path
+    locations: Any = field(default=None, compare=False, repr=False)
+    """Where each field is written in the spec file (engine/located.py), to locate the problems
+    the engine finds only once the model is built (engine/validity.py `Refusal`)."""
 
 
 # Spec loading (torch-free) ---------------------------------------------------------------
@@ -149,7 +152,7 @@ def load_run_spec(path: str | Path, world_size: int | None = None, ranks_per_hos
                    + model_problems(train_cfg.model, check_installed=True), locations)
     if train_cfg.model.form == "hf":
         train_cfg = train_cfg.model_copy(update={"model": _hf_absolute(train_cfg.model, path, locations)})
-    return RunSpec(train=train_cfg, engine=engine, output_dir=Path(output_dir))
+    return RunSpec(train=train_cfg, engine=engine, output_dir=Path(output_dir), locations=locations)
 
 
 def _hf_absolute(model: Any, spec_path: Path, locations: Any) -> Any:
@@ -157,12 +160,12 @@ def _hf_absolute(model: Any, spec_path: Path, locations: Any) -> Any:
     config.json read (a located error when it is missing or not JSON)."""
     from dsl.engine.modeldesc.registry import read_config
 
-    field = "hf" if model.hf is not None else "hf_config"
-    written = Path(str(getattr(model, field))).expanduser()
+    name = "hf" if model.hf is not None else "hf_config"
+    written = Path(str(getattr(model, name))).expanduser()
     absolute = (written if written.is_absolute() else spec_path.parent / written).resolve()
-    read_config(absolute / "config.json" if field == "hf" else absolute,
-                f"{locations.where(('run', 'train', 'model', field))} run.train.model.{field}")
-    return model.model_copy(update={field: str(absolute)})
+    read_config(absolute / "config.json" if name == "hf" else absolute,
+                f"{locations.where(('run', 'train', 'model', name))} run.train.model.{name}")
+    return model.model_copy(update={name: str(absolute)})
 
 
 def world_of_environment() -> tuple[int | None, int | None]:
@@ -322,7 +325,12 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
         model = Llama(tcfg.model, activation_checkpointing=ecfg.activation_checkpointing is True)
     # lr, weight decay and the schedule come from engine.optimizer / engine.scheduler; the
     # schedule's decay ends at run.train.steps.
-    engine = initialize(model, ecfg, total_steps=tcfg.steps)
+    try:
+        engine = initialize(model, ecfg, total_steps=tcfg.steps)
+    except Refusal as err:  # a setting this model cannot take (engine/long/setup.py): where the spec says it
+        if spec.locations is None:
+            raise
+        refuse_located(err.problems, spec.locations)
 
     checkpoint_dir = spec.output_dir / "checkpoints"
     if tcfg.checkpoint_every is not None:
@@ -406,7 +414,8 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
             f"{ctx.backend or 'none'}, device {engine.device}, {model.num_params():,} params, "
             f"zero {ecfg.zero_stage}, {ecfg.precision}, {tokens_per_step:,} tokens/step, "
             f"{tcfg.data.kind} data"
-            + (", activation checkpointing" if model.activation_checkpointing else "")
+            # initialize() refused a model it could not checkpoint (engine/long/setup.py)
+            + (", activation checkpointing" if ecfg.activation_checkpointing is True else "")
             + (", malloc keeps freed blocks" if engine.cpu_allocator_reuse else "")
             + (f", torch.compile of {len(engine.compiled)} blocks (the first step compiles)"
                if engine.compiled else ", eager"),
@@ -538,7 +547,7 @@ def _planned_shape(model: Any) -> Any:
         return model
     from dsl.engine.modeldesc.shape import shape_of
 
-    return shape_of(model, Path("/"), lambda field: f"run.train.model.{field}")[0]
+    return shape_of(model, Path("/"), lambda name: f"run.train.model.{name}")[0]
 
 
 def _open_metrics(path: Path) -> TextIO:

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from dsl.engine.located import Locations
     from dsl.engine.train_config import ModelConfig
 
-__all__ = ["Problem", "problems", "batch_reason", "compile_conflicts", "field_problems", "model_problems",
+__all__ = ["Problem", "Refusal", "problems", "batch_reason", "compile_conflicts", "field_problems", "model_problems",
            "refuse", "refuse_located"]
 
 
@@ -122,6 +122,9 @@ def problems(engine: "EngineConfig", *, model: "ModelConfig | None" = None, worl
     if engine.activation_offload and engine.activation_checkpointing is False:
         add("activation_offload", "true moves activation checkpoints to host memory; it needs "
                                   "activation_checkpointing: true (or auto)")
+    if engine.checkpoint_module is not None and engine.activation_checkpointing is False:
+        add("checkpoint_module", f"{engine.checkpoint_module} names the blocks activation checkpointing "
+                                 f"recomputes; it needs activation_checkpointing: true (or auto), or remove it")
     if engine.optimizer.type == "onebit_adam":
         add("optimizer", onebit_reason(stage, engine.precision, engine.low_precision_states))
         add("offload.optimizer", onebit_reason(None, offload_optimizer=offload.optimizer))
@@ -260,9 +263,18 @@ def field_problems(exc: "ValidationError") -> list[Problem]:
 
 
 def refuse(found: list[Problem]) -> None:
-    """Raise one UserError of `engine.<path>: <message>` lines (no file: the caller has none)."""
+    """Raise one Refusal of `engine.<path>: <message>` lines (no file: the caller has none)."""
     if found:
-        raise UserError("\n".join(str(p) for p in found))
+class Refusal(UserError):
+    """A UserError made of Problems: a caller that holds the spec's locations (engine/train.py)
+    can print them located (`refuse_located`)."""
+
+    def __init__(self, found: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in found))
+        self.problems = list(found)
+
+
+        raise Refusal(found)
 
 
 def refuse_located(found: list[Problem], locations: "Locations", prefix: tuple[Any, ...] | None = None) -> None:

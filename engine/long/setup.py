@@ -5,10 +5,13 @@
   and the model's seq_len first (degrees.py), so an impossible degree fails on every rank
   before any group is formed.
 - tiled_loss / tiled_mlp: chunk sizes on the `Llama` / each `SwiGLU`.
-- activation_offload: an `ActivationOffload` on the `Llama` (used only while checkpointing).
+- activation_checkpointing: true: the bundled `Llama` checkpoints its decoder layers itself;
+  any other model (or any model with `checkpoint_module`) has its blocks found and each
+  recomputed in backward (blocks.py); no block found is a UserError.
+- activation_offload: an `ActivationOffload` on the checkpointed blocks (used only while
+  checkpointing): the `Llama`'s own, or blocks.py's for any other model.
 
-A feature the model cannot take (not a dsl Llama) is a UserError naming the setting, never a
-silent no-op.
+A feature the model cannot take is a UserError naming the setting, never a silent no-op.
 """
 
 from __future__ import annotations
@@ -62,13 +65,33 @@ def apply(model: nn.Module, config: "EngineConfig", *, world_size: int, rank: in
             raise UserError("engine.tiled_mlp needs a model with dsl.engine.model.SwiGLU MLPs")
         for mlp in mlps:
             mlp.chunk_tokens = config.tiled_mlp.chunk_tokens
-    if llama is not None and config.activation_checkpointing is True:
-        llama.activation_checkpointing = True
-    if config.activation_offload:
-        if llama is None or not llama.activation_checkpointing:
-            raise UserError("engine.activation_offload moves activation checkpoints to host memory: it needs "
-                            "the bundled Llama model with activation_checkpointing: true")
-        from dsl.engine.long.act_offload import ActivationOffload
-
-        llama.activation_offload = ActivationOffload()
+    _checkpointing(model, llama, config)
     return groups
+
+
+def _checkpointing(model: nn.Module, llama: nn.Module | None, config: "EngineConfig") -> None:
+    """Activation checkpointing and its offload (module docstring). `auto` unresolved by a
+    planner stays off; activation_offload without checkpointing is refused (validity.py)."""
+    from dsl.engine.long.act_offload import ActivationOffload
+    from dsl.engine.long.blocks import checkpoint_blocks, find_blocks
+    from dsl.engine.validity import Problem, Refusal
+
+    on = config.activation_checkpointing is True
+    if config.activation_offload and not (on or (llama is not None and llama.activation_checkpointing)):
+        raise Refusal([Problem(("activation_offload",), "moves activation checkpoints to host memory: it needs "
+                                                        "activation_checkpointing: true")])
+    if not on:
+        return
+    offload = ActivationOffload() if config.activation_offload else None
+    if llama is not None and config.checkpoint_module is None:  # the Llama recomputes its layers itself
+        llama.activation_checkpointing = True
+        llama.activation_offload = offload
+        return
+    setting = "activation_offload" if config.activation_offload else "activation_checkpointing"
+    blocks = find_blocks(model, config.checkpoint_module, setting=setting)
+    if llama is not None:
+        llama.activation_checkpointing = False  # the blocks found are recomputed instead
+    checkpoint_blocks(model, blocks, offload)
+    if llama is None and hasattr(model, "activation_checkpointing"):  # engine/hf_model.py's flag
+        model.activation_checkpointing = True
+    model.activation_offload = offload

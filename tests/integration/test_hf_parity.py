@@ -2,7 +2,8 @@
 
 Tiny Llama, Qwen3, Qwen3-MoE and GPT-2 configs (tests/hf_tiny.py, written here: no network) are
 built by engine/hf_model.py and trained 20 AdamW steps (fp32, constant lr, weight decay on
-matrices) at ZeRO stages 0-3 on 2 gloo ranks, plus CPU optimizer offload at stage 2; the
+matrices) at ZeRO stages 0-3 on 2 gloo ranks, plus CPU optimizer offload at stage 2 and
+activation checkpointing at stages 0 and 3 (with and without CPU optimizer offload); the
 reference is a single process running `AutoModelForCausalLM.from_config` after the same seed and
 `torch.optim.AdamW` (the same decay groups) on the 2-rank global batch, its loss the cross
 entropy of the logits against the next-token targets. Each step's loss, averaged over the
@@ -35,8 +36,13 @@ STEPS = 20
 LR = 1e-2
 WEIGHT_DECAY = 0.1
 REL_TOL = 1e-5
+CPU_OFFLOAD = {"optimizer": "cpu", "sub_group_mib": 0.01}
 VARIANTS = {**{f"s{s}": {"zero_stage": s} for s in (0, 1, 2, 3)},
-            "s2-offload": {"zero_stage": 2, "offload": {"optimizer": "cpu", "sub_group_mib": 0.01}}}
+            "s2-offload": {"zero_stage": 2, "offload": CPU_OFFLOAD},
+            # activation checkpointing of the blocks found in the HF model (engine/long/blocks.py)
+            "s0-ckpt": {"zero_stage": 0, "activation_checkpointing": True},
+            "s3-ckpt": {"zero_stage": 3, "activation_checkpointing": True},
+            "s3-offload-ckpt": {"zero_stage": 3, "activation_checkpointing": True, "offload": CPU_OFFLOAD}}
 
 
 def _model(folder: str):
