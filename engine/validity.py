@@ -262,9 +262,6 @@ def field_problems(exc: "ValidationError") -> list[Problem]:
     return [Problem(path, message) for path, message, _ in field_errors(exc, EngineConfig)]
 
 
-def refuse(found: list[Problem]) -> None:
-    """Raise one Refusal of `engine.<path>: <message>` lines (no file: the caller has none)."""
-    if found:
 class Refusal(UserError):
     """A UserError made of Problems: a caller that holds the spec's locations (engine/train.py)
     can print them located (`refuse_located`)."""
@@ -274,6 +271,9 @@ class Refusal(UserError):
         self.problems = list(found)
 
 
+def refuse(found: list[Problem]) -> None:
+    """Raise one Refusal of `engine.<path>: <message>` lines (no file: the caller has none)."""
+    if found:
         raise Refusal(found)
 
 
