@@ -56,6 +56,11 @@ class CommConfig(StrictModel):
     quantize_block_numel: int = Field(512, ge=8)
     """Elements per int8 quantization block (each block sends one fp32 scale, so the bytes are
     1 + 4 / block per element); smaller blocks track outliers more closely."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """The dtype gradients cross the wire in when ranks reduce them (every stage; DeepSpeed's
+    communication_data_type): fp32, or bf16 for half the bytes, each rank's contribution and the
+    sum rounded to bf16 (8 significant bits; the sum is taken in bf16). The result is cast back
+    into the fp32 gradient buffer or partition. Not with quantize_gradients (int8 already)."""
 
 
 class SchedulerConfig(StrictModel):

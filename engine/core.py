@@ -242,6 +242,8 @@ class Engine:
         """The same object as `stage` (the first engine's name for it)."""
         if config.comm.quantize_gradients and stage in (2, 3):  # int8 reduce-scatter (ZeRO++ qgZ)
             self.stage.quantize_block_numel = config.comm.quantize_block_numel
+        if config.comm.reduce_dtype == "bf16":  # gradients cross the wire in bf16 (zero/base.py wire)
+            self.stage.reduce_dtype = torch.bfloat16
         opt = config.optimizer
         self.hyper = Hyper(opt.type, tuple(opt.betas), opt.eps, weight_decay, opt.momentum)
         if opt.type == "onebit_adam":  # 1-bit Adam (engine/onebit.py), stage 0 only

@@ -130,6 +130,9 @@ def problems(engine: "EngineConfig", *, model: "ModelConfig | None" = None, worl
         add("offload.optimizer", onebit_reason(None, offload_optimizer=offload.optimizer))
     if engine.comm.quantize_gradients:
         add("comm", quantize_reason(stage))
+        if engine.comm.reduce_dtype != "fp32":
+            add("comm.reduce_dtype", f"{engine.comm.reduce_dtype} cannot apply with quantize_gradients, which "
+                                     "sends int8 blocks; remove one of them")
     conflicts = compile_conflicts(engine)
     if engine.compile is True and conflicts:
         add("compile", f"true cannot be used with {'; '.join(conflicts)}: those layers run their own "

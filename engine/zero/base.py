@@ -71,6 +71,10 @@ class ZeroStage:
         self.quantize_block_numel: int | None = None
         """Set (by the engine, from comm.quantize_gradients) to reduce-scatter int8 blocks of this
         many elements in `reduce_scatter_group` (ops/comm/qreduce.py); None: fp32."""
+        self.reduce_dtype: torch.dtype | None = None
+        """Set (by the engine, from comm.reduce_dtype) to send gradients in this dtype: each
+        reduction runs on a copy cast to it, and the result is cast back into the gradient
+        buffer or partition (`CastBack`). None: the gradients' own dtype."""
 
     # Backward counting -------------------------------------------------------------------
 
@@ -150,6 +154,12 @@ class ZeroStage:
         """Gradients are pre-divided by this before the SUM, so the SUM is the mean."""
         return self.world_size * self.grad_accum
 
+    def wire(self, grads: torch.Tensor) -> torch.Tensor:
+        """`grads` as they cross the wire: a copy in `reduce_dtype` when set and different."""
+        if self.reduce_dtype is None or grads.dtype == self.reduce_dtype:
+            return grads
+        return grads.to(self.reduce_dtype)
+
     def reduce_scatter_group(self, g: FlatGroup, staging: torch.Tensor, filled: set[int]) -> tuple[torch.Tensor, Any]:
         """Stages 2-3: launch the reduce-scatter of one group's full gradient staging buffer.
 
@@ -170,10 +180,24 @@ class ZeroStage:
                                                block_numel=self.quantize_block_numel)
             self.collectives_launched += 1
             return pending.out, pending
+        staging = self.wire(staging)  # comm.reduce_dtype: the completion casts `out` back (dst.add_)
         out = torch.empty(g.part_numel, dtype=staging.dtype, device=staging.device)
         work = collectives.reduce_scatter(out, staging)  # gloo: point-to-point, see collectives.py
         self.collectives_launched += 1
         return out, work
+
+
+class CastBack:
+    """A reduction launched on a low-precision copy (`ZeroStage.wire`): `wait()` waits for it and
+    copies the result into `dst`, the gradient buffer or partition it stands for."""
+
+    def __init__(self, work: Any, low: torch.Tensor, dst: torch.Tensor) -> None:
+        self.work, self.low, self.dst = work, low, dst
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        self.dst.copy_(self.low)
 
 
 def named_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:

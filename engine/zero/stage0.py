@@ -37,7 +37,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from dsl.engine.zero.base import ZeroStage, nbytes
+from dsl.engine.zero.base import CastBack, ZeroStage, nbytes
 from dsl.engine.zero.layout import FlatGroup, Layout, Segment, flatten_params, split_buckets
 from dsl.engine.zero.master import MasterCopy
 
@@ -159,7 +159,9 @@ class Stage0(ZeroStage):
 
     def _reduce(self, bucket: Bucket) -> None:
         if self.world_size > 1:
-            bucket.work = tdist.all_reduce(bucket.flat, op=tdist.ReduceOp.SUM, async_op=True)
+            wire = self.wire(bucket.flat)  # comm.reduce_dtype: a cast copy, cast back at finish()
+            work = tdist.all_reduce(wire, op=tdist.ReduceOp.SUM, async_op=True)
+            bucket.work = work if wire is bucket.flat else CastBack(work, wire, bucket.flat)
             self.collectives_launched += 1
 
     def _backward_end(self, boundary: bool) -> None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from dsl.engine.zero import collectives
-from dsl.engine.zero.base import nbytes
+from dsl.engine.zero.base import CastBack, nbytes
 from dsl.engine.zero.stage0 import Bucket, Stage0
 
 __all__ = ["Stage1"]
@@ -60,7 +60,12 @@ class Stage1(Stage0):
         g = bucket.group
         out = self._grad_shard[g.shard_offset : g.shard_offset + g.part_numel]
         if self.world_size > 1:
-            bucket.work = collectives.reduce_scatter(out, bucket.flat)
+            wire = self.wire(bucket.flat)  # comm.reduce_dtype: reduce-scatter a cast copy, cast back
+            if wire is bucket.flat:
+                bucket.work = collectives.reduce_scatter(out, wire)
+            else:
+                low = torch.empty(out.numel(), dtype=wire.dtype, device=wire.device)
+                bucket.work = CastBack(collectives.reduce_scatter(low, wire), low, out)
             self.collectives_launched += 1
         else:
             out.copy_(bucket.flat)

@@ -49,6 +49,8 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     ("onebit-adam-with-offload", {"zero_stage": "auto", "optimizer": {"type": "onebit_adam"},
                                   "offload": {"optimizer": "cpu"}}, ["offload.optimizer"]),
     ("quantized-gradients-at-stage-1", {"zero_stage": 1, "comm": {"quantize_gradients": True}}, ["comm"]),
+    ("bf16-reduction-with-quantized-gradients",
+     {"zero_stage": 2, "comm": {"quantize_gradients": True, "reduce_dtype": "bf16"}}, ["comm.reduce_dtype"]),
     ("train-batch-arithmetic", {"micro_batch": 4, "grad_accum": 2, "train_batch": 16}, ["train_batch"]),
     ("compile-with-tiled-mlp", {"compile": True, "tiled_mlp": {"enabled": True}}, ["compile"]),
     ("compile-with-activation-offload",
