@@ -228,7 +228,9 @@ class EngineConfig(StrictModel):
     bucket_mib: float = Field(25.0, gt=0)
     """Size of a gradient communication bucket in MiB."""
     deepspeed_config: str | None = None
-    """A DeepSpeed JSON config to take the settings above from (relative to the spec file)."""
+    """A DeepSpeed JSON config to take the settings above from (relative to the spec file), read
+    with DeepSpeed 0.19.8's semantics and Hugging Face's `auto`; settings written next to it
+    override it. docs/deepspeed.md lists what dsl does with every key."""
     comm: CommConfig = CommConfig()
     """Compressed gradient communication (int8 reduce-scatter at stages 2-3)."""
 

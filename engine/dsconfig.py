@@ -812,7 +812,8 @@ class _Import:
         if key == "total_num_steps":
             if self.ctx.steps is None:
                 self.refuse(path, "auto is the run's length (Hugging Face: num_training_steps), which is not "
-                                  "known here: pass initialize(..., total_steps=N) or write the number")
+                                  "known here: set run.train.steps, pass initialize(..., total_steps=N), or "
+                                  "write the number")
                 return _SPEC
             self.auto(path, self.ctx.steps, "the run's optimizer steps (Hugging Face: num_training_steps)")
             return self.ctx.steps
@@ -858,6 +859,11 @@ class _Import:
                     self._unknown(sub)
                     continue
                 self._walk(value, sub)
+                continue
+            if entry is None and self._known_section(sub):
+                self.done.add(sub)
+                if value not in (None, False):  # null / false: the section left out
+                    self.refuse(sub, f"{_json(value)} is not a section {{...}}")
                 continue
             if entry is None:
                 self._unknown(sub)

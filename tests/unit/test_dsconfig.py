@@ -459,3 +459,11 @@ def test_initialize_runs_a_deepspeed_scheduler_without_total_steps_and_follows_a
     # skipped step does not step the scheduler.
     assert [skipped for _, skipped in lrs] == [False, True, False, False]
     assert [round(lr, 6) for lr, _ in lrs] == [0.01, 0.01, 0.01, 0.0325]
+
+
+def test_a_null_section_is_a_section_left_out_and_a_scalar_one_is_refused():
+    engine = _import({"train_micro_batch_size_per_gpu": 1,
+                      "zero_optimization": {"stage": 2, "offload_optimizer": None}})
+    assert (engine.zero_stage, engine.offload.optimizer) == (2, "none")
+    assert "zero_optimization.offload_param: 3 is not a section" in _refusal(
+        {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "offload_param": 3}})
