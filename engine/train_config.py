@@ -6,9 +6,9 @@ engine trains (ZeRO stage, precision, optimizer, batch) is `engine/config.py`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from dsl.engine.config import StrictModel
 
@@ -116,6 +116,16 @@ class ModelConfig(StrictModel):
             raise ValueError(f"{', '.join(counts)} describe a model known by its counts: they need params "
                              "(and largest_layer_params)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _written(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A Hugging Face or counts model is dumped without the bundled Llama's fields: their
+        defaults would otherwise come back as written values (`_one_form` refuses them), and the
+        spec `dsl launch` writes for the ranks (resolved.yaml) is a dump."""
+        data = handler(self)
+        if self.form == "llama":
+            return data
+        return {key: value for key, value in data.items() if key not in _LLAMA_FIELDS}
 
     @property
     def form(self) -> str:

@@ -116,3 +116,20 @@ def test_a_model_known_only_by_its_counts_is_still_refused(tmp_path: Path) -> No
     with pytest.raises(UserError, match=r"spec.yaml:3:\d+ run.train.model.params: a model known only by its "
                                         r"counts has no weights to train"):
         load_run_spec(spec)
+
+
+def test_the_spec_dsl_launch_writes_for_the_ranks_reads_back_as_the_same_model(tmp_path: Path) -> None:
+    """resolved.yaml is a dump of the spec: a Hugging Face model must not come back with the
+    bundled Llama's default dimensions written next to it (which the ranks would refuse)."""
+    from dsl.launcher.plan import resolved_spec_yaml
+    from dsl.launcher.spec import load_spec
+
+    folder = write_model(tmp_path / "m", "qwen3")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"name: hf\nrun:\n  train:\n    model: {{hf: {folder}, seq_len: 16}}\n"
+                    f"resources: {{backend: local, procs_per_node: 1}}\noutput_dir: {tmp_path / 'out'}\n")
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(resolved_spec_yaml(load_spec(spec), str(tmp_path / "out")))
+    model = load_run_spec(resolved).train.model
+    assert (model.form, model.hf, model.seq_len) == ("hf", str(folder), 16)
+    assert "hidden_size" not in resolved.read_text()
