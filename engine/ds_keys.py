@@ -107,8 +107,9 @@ KEYS: list[Key] = [
     _k("data_types.param_dtype", "default", None, why="dsl holds parameters in engine.precision's dtype"),
     _k("data_types.buffer_dtype", "note", None, why="dsl leaves module buffers in the dtype they have"),
     _k("data_types.keep_in_fp32_modules", "note", "auto", why="dsl leaves module buffers in the dtype they have"),
-    _k("communication_data_type", "note", None, why="dsl reduces gradients in fp32 (16-bit gradients are "
-       "accumulated into fp32 buckets first)"),
+    _k("communication_data_type", "mapped", None, "engine.comm.reduce_dtype",
+       "left out: the training dtype, as DeepSpeed (bf16 training reduces in bf16); fp16 becomes fp32 "
+       "(dsl reduces in fp32 or bf16), with a note"),
     _k("seq_parallel_communication_data_type", "note", "fp32", why="dsl's Ulysses all-to-alls move "
        "activations in the compute dtype"),
     # -- gradients -----------------------------------------------------------------------------

@@ -224,6 +224,8 @@ class _Import:
         self.done: set[_Path] = set()
         self.disabled: set[str] = set()
         """Sections that are off (fp16, bf16): their keys are accepted silently."""
+        self.precision = "fp32"
+        """The training precision as the file (and, for an `auto`, the spec) sets it."""
 
     # -- access ---------------------------------------------------------------------------------
 
@@ -346,6 +348,7 @@ class _Import:
             flags[section] = value
             if not value:
                 self.disabled.add(name)
+        self.precision = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32"
         if flags["fp16"] and flags["bf16"]:
             at = ("bf16" if self.has("bf16") else "bfloat16", "enabled")
             self.refuse(at, "DeepSpeed's rule: bfloat16 and fp16 modes cannot be simultaneously enabled; "
@@ -833,15 +836,33 @@ class _Import:
             number = self.number(path, self.get(*path), integer=True, positive=True)
             if number is not None:
                 self.set("sequence_parallel", number)
-        if "communication_data_type" in self.data:
-            value = self.data["communication_data_type"]
-            if value is not None and (not isinstance(value, str) or value.lower() not in ("fp16", "bf16", "fp32")):
-                self.refuse(("communication_data_type",), f"DeepSpeed refuses it: Invalid communication_data_type. "
-                                                          f"Supported data types: ['fp16', 'bf16', 'fp32']. Got: {value}")
+        self._communication()
         if "gradient_allreduce_op" in self.data:
             value = self.data["gradient_allreduce_op"]
             if isinstance(value, str) and value.lower() == "mean":
                 self.get("gradient_allreduce_op")
+
+    def _communication(self) -> None:
+        """communication_data_type -> engine.comm.reduce_dtype. Left out, DeepSpeed reduces gradients
+        in the training dtype (engine.py communication_data_type: fp16, else bf16, else fp32); dsl
+        reduces in fp32 or bf16, so an fp16 reduction becomes an fp32 one, with a note."""
+        path = ("communication_data_type",)
+        value = self.get(*path)
+        if value is not None and (not isinstance(value, str) or value.lower() not in ("fp16", "bf16", "fp32")):
+            self.refuse(path, f"DeepSpeed refuses it: Invalid communication_data_type. Supported data types: "
+                              f"['fp16', 'bf16', 'fp32']. Got: {value}")
+            return
+        if self.out.get("comm", {}).get("quantize_gradients"):
+            if value is not None:
+                self.note(path, f"{value!r}: zero_quantized_gradients sends int8 gradients instead")
+            return
+        wire = value.lower() if isinstance(value, str) else self.precision
+        if wire == "fp16":
+            self.note(path if value is not None else (), "fp16 gradient reduction (DeepSpeed's with fp16 training "
+                      "when communication_data_type is left out): dsl reduces them in fp32 "
+                      "(engine.comm.reduce_dtype has fp32 and bf16)")
+            wire = "fp32"
+        self.set("comm.reduce_dtype", wire)
 
     # -- every other key: the table ----------------------------------------------------------
 

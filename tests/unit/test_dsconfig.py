@@ -467,3 +467,19 @@ def test_a_null_section_is_a_section_left_out_and_a_scalar_one_is_refused():
     assert (engine.zero_stage, engine.offload.optimizer) == (2, "none")
     assert "zero_optimization.offload_param: 3 is not a section" in _refusal(
         {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "offload_param": 3}})
+
+
+def test_gradients_are_reduced_in_the_dtype_deepspeed_reduces_them_in():
+    # Left out, DeepSpeed reduces in the training dtype (bf16 training: bf16 on the wire).
+    assert _import({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}}).comm.reduce_dtype == "bf16"
+    assert _import({"train_micro_batch_size_per_gpu": 1}).comm.reduce_dtype == "fp32"
+    assert _import({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
+                    "communication_data_type": "fp32"}).comm.reduce_dtype == "fp32"
+    assert _import({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": "auto"}},
+                   explicit={"precision": "bf16"}).comm.reduce_dtype == "bf16"
+    # fp16 on the wire is not dsl's: fp32, with a note.
+    data, locations = load_json_located(json.dumps({"train_micro_batch_size_per_gpu": 1, "fp16": {"enabled": True}}),
+                                        "ds.json")
+    imported = import_deepspeed(data, locations, Context())
+    assert imported.engine["comm"]["reduce_dtype"] == "fp32"
+    assert any("dsl reduces them in fp32" in note for note in imported.notes)
