@@ -15,8 +15,8 @@ What a caller knows decides which rules can run; a rule whose inputs are unknown
 - the configuration alone: every rule below not listed under the next two;
 - `model` (the spec's run.train.model, or the bundled Llama's config in initialize): the
   sequence-parallel degree against heads, kv heads and seq_len (engine/long/degrees.py);
-- `world_size` / `ranks_per_host`: sequence_parallel divides the ranks and the ranks of one host
-  (an SP group stays inside a host: its all-to-alls run in every layer), and
+- `world_size` / `ranks_per_host`: sequence_parallel divides the ranks, and it and the ranks of one
+  host divide one another (an SP group is part of one host or whole hosts), and
   train_batch = micro_batch x grad_accum x dp. `dsl validate` knows them when the spec fixes
   them (launcher/spec.py `spec_world`: procs_per_node a number and no hostfile), `dsl launch`
   from the hosts it resolved, initialize from the process group (LOCAL_WORLD_SIZE when set), a
@@ -210,7 +210,7 @@ def _layout(engine: "EngineConfig") -> str | None:
 
 
 def _degree(sp: int, model: "ModelConfig | None", world_size: int | None, ranks_per_host: int | None) -> str | None:
-    from dsl.engine.long.degrees import sp_reason
+    from dsl.engine.long.degrees import placement_reason, sp_reason
 
     if sp < 1:
         return f"sequence_parallel must be >= 1, got {sp}"
@@ -218,12 +218,7 @@ def _degree(sp: int, model: "ModelConfig | None", world_size: int | None, ranks_
         reason = sp_reason(sp, heads=model.num_attention_heads, kv_heads=model.kv_heads, seq_len=model.seq_len)
         if reason:
             return reason
-    if world_size is not None and world_size % sp:
-        return f"sequence_parallel ({sp}) must divide the number of ranks ({world_size})"
-    if ranks_per_host is not None and ranks_per_host % sp:
-        return (f"sequence_parallel ({sp}) must divide the ranks of one host ({ranks_per_host}): an SP group "
-                f"stays inside a host (its all-to-alls run in every layer)")
-    return None
+    return placement_reason(sp, world_size=world_size, ranks_per_host=ranks_per_host)
 
 
 def batch_reason(engine: "EngineConfig", dp: int, planned: Iterable[str] = ()) -> str | None:

@@ -54,6 +54,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from dsl.engine.long.degrees import placement_reason, sp_reason
 from dsl.engine import memory, memory_reference
 from dsl.engine.config import EngineConfig
 from dsl.engine.memory import Breakdown, ModelShape
@@ -149,20 +150,10 @@ class Free:
 
 
 def valid_sp(shape: ModelShape, sp: int, ranks_per_host: int, world: int) -> str | None:
-    """Why `sp` cannot be the sequence-parallel degree, or None."""
-    if sp < 1:
-        return f"sequence_parallel must be >= 1, got {sp}"
-    if shape.heads % sp:
-        return f"num_attention_heads ({shape.heads}) is not divisible by sp ({sp})"
-    if shape.kv_heads % sp and sp % shape.kv_heads:
-        return f"num_key_value_heads ({shape.kv_heads}) and sp ({sp}) must divide one another"
-    if shape.seq_len % sp:
-        return f"seq_len ({shape.seq_len}) is not divisible by sp ({sp})"
-    if sp > ranks_per_host or ranks_per_host % sp:
-        return f"sp ({sp}) must divide the ranks of one host ({ranks_per_host}): SP groups stay inside a host"
-    if world % sp:
-        return f"sp ({sp}) must divide the world size ({world})"
-    return None
+    """Why `sp` cannot be the sequence-parallel degree, or None (the engine's own rules:
+    engine/long/degrees.py)."""
+    return (sp_reason(sp, heads=shape.heads, kv_heads=shape.kv_heads, seq_len=shape.seq_len)
+            or placement_reason(sp, world_size=world, ranks_per_host=ranks_per_host))
 
 
 def _divisors(n: int) -> list[int]:
@@ -374,7 +365,8 @@ def _options(engine: EngineConfig, free: Free, shape: ModelShape, hw: Hardware) 
     else:
         offloads = [engine.offload.optimizer]
     if free.sp:
-        sps = [s for s in _divisors(hw.ranks_per_host) if valid_sp(shape, s, hw.ranks_per_host, hw.world) is None]
+        # Groups over several hosts too: their all-to-alls are costed over the network (step_time).
+        sps = [s for s in _divisors(hw.world) if valid_sp(shape, s, hw.ranks_per_host, hw.world) is None]
     else:
         sps = [engine.sequence_parallel]
     ckpts = [False, True] if free.activation_checkpointing else [bool(engine.activation_checkpointing)]

@@ -11,12 +11,13 @@ seq_len / sp tokens, and inside attention all seq_len tokens of heads / sp query
   all-to-all, so rank j receives kv head j // (sp / k), the one its query heads read). Any other
   pair would need a rank to receive a fractional set of kv heads.
 
-`kv_heads_per_rank` is what attention sees on one rank after the all-to-all.
+`kv_heads_per_rank` is what attention sees on one rank after the all-to-all; `placement_reason`
+says which degrees group the ranks of the hosts.
 """
 
 from __future__ import annotations
 
-__all__ = ["sp_reason", "kv_replicas", "kv_heads_per_rank"]
+__all__ = ["sp_reason", "placement_reason", "kv_replicas", "kv_heads_per_rank"]
 
 
 def sp_reason(sp: int, *, heads: int, kv_heads: int, seq_len: int) -> str | None:
@@ -32,6 +33,20 @@ def sp_reason(sp: int, *, heads: int, kv_heads: int, seq_len: int) -> str | None
     if seq_len % sp:
         return (f"sequence_parallel ({sp}) must divide seq_len ({seq_len}): each rank holds "
                 f"seq_len / sp tokens")
+    return None
+
+
+def placement_reason(sp: int, *, world_size: int | None, ranks_per_host: int | None) -> str | None:
+    """Why `sp` cannot group these ranks, or None. SP groups are consecutive ranks (long/groups.py)
+    and ranks fill hosts in order, so a group must be part of one host or whole hosts: sp and
+    the ranks of a host divide one another. A group over several hosts runs its all-to-alls over
+    the network (the planner costs that link and picks such a group only when it pays, as long
+    context runs do: ALST trains with SP groups of 32 over 4 nodes of 8 GPUs)."""
+    if world_size is not None and world_size % sp:
+        return f"sequence_parallel ({sp}) must divide the number of ranks ({world_size})"
+    if ranks_per_host is not None and ranks_per_host % sp and sp % ranks_per_host:
+        return (f"sequence_parallel ({sp}) and the ranks of one host ({ranks_per_host}) must divide one "
+                f"another: an SP group is part of one host or whole hosts")
     return None
 
 

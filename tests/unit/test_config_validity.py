@@ -222,14 +222,15 @@ def test_the_rank_prints_the_located_message_of_validate(write, tmp_path):
     assert _error_lines(validate.stderr) == [str(info.value)]
 
 
-def test_an_sp_group_that_would_leave_a_host_is_refused_by_validate_plan_and_launch(write, tmp_path):
-    """Slurm, 2 nodes x 2 ranks: the spec fixes the world, so validate refuses sp 4 as plan and
-    launch do (an SP group's all-to-alls run in every layer: it stays inside a host)."""
-    spec = write("job.yaml", "name: t\nrun: {train: {model: {preset: tiny}}}\n"
-                             "resources: {backend: slurm, nodes: 2, procs_per_node: 2, topology: cpu-only}\n"
-                             "engine: {sequence_parallel: 4}\n")
-    want = (f"{spec}:4:29 engine.sequence_parallel: sequence_parallel (4) must divide the ranks of one host (2): "
-            "an SP group stays inside a host (its all-to-alls run in every layer)")
+def test_an_sp_group_that_would_split_a_host_unevenly_is_refused_by_validate_plan_and_launch(write, tmp_path):
+    """Slurm, 3 nodes x 4 ranks: sp 6 would put a group over one host and half of another, which
+    validate refuses as plan and launch do; sp 8 over 2 whole hosts of 2 ranks is accepted."""
+    spec = write("job.yaml", "name: t\nrun: {train: {model: {vocab_size: 64, hidden_size: 48, num_hidden_layers: 1, "
+                             "num_attention_heads: 12, seq_len: 48}}}\n"
+                             "resources: {backend: slurm, nodes: 3, procs_per_node: 4, topology: cpu-only}\n"
+                             "engine: {sequence_parallel: 6}\n")
+    want = (f"{spec}:4:29 engine.sequence_parallel: sequence_parallel (6) and the ranks of one host (4) must divide "
+            "one another: an SP group is part of one host or whole hosts")
     for args in (["validate", str(spec)], ["plan", str(spec)], ["launch", str(spec), "--dry-run"]):
         proc = run_dsl(*args, cwd=tmp_path)
         assert proc.returncode == 2 and _error_lines(proc.stderr) == [want], (args, proc.stderr)

@@ -61,11 +61,12 @@ def test_sequence_parallel_degree_rules():
     shape = ModelShape.of("llama3-8b")  # 32 heads, 8 kv heads, seq 8192
     assert planner.valid_sp(shape, 4, 8, 8) is None
     assert planner.valid_sp(shape, 16, 16, 16) is None  # kv heads (8) divide sp: replicated
-    assert "num_attention_heads (32) is not divisible by sp (3)" in planner.valid_sp(shape, 3, 6, 6)
-    assert "SP groups stay inside a host" in planner.valid_sp(shape, 8, 4, 16)
-    odd = ModelShape(layers=2, hidden=96, heads=12, kv_heads=12, ffn=256, vocab=100, seq_len=100, tied=True)
-    assert "seq_len (100) is not divisible by sp (8)" in planner.valid_sp(odd, 8, 8, 8) or \
-           "not divisible by sp (8)" in planner.valid_sp(odd, 8, 8, 8)
+    assert "must divide num_attention_heads (32)" in planner.valid_sp(shape, 3, 6, 6)
+    assert planner.valid_sp(shape, 8, 4, 16) is None  # two whole hosts of 4: the network carries it
+    six = ModelShape(layers=2, hidden=96, heads=12, kv_heads=12, ffn=256, vocab=100, seq_len=96, tied=True)
+    assert "part of one host or whole hosts" in planner.valid_sp(six, 6, 4, 12)
+    odd = ModelShape(layers=2, hidden=96, heads=12, kv_heads=12, ffn=256, vocab=100, seq_len=102, tied=True)
+    assert "must divide seq_len (102)" in planner.valid_sp(odd, 4, 8, 8)
     kv = ModelShape(layers=2, hidden=96, heads=12, kv_heads=3, ffn=256, vocab=100, seq_len=96, tied=True)
     assert "must divide one another" in planner.valid_sp(kv, 2, 4, 4)
     # Every candidate the planner tried respects them.
@@ -259,3 +260,24 @@ engine: {zero_stage: 2, precision: fp32, micro_batch: 8, grad_accum: 1, activati
     assert "logits" in live and "recomputation peak" not in live
     text = run_dsl("plan", str(spec), check=True).stdout
     assert "peak at loss backward:" in text and "recomputation peak" in text.split("peak at loss backward:")[1]
+
+
+def test_sp_32_over_4_hosts_of_8_gpus_is_planned_and_costed_over_the_network(write):
+    """Long-context runs (ALST) use SP groups of 32 over 4 nodes: accepted, and the group's
+    all-to-alls are costed over the inter-host link, slower than inside one host."""
+    spec = write("alst.yaml", """\
+name: alst
+run: {train: {model: {preset: llama3-8b, seq_len: 131072}}}
+resources: {topology: h100-sxm-8x}
+engine: {precision: bf16, zero_stage: 3, sequence_parallel: 32, activation_checkpointing: true, micro_batch: 1,
+         grad_accum: 1, tiled_loss: {enabled: true}, tiled_mlp: {enabled: true}}
+""")
+    plan = _plan("h100-sxm-8x", spec=spec, hosts=4)
+    assert plan.choice is not None and plan.choice.sp == 32
+    one_host = _plan("h100-sxm-8x", spec=write("one.yaml", spec.read_text().replace(
+        "sequence_parallel: 32", "sequence_parallel: 8")), hosts=4).choice
+    assert one_host.sp == 8
+    hw = plan.hardware
+    assert hw.group_link(32).gb_s < hw.group_link(8).gb_s and hw.group_link(32).kind != hw.group_link(8).kind
+    # A quarter of the all-to-all bytes per rank, over a link several times slower: more exposed time.
+    assert plan.choice.step.exposed_s > one_host.step.exposed_s
