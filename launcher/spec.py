@@ -267,7 +267,8 @@ class Spec(StrictModel):
     """Hang watchdog (backends local and ssh): when no rank has finished a step for this many
     seconds, dsl names the ranks and their last step, prints every rank's Python stack, stops
     the job and exits 70. Ranks report steps with heartbeats (the bundled trainer does; a script
-    calls `dsl.engine.wire.heartbeat(step)`), and the watchdog starts with the first one.
+    calls `dsl.engine.wire.heartbeat(step)`), and the watchdog starts with the first one. Set
+    it above your longest step, a checkpoint save included (a save sends no heartbeat).
     Collectives of the engine's process group also time out after this + 60 s (every backend),
     so a rank stuck in one raises. null: neither."""
 
