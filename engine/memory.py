@@ -92,8 +92,9 @@ Long-sequence switches (engine/long/, `long_context(engine)` reads them from the
 - activation offload (with checkpointing): the L layer inputs (r bsh each) and RoPE tables that
   checkpointing keeps move to host memory (`offloaded activations`, host bytes).
 
-Buffers: stages 1-3 reduce-scatter gradients through 2 buckets of `bucket_mib` in flight (stage 0
-keeps gradients inside its buckets, so no extra); stage 3 holds the gathered parameters of the
+Buffers: stages 2-3 reduce-scatter gradients through 2 staging buffers in flight, each a bucket of
+`bucket_mib` (or the largest parameter, the embedding, when larger; at most the whole gradient);
+stages 0-1 reduce inside their full gradient buffer, so no extra; stage 3 holds the gathered parameters of the
 largest unit it gathers (a decoder layer, or the embedding/head) twice (current + prefetched;
 2 B/param under bf16/fp16, the working copy's dtype) plus that unit's unsharded gradient. A CUDA
 rank also holds ~1 GiB of CUDA context, NCCL and cuBLAS workspaces (`runtime`); a CPU rank
@@ -536,10 +537,18 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
               logits(shape, micro_batch=mb, seq_len=seq_len, sp=sp, chunk_tokens=tiled_loss_tokens)]
     if offload_acts:
         terms.append(offloaded_activations(shape, micro_batch=mb, seq_len=seq_len, sp=sp, sb=sb))
+    # Stages 2-3 reduce-scatter through staging buffers of one bucket each (a parameter larger
+    # than a bucket gets one of its own: the embedding), never more than the whole gradient;
+    # stages 0-1 reduce inside their full gradient buffer (the gradients term).
     bucket = int(bucket_mib * MiB)
-    terms.append(Term(BUCKETS, device_bytes=2 * bucket if stage >= 1 and shards > 1 else 0,
-                      formula=f"2 x {bucket_mib:g} MiB reduce-scatter buckets in flight"
-                      if stage >= 1 and shards > 1 else "none: stage 0 reduces inside the gradient buckets"))
+    staging = min(max(bucket, shape.vocab * shape.hidden * sb.grad), shape.params * sb.grad)
+    if stage >= 2 and shards > 1:
+        terms.append(Term(BUCKETS, device_bytes=2 * staging,
+                          formula=f"2 reduce-scatter staging buffers in flight x {staging / MiB:,.1f} MiB "
+                                  f"(a {bucket_mib:g} MiB bucket, the largest parameter, or the whole gradient)"))
+    else:
+        terms.append(Term(BUCKETS, formula="none: stages 0-1 reduce inside the full gradient buffer"
+                          if shards > 1 else "none: one rank, nothing to reduce"))
     if stage >= 3:
         unit = shape.largest_unit_params
         gather = sb.work or sb.param  # the engine gathers its 16-bit working copy under bf16/fp16
