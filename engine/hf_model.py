@@ -112,6 +112,8 @@ def build(model: "ModelConfig", *, seed: int) -> HFCausalLM:
     path = config_path(model)
     field = "hf" if model.hf is not None else "hf_config"
     where = f"run.train.model.{field}"
+    if not path.is_file():
+        raise UserError(f"{where}: no such file: {path}")
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:

@@ -10,6 +10,9 @@ entropy of the logits against the next-token targets. Each step's loss, averaged
 ranks, matches the reference's within 1e-5 relative (only the order in which gradient
 contributions are summed differs).
 
+The ZeRO-3 runs also save a checkpoint, which engine/hf_export.py exports in shards; transformers'
+`from_pretrained` loads it with no key missing and gives the engine's logits within 1e-6.
+
 The 2-rank runs start this file as a script, through tests/integration/test_zero_stages.py's
 `run_workers` (one module-scoped fixture: torch and transformers start once per rank).
 """
@@ -60,7 +63,7 @@ def _worker(rank: int, store: str, out: str, root: str) -> None:
 
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    results: dict[str, list[float]] = {}
+    results: dict[str, Any] = {}
     for family in FAMILIES:
         for name, cfg in VARIANTS.items():
             engine = initialize(_model(f"{root}/{family}"), {
@@ -74,6 +77,10 @@ def _worker(rank: int, store: str, out: str, root: str) -> None:
                 engine.zero_grad()
                 losses.append(loss.item())
             results[f"{family}-{name}"] = losses
+            if name == "s3":  # for the export test: a checkpoint and the engine's own logits
+                engine.save_checkpoint(f"{root}/ckpt-{family}", step=STEPS)
+                with torch.no_grad():
+                    results[f"{family}-logits"] = engine.module(batch(0, 0, 0)[0]).clone()
             engine.close()
     torch.save(results, out)
     tdist.barrier()
@@ -121,6 +128,27 @@ def test_two_ranks_at_every_stage_match_plain_transformers(setup, family: str) -
         assert worst < REL_TOL, (family, name, worst, got, want)
     # Each rank saw its own half of the batch.
     assert max(abs(a - b) for a, b in zip(ranks[0][f"{family}-s0"], ranks[1][f"{family}-s0"])) > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_export_of_a_stage_3_checkpoint_loads_in_transformers_with_the_engines_logits(setup, family: str) -> None:
+    """engine/hf_export.py: the checkpoint 2 ranks saved at ZeRO-3, exported in shards, is what
+    `from_pretrained` loads: no key missing or unexpected, the same logits within 1e-6."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dsl.engine.hf_export import export_hf
+
+    root, ranks = setup
+    out = root / f"export-{family}"
+    written = export_hf(root / f"ckpt-{family}", out, config=root / family, max_shard_bytes=64 << 10)
+    assert len(written) > 1 and (out / "model.safetensors.index.json").is_file()
+    model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        logits = model(input_ids=batch(0, 0, 0)[0]).logits
+    for r in ranks:
+        assert float((logits - r[f"{family}-logits"]).abs().max()) <= 1e-6
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
