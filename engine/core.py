@@ -232,9 +232,10 @@ class Engine:
             device=self.device,
             work_dtype=work_dtype,
             compute_dtype=stage_dtype,
-            # CPU optimizer offload: the master partition and (stages 2-3) the gradient partition
-            # live in host memory, where the CPU optimizer reads them (zero/base.py).
-            host_states=offload == "cpu" and config.offload.ratio >= 1.0,
+            # Optimizer offload: the master partition and (stages 2-3) the gradient partition live
+            # in host memory, where the CPU optimizer reads them, or through which the NVMe one
+            # streams them (zero/base.py); the device keeps only what the model computes with.
+            host_states=offload in ("cpu", "nvme") and config.offload.ratio >= 1.0,
             pinned=pinned,
             params_on_host=config.offload.params == "cpu",
         )

@@ -44,12 +44,15 @@ in 16 bits and save no copies.
 Offload (Ren et al. 2021, "ZeRO-Offload"; Rajbhandari et al. 2021, "ZeRO-Infinity"), as the
 engine does it (engine/offload.py): the optimizer keeps its own master copy of the rank's shard
 (fp32; bf16 with low_precision_states) and the moments in host RAM (`cpu`) or in files (`nvme`),
-and runs the step there; the device keeps its gradient shard, which streams out through
-sub-group buffers of `offload.sub_group_mib` (two on a GPU with pinned memory, so one copy runs
-while the other sub-group is updated; one on a CPU device), plus for nvme 3 buffers of [master +
-moments] per sub-group (read-ahead, update, write-behind); updated parameters stream back. Parameter
-offload (stage 3, planned, not in the engine yet) would keep each rank's parameter shard in host
-RAM between uses.
+and runs the step there. With the whole update offloaded (`ratio` 1, engine/core.py
+host_states) the device keeps only what the model computes with: the stage's master partition
+(the master layout's, stage 3's fp32 shard) is in host memory (for `cpu` it is the optimizer's
+master itself; for `nvme` it receives each updated sub-group), and at stages 2-3 so is the reduced
+gradient partition. Gradients stream through sub-group buffers of `offload.sub_group_mib` (two
+on a GPU with pinned memory, so one copy runs while the other sub-group is updated; one on a CPU
+device; none for `cpu` at stages 2-3, which reads the host partition in place), plus for nvme 3
+buffers of [master + moments] per sub-group (read-ahead, update, write-behind). Parameter offload
+(stage 3, `offload.params: cpu`) keeps the parameter partitions in host memory between uses.
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models", sec. 4.1): a GPT layer with 16-bit activations keeps s b h (34 + 5 a s / h) bytes; the
@@ -170,7 +173,10 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
     # working copy. At stages 2-3 the reduced gradient partition lives there too.
     partial = offload_optimizer == "cpu" and offload_ratio < 1.0
     cpu = offload_optimizer == "cpu" and not partial
-    host_master = cpu and (sb.weights16 or (stage >= 3 and (bool(sb.work) or offload_params == "cpu")))
+    # CPU or NVMe offload of the whole update (engine/core.py host_states): the stage's own master
+    # partition and (stages 2-3) its gradient partition live in host memory.
+    host_states = cpu or offload_optimizer == "nvme"
+    host_master = host_states and (sb.weights16 or (stage >= 3 and (bool(sb.work) or offload_params == "cpu")))
     p_bytes, p_f = part(sb.param, stage >= 3)
     if stage >= 3 and host_master:  # the fp32 shard is the optimizer's master, on the host
         p_bytes, p_f = 0, "fp32 shard: in host memory with the optimizer (master weights)"
@@ -189,7 +195,7 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
         terms.append(Term(PARAMETERS, host_bytes=p_bytes, formula=p_f + " (offloaded to host)"))
     else:
         terms.append(Term(PARAMETERS, device_bytes=p_bytes, formula=p_f))
-    if cpu and stage >= 2:
+    if host_states and stage >= 2:
         terms.append(Term(GRADIENTS, host_bytes=g_bytes, formula=g_f + " in host memory (reduced partitions "
                                                                        "copied down as each bucket completes)"))
     else:
@@ -218,12 +224,13 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
     m_bytes, m_f = part(elem, stage >= 1)
     o_bytes, o_f = part(sb.optimizer, stage >= 1)
     where = "host_bytes" if offload_optimizer == "cpu" else "nvme_bytes"
-    if sb.weights16 and not cpu:
-        # NVMe: the master layout's stage keeps its own fp32 master partition on the device too
-        # (the offload updates it, the stage casts it into the 16-bit parameters): zero/master.py.
-        d_bytes, d_f = part(sb.master, stage >= 1)
-        terms.append(Term(MASTER, device_bytes=d_bytes, **{where: m_bytes},
-                          formula=f"{d_f} on the device + {m_f} offloaded to {offload_optimizer}"))
+    if host_master and not cpu:
+        # NVMe: the stage's fp32 master partition waits in host memory (the offload uploads each
+        # updated sub-group into it, the stage casts it into the 16-bit parameters), next to the
+        # offload's own master copy in the files: zero/master.py, zero/stage3.py.
+        h_bytes, h_f = part(sb.master or sb.param, stage >= 1)
+        terms.append(Term(MASTER, host_bytes=h_bytes, nvme_bytes=m_bytes,
+                          formula=f"{h_f} in host memory + {m_f} in the offload's files"))
     elif host_master:
         terms.append(Term(MASTER, host_bytes=m_bytes, formula=f"{m_f} in host memory, shared by the stage and "
                                                                "the CPU optimizer"))

@@ -17,8 +17,8 @@ The engine drives a stage through:
 `partitioned` says whether `grad_flat` is a partition (stages 1-3: the global gradient norm
 needs one all_reduce) or the whole gradient (stage 0: every rank already holds the same sum).
 
-Under CPU optimizer offload (`host_states`) a stage keeps what only the CPU optimizer reads in
-host memory: the fp32 master partition where it is separate from what the model computes with
+Under optimizer offload of the whole update (`host_states`: CPU, or NVMe, whose offload streams
+through host memory) a stage keeps what only the optimizer reads in host memory: the fp32 master partition where it is separate from what the model computes with
 (`host_master()`: the master layout at stages 1-2, the 16-bit working copy's master at stage 3),
 and at stages 2-3 the gradient partition (`grads_on_host`): each reduced bucket's partition is
 copied down as soon as its reduce-scatter completes, so after backward no gradient stays on the
