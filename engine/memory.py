@@ -542,6 +542,10 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
                                           tiled_mlp_tokens=tiled_mlp_tokens, activation_offload=offload_acts)
     terms += [acts, copies, recompute,
               logits(shape, micro_batch=mb, seq_len=seq_len, sp=sp, chunk_tokens=tiled_loss_tokens)]
+    if getattr(shape, "model_states_only", False):  # engine/modeldesc/shape.py: counts, no dimensions
+        unknown = ("unknown: the model is given by its counts only; give layers, hidden, heads, vocab and "
+                   "seq_len for these")
+        terms[-4:] = [Term(t.name, formula=unknown) for t in terms[-4:]]
     if offload_acts:
         terms.append(offloaded_activations(shape, micro_batch=mb, seq_len=seq_len, sp=sp, sb=sb))
     # Stages 2-3 reduce-scatter through staging buffers of one bucket each (a parameter larger

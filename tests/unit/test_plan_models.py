@@ -97,6 +97,10 @@ def test_counts_alone_give_deepspeeds_figures_and_say_model_states_only(tmp_path
     assert ds["gpu_bytes"] / 2**30 == pytest.approx(6.09, rel=5e-3)
     assert ds["cpu_bytes"] / 2**30 == pytest.approx(1.43, rel=5e-3)
     assert ds["flags"]["zero_init"] is True and ds["flags"]["additional_buffer_factor"] == 1.5
+    # The terms the counts cannot give are reported as unknown, not as 0 bytes that fit.
+    terms = {t["name"]: t for t in zero3[0]["terms"]}
+    for name in ("activations", "logits", "recomputation peak", "autocast weight copies"):
+        assert terms[name]["device_bytes"] == 0 and terms[name]["formula"].startswith("unknown"), name
     text = run_dsl("plan", str(spec)).stdout
     assert "covers model states only" in text and "ZeRO paper" in text and "accelerate estimate-memory" in text
 
