@@ -214,7 +214,7 @@ def _degree(sp: int, model: "ModelConfig | None", world_size: int | None, ranks_
 
     if sp < 1:
         return f"sequence_parallel must be >= 1, got {sp}"
-    if model is not None:
+    if model is not None and model.form == "llama":  # an hf / counts model's heads are not these fields
         reason = sp_reason(sp, heads=model.num_attention_heads, kv_heads=model.kv_heads, seq_len=model.seq_len)
         if reason:
             return reason

@@ -11,7 +11,8 @@
 - activation_offload: an `ActivationOffload` on the checkpointed blocks (used only while
   checkpointing): the `Llama`'s own, or blocks.py's for any other model.
 
-A feature the model cannot take is a UserError naming the setting, never a silent no-op.
+A feature the model cannot take is a UserError naming the setting, never a silent no-op (a
+validity.Refusal: the trainer prints it at the setting's place in the spec).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from dsl.engine.errors import UserError
 from dsl.engine.long.degrees import sp_reason
 from dsl.engine.long.groups import SequenceGroups, build_groups
+from dsl.engine.validity import Problem, Refusal
 
 if TYPE_CHECKING:
     from dsl.engine.config import EngineConfig
@@ -45,24 +46,24 @@ def apply(model: nn.Module, config: "EngineConfig", *, world_size: int, rank: in
     mlps = [m for m in model.modules() if isinstance(m, SwiGLU)]
     if sp > 1:
         if not attentions:
-            raise UserError(f"engine.sequence_parallel ({sp}) needs a model built from "
-                            "dsl.engine.model.Attention layers (the bundled Llama)")
+            raise Refusal([Problem(("sequence_parallel",), f"{sp} needs a model built from dsl.engine.model."
+                                                            "Attention layers (the bundled Llama)")])
         seq_len = llama.cfg.seq_len if llama is not None else None
         for attn in attentions:
             reason = sp_reason(sp, heads=attn.heads, kv_heads=attn.kv_heads,
                                seq_len=seq_len if seq_len is not None else sp)
             if reason:
-                raise UserError(f"engine.sequence_parallel: {reason}")
+                raise Refusal([Problem(("sequence_parallel",), reason)])
     groups = build_groups(world_size, rank, sp)
     for attn in attentions:
         attn.sequence_group = groups.sp_group
     if config.tiled_loss.enabled:
         if llama is None:
-            raise UserError("engine.tiled_loss needs the bundled Llama model (dsl.engine.model.Llama)")
+            raise Refusal([Problem(("tiled_loss",), "needs the bundled Llama model (dsl.engine.model.Llama)")])
         llama.loss_chunk_tokens = config.tiled_loss.chunk_tokens
     if config.tiled_mlp.enabled:
         if not mlps:
-            raise UserError("engine.tiled_mlp needs a model with dsl.engine.model.SwiGLU MLPs")
+            raise Refusal([Problem(("tiled_mlp",), "needs a model with dsl.engine.model.SwiGLU MLPs")])
         for mlp in mlps:
             mlp.chunk_tokens = config.tiled_mlp.chunk_tokens
     _checkpointing(model, llama, config)
@@ -74,7 +75,6 @@ def _checkpointing(model: nn.Module, llama: nn.Module | None, config: "EngineCon
     planner stays off; activation_offload without checkpointing is refused (validity.py)."""
     from dsl.engine.long.act_offload import ActivationOffload
     from dsl.engine.long.blocks import checkpoint_blocks, find_blocks
-    from dsl.engine.validity import Problem, Refusal
 
     on = config.activation_checkpointing is True
     if config.activation_offload and not (on or (llama is not None and llama.activation_checkpointing)):
