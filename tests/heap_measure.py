@@ -13,11 +13,6 @@ Used by tests/unit/test_memory_peak_measured.py and tests/bench/peak.py.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 
 WORKER = r"""
 import ctypes, gc, json, sys, threading, time, torch
@@ -73,22 +68,10 @@ dist.teardown(ctx)
 
 def measure_heap(cases: list[dict], model: dict, timeout: float = 900) -> list[list[dict]]:
     """[rank][case] -> {"base": in-use bytes before the case, "peak": live peak above it}."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    with tempfile.TemporaryDirectory(prefix="dsl-heap-") as cwd:
-        for rank in range(2):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-            procs.append(subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(cases), json.dumps(model)],
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          cwd=cwd))
-        outputs = [p.communicate(timeout=timeout) for p in procs]
-    for proc, (out, err) in zip(procs, outputs):
-        if proc.returncode != 0 or "RESULT " not in out:
-            raise AssertionError(f"rank exited {proc.returncode}:\n{err[-4000:]}")
-    return [json.loads(out.split("RESULT ", 1)[1]) for out, _ in outputs]
+    from tests.memory_measure import run_pair
+
+    return [json.loads(out) for out in run_pair(WORKER, [json.dumps(cases), json.dumps(model)], timeout,
+                                                 prefix="dsl-heap-")]
 
 
 def predicted_live(model: dict, case: dict, dp: int = 2) -> tuple[int, str]:

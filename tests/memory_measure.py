@@ -53,24 +53,29 @@ TERMS = ("params_bytes", "grads_bytes", "optimizer_states_bytes", "activations_b
          "offload_nvme_bytes")
 
 
-def measure(cases: list[dict], model: dict, timeout: float = 900) -> list[list[dict]]:
-    """[rank][case] -> state_summary of that case after one training step."""
+def run_pair(worker: str, args: list[str], timeout: float = 900, prefix: str = "dsl-measure-") -> list[str]:
+    """Run `python -c worker ARGS...` as ranks 0 and 1 of a gloo job; each rank's stdout after
+    its `RESULT ` marker. Raises AssertionError with a rank's stderr when one fails."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = []
-    with tempfile.TemporaryDirectory(prefix="dsl-measure-") as cwd:
+    with tempfile.TemporaryDirectory(prefix=prefix) as cwd:
         for rank in range(2):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-            procs.append(subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(cases), json.dumps(model)],
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          cwd=cwd))
+            procs.append(subprocess.Popen([sys.executable, "-c", worker, *args], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, cwd=cwd))
         outputs = [p.communicate(timeout=timeout) for p in procs]
     for proc, (out, err) in zip(procs, outputs):
         if proc.returncode != 0 or "RESULT " not in out:
             raise AssertionError(f"rank exited {proc.returncode}:\n{err[-4000:]}")
-    return [json.loads(out.split("RESULT ", 1)[1]) for out, _ in outputs]
+    return [out.split("RESULT ", 1)[1] for out, _ in outputs]
+
+
+def measure(cases: list[dict], model: dict, timeout: float = 900) -> list[list[dict]]:
+    """[rank][case] -> state_summary of that case after one training step."""
+    return [json.loads(out) for out in run_pair(WORKER, [json.dumps(cases), json.dumps(model)], timeout)]
 
 
 def expected(model: dict, case: dict, dp: int = 2) -> dict:
