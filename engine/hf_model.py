@@ -102,6 +102,7 @@ def _import_transformers() -> Any:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # its per-model notes are not the user's problem
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every rank's stderr
     return transformers
 
 
