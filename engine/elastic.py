@@ -19,7 +19,12 @@ torchrun's `run()`; dsl does not reimplement rank spawning. It adds what the lau
   count as checkpointed too: a rank exits 75 only after the collective save ended);
 - OMP_NUM_THREADS = this host's usable cores / its ranks (at least 1) unless already set: ranks
   sharing a host otherwise start one thread per core each and fight over the cores (torchrun
-  would set 1, DeepSpeed nothing).
+  would set 1, DeepSpeed nothing);
+- with `resources.bind` (DSL_BIND=cores|numa, set by the launcher) each local rank's CPU set,
+  computed once here from this host's affinity mask and NUMA layout (topology/cpubind.py), and
+  every rank started through `python -m dsl.engine.cpubind`, which pins itself to its set (and
+  OMP_NUM_THREADS to its share, unless set) before exec'ing the program (`bind_ranks`). torchrun's
+  own `--numa-binding` binds by GPU and needs numactl, so it does not serve a CPU host.
 
 Warning signals. The handler installed for SIGUSR1/SIGUSR2 writes one preallocated byte to a
 pipe and does nothing else: it runs between two bytecodes of torchrun's main thread, possibly in
@@ -41,6 +46,7 @@ import json
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -70,6 +76,30 @@ def set_omp_threads(ranks_on_host: int) -> None:
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         os.environ["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // max(1, ranks_on_host)))
+
+
+def bind_ranks(args, mode: str, sys_root: str = "/sys") -> list[tuple[int, ...]]:
+    """Bind the ranks of this host (torchrun's parsed `args`) by `mode`: the CPU sets go to the
+    ranks in DSL_CPU_SETS, and the program of every rank becomes `python -m dsl.engine.cpubind --
+    <what torchrun would have run>`. BindError when the binding cannot apply on this host."""
+    from dsl.engine.cpubind import OMP_ENV
+    from dsl.topology.cpubind import CPU_SETS_ENV, encode, numa_layout, rank_cores
+
+    sets = rank_cores(mode, int(args.nproc_per_node), frozenset(os.sched_getaffinity(0)),
+                      numa_layout(sys_root))
+    os.environ[CPU_SETS_ENV] = encode(sets)
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ[OMP_ENV] = "1"
+    python = os.getenv("PYTHON_EXEC", sys.executable)  # what torchrun runs the program with
+    if args.no_python:
+        program = [args.training_script, *args.training_script_args]
+    else:
+        program = [python, "-u", *(["-m"] if args.module else []), args.training_script,
+                   *args.training_script_args]
+    args.no_python, args.module = True, False
+    args.training_script = python
+    args.training_script_args = ["-m", "dsl.engine.cpubind", "--", *program]
+    return sets
 
 
 def _collateral(exitcode: int) -> int:
@@ -199,6 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     args = parse_args(argv)
+    bind = os.environ.get("DSL_BIND", "none")
+    if bind != "none" and str(args.nproc_per_node).isdigit():
+        from dsl.topology.cpubind import BindError, format_cpus
+
+        try:
+            sets = bind_ranks(args, bind)
+        except BindError as exc:
+            print(f"dsl: {socket.gethostname()}: {exc}", file=sys.stderr, flush=True)
+            return 2
+        print(f"dsl: {socket.gethostname()}: bind {bind}: " + ", ".join(
+            f"local rank {i} -> cpus {format_cpus(s)}" for i, s in enumerate(sets)),
+            file=sys.stderr, flush=True)
     if str(args.nproc_per_node).isdigit():
         set_omp_threads(int(args.nproc_per_node))
     try:

@@ -7,7 +7,8 @@ which also counts mpirun's machine), CUDA_VISIBLE_DEVICES from this node's selec
 --visible-devices; a different value the node's environment had is replaced, and local rank 0
 says so on stderr), OMP_NUM_THREADS from the cores per local rank (unless set), then runs
 PROGRAM, so an unchanged torchrun script (and the bundled trainer) finds the contract it
-expects. MASTER_ADDR/MASTER_PORT come from mpirun's `-x`.
+expects. MASTER_ADDR/MASTER_PORT come from mpirun's `-x`. With DSL_BIND (resources.bind) it
+pins itself to its local rank's CPUs first (topology/cpubind.py), which PROGRAM inherits.
 
 PROGRAM's output is passed on line by line, each line prefixed `[dsl:RANK:LOCAL_RANK] ` and
 written with one write() (mpirun's own `--tag-output` tags chunks, not lines, and splits a line a
@@ -88,6 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(env)
     from dsl.engine.elastic import set_omp_threads
 
+    bind = os.environ.get("DSL_BIND", "none")
+    if bind != "none":  # resources.bind: pinned here, the program and its threads inherit it
+        from dsl.engine.cpubind import bind_self
+        from dsl.topology.cpubind import BindError, numa_layout, rank_cores
+
+        try:
+            sets = rank_cores(bind, int(env["LOCAL_WORLD_SIZE"]), frozenset(os.sched_getaffinity(0)),
+                              numa_layout())
+        except BindError as exc:
+            os.write(2, prefix + f"dsl: {exc}\n".encode())
+            return 2
+        bind_self(int(env["LOCAL_RANK"]), sets, "OMP_NUM_THREADS" not in os.environ)
     set_omp_threads(int(env["LOCAL_WORLD_SIZE"]))
     return run_prefixed(program, prefix)
 

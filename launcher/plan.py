@@ -29,6 +29,7 @@ from dsl.engine import wire
 from dsl.launcher import shell
 from dsl.launcher.hosts import Host
 from dsl.launcher.spec import SpecFile
+from dsl.topology.cpubind import BIND_ENV
 
 REDACTED = "<secret>"
 GUARD_GRACE_S = 3.0
@@ -330,6 +331,8 @@ def base_env(job: Job) -> dict[str, str]:
         "DSL_JOB_NAME": job.spec.name,
         "DSL_OUTPUT_DIR": job.output_dir,
     }
+    if job.spec.resources.bind != "none":  # the starter (or mpirank) pins each rank's cores
+        env[BIND_ENV] = job.spec.resources.bind
     if job.spec.watchdog_s is not None:
         env[wire.COLLECTIVE_TIMEOUT_ENV] = f"{job.spec.watchdog_s + COLLECTIVE_MARGIN_S:g}"
     env.update(job.inputs.env_values)

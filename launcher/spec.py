@@ -172,6 +172,14 @@ class Resources(StrictModel):
     """The machine type to plan for instead of probing this host: a recorded fixture
     (`dsl probe --list`, e.g. h100-sxm-8x) or a file written by `dsl probe --record` or
     `dsl probe --json` (relative to the spec file). Every host is assumed to be like it."""
+    bind: Literal["none", "numa", "cores"] = "none"
+    """Pin each rank to CPUs of its host. `cores`: each local rank gets its own share of the
+    host's usable cores (disjoint, contiguous, within one NUMA node where the counts allow);
+    more ranks than cores on a host stops the job with a message. `numa`: local rank i runs on the
+    cores of NUMA node i mod (number of nodes), round-robin, and its memory comes from that node
+    by first touch; a host that shows no NUMA node stops the job with a message. OMP_NUM_THREADS
+    follows the rank's share unless set. `none`: no pinning (the OS schedules). See
+    topology/cpubind.py."""
 
     @field_validator("procs_per_node", "master_port")
     @classmethod

@@ -30,7 +30,7 @@ def test_typo_names_file_line_col_path_and_suggestion(write):
     message = _error(write, GOOD.replace("procs_per_node", "procs_per_nod"))
     assert message.startswith(f"{write('x', '').parent / 'spec.yaml'}:6:3 resources.procs_per_nod:")
     assert "did you mean 'procs_per_node'?" in message
-    assert "valid fields: backend, exclude, hostfile" in message
+    assert "valid fields: backend, bind, exclude, hostfile" in message
 
 
 def test_bad_choice_lists_choices_and_nearest(write):
