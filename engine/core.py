@@ -186,6 +186,9 @@ class Engine:
         self.global_step = 0
         """`step()` calls so far (skipped fp16 steps included)."""
         self.optimizer_steps = 0
+        self._deepspeed_loop = False
+        """Set by `backward()`: the script calls DeepSpeed's API, so `step()` follows DeepSpeed's
+        semantics (a no-op before the accumulation boundary, gradients zeroed after)."""
         """Updates applied so far."""
         self.skipped_steps = 0
         """fp16 steps skipped because of an overflow."""
@@ -363,9 +366,34 @@ class Engine:
         sumsq, flag = transfer.host_floats(stats)
         return sumsq, flag > 0
 
+    def backward(self, loss: torch.Tensor, **_ignored: Any) -> torch.Tensor:
+        """DeepSpeed's `engine.backward(loss)`: `loss.backward()`. The engine already averages
+        gradients over grad_accum and the ranks (DeepSpeed scales the loss by 1/grad_accum for
+        the same effect). A script that calls it gets DeepSpeed's `step()` as well: called after
+        every micro-batch, it updates only at the accumulation boundary and zeroes the gradients
+        itself, so a DeepSpeed training loop runs unchanged."""
+        self._deepspeed_loop = True
+        loss.backward()
+        return loss
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """DeepSpeed's name for `is_accumulation_boundary`."""
+        return self.is_accumulation_boundary
+
     def step(self) -> None:
         """Wait for the averaged gradients, check overflow, clip and unscale, set the lr, update
-        this rank's partition and bring every rank's parameters up to date."""
+        this rank's partition and bring every rank's parameters up to date. After `backward()`
+        (DeepSpeed's API) it is DeepSpeed's step: nothing before the accumulation boundary, and
+        the gradients are zeroed after the update."""
+        if self._deepspeed_loop:
+            if self.stage.micro_step < self.grad_accum:
+                return
+            self._step()
+            self.stage.zero_grad()
+            return
+        self._step()
+
+    def _step(self) -> None:
         self.stage.finish()
         grads = self.stage.grad_flat
         sumsq, overflow = self._grad_stats(grads)

@@ -73,6 +73,30 @@ def test_grad_accum_2x4_equals_1x8(optimizer: str, lr: float) -> None:
     assert _max_diff(_params(whole), _params(_engine())) > 5e-4  # the step did move the weights
 
 
+def test_a_deepspeed_training_loop_runs_unchanged() -> None:
+    """`engine.backward(loss)` then `engine.step()` after every micro-batch, no zero_grad: the
+    loop of a DeepSpeed script. With grad_accum 2 over 3 steps it updates at the boundaries only
+    and gives the parameters of dsl's own loop, bit for bit."""
+    batches = [_batches(2, micro_batch=4, step=step) for step in (1, 2, 3)]
+    ds = _engine(optimizer={"type": "adamw"}, lr=1e-3, grad_accum=2)
+    for pair in batches:
+        for micro, (x, y) in enumerate(pair):
+            assert ds.is_gradient_accumulation_boundary() == (micro == 1)
+            ds.backward(ds(x, y))
+            before = ds.optimizer_steps
+            ds.step()  # a no-op after the first micro-batch, the update after the second
+            assert ds.optimizer_steps == before + (micro == 1)
+    own = _engine(optimizer={"type": "adamw"}, lr=1e-3, grad_accum=2)
+    for pair in batches:
+        for x, y in pair:
+            own(x, y).backward()
+        own.step()
+        own.zero_grad()
+    assert ds.optimizer_steps == own.optimizer_steps == 3
+    assert _max_diff(_params(ds), _params(own)) == 0.0
+    assert all(float(p.grad.abs().max()) == 0.0 for p in ds.module.parameters())  # zeroed by step()
+
+
 def test_activation_measurement_is_off_until_a_summary_asks_for_it() -> None:
     engine = _engine()
     packed: list[int] = []
