@@ -1,9 +1,10 @@
 """Apply an EngineConfig's long-context settings to a model (called by `Engine.__init__`).
 
 - sequence_parallel > 1: form the SP/DP groups (groups.py, collective) and give every
-  `Attention` of the model the SP group; the degree is checked against each attention's heads
-  and the model's seq_len first (degrees.py), so an impossible degree fails on every rank
-  before any group is formed.
+  `Attention` of the model the SP group, or make a Hugging Face model (engine/hf_model.py)
+  attend through hf_ulysses.py; the degree is checked against the heads and the model's
+  seq_len first (degrees.py), so an impossible degree fails on every rank before any group is
+  formed.
 - tiled_loss / tiled_mlp: chunk sizes on the `Llama` / each `SwiGLU`.
 - activation_checkpointing: true: the bundled `Llama` checkpoints its decoder layers itself;
   any other model (or any model with `checkpoint_module`) has its blocks found and each
@@ -40,11 +41,18 @@ def apply(model: nn.Module, config: "EngineConfig", *, world_size: int, rank: in
     """Configure `model` for `config`'s long-context settings; returns this rank's groups."""
     from dsl.engine.model import Attention, Llama, SwiGLU
 
+    from dsl.engine.hf_model import HFCausalLM
+
     sp = sequence_degree(config)
     llama = model if isinstance(model, Llama) else None
+    hf = model if isinstance(model, HFCausalLM) else None
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
     mlps = [m for m in model.modules() if isinstance(m, SwiGLU)]
-    if sp > 1:
+    if sp > 1 and hf is not None:
+        from dsl.engine.long import hf_ulysses
+
+        hf_ulysses.check(hf, sp)
+    elif sp > 1:
         if not attentions:
             raise Refusal([Problem(("sequence_parallel",), f"{sp} needs a model built from dsl.engine.model."
                                                             "Attention layers (the bundled Llama)")])
@@ -57,6 +65,8 @@ def apply(model: nn.Module, config: "EngineConfig", *, world_size: int, rank: in
     groups = build_groups(world_size, rank, sp)
     for attn in attentions:
         attn.sequence_group = groups.sp_group
+    if sp > 1 and hf is not None:
+        hf_ulysses.install(hf, groups.sp_group)
     if config.tiled_loss.enabled:
         if llama is None:
             raise Refusal([Problem(("tiled_loss",), "needs the bundled Llama model (dsl.engine.model.Llama)")])

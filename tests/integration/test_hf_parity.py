@@ -3,7 +3,9 @@
 Tiny Llama, Qwen3, Qwen3-MoE and GPT-2 configs (tests/hf_tiny.py, written here: no network) are
 built by engine/hf_model.py and trained 20 AdamW steps (fp32, constant lr, weight decay on
 matrices) at ZeRO stages 0-3 on 2 gloo ranks, plus CPU optimizer offload at stage 2 and
-activation checkpointing at stages 0 and 3 (with and without CPU optimizer offload); the
+activation checkpointing at stages 0 and 3 (with and without CPU optimizer offload), and
+Ulysses sequence parallelism (sp=2: both ranks read the same sequences, each its half, with its
+positions) at stages 0 and 3; the
 reference is a single process running `AutoModelForCausalLM.from_config` after the same seed and
 `torch.optim.AdamW` (the same decay groups) on the 2-rank global batch, its loss the cross
 entropy of the logits against the next-token targets. Each step's loss, averaged over the
@@ -45,7 +47,11 @@ VARIANTS = {**{f"s{s}": {"zero_stage": s} for s in (0, 1, 2, 3)},
             # activation checkpointing of the blocks found in the HF model (engine/long/blocks.py)
             "s0-ckpt": {"zero_stage": 0, "activation_checkpointing": True},
             "s3-ckpt": {"zero_stage": 3, "activation_checkpointing": True},
-            "s3-offload-ckpt": {"zero_stage": 3, "activation_checkpointing": True, "offload": CPU_OFFLOAD}}
+            "s3-offload-ckpt": {"zero_stage": 3, "activation_checkpointing": True, "offload": CPU_OFFLOAD},
+            # Ulysses through transformers' attention interface (engine/long/hf_ulysses.py)
+            "sp2-s0": {"zero_stage": 0, "sequence_parallel": 2},
+            "sp2-s3": {"zero_stage": 3, "sequence_parallel": 2}}
+SP_VARIANTS = ("sp2-s0", "sp2-s3")
 
 
 def _model(folder: str):
@@ -69,14 +75,25 @@ def _worker(rank: int, store: str, out: str, root: str) -> None:
             engine = initialize(_model(f"{root}/{family}"), {
                 "grad_clip": None, **cfg,
                 "optimizer": {"lr": LR, "weight_decay": WEIGHT_DECAY}})
-            losses = []
+            losses, sp_means = [], []
             for step in range(1, STEPS + 1):
-                loss = engine(*batch(rank, step, 0), positions=torch.arange(T))
+                if name in SP_VARIANTS:  # both ranks read the global batch, each its half of every sequence
+                    tokens, targets = global_batch(step, 0)
+                    half = slice(rank * T // 2, (rank + 1) * T // 2)
+                    loss = engine(tokens[:, half], targets[:, half], positions=torch.arange(T)[half])
+                else:
+                    loss = engine(*batch(rank, step, 0), positions=torch.arange(T))
                 loss.backward()
                 engine.step()
                 engine.zero_grad()
                 losses.append(loss.item())
+                if name in SP_VARIANTS:
+                    mean = loss.detach().clone()
+                    tdist.all_reduce(mean)
+                    sp_means.append(mean.item() / 2)
             results[f"{family}-{name}"] = losses
+            if name in SP_VARIANTS:  # the loss over the whole sequence: the mean of the 2 shards'
+                results[f"{family}-{name}"] = sp_means
             if name == "s3":  # for the export test: a checkpoint and the engine's own logits
                 engine.save_checkpoint(f"{root}/ckpt-{family}", step=STEPS)
                 with torch.no_grad():
@@ -123,9 +140,12 @@ def test_two_ranks_at_every_stage_match_plain_transformers(setup, family: str) -
     want = reference(root / family)
     assert want[-1] < want[0] - 0.5, want  # it trained
     for name in VARIANTS:
+        # the mean of the ranks' losses: of their halves of the batch, or (sp2) of every sequence
         got = [sum(r[f"{family}-{name}"][i] for r in ranks) / len(ranks) for i in range(STEPS)]
         worst = max(abs(g - w) / abs(w) for g, w in zip(got, want, strict=True))
         assert worst < REL_TOL, (family, name, worst, got, want)
+        if name in SP_VARIANTS:  # issue 16: sp=2 against sp=1, |loss difference| <= 1e-5
+            assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-5, (family, name)
     # Each rank saw its own half of the batch.
     assert max(abs(a - b) for a, b in zip(ranks[0][f"{family}-s0"], ranks[1][f"{family}-s0"])) > 1e-3
 

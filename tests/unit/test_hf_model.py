@@ -144,3 +144,16 @@ def test_a_long_context_setting_an_hf_model_cannot_take_is_located(tmp_path: Pat
     assert main([str(spec)]) == 2
     err = capsys.readouterr().err
     assert f"{spec}:6:" in err and f"engine.{setting}: needs " in err and "Traceback" not in err
+
+
+def test_a_sequence_parallel_degree_the_heads_cannot_take_is_refused_before_any_group_forms(tmp_path: Path) -> None:
+    """engine/long/hf_ulysses.py checks on every rank first (2-rank runs: tests/integration/test_hf_parity.py)."""
+    from dsl.engine import hf_model
+    from dsl.engine.long import hf_ulysses
+    from dsl.engine.train_config import ModelConfig
+
+    model = hf_model.build(ModelConfig(hf=str(write_model(tmp_path / "m", "llama")), seq_len=16), seed=0)
+    hf_ulysses.check(model, 2)  # 4 heads, 2 kv heads, 16 tokens: splits
+    with pytest.raises(UserError, match=r"engine.sequence_parallel: sequence_parallel \(3\) must divide "
+                                        r"num_attention_heads \(4\)"):
+        hf_ulysses.check(model, 3)
