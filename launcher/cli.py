@@ -166,7 +166,8 @@ def _run_locked(prepared, backend, time_limit) -> int:  # type: ignore[no-untype
     how = f"was killed by {outcome.signal_name}" if outcome.signal_name else f"exited with code {outcome.exit_code}"
     if outcome.exit_code == EXIT_WRITE_FAILED and not outcome.signal_name:
         how += " (a write of its output failed: see its last lines)"
-    console.message(f"dsl: job {plan.name} failed: {who} {how}; every other rank was stopped "
+    detail = f" ({outcome.detail})" if outcome.detail else ""
+    console.message(f"dsl: job {plan.name} failed: {who} {how}{detail}; every other rank was stopped "
                     f"(attempt {outcome.attempts} of {plan.max_restarts + 1})", style="bold red")
     if outcome.failed_rank is not None:
         tail = list(output.tails.get(outcome.failed_rank, []))

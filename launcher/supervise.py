@@ -82,6 +82,8 @@ class Outcome:
     """failed_host stopped answering (ssh keepalives) or its connection closed: why (exit 255)."""
     write_error: str | None = None
     """dsl could not write a rank's log (a full disk): the job was stopped (exit 74)."""
+    detail: str | None = None
+    """What the failed host's process says about its end (a Slurm job's end state)."""
 
     @property
     def ok(self) -> bool:
@@ -259,9 +261,15 @@ def _run_attempt(plan: LaunchPlan, backend: Backend, output: RankOutput, stop: _
     code = _shell_code(report.exitcode) if report and report.exitcode else (failed.poll() or 1)
     host = output.rank_hosts.get(report.rank, report.host) if report and report.rank is not None \
         else failed.host
+    # A scheduler's end state says more than a rank's code (a Slurm TIMEOUT is 124, whatever
+    # signal the ranks died of): backends/slurm.py.
+    detail = getattr(failed, "end_detail", None)
+    by_state = getattr(failed, "end_exit_code", None)
+    if by_state is not None:
+        code = by_state
     return Outcome(code, attempt, failed_host=host,
                    failed_rank=report.rank if report else None,
-                   signal_name=report.signal if report else None)
+                   signal_name=report.signal if report else None, detail=detail)
 
 
 def _hung(plan: LaunchPlan, output: RankOutput, now: float) -> list | None:

@@ -70,8 +70,34 @@ def parse_job(text: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", text))
 
 
+STATE_MEANINGS = {
+    "TIMEOUT": "it reached its time limit (--time)",
+    "NODE_FAIL": "a node of its allocation failed",
+    "OUT_OF_MEMORY": "a process exceeded its memory allocation and was killed",
+    "PREEMPTED": "a higher-priority job preempted it",
+    "BOOT_FAIL": "a node failed to boot",
+    "DEADLINE": "it reached its deadline",
+    "CANCELLED": "it was cancelled (scancel, or an administrator)",
+    "FAILED": "a step exited with a non-zero code",
+}
+"""What a Slurm job's end state means, for the failure message (sacct(1) JOB STATE CODES)."""
+
+
+def state_exit_code(state: str) -> int | None:
+    """The exit code a Slurm end state stands for, whatever the batch script's own code: a time
+    limit as `dsl launch --time-limit` and GNU timeout (124), a failed node as a lost ssh host
+    (255), the out-of-memory killer's SIGKILL (137), preemption's SIGTERM (143)."""
+    from dsl.launcher.supervise import EXIT_LOST_HOST, EXIT_TIME_LIMIT
+
+    return {"TIMEOUT": EXIT_TIME_LIMIT, "NODE_FAIL": EXIT_LOST_HOST, "OUT_OF_MEMORY": 128 + 9,
+            "PREEMPTED": 128 + 15}.get(state)
+
+
 def exit_code(state: str, code: str) -> int:
-    """Slurm's `ExitCode=N:S` (code, signal) -> a shell-style exit code."""
+    """Slurm's end state and `ExitCode=N:S` (code, signal) -> a shell-style exit code."""
+    by_state = state_exit_code(state)
+    if by_state is not None:
+        return by_state
     number, _, signal = code.partition(":")
     if signal and signal != "0":
         return 128 + int(signal)
@@ -95,6 +121,10 @@ class SlurmJob:
         log.info("submitted Slurm job %s (squeue -j %s; scancel %s)", self.job_id, self.job_id, self.job_id)
         self._output_pattern = plan.job_output or f"{plan.output_dir}/slurm-%j.out"
         self._code: int | None = None
+        self.end_detail: str | None = None
+        """Set when the job ends in a state other than COMPLETED: the state and what it means."""
+        self.end_exit_code: int | None = None
+        """The exit code that end state stands for (`state_exit_code`), when it stands for one."""
         self._hosts: list[str] = []
         self._state = "PENDING"
         self._stop = threading.Event()
@@ -140,6 +170,10 @@ class SlurmJob:
                 if pending:
                     self._emit(pending)
                 self._code = exit_code(state, code)
+                if state != "COMPLETED":
+                    meaning = STATE_MEANINGS.get(state, "see sacct -j " + self.job_id)
+                    self.end_detail = f"Slurm job {self.job_id} ended {state}: {meaning}"
+                    self.end_exit_code = state_exit_code(state)
                 return
             time.sleep(POLL_S)
 

@@ -94,7 +94,7 @@ def test_slurm_answers_are_parsed():
     assert exit_code("COMPLETED", "0:0") == 0
     assert exit_code("FAILED", "3:0") == 3
     assert exit_code("CANCELLED", "0:15") == 128 + 15
-    assert exit_code("TIMEOUT", "0:0") == 1
+    assert exit_code("TIMEOUT", "0:0") == 124  # the time limit, as dsl launch --time-limit
 
 
 def test_labels_map_to_hosts():
