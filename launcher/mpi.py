@@ -5,12 +5,14 @@ them); each rank runs `dsl.launcher.mpirank`, which maps `OMPI_COMM_WORLD_*` to 
 environment, runs the program and prefixes its lines `[dsl:RANK:LOCAL] ` like torchrun does. Environment values travel by name (`-x NAME`, the value
 taken from mpirun's own environment), so no secret appears on a command line. ssh options reach
 mpirun's rsh agent through `--mca plm_rsh_args`, which mpirun splits on spaces itself: paths in
-the ssh settings must therefore not contain spaces (refused with a message).
+the ssh settings must therefore not contain spaces (refused with a message). run.setup runs in a
+bash before each rank's program (behind mpirank, so its output is prefixed like the rank's).
 """
 
 from __future__ import annotations
 
 from dsl.engine.errors import UserError
+from dsl.launcher import shell
 from dsl.launcher.hosts import Host
 from dsl.launcher.plan import HostLaunch, Job, LaunchPlan, SshTarget, base_env, layout, ssh_target
 
@@ -37,7 +39,7 @@ def render_plan(job: Job, hosts: list[Host]) -> LaunchPlan:
                  "--slots=" + ";".join(",".join(map(str, h.slots)) for h in hosts)]
     if inputs.set_visible_devices:
         rank_argv.append("--visible-devices")
-    rank_argv += ["--", job.python, *job.program]
+    rank_argv += ["--", *shell.with_setup(spec.run.setup, [job.python, *job.program])]
     target = ssh_target(job.spec_file)
     mpirun = ["mpirun"]
     if inputs.is_root:

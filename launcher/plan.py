@@ -55,6 +55,11 @@ class HostLaunch:
     into `env`: no GPU found, the spec's env sets it, Slurm binds the devices, or mpi, where
     dsl.launcher.mpirank derives it from the slots on the host."""
 
+    @property
+    def python(self) -> str:
+        """The interpreter this host runs (argv[0], behind run.setup's bash when there is one)."""
+        return shell.unwrapped(self.argv)[0]
+
 
 @dataclass(frozen=True)
 class SshTarget:
@@ -245,7 +250,7 @@ def render_per_host(job: Job, hosts: list[Host]) -> LaunchPlan:
             node_rank=node_rank,
             ranks=ranks,
             slots=tuple(host.slots),
-            argv=tuple(guard + starter + job.program),
+            argv=tuple(shell.with_setup(spec.run.setup, guard + starter + job.program)),
             env=host_env(job, host, node_rank),
             cwd=job.cwd,
             devices=host.devices if inputs.set_visible_devices else (),

@@ -74,7 +74,7 @@ class Check:
 
 
 def probe_argv(plan: LaunchPlan, host_index: int) -> list[str]:
-    python = plan.hosts[host_index].argv[0]
+    python = plan.hosts[host_index].python
     ssh_port = plan.ssh.port if plan.ssh else 22
     return [python, "-c", PROBE, plan.master_addr, str(ssh_port), str(plan.master_port),
             "1" if host_index == 0 else "0"]
@@ -115,7 +115,7 @@ def check(plan: LaunchPlan, answers: dict[str, dict | str], local_dsl: str | Non
         expected = local_dsl if name == "dsl" and local_dsl else _most_common(values.values())
         for host, value in values.items():
             if value is None:
-                rows.append(Check(host, name, False, f"{name} is not installed for {plan.hosts[0].argv[0]}"))
+                rows.append(Check(host, name, False, f"{name} is not installed for {plan.hosts[0].python}"))
             elif value != expected:
                 rows.append(Check(host, name, False, f"{name} {value}, others have {expected}; "
                                                      "install the same version on every host"))

@@ -46,7 +46,7 @@ def probe_hosts(plan: LaunchPlan, run: preflight.Runner | None = None) -> dict[s
     def one(index: int) -> HostTopology | str:
         launch = plan.hosts[index]
         try:
-            code, out, err = run(launch.host, probe_argv(launch.argv[0]))
+            code, out, err = run(launch.host, probe_argv(launch.python))
         except DslError as exc:
             return str(exc)
         except (OSError, subprocess.SubprocessError) as exc:

@@ -49,6 +49,40 @@ def remote_command(cwd: str, argv: Iterable[str]) -> str:
     return f"cd {quote(cwd)} && exec {join(argv)}"
 
 
+SETUP_NAME = "dsl-setup"
+"""$0 of the bash that runs run.setup before the program (shows in `ps` and in bash's errors)."""
+
+
+def setup_script(lines: Iterable[str]) -> str:
+    """The spec's run.setup lines as shell text run in the current shell (so what a line exports
+    or sources reaches what runs next), each with its stdin from /dev/null (a line must not eat
+    the guard's stdin), stopping at the first line that fails with its exit code and a message
+    naming the line."""
+    blocks = []
+    for index, line in enumerate(lines):
+        blocks.append(
+            f"{{ {line}\n}} </dev/null || {{ code=$?; printf 'dsl: %s: run.setup[%s] failed with exit "
+            f"%s: %s\\n' \"${{HOSTNAME:-?}}\" {index} \"$code\" {quote(line)} >&2; exit \"$code\"; }}")
+    return "\n".join(blocks)
+
+
+def with_setup(lines: Iterable[str], argv: Iterable[str]) -> list[str]:
+    """`bash -c 'SETUP; exec "$@"' dsl-setup ARGV...`: ARGV runs after the setup lines, in the
+    same process (exec), with what they exported; just ARGV when there are no lines."""
+    lines, argv = list(lines), list(argv)
+    if not lines:
+        return argv
+    return ["bash", "-c", setup_script(lines) + '\nexec "$@"', SETUP_NAME, *argv]
+
+
+def unwrapped(argv: Iterable[str]) -> list[str]:
+    """ARGV of a `with_setup` command (the command itself when it has no setup)."""
+    argv = list(argv)
+    if argv[:2] == ["bash", "-c"] and argv[3:4] == [SETUP_NAME]:
+        return argv[4:]
+    return argv
+
+
 def exports(env: Mapping[str, str]) -> str:
     """`export NAME=VALUE` lines (for batch scripts); names were validated by the spec."""
     return "\n".join(f"export {name}={quote(value)}" for name, value in env.items())

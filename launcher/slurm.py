@@ -61,14 +61,25 @@ def sbatch_options(spec_file: SpecFile, output_dir: str, nodes: int) -> list[str
     return opts
 
 
-def node_argv(python: str, nodes: int, nproc: int, output_dir: str, program: list[str]) -> list[str]:
+def node_argv(python: str, nodes: int, nproc: int, output_dir: str, program: list[str],
+              setup: list[str] = ()) -> list[str]:
     starter = starter_argv(python, nodes, shell.Var("", "SLURM_NODEID"), nproc,
                            shell.Var("", "MASTER_ADDR"), shell.Var("", "MASTER_PORT"),
                            shell.Var(f"{output_dir}/logs/torchelastic/", "SLURMD_NODENAME"))
     guard = guard_argv(python)
     if nodes > 1:
         guard.insert(guard.index("--"), f"--checkpointed-linger-s={CHECKPOINTED_LINGER_S}")
-    return guard + starter + program
+    return shell.with_setup(setup, guard + starter + program)
+
+
+def setup_lines(setup: list[str]) -> str:
+    """run.setup in the batch script, before srun: what it exports reaches srun (--export=ALL).
+    Run without the script's `set -eu` (activate scripts read unset variables); each line stops
+    the script itself when it fails (shell.setup_script)."""
+    if not setup:
+        return ""
+    return "# run.setup (run again on every node before its ranks)\nset +eu\n" + \
+        shell.setup_script(setup) + "\nset -eu\n\n"
 
 
 def srun_lines(srun_command: str, requeue: bool) -> str:
@@ -98,7 +109,7 @@ def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nod
     secrets = frozenset(spec.env.secret) if secrets is None else secrets
     port = spec.resources.master_port
     node_command = (f"export NODE_RANK=\"$SLURM_NODEID\"; "
-                    f"{shell.remote_command(cwd, node_argv(python, nodes, nproc, output_dir, program))}")
+                    f"{shell.remote_command(cwd, node_argv(python, nodes, nproc, output_dir, program, spec.run.setup))}")
     srun = ["--nodes=" + str(nodes), "--ntasks=" + str(nodes), "--ntasks-per-node=1",
             "--kill-on-bad-exit=1", "--label", "--export=ALL"]
     if spec.resources.slurm.cpus_per_task:
@@ -114,8 +125,8 @@ def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nod
         sbatch_lines="\n".join(f"#SBATCH {shell.quote(o)}" for o in sbatch_options(spec_file, output_dir, nodes)),
         master_port_line=f"MASTER_PORT={AUTO_PORT if port == 'auto' else port}",
         exports=shell.exports({k: v for k, v in env.items() if k not in secrets}),
-        srun_lines=srun_lines(f"srun {shell.join(srun)} bash -c {shell.quote(node_command)}",
-                              spec.resources.slurm.requeue is True),
+        srun_lines=setup_lines(spec.run.setup) + srun_lines(
+            f"srun {shell.join(srun)} bash -c {shell.quote(node_command)}", spec.resources.slurm.requeue is True),
     )
 
 
@@ -139,7 +150,7 @@ def render_plan(job: Job, hosts: list[Host]) -> LaunchPlan:
     port = spec.resources.master_port
     launches = [
         HostLaunch(host=host.name, node_rank=node_rank, ranks=ranks, slots=tuple(host.slots),
-                   argv=tuple(node_argv(job.python, nodes, nproc, job.output_dir, job.program)),
+                   argv=tuple(node_argv(job.python, nodes, nproc, job.output_dir, job.program, spec.run.setup)),
                    env={"NODE_RANK": str(node_rank)}, cwd=job.cwd)
         for node_rank, host, ranks in layout(hosts)
     ]

@@ -59,6 +59,21 @@ class Run(StrictModel):
     """The Python interpreter on the hosts; default: the one running `dsl`."""
     workdir: str | None = None
     """Working directory of every rank; default: the directory `dsl launch` runs in."""
+    setup: list[str] = []
+    """Shell lines run by bash on every host before its ranks start, in the working directory,
+    e.g. `module load cuda/12.4` or `source /opt/venv/bin/activate`; what they export or source
+    reaches every rank (env.vars still win). The first line that fails stops the host with its
+    exit code and a message naming the line. Backend slurm runs them in the batch script before
+    srun and again on every node inside srun's command; backend mpi before each rank."""
+
+    @field_validator("setup")
+    @classmethod
+    def _setup_lines(cls, value: list[str]) -> list[str]:
+        for index, line in enumerate(value):
+            if not line.strip() or "\0" in line:
+                raise ValueError(f"entry {index} ({line!r}) is not a shell line: give a command such "
+                                 "as `module load cuda/12.4`, or remove the entry")
+        return value
 
     @model_validator(mode="after")
     def _exactly_one_program(self) -> "Run":

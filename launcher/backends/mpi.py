@@ -58,6 +58,6 @@ class MpiBackend:
         submit = plan.submit
         guarded = HostLaunch(
             host="mpirun", node_rank=-1, ranks=(), slots=(), cwd=submit.cwd, env=submit.env,
-            argv=(plan.hosts[0].argv[0], "-m", "dsl.launcher.guard", f"--grace-s={GUARD_GRACE_S:g}",
+            argv=(plan.hosts[0].python, "-m", "dsl.launcher.guard", f"--grace-s={GUARD_GRACE_S:g}",
                   "--", *submit.argv))
         return [LocalProcess(guarded, MpiOutput(plan, sink))]
