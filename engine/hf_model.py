@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsl.engine.errors import UserError
+from dsl.engine.long.tiled_loss import tiled_cross_entropy
 
 if TYPE_CHECKING:
     from dsl.engine.train_config import ModelConfig
@@ -73,6 +74,9 @@ class HFCausalLM(nn.Module):
         """Tokens per training sequence (run.train.model.seq_len)."""
         self.activation_checkpointing = False
         """Set by engine/long/setup.py when the engine checkpoints this model's blocks."""
+        self.loss_chunk_tokens: int | None = None
+        """Tiled loss (engine/long/tiled_loss.py; set by engine/long/setup.py after
+        `tiled_loss_reason`): tokens per chunk of the cross entropy, never the full logits."""
 
     @property
     def config(self) -> Any:
@@ -83,11 +87,31 @@ class HFCausalLM(nn.Module):
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         if positions is not None and positions.dim() == 1:
             positions = positions.unsqueeze(0).expand(tokens.shape[0], -1)
+        if targets is not None and self.loss_chunk_tokens is not None:
+            # The causal LM is its base model and a bias-free output projection (tiled_loss_reason).
+            hidden = self.lm.base_model(input_ids=tokens, position_ids=positions, use_cache=False).last_hidden_state
+            return tiled_cross_entropy(hidden.flatten(0, 1), self.lm.get_output_embeddings().weight,
+                                       targets.flatten(), self.loss_chunk_tokens)
         logits = self.lm(input_ids=tokens, position_ids=positions, use_cache=False).logits
         if targets is None:
             return logits
         # fp32 log-softmax: under bf16 autocast the logits are bf16 (engine/model.py does the same).
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def tiled_loss_reason(self) -> str | None:
+        """Why the loss cannot be tiled on this model (its logits are not just a bias-free linear
+        map of the base model's output), or None."""
+        head = self.lm.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            return f"needs an nn.Linear output projection; {type(self.lm).__name__} has {type(head).__name__}"
+        if head.bias is not None:
+            return f"needs an output projection without bias; {type(self.lm).__name__}'s has one"
+        config = self.lm.config
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+            if getattr(config, name, None) not in (None, 1, 1.0):
+                return (f"{type(self.lm).__name__} transforms its logits ({name} = {getattr(config, name)}), which "
+                        "the tiled loss does not")
+        return None
 
     def num_params(self) -> int:
         """Distinct parameters (a tied embedding counts once)."""

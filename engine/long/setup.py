@@ -5,7 +5,8 @@
   attend through hf_ulysses.py; the degree is checked against the heads and the model's
   seq_len first (degrees.py), so an impossible degree fails on every rank before any group is
   formed.
-- tiled_loss / tiled_mlp: chunk sizes on the `Llama` / each `SwiGLU`.
+- tiled_loss / tiled_mlp: chunk sizes on the `Llama` (or a Hugging Face model whose logits are
+  a bias-free linear map of its base model's output) / each `SwiGLU`.
 - activation_checkpointing: true: the bundled `Llama` checkpoints its decoder layers itself;
   any other model (or any model with `checkpoint_module`) has its blocks found and each
   recomputed in backward (blocks.py); no block found is a UserError.
@@ -68,9 +69,13 @@ def apply(model: nn.Module, config: "EngineConfig", *, world_size: int, rank: in
     if sp > 1 and hf is not None:
         hf_ulysses.install(hf, groups.sp_group)
     if config.tiled_loss.enabled:
-        if llama is None:
-            raise Refusal([Problem(("tiled_loss",), "needs the bundled Llama model (dsl.engine.model.Llama)")])
-        llama.loss_chunk_tokens = config.tiled_loss.chunk_tokens
+        target = llama if llama is not None else hf
+        reason = (hf.tiled_loss_reason() if hf is not None else
+                  None if llama is not None else "needs the bundled Llama model or a Hugging Face causal LM "
+                                                 "(run.train.model: {hf: DIR}, engine/hf_model.py)")
+        if reason:
+            raise Refusal([Problem(("tiled_loss",), reason)])
+        target.loss_chunk_tokens = config.tiled_loss.chunk_tokens
     if config.tiled_mlp.enabled:
         if not mlps:
             raise Refusal([Problem(("tiled_mlp",), "needs a model with dsl.engine.model.SwiGLU MLPs")])

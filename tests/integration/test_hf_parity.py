@@ -5,7 +5,7 @@ built by engine/hf_model.py and trained 20 AdamW steps (fp32, constant lr, weigh
 matrices) at ZeRO stages 0-3 on 2 gloo ranks, plus CPU optimizer offload at stage 2 and
 activation checkpointing at stages 0 and 3 (with and without CPU optimizer offload), and
 Ulysses sequence parallelism (sp=2: both ranks read the same sequences, each its half, with its
-positions) at stages 0 and 3; the
+positions) at stages 0 and 3, and the tiled loss at stage 2; the
 reference is a single process running `AutoModelForCausalLM.from_config` after the same seed and
 `torch.optim.AdamW` (the same decay groups) on the 2-rank global batch, its loss the cross
 entropy of the logits against the next-token targets. Each step's loss, averaged over the
@@ -50,7 +50,9 @@ VARIANTS = {**{f"s{s}": {"zero_stage": s} for s in (0, 1, 2, 3)},
             "s3-offload-ckpt": {"zero_stage": 3, "activation_checkpointing": True, "offload": CPU_OFFLOAD},
             # Ulysses through transformers' attention interface (engine/long/hf_ulysses.py)
             "sp2-s0": {"zero_stage": 0, "sequence_parallel": 2},
-            "sp2-s3": {"zero_stage": 3, "sequence_parallel": 2}}
+            "sp2-s3": {"zero_stage": 3, "sequence_parallel": 2},
+            # the loss over chunks of the base model's output (engine/hf_model.py, tiled_loss.py)
+            "s2-tiled-loss": {"zero_stage": 2, "tiled_loss": {"enabled": True, "chunk_tokens": 24}}}
 SP_VARIANTS = ("sp2-s0", "sp2-s3")
 
 
