@@ -113,6 +113,18 @@ class HFCausalLM(nn.Module):
                         "the tiled loss does not")
         return None
 
+    def swiglu_mlps(self) -> list[nn.Module]:
+        """The MLPs of the form down_proj(silu(gate_proj(x)) * up_proj(x)) with bias-free nn.Linear
+        projections (Llama, Mistral, Qwen2/3 dense layers): what engine/long/tiled_mlp.py tiles."""
+        found = []
+        for module in self.lm.modules():
+            projections = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+            act = getattr(module, "act_fn", None)
+            if (all(isinstance(p, nn.Linear) and p.bias is None for p in projections)
+                    and type(act).__name__ in ("SiLU", "SiLUActivation")):
+                found.append(module)
+        return found
+
     def num_params(self) -> int:
         """Distinct parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())

@@ -6,7 +6,8 @@
   seq_len first (degrees.py), so an impossible degree fails on every rank before any group is
   formed.
 - tiled_loss / tiled_mlp: chunk sizes on the `Llama` (or a Hugging Face model whose logits are
-  a bias-free linear map of its base model's output) / each `SwiGLU`.
+  a bias-free linear map of its base model's output) / each `SwiGLU` (or each SwiGLU-shaped MLP
+  of a Hugging Face model, `HFCausalLM.swiglu_mlps`, whose forward becomes the tiled one).
 - activation_checkpointing: true: the bundled `Llama` checkpoints its decoder layers itself;
   any other model (or any model with `checkpoint_module`) has its blocks found and each
   recomputed in backward (blocks.py); no block found is a UserError.
@@ -25,6 +26,7 @@ from torch import nn
 
 from dsl.engine.long.degrees import sp_reason
 from dsl.engine.long.groups import SequenceGroups, build_groups
+from dsl.engine.long.tiled_mlp import tiled_swiglu
 from dsl.engine.validity import Problem, Refusal
 
 if TYPE_CHECKING:
@@ -77,10 +79,17 @@ def apply(model: nn.Module, config: "EngineConfig", *, world_size: int, rank: in
             raise Refusal([Problem(("tiled_loss",), reason)])
         target.loss_chunk_tokens = config.tiled_loss.chunk_tokens
     if config.tiled_mlp.enabled:
-        if not mlps:
-            raise Refusal([Problem(("tiled_mlp",), "needs a model with dsl.engine.model.SwiGLU MLPs")])
+        chunk = config.tiled_mlp.chunk_tokens
+        hf_mlps = hf.swiglu_mlps() if hf is not None else []
+        if not mlps and not hf_mlps:
+            raise Refusal([Problem(("tiled_mlp",), "needs SwiGLU MLPs: the bundled Llama's (dsl.engine.model.SwiGLU) "
+                                                   "or a Hugging Face model's down_proj(silu(gate_proj(x)) * up_proj(x))"
+                                                   " without biases (Llama, Mistral, Qwen dense layers)")])
         for mlp in mlps:
-            mlp.chunk_tokens = config.tiled_mlp.chunk_tokens
+            mlp.chunk_tokens = chunk
+        for mlp in hf_mlps:  # the same computation, chunked (forward replaced: the module's hooks stay)
+            mlp.forward = lambda x, mlp=mlp: tiled_swiglu(x, mlp.gate_proj.weight, mlp.up_proj.weight,
+                                                          mlp.down_proj.weight, chunk)
     _checkpointing(model, llama, config)
     return groups
 

@@ -137,9 +137,9 @@ def test_the_spec_dsl_launch_writes_for_the_ranks_reads_back_as_the_same_model(t
 
 @pytest.mark.parametrize("setting", ["tiled_mlp"])
 def test_a_long_context_setting_an_hf_model_cannot_take_is_located(tmp_path: Path, setting: str, capsys) -> None:
-    """The tiled MLP is the bundled Llama's SwiGLU (issue 16 item 3 is to come for HF MLPs): an HF
-    model is refused at the setting's place in the spec, not trained without it."""
-    write_model(tmp_path / "m", "llama")
+    """GPT-2's MLP (c_fc, gelu, c_proj) is not the SwiGLU the tiled MLP computes: refused at the
+    setting's place in the spec, not trained without it."""
+    write_model(tmp_path / "m", "gpt2")
     spec = _spec(tmp_path, "{hf: m, seq_len: 16}", engine=f"{{micro_batch: 2, {setting}: {{enabled: true}}}}")
     assert main([str(spec)]) == 2
     err = capsys.readouterr().err
@@ -160,7 +160,7 @@ def test_a_sequence_parallel_degree_the_heads_cannot_take_is_refused_before_any_
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_the_tiled_loss_on_an_hf_model_gives_the_same_losses_without_the_full_logits(tmp_path: Path,
+def test_the_tiled_loss_and_mlp_on_an_hf_model_give_the_same_losses_with_fewer_saved_bytes(tmp_path: Path,
                                                                                     family: str) -> None:
     import torch
 
@@ -170,7 +170,8 @@ def test_the_tiled_loss_on_an_hf_model_gives_the_same_losses_without_the_full_lo
     folder = write_model(tmp_path / family, family)
     tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     runs = {}
-    for name, extra in (("plain", {}), ("tiled", {"tiled_loss": {"enabled": True, "chunk_tokens": 24}})):
+    for name, extra in (("plain", {}), ("tiled", {"tiled_loss": {"enabled": True, "chunk_tokens": 24}}),
+                        *([("mlp", {"tiled_mlp": {"enabled": True, "chunk_tokens": 24}})] if family != "gpt2" else [])):
         engine = initialize(hf_model.build(ModelConfig(hf=str(folder), seq_len=16), seed=0),
                             {"zero_stage": 3, "grad_clip": None, **extra})
         engine.state_summary()  # saved-tensor accounting on
@@ -185,3 +186,6 @@ def test_the_tiled_loss_on_an_hf_model_gives_the_same_losses_without_the_full_lo
     assert max(abs(a - b) for a, b in zip(runs["plain"][0], runs["tiled"][0])) < 2e-6
     logits_bytes = 4 * 16 * 128 * 4  # [4, 16, vocab 128] fp32, and its log-softmax as much again
     assert runs["plain"][1] - runs["tiled"][1] >= logits_bytes, runs
+    if family != "gpt2":  # the tiled MLP (Llama's SwiGLU): its [4, 16, 64] intermediates are not kept
+        assert max(abs(a - b) for a, b in zip(runs["plain"][0], runs["mlp"][0])) < 2e-6
+        assert runs["plain"][1] - runs["mlp"][1] >= 2 * 3 * 4 * 16 * 64 * 4, runs
