@@ -189,3 +189,22 @@ def test_the_tiled_loss_and_mlp_on_an_hf_model_give_the_same_losses_with_fewer_s
     if family != "gpt2":  # the tiled MLP (Llama's SwiGLU): its [4, 16, 64] intermediates are not kept
         assert max(abs(a - b) for a, b in zip(runs["plain"][0], runs["mlp"][0])) < 2e-6
         assert runs["plain"][1] - runs["mlp"][1] >= 2 * 3 * 4 * 16 * 64 * 4, runs
+
+
+def test_a_checkpointed_hf_run_resumes_at_another_stage_with_the_uninterrupted_losses(tmp_path: Path) -> None:
+    """Checkpoints hold the HF model's parameters under their engine names (engine/checkpoint.py):
+    3 steps at ZeRO-3 plus 3 resumed at ZeRO-0 give the losses of 6 steps straight at ZeRO-0."""
+    write_model(tmp_path / "m", "qwen3")
+
+    def run(out: str, stage: int, steps: int) -> list[float]:
+        spec = tmp_path / f"{out}-{stage}.yaml"
+        spec.write_text(f"run:\n  train:\n    model: {{hf: m, seq_len: 16}}\n    steps: {steps}\n    log_every: 1\n"
+                        f"    checkpoint_every: 3\nengine: {{zero_stage: {stage}, micro_batch: 2, optimizer: {{lr: 0.01}}}}\n"
+                        f"output_dir: {tmp_path / out}\n")
+        assert main([str(spec)]) == 0
+        return [json.loads(line)["loss"] for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    straight = run("straight", 0, 6)
+    run("resumed", 3, 3)
+    resumed = run("resumed", 0, 6)
+    assert len(resumed) == 6 and max(abs(a - b) for a, b in zip(resumed, straight)) < 1e-6, (resumed, straight)
