@@ -31,7 +31,6 @@ transformers and safetensors are the optional extra `dsl[hf]`, imported here onl
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,18 +40,14 @@ from torch import nn
 
 from dsl.engine.errors import UserError
 from dsl.engine.long.tiled_loss import tiled_cross_entropy
+from dsl.engine.validity import hf_missing
 
 if TYPE_CHECKING:
     from dsl.engine.train_config import ModelConfig
 
-__all__ = ["HFCausalLM", "build", "missing_packages", "INSTALL_HINT", "config_path"]
+__all__ = ["HFCausalLM", "build", "INSTALL_HINT", "config_path"]
 
 INSTALL_HINT = "pip install 'dsl[hf]'"
-
-
-def missing_packages() -> list[str]:
-    """The packages of the `hf` extra this environment lacks (found without importing them)."""
-    return [name for name in ("transformers", "safetensors") if importlib.util.find_spec(name) is None]
 
 
 def config_path(model: "ModelConfig") -> Path:
@@ -131,7 +126,7 @@ class HFCausalLM(nn.Module):
 
 
 def _import_transformers() -> Any:
-    missing = missing_packages()
+    missing = hf_missing()
     if missing:
         raise UserError(f"run.train.model: training a Hugging Face model needs {' and '.join(missing)} "
                         f"(the optional extra dsl[hf]): {INSTALL_HINT}")

@@ -64,8 +64,8 @@ if TYPE_CHECKING:
     from dsl.engine.located import Locations
     from dsl.engine.train_config import ModelConfig
 
-__all__ = ["Problem", "Refusal", "problems", "batch_reason", "compile_conflicts", "field_problems", "model_problems",
-           "refuse", "refuse_located"]
+__all__ = ["Problem", "Refusal", "hf_missing", "problems", "batch_reason", "compile_conflicts", "field_problems",
+           "model_problems", "refuse", "refuse_located"]
 
 
 @dataclass(frozen=True)
@@ -167,9 +167,7 @@ def model_problems(model: "ModelConfig", *, check_installed: bool = False) -> li
     if model.form == "hf":
         if not check_installed:
             return []
-        import importlib.util
-
-        missing = [name for name in ("transformers", "safetensors") if importlib.util.find_spec(name) is None]
+        missing = hf_missing()
         if not missing:
             return []
         return [Problem((field,), f"training a Hugging Face model needs {' and '.join(missing)} (the optional "
@@ -178,6 +176,14 @@ def model_problems(model: "ModelConfig", *, check_installed: bool = False) -> li
                               f"this model; to train, give its config.json (hf: DIR) or describe the bundled "
                               f"Llama (preset, or its dimensions: hidden_size, num_hidden_layers, ...)",
                     root=("run", "train", "model"))]
+
+
+def hf_missing() -> list[str]:
+    """The packages of the extra dsl[hf] (transformers, safetensors) this environment lacks,
+    found without importing them."""
+    import importlib.util
+
+    return [name for name in ("transformers", "safetensors") if importlib.util.find_spec(name) is None]
 
 
 def compile_conflicts(engine: "EngineConfig") -> list[str]:
