@@ -21,6 +21,11 @@ Weights:
 Parameters are fp32 whatever config.json's `dtype` says: the engine keeps fp32 masters and
 applies bf16/fp16 itself (engine/precision.py).
 
+Engine features on it (engine/long/setup.py): activation checkpointing of its repeated blocks
+(engine/long/blocks.py), Ulysses through transformers' attention interface
+(engine/long/hf_ulysses.py), the tiled loss over `lm.base_model`'s output and the output
+projection (`tiled_loss_reason`), the tiled MLP on SwiGLU-shaped MLPs (`swiglu_mlps`).
+
 Every rank builds the whole model on the host before the engine partitions it; at ZeRO stage 3
 the engine then keeps only this rank's partition (engine/zero/stage3.py), so the whole model is
 resident once per rank during start-up only.
