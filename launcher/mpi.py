@@ -14,7 +14,8 @@ from __future__ import annotations
 from dsl.engine.errors import UserError
 from dsl.launcher import shell
 from dsl.launcher.hosts import Host
-from dsl.launcher.plan import HostLaunch, Job, LaunchPlan, SshTarget, base_env, layout, ssh_target
+from dsl.launcher.plan import (HostLaunch, Job, LaunchPlan, SshTarget, base_env, host_setup, layout,
+                               ssh_target)
 
 HOSTFILE_NAME = "mpi-hostfile"
 
@@ -39,7 +40,7 @@ def render_plan(job: Job, hosts: list[Host]) -> LaunchPlan:
                  "--slots=" + ";".join(",".join(map(str, h.slots)) for h in hosts)]
     if inputs.set_visible_devices:
         rank_argv.append("--visible-devices")
-    rank_argv += ["--", *shell.with_setup(spec.run.setup, [job.python, *job.program])]
+    rank_argv += ["--", *shell.with_setup(host_setup(spec), [job.python, *job.program])]
     target = ssh_target(job.spec_file)
     mpirun = ["mpirun"]
     if inputs.is_root:

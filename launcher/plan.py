@@ -250,7 +250,7 @@ def render_per_host(job: Job, hosts: list[Host]) -> LaunchPlan:
             node_rank=node_rank,
             ranks=ranks,
             slots=tuple(host.slots),
-            argv=tuple(shell.with_setup(spec.run.setup, guard + starter + job.program)),
+            argv=tuple(shell.with_setup(host_setup(spec), guard + starter + job.program)),
             env=host_env(job, host, node_rank),
             cwd=job.cwd,
             devices=host.devices if inputs.set_visible_devices else (),
@@ -269,6 +269,11 @@ def render_per_host(job: Job, hosts: list[Host]) -> LaunchPlan:
         ssh=target,
         watchdog_s=spec.watchdog_s,
     )
+
+
+def host_setup(spec) -> list[str]:
+    """The shell lines run on a host before its ranks: run.setup, then env.prepend's exports."""
+    return [*spec.run.setup, *(shell.prepend_export(k, v) for k, v in spec.env.prepend.items())]
 
 
 def ssh_target(spec_file: SpecFile) -> SshTarget:

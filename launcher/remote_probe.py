@@ -14,7 +14,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 from dsl.engine.errors import DslError, UserError
-from dsl.launcher import preflight
+from dsl.launcher import preflight, shell
 from dsl.launcher.plan import LaunchPlan
 from dsl.topology.model import HostTopology
 
@@ -46,7 +46,7 @@ def probe_hosts(plan: LaunchPlan, run: preflight.Runner | None = None) -> dict[s
     def one(index: int) -> HostTopology | str:
         launch = plan.hosts[index]
         try:
-            code, out, err = run(launch.host, probe_argv(launch.python))
+            code, out, err = run(launch.host, probe_argv(shell.unwrapped(launch.argv)[0]))
         except DslError as exc:
             return str(exc)
         except (OSError, subprocess.SubprocessError) as exc:

@@ -83,6 +83,13 @@ def unwrapped(argv: Iterable[str]) -> list[str]:
     return argv
 
 
+def prepend_export(name: str, value: str) -> str:
+    """`export NAME=VALUE"${NAME:+:$NAME}"`: VALUE (literal) in front of NAME's value on the
+    host, with no `:` left at the end when NAME was unset or empty (an empty entry in a search
+    path such as LD_LIBRARY_PATH or PATH means the current directory)."""
+    return f'export {name}={quote(value)}"${{{name}:+:${name}}}"'
+
+
 def exports(env: Mapping[str, str]) -> str:
     """`export NAME=VALUE` lines (for batch scripts); names were validated by the spec."""
     return "\n".join(f"export {name}={quote(value)}" for name, value in env.items())

@@ -14,6 +14,13 @@ when srun exits 75 (EXIT_CHECKPOINTED: every rank checkpointed at the signal), s
 again and resumes from that checkpoint. With more than one node each node's guard holds a 75 for
 CHECKPOINTED_LINGER_S before exiting: srun's --kill-on-bad-exit stops every other node at the
 first non-zero exit, and they must still be able to report 75 (see launcher/guard.py).
+
+What batch scripts people write also need: run.setup runs before srun and again on every node
+inside srun's command; env.prepend's exports come after it, once (srun passes them on);
+resources.slurm.srun_args are added after dsl's srun options; the script's own arguments
+(`sbatch SCRIPT ARGS...`) reach a script or module on every node (srun's `bash -c ... dsl-node
+"$@"`) and are refused for run.train, which takes none; a `gres` with fewer GPUs than
+procs_per_node is refused (launcher/spec.py check_gres).
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ from dsl.engine.elastic import EXIT_CHECKPOINTED
 from dsl.launcher import shell
 from dsl.launcher.hosts import Host
 from dsl.launcher.plan import HostLaunch, Job, LaunchPlan, base_env, guard_argv, layout, starter_argv
-from dsl.launcher.spec import SpecFile, warning_before_end_s
+from dsl.launcher.spec import SpecFile, check_gres, warning_before_end_s
 
 SCRIPT_NAME = "sbatch.sh"
 AUTO_PORT = "$((20000 + SLURM_JOB_ID % 20000))"  # distinct for concurrent jobs of one node
 CHECKPOINTED_LINGER_S = 5
+NODE_SHELL_NAME = "dsl-node"
+"""$0 of the bash that srun starts on every node (its $1... are the batch script's arguments)."""
 
 
 class _Template(string.Template):
@@ -72,14 +81,34 @@ def node_argv(python: str, nodes: int, nproc: int, output_dir: str, program: lis
     return shell.with_setup(setup, guard + starter + program)
 
 
-def setup_lines(setup: list[str]) -> str:
-    """run.setup in the batch script, before srun: what it exports reaches srun (--export=ALL).
-    Run without the script's `set -eu` (activate scripts read unset variables); each line stops
-    the script itself when it fails (shell.setup_script)."""
-    if not setup:
+def setup_lines(setup: list[str], prepend: dict[str, str]) -> str:
+    """run.setup and env.prepend in the batch script, before srun: what they export reaches srun
+    (--export=ALL). Setup runs without the script's `set -eu` (activate scripts read unset
+    variables); each line stops the script itself when it fails (shell.setup_script). prepend
+    is applied here only: every node gets the result from srun, prepending again would repeat it."""
+    text = ""
+    if setup:
+        text += "# run.setup (run again on every node before its ranks)\nset +eu\n" + \
+            shell.setup_script(setup) + "\nset -eu\n\n"
+    if prepend:
+        text += "# env.prepend: in front of the value the job has here\n" + \
+            "\n".join(shell.prepend_export(k, v) for k, v in prepend.items()) + "\n\n"
+    return text
+
+
+def arguments_lines(train: bool) -> str:
+    """The script's own arguments (`sbatch SCRIPT ARGS...`) go to a script or module (srun's
+    `"$@"`); the bundled trainer takes none, so arguments given to it are refused."""
+    if not train:
         return ""
-    return "# run.setup (run again on every node before its ranks)\nset +eu\n" + \
-        shell.setup_script(setup) + "\nset -eu\n\n"
+    return ('if [ "$#" -gt 0 ]; then\n'
+            '    echo "dsl: this job runs the bundled trainer (run.train), which takes no arguments; '
+            'got: $*" >&2\n    exit 2\nfi\n')
+
+
+def passthrough(spec, program: list[str]) -> list[str]:
+    """A script or module gets the batch script's arguments (`"$@"` on the node) after its own."""
+    return program if spec.run.train is not None else [*program, shell.Var("", "@")]
 
 
 def srun_lines(srun_command: str, requeue: bool) -> str:
@@ -108,6 +137,7 @@ def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nod
     spec = spec_file.spec
     secrets = frozenset(spec.env.secret) if secrets is None else secrets
     port = spec.resources.master_port
+    program = passthrough(spec, program)
     node_command = (f"export NODE_RANK=\"$SLURM_NODEID\"; "
                     f"{shell.remote_command(cwd, node_argv(python, nodes, nproc, output_dir, program, spec.run.setup))}")
     srun = ["--nodes=" + str(nodes), "--ntasks=" + str(nodes), "--ntasks-per-node=1",
@@ -115,6 +145,13 @@ def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nod
     if spec.resources.slurm.cpus_per_task:
         # Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch.
         srun.append(f"--cpus-per-task={spec.resources.slurm.cpus_per_task}")
+    srun += spec.resources.slurm.srun_args
+    srun += ["bash", "-c", node_command]
+    if spec.run.train is None:
+        srun += [NODE_SHELL_NAME, shell.Var("", "@")]  # the node's bash gets the script's arguments
+    before_srun = (setup_lines(spec.run.setup, spec.env.prepend)
+                   + arguments_lines(spec.run.train is not None)).rstrip("\n")
+    before_srun = "\n\n" + before_srun if before_srun else ""
     template = resources.files("dsl.templates").joinpath("sbatch.sh.tmpl").read_text()
     return _Template(template).substitute(
         name=spec.name,
@@ -124,9 +161,8 @@ def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nod
         secrets=", ".join(sorted(secrets)) or "none",
         sbatch_lines="\n".join(f"#SBATCH {shell.quote(o)}" for o in sbatch_options(spec_file, output_dir, nodes)),
         master_port_line=f"MASTER_PORT={AUTO_PORT if port == 'auto' else port}",
-        exports=shell.exports({k: v for k, v in env.items() if k not in secrets}),
-        srun_lines=setup_lines(spec.run.setup) + srun_lines(
-            f"srun {shell.join(srun)} bash -c {shell.quote(node_command)}", spec.resources.slurm.requeue is True),
+        exports=shell.exports({k: v for k, v in env.items() if k not in secrets}) + before_srun,
+        srun_lines=srun_lines(f"srun {shell.join(srun)}", spec.resources.slurm.requeue is True),
     )
 
 
@@ -144,13 +180,15 @@ def render_plan(job: Job, hosts: list[Host]) -> LaunchPlan:
     nodes, nproc = len(hosts), len(hosts[0].slots)
     script_path = f"{job.output_dir}/{SCRIPT_NAME}"
     env = base_env(job)
+    check_gres(job.spec_file, nproc)  # procs_per_node auto: known only now
     script = render_script(job.spec_file, output_dir=job.output_dir, script_path=script_path,
                            nodes=nodes, nproc=nproc, python=job.python, cwd=job.cwd,
                            program=job.program, env=env, secrets=job.secrets)
     port = spec.resources.master_port
     launches = [
         HostLaunch(host=host.name, node_rank=node_rank, ranks=ranks, slots=tuple(host.slots),
-                   argv=tuple(node_argv(job.python, nodes, nproc, job.output_dir, job.program, spec.run.setup)),
+                   argv=tuple(node_argv(job.python, nodes, nproc, job.output_dir, passthrough(spec, job.program),
+                                        spec.run.setup)),
                    env={"NODE_RANK": str(node_rank)}, cwd=job.cwd)
         for node_rank, host, ranks in layout(hosts)
     ]

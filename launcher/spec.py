@@ -150,14 +150,27 @@ class Slurm(StrictModel):
     false: `--no-requeue`. Default: neither option, the cluster's own default."""
     extra_sbatch: list[str] = []
     """More `#SBATCH` options, one per entry, e.g. `--mail-type=END`."""
+    srun_args: list[str] = []
+    """More options of the srun that starts every node's ranks, one per entry, e.g. `--wait=60`
+    (after dsl's own, so an entry can override one); each entry stays one word."""
 
-    @field_validator("extra_sbatch")
+    @field_validator("extra_sbatch", "srun_args")
     @classmethod
-    def _options(cls, value: list[str]) -> list[str]:
+    def _options(cls, value: list[str], info: Any) -> list[str]:
+        tool = "sbatch" if info.field_name == "extra_sbatch" else "srun"
+        example = "--mail-type=END" if tool == "sbatch" else "--wait=60"
         for line in value:
             if "\n" in line or not line.startswith("-"):
-                raise ValueError(f"{line!r}: each entry is one sbatch option such as --mail-type=END")
+                raise ValueError(f"{line!r}: each entry is one {tool} option such as {example}")
         return value
+
+    def gres_gpus(self) -> int | None:
+        """The GPUs per node that `gres` asks for (`gpu:8`, `gpu:h100:8,nvme:1` -> 8), else None."""
+        for entry in (self.gres or "").split(","):
+            fields = entry.strip().split(":")
+            if fields[0] == "gpu" and len(fields) > 1 and fields[-1].isdigit():
+                return int(fields[-1])
+        return None
 
 
 class Resources(StrictModel):
@@ -219,6 +232,12 @@ class Env(StrictModel):
 
     vars: dict[str, str] = {}
     """Variables to set on every rank."""
+    prepend: dict[str, str] = {}
+    """Values put in front of a variable's value on the host, separated by `:`, e.g.
+    `{LD_LIBRARY_PATH: /opt/x/lib}` -> `LD_LIBRARY_PATH=/opt/x/lib:$LD_LIBRARY_PATH`, the
+    variable expanded where the ranks run (after run.setup; no trailing `:` when it was unset or
+    empty). The value itself is taken literally, as are all of `vars`. Backend slurm prepends
+    once, in the batch script (srun passes the result to every node)."""
     file: str | None = None
     """A dotenv file (`NAME=value` lines) read at launch, relative to the spec file."""
     secret: list[str] = []
@@ -243,6 +262,21 @@ class Env(StrictModel):
                 raise ValueError(f"{name!r} is not a valid environment variable name")
         return value
 
+    @field_validator("prepend")
+    @classmethod
+    def _prepend_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return value
+
+    @model_validator(mode="after")
+    def _prepend_or_set(self) -> "Env":
+        both = sorted(set(self.prepend) & set(self.vars))
+        if both:
+            raise ValueError(f"{', '.join(both)} both set (vars) and prepended to (prepend): keep one")
+        return self
+
     @field_validator("forward_prefixes")
     @classmethod
     def _prefixes(cls, value: list[str]) -> list[str]:
@@ -251,7 +285,7 @@ class Env(StrictModel):
                 raise ValueError(f"{prefix!r} is not the start of an environment variable name")
         return value
 
-    @field_validator("vars", mode="before")
+    @field_validator("vars", "prepend", mode="before")
     @classmethod
     def _stringify(cls, value: Any) -> Any:
         # YAML turns `1` and `true` into int/bool; environment values are strings.
@@ -341,11 +375,24 @@ def load_spec(path: str | os.PathLike[str]) -> SpecFile:
     spec = validate_located(Spec, data, locations)
     spec_file = SpecFile(spec, path, locations)
     check_engine(spec_file, *(spec_world(spec) or (None, None)))
+    if spec.resources.backend == "slurm" and isinstance(spec.resources.procs_per_node, int):
+        check_gres(spec_file, spec.resources.procs_per_node)
     time_min = spec.resources.slurm.time_min
     if time_min is not None:
         check_warning_time(spec_file, time_min * 60, f"the time limit (time_min: {time_min} = "
                            f"{time_min * 60} s)", ("resources", "slurm", "time_min"))
     return spec_file
+
+
+def check_gres(spec_file: SpecFile, ranks_per_node: int) -> None:
+    """Backend slurm: more ranks per node than the GPUs `gres` asks for is a UserError at gres."""
+    gpus = spec_file.spec.resources.slurm.gres_gpus()
+    if gpus is None or ranks_per_node <= gpus:
+        return
+    raise UserError(
+        f"{spec_file.where('resources', 'slurm', 'gres')}: {spec_file.spec.resources.slurm.gres!r} "
+        f"gives each node {gpus} GPU(s) but procs_per_node is {ranks_per_node}: ranks would share "
+        f"GPUs. Ask for gpu:{ranks_per_node}, or set procs_per_node to {gpus}.")
 
 
 DEFAULT_TRAIN_WARNING_S = 120

@@ -34,6 +34,11 @@ export DSL_COLLECTIVE_TIMEOUT_S=360
 export NCCL_DEBUG=WARN
 export TRICKY='a b; echo pwned $(id) '"'"'q'"'"' "dq"'
 
+if [ "$#" -gt 0 ]; then
+    echo "dsl: this job runs the bundled trainer (run.train), which takes no arguments; got: $*" >&2
+    exit 2
+fi
+
 # One task per node starts that node's ranks. --kill-on-bad-exit ends every node's task when
 # one fails; --label tags each output line with the node's task id (dsl maps it to the host).
 # requeue: true. Exit 75: every rank checkpointed at the time-limit signal; requeued, the job

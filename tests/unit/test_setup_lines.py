@@ -84,7 +84,7 @@ def test_slurm_batch_script_runs_setup_before_srun_and_on_every_node(tmp_path):
     # Fake Slurm: scontrol names the hosts; srun runs its `bash -c` command once per node,
     # with srun's environment (the batch script's, --export=ALL) minus what setup exported.
     bin_dir = tmp_path / "bin"
-    (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'h1\\nh2\\n'\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nexec /usr/bin/printf 'h1\\nh2\\n'\n")  # one write
     (bin_dir / "srun").write_text(
         '#!/bin/bash\necho "SRUN_SEES $HOSTILE"\nwhile [ "$1" != bash ]; do shift; done\n'
         'for node in 0 1; do env -u HOSTILE -u STEP SLURM_NODEID=$node SLURMD_NODENAME=h$node "$@"; done\n')
