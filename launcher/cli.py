@@ -110,7 +110,7 @@ def _run_locked(prepared, backend, time_limit) -> int:  # type: ignore[no-untype
     from dsl.launcher.supervise import supervise
 
     plan = prepared.plan
-    out = write_run_folder(plan)
+    out = write_run_folder(plan, prepared.memory)
     hosts = ", ".join(h.host for h in plan.hosts) if plan.backend != "slurm" or plan.submit.argv[0] == "bash" \
         else f"{len(plan.hosts)} node(s) Slurm allocates"
     console.message(f"dsl: launching {plan.name}: {plan.world_size} rank(s) on {hosts} "

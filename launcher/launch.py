@@ -247,8 +247,10 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
     return Prepared(spec_file, render(spec_file, hosts, inputs), port, memory_plan)
 
 
-def write_run_folder(plan: LaunchPlan) -> Path:
-    """The run folder's files (resolved spec, plan.json, ...). Raises WriteError (exit 74)."""
+def write_run_folder(plan: LaunchPlan, memory: Any = None) -> Path:
+    """The run folder's files (resolved spec, plan.json, ...). Raises WriteError (exit 74).
+    `memory` (the planner's Plan, when the hosts were planned) adds the per-rank prediction to
+    plan.json: its `memory` key, which the ranks' measured peaks (metrics.jsonl) compare with."""
     out = Path(plan.output_dir)
     try:
         (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -256,7 +258,16 @@ def write_run_folder(plan: LaunchPlan) -> Path:
         raise write_failed(out / "logs", exc, "run folder") from None
     for path, content in plan.files.items():
         _write_atomic(Path(path), content)
-    _write_atomic(out / "plan.json", plan_json(plan) + "\n")
+    text = plan_json(plan)
+    choice = getattr(memory, "launch_choice", None)
+    if choice is not None:
+        data = json.loads(text)
+        peak = choice.breakdown.peak
+        data["memory"] = {"predicted_peak_bytes": choice.device_bytes, "predicted_peak_phase": peak.phase,
+                          "host_bytes": choice.host_bytes, "nvme_bytes": choice.nvme_bytes,
+                          "live": dict(peak.live), "per": "rank (device; on a CPU rank its RAM)"}
+        text = json.dumps(data, indent=2)
+    _write_atomic(out / "plan.json", text + "\n")
     return out
 
 
