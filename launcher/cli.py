@@ -226,6 +226,27 @@ def validate(specs: List[Path] = typer.Argument(..., help="Spec files to check."
 
 
 @app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A checkpoints folder (its latest) or one step-* folder."),
+    out: Path = typer.Option(..., "--out", help="The folder to write config.json and *.safetensors to."),
+    fmt: str = typer.Option("hf", "--format", help="Only hf: a Hugging Face folder from_pretrained loads."),
+    config: Optional[Path] = typer.Option(None, "--config",
+                                          help="The model's folder or config.json (default: the run's resolved.yaml)."),
+    max_shard_mib: float = typer.Option(2048.0, "--max-shard-mib", help="Largest weight file in MiB."),
+) -> None:
+    """Write a checkpoint of a Hugging Face model as config.json + *.safetensors, tensor by tensor
+    (no rank gathers the whole model; engine/hf_export.py)."""
+    from dsl.engine.errors import UserError
+
+    if fmt != "hf":
+        raise UserError(f"--format {fmt}: dsl export writes hf (a Hugging Face folder) only")
+    from dsl.engine.hf_export import export_hf
+
+    written = export_hf(checkpoint, out, config=config, max_shard_bytes=max(1, int(max_shard_mib * 2**20)))
+    print(f"dsl export: wrote {len(written)} weight file(s) and config.json to {out}", file=sys.stderr)
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON schema of the spec (every field with its description)."""
     import json

@@ -65,3 +65,16 @@ def test_without_a_config_and_a_resolved_spec_the_export_says_what_to_give(tmp_p
     (run / "resolved.yaml").unlink()
     assert export_main([str(run / "checkpoints"), "--out", str(tmp_path / "hf")]) == 2
     assert "give it with --config" in capsys.readouterr().err
+
+
+def test_dsl_export_is_the_command_users_run(tmp_path: Path) -> None:
+    """`dsl export CHECKPOINT --format hf --out DIR`, as the README says; another format exits 2."""
+    from tests.conftest import run_dsl
+
+    folder = write_model(tmp_path / "m", "llama")
+    run = _train(tmp_path, f"{{hf: {folder}, seq_len: 16}}")
+    proc = run_dsl("export", str(run / "checkpoints"), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "hf" / "config.json").exists() and "wrote 1 weight file(s)" in proc.stderr
+    bad = run_dsl("export", str(run / "checkpoints"), "--format", "gguf", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "writes hf" in bad.stderr and "Traceback" not in bad.stderr
