@@ -178,14 +178,8 @@ class _Parser:
                 raise self.error(f"expected ':' after the key \"{key}\", got {self.describe()}")
             self.pos += 1
             out[key] = self.value(sub)
-            self.skip()
-            if self.text.startswith(",", self.pos):
-                self.pos += 1
-            elif self.text.startswith("}", self.pos):
-                self.pos += 1
+            if self.after_item("}", f"after the value of \"{key}\""):
                 return out
-            else:
-                raise self.error(f"expected ',' or '}}' after the value of \"{key}\", got {self.describe()}")
 
     def array(self, path: tuple[str | int, ...]) -> list[Any]:
         self.pos += 1
@@ -196,11 +190,17 @@ class _Parser:
                 self.pos += 1
                 return out
             out.append(self.value(path + (len(out),)))
-            self.skip()
-            if self.text.startswith(",", self.pos):
-                self.pos += 1
-            elif self.text.startswith("]", self.pos):
-                self.pos += 1
+            if self.after_item("]", "in a list"):
                 return out
-            else:
-                raise self.error(f"expected ',' or ']' in a list, got {self.describe()}")
+
+    def after_item(self, close: str, where: str) -> bool:
+        """Past the ',' or the `close` that follows an object's or a list's item: True at the close.
+        Anything else is an error that says `where` it stands."""
+        self.skip()
+        if self.text.startswith(",", self.pos):
+            self.pos += 1
+            return False
+        if self.text.startswith(close, self.pos):
+            self.pos += 1
+            return True
+        raise self.error(f"expected ',' or '{close}' {where}, got {self.describe()}")

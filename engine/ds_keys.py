@@ -4,7 +4,7 @@ One `Key` per DeepSpeed 0.19.8 key (deepspeed/runtime/config.py, constants.py, z
 zero/offload_config.py, precision_config.py, lr_schedules.py, the optimizers' constructors),
 with DeepSpeed's default and dsl's treatment:
 
-- `mapped`: becomes an engine setting (`to`); engine/dsconfig.py does the mapping;
+- `mapped`: becomes an engine setting (`to`); the importer (engine/dsconfig.py) does the mapping;
 - `default`: accepted silently at DeepSpeed's default value (or when the section it belongs to
   is disabled); any other value changes the result and is refused, with `why`;
 - `note`: accepted whatever its value, with a note of what dsl does instead (tuning, logging,
