@@ -287,10 +287,10 @@ def ssh_target(spec_file: SpecFile) -> SshTarget:
                      ssh.keepalive_interval_s, ssh.keepalive_count_max)
 
 
-def starter_argv(python: str, nnodes: int, node_rank: int | str, nproc: int, master_addr: str,
+def starter_argv(python: str, nnodes: int | str, node_rank: int | str, nproc: int, master_addr: str,
                  master_port: int | str, log_dir: str) -> list[str]:
-    """torchrun (through dsl.engine.elastic) for one host. node_rank, master_addr, master_port
-    and log_dir may be `shell.Var`s, expanded on the host (Slurm knows them only there)."""
+    """torchrun (through dsl.engine.elastic) for one host. nnodes, node_rank, master_addr,
+    master_port and log_dir may be `shell.Var`s, expanded on the host (Slurm knows them only there)."""
     def flag(name: str, value: int | str) -> str:
         if isinstance(value, shell.Var):
             return shell.Var(f"--{name}={value.prefix}", value.name)
@@ -298,7 +298,7 @@ def starter_argv(python: str, nnodes: int, node_rank: int | str, nproc: int, mas
 
     return [
         python, "-m", "dsl.engine.elastic",
-        f"--nnodes={nnodes}",
+        flag("nnodes", nnodes),
         flag("node-rank", node_rank),
         f"--nproc-per-node={nproc}",
         flag("master-addr", master_addr),

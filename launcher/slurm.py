@@ -1,8 +1,9 @@
 """Render the Slurm batch script of a spec (pure; `backends/slurm.py` submits and follows it).
 
 The script starts one task per node with `srun`; each task runs the same guard + torchrun
-command as every other backend, with the node rank, master address and port expanded on the
-node from Slurm's own variables (`$SLURM_NODEID`, the allocation's first host, a port derived
+command as every other backend, with the node count, node rank, master address and port expanded
+on the node from Slurm's own variables (the node count is the allocation's, `$SLURM_JOB_NUM_NODES`,
+so `sbatch --nodes=N SCRIPT` runs the same script on N nodes; `#SBATCH --nodes` is the spec's) (`$SLURM_NODEID`, the allocation's first host, a port derived
 from the job id when the spec says `master_port: auto`). The same script runs under `sbatch`
 and, inside an existing allocation, under plain `bash`.
 
@@ -37,6 +38,11 @@ from dsl.launcher.spec import SpecFile, check_gres, warning_before_end_s
 SCRIPT_NAME = "sbatch.sh"
 AUTO_PORT = "$((20000 + SLURM_JOB_ID % 20000))"  # distinct for concurrent jobs of one node
 CHECKPOINTED_LINGER_S = 5
+NODES_VAR = "NNODES"
+NODES_LINES = (
+    "# Nodes: the allocation's, so `sbatch --nodes=N` runs this script on N nodes (DSL_NNODES: what\n"
+    "# `dsl launch` asks for inside an existing allocation)\n"
+    f"{NODES_VAR}=${{DSL_NNODES:-$SLURM_JOB_NUM_NODES}}\nexport {NODES_VAR}")
 NODE_SHELL_NAME = "dsl-node"
 """$0 of the bash that srun starts on every node (its $1... are the batch script's arguments)."""
 
@@ -72,7 +78,7 @@ def sbatch_options(spec_file: SpecFile, output_dir: str, nodes: int) -> list[str
 
 def node_argv(python: str, nodes: int, nproc: int, output_dir: str, program: list[str],
               setup: list[str] = ()) -> list[str]:
-    starter = starter_argv(python, nodes, shell.Var("", "SLURM_NODEID"), nproc,
+    starter = starter_argv(python, shell.Var("", NODES_VAR), shell.Var("", "SLURM_NODEID"), nproc,
                            shell.Var("", "MASTER_ADDR"), shell.Var("", "MASTER_PORT"),
                            shell.Var(f"{output_dir}/logs/torchelastic/", "SLURMD_NODENAME"))
     guard = guard_argv(python)
@@ -140,7 +146,7 @@ def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nod
     program = passthrough(spec, program)
     node_command = (f"export NODE_RANK=\"$SLURM_NODEID\"; "
                     f"{shell.remote_command(cwd, node_argv(python, nodes, nproc, output_dir, program, spec.run.setup))}")
-    srun = ["--nodes=" + str(nodes), "--ntasks=" + str(nodes), "--ntasks-per-node=1",
+    srun = [shell.Var("--nodes=", NODES_VAR), shell.Var("--ntasks=", NODES_VAR), "--ntasks-per-node=1",
             "--kill-on-bad-exit=1", "--label", "--export=ALL"]
     if spec.resources.slurm.cpus_per_task:
         # Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch.
@@ -160,7 +166,7 @@ def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nod
         script_path=shell.quote(script_path),
         secrets=", ".join(sorted(secrets)) or "none",
         sbatch_lines="\n".join(f"#SBATCH {shell.quote(o)}" for o in sbatch_options(spec_file, output_dir, nodes)),
-        master_port_line=f"MASTER_PORT={AUTO_PORT if port == 'auto' else port}",
+        master_port_line=f"MASTER_PORT={AUTO_PORT if port == 'auto' else port}\n" + NODES_LINES,
         exports=shell.exports({k: v for k, v in env.items() if k not in secrets}) + before_srun,
         srun_lines=srun_lines(f"srun {shell.join(srun)}", spec.resources.slurm.requeue is True),
     )
@@ -194,6 +200,8 @@ def render_plan(job: Job, hosts: list[Host]) -> LaunchPlan:
     ]
     submit_argv = ("bash", script_path) if inputs.in_slurm_allocation \
         else ("sbatch", "--parsable", script_path)
+    # Inside an allocation the spec's node count, not the allocation's, as before.
+    submit_env = {**env, "DSL_NNODES": str(nodes)} if inputs.in_slurm_allocation else env
     return LaunchPlan(
         name=spec.name,
         backend="slurm",
@@ -206,6 +214,6 @@ def render_plan(job: Job, hosts: list[Host]) -> LaunchPlan:
         secrets=job.secrets,
         files={**job.files, script_path: script},
         submit=HostLaunch(host="submit", node_rank=-1, ranks=(), slots=(), argv=submit_argv,
-                          env=env, cwd=job.cwd),
+                          env=submit_env, cwd=job.cwd),
         job_output=f"{job.output_dir}/{spec.resources.slurm.output}",
     )

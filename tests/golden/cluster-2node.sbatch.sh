@@ -14,6 +14,10 @@ set -euo pipefail
 # Rank 0 runs on the first host of the allocation.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+# Nodes: the allocation's, so `sbatch --nodes=N` runs this script on N nodes (DSL_NNODES: what
+# `dsl launch` asks for inside an existing allocation)
+NNODES=${DSL_NNODES:-$SLURM_JOB_NUM_NODES}
+export NNODES
 export MASTER_ADDR MASTER_PORT
 export PYTHONUNBUFFERED=1
 export DSL_JOB_NAME=sl
@@ -22,4 +26,4 @@ export DSL_COLLECTIVE_TIMEOUT_S=360
 
 # One task per node starts that node's ranks. --kill-on-bad-exit ends every node's task when
 # one fails; --label tags each output line with the node's task id (dsl maps it to the host).
-srun --nodes=2 --ntasks=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --label --export=ALL bash -c 'export NODE_RANK="$SLURM_NODEID"; cd <RUN> && exec <PYTHON> -m dsl.launcher.guard --grace-s=3 --checkpointed-linger-s=5 -- <PYTHON> -m dsl.engine.elastic --nnodes=2 --node-rank="$SLURM_NODEID" --nproc-per-node=2 --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0 --monitor-interval=0.1 --shutdown-timeout=3 --tee=3 --log-dir=<RUN>/out/logs/torchelastic/"$SLURMD_NODENAME" <ROOT>/tests/integration/scripts/torchrun_script.py "$@"' dsl-node "$@"
+srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 --label --export=ALL bash -c 'export NODE_RANK="$SLURM_NODEID"; cd <RUN> && exec <PYTHON> -m dsl.launcher.guard --grace-s=3 --checkpointed-linger-s=5 -- <PYTHON> -m dsl.engine.elastic --nnodes="$NNODES" --node-rank="$SLURM_NODEID" --nproc-per-node=2 --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0 --monitor-interval=0.1 --shutdown-timeout=3 --tee=3 --log-dir=<RUN>/out/logs/torchelastic/"$SLURMD_NODENAME" <ROOT>/tests/integration/scripts/torchrun_script.py "$@"' dsl-node "$@"

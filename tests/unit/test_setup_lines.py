@@ -92,7 +92,7 @@ def test_slurm_batch_script_runs_setup_before_srun_and_on_every_node(tmp_path):
         (bin_dir / name).chmod(0o755)
     path = tmp_path / "sbatch.sh"
     path.write_text(script)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7",
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="2",
                SLURM_JOB_NODELIST="h[1-2]")
     proc = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env, timeout=30)
     assert proc.returncode == 0, proc.stderr

@@ -78,11 +78,12 @@ def test_srun_node_command_expands_slurm_variables(tmp_path):
     # Replace the real program by one that prints its argv, keep everything else.
     script = script.replace("cd /home/alice/project && exec /opt/venv/bin/python", show + "/opt/venv/bin/python")
     env = {"SLURM_NODEID": "1", "MASTER_ADDR": "gpu-017", "MASTER_PORT": "23456",
-           "SLURMD_NODENAME": "gpu-018", "PATH": os.environ["PATH"]}
+           "SLURMD_NODENAME": "gpu-018", "NNODES": "3", "PATH": os.environ["PATH"]}
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, check=True)
     import json
 
     argv = json.loads(out.stdout)
+    assert "--nnodes=3" in argv  # the allocation's node count (sbatch --nodes=N), not the spec's
     assert "--node-rank=1" in argv and "--master-addr=gpu-017" in argv and "--master-port=23456" in argv
     assert "--log-dir=/scratch/runs/two-node/logs/torchelastic/gpu-018" in argv
     assert argv[-3:] == ["-m", "dsl.engine.train", "/scratch/runs/two-node/resolved.yaml"]

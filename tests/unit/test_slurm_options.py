@@ -60,7 +60,7 @@ def _run_batch(tmp_path: Path, plan, *args: str, env: dict | None = None):
     script = next(text for path, text in plan.files.items() if path.endswith("sbatch.sh"))
     path = tmp_path / "sbatch.sh"
     path.write_text(script)
-    full = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", SLURM_JOB_ID="7",
+    full = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NUM_NODES="2",
                 SLURM_JOB_NODELIST="h[1-2]", **(env or {}))
     full.pop("LD_LIBRARY_PATH", None)
     full.update(env or {})

@@ -110,7 +110,8 @@ def test_the_requeue_lines_run_in_bash(write, tmp_path, srun_code, requeued, sco
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
     proc = subprocess.run(["bash", "-c", "set -euo pipefail\n" + tail], capture_output=True, text=True,
-                          env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"})
+                          env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+                               "NNODES": "1"})  # set by the script's head (the allocation's nodes)
     assert proc.returncode == srun_code
     if requeued:
         assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "42"]
