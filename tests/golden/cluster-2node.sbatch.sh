@@ -12,7 +12,7 @@
 set -euo pipefail
 
 # Rank 0 runs on the first host of the allocation.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # reads all: no SIGPIPE under pipefail
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 # Nodes: the allocation's, so `sbatch --nodes=N` runs this script on N nodes (DSL_NNODES: what
 # `dsl launch` asks for inside an existing allocation)

@@ -161,3 +161,15 @@ def test_literal_values_stay_literal_and_prepend_is_not_also_set(tmp_path):
     with pytest.raises(UserError, match="LD_LIBRARY_PATH both set .vars. and prepended to .prepend."):
         load_spec(_spec(tmp_path, {"script": "t.py"}, SLURM,
                         {"vars": {"LD_LIBRARY_PATH": "/a"}, "prepend": {"LD_LIBRARY_PATH": "/b"}}))
+
+
+def test_a_large_allocation_names_its_first_host_as_master(tmp_path):
+    """scontrol's host list of a big allocation fills the pipe more than once: reading only its
+    first line would end scontrol by SIGPIPE, which `set -o pipefail` turns into the end of the
+    batch script (exit 141)."""
+    plan = _render(tmp_path, _spec(tmp_path, {"script": "t.py"}, SLURM))
+    (tmp_path / "bin/scontrol").write_text("#!/bin/bash\nseq -f 'node%06g' 1 50000\n")  # ~550 kB
+    proc = _run_batch(tmp_path, plan)
+    assert proc.returncode == 0, proc.stderr
+    nodes = _lines(proc.stdout, "FAKE")
+    assert len(nodes) == 2 and all("--master-addr=node000001" in n["argv"] for n in nodes)
