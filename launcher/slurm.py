@@ -18,6 +18,7 @@ first non-zero exit, and they must still be able to report 75 (see launcher/guar
 
 What batch scripts people write also need: run.setup runs before srun and again on every node
 inside srun's command; env.prepend's exports come after it, once (srun passes them on);
+resources.slurm.container_image / container_mounts become pyxis' srun options, and
 resources.slurm.srun_args are added after dsl's srun options; the script's own arguments
 (`sbatch SCRIPT ARGS...`) reach a script or module on every node (srun's `bash -c ... dsl-node
 "$@"`) and are refused for run.train, which takes none; a `gres` with fewer GPUs than
@@ -102,6 +103,16 @@ def setup_lines(setup: list[str], prepend: dict[str, str]) -> str:
     return text
 
 
+def container_options(s) -> list[str]:
+    """pyxis' srun options for resources.slurm.container_image / container_mounts."""
+    if not s.container_image:
+        return []
+    opts = [f"--container-image={s.container_image}"]
+    if s.container_mounts:
+        opts.append("--container-mounts=" + ",".join(s.container_mounts))
+    return opts
+
+
 def arguments_lines(train: bool) -> str:
     """The script's own arguments (`sbatch SCRIPT ARGS...`) go to a script or module (srun's
     `"$@"`); the bundled trainer takes none, so arguments given to it are refused."""
@@ -151,6 +162,7 @@ def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nod
     if spec.resources.slurm.cpus_per_task:
         # Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch.
         srun.append(f"--cpus-per-task={spec.resources.slurm.cpus_per_task}")
+    srun += container_options(spec.resources.slurm)
     srun += spec.resources.slurm.srun_args
     srun += ["bash", "-c", node_command]
     if spec.run.train is None:

@@ -154,6 +154,27 @@ class Slurm(StrictModel):
     """More options of the srun that starts every node's ranks, one per entry, e.g. `--wait=60`
     (after dsl's own, so an entry can override one); each entry stays one word."""
 
+    container_image: str | None = None
+    """Run every node's ranks in this container (the pyxis plugin's `srun --container-image`,
+    e.g. `nvcr.io#nvidia/pytorch:24.05-py3` or a .sqsh file). run.python and the working
+    directory must exist inside it: mount them with container_mounts."""
+    container_mounts: list[str] = []
+    """Host paths in the container, `SRC:DST[:FLAGS]` each (pyxis' `--container-mounts`)."""
+
+    @field_validator("container_mounts")
+    @classmethod
+    def _mounts(cls, value: list[str]) -> list[str]:
+        for mount in value:
+            if not mount or "," in mount or "\n" in mount:
+                raise ValueError(f"{mount!r}: each entry is one mount SRC:DST[:FLAGS], without ','")
+        return value
+
+    @model_validator(mode="after")
+    def _mounts_need_image(self) -> "Slurm":
+        if self.container_mounts and not self.container_image:
+            raise ValueError("container_mounts apply to a container: set container_image too")
+        return self
+
     @field_validator("extra_sbatch", "srun_args")
     @classmethod
     def _options(cls, value: list[str], info: Any) -> list[str]:

@@ -173,3 +173,25 @@ def test_a_large_allocation_names_its_first_host_as_master(tmp_path):
     assert proc.returncode == 0, proc.stderr
     nodes = _lines(proc.stdout, "FAKE")
     assert len(nodes) == 2 and all("--master-addr=node000001" in n["argv"] for n in nodes)
+
+
+def test_container_options_reach_srun_as_pyxis_options(tmp_path):
+    image = "nvcr.io#nvidia/pytorch:24.05-py3"
+    spec = _spec(tmp_path, {"script": "t.py"},
+                 {**SLURM, "slurm": {"container_image": image,
+                                     "container_mounts": ["/data:/data:ro", "/home/a b:/work"],
+                                     "srun_args": ["--container-workdir=/work"]}})
+    proc = _run_batch(tmp_path, _render(tmp_path, spec))
+    assert proc.returncode == 0, proc.stderr
+    [srun] = _lines(proc.stdout, "SRUN")
+    assert srun[-3:] == [f"--container-image={image}", "--container-mounts=/data:/data:ro,/home/a b:/work",
+                         "--container-workdir=/work"]
+
+
+@pytest.mark.parametrize("slurm, message", [
+    ({"container_mounts": ["/a:/a"]}, "set container_image too"),
+    ({"container_image": "i", "container_mounts": ["/a:/a,/b:/b"]}, "one mount SRC:DST"),
+])
+def test_bad_container_settings_are_located_errors(tmp_path, slurm, message):
+    with pytest.raises(UserError, match=rf"job\.yaml:\d+:\d+ resources\.slurm.*{message}"):
+        load_spec(_spec(tmp_path, {"script": "t.py"}, {**SLURM, "slurm": slurm}))
