@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsl: {socket.gethostname()}: bind {bind}: " + ", ".join(
             f"local rank {i} -> cpus {format_cpus(s)}" for i, s in enumerate(sets)),
             file=sys.stderr, flush=True)
+    elif bind != "none":  # dsl passes a number; by hand, say that nothing was bound
+        print(f"dsl: {socket.gethostname()}: bind {bind} needs a number of ranks per host, got "
+              f"--nproc-per-node={args.nproc_per_node}: ranks not bound", file=sys.stderr, flush=True)
     if str(args.nproc_per_node).isdigit():
         set_omp_threads(int(args.nproc_per_node))
     try:
