@@ -351,10 +351,10 @@ def base_env(job: Job) -> dict[str, str]:
 
 def host_env(job: Job, host: Host, node_rank: int) -> dict[str, str]:
     env = {"NODE_RANK": str(node_rank)}
-    if job.spec.watchdog_s is not None:  # dsl watches local and ssh ranks for hangs
-        env[wire.HEARTBEAT_ENV] = "1"
     if job.inputs.set_visible_devices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(host.devices)
+    if job.spec.watchdog_s is not None:  # dsl watches local and ssh ranks for hangs
+        env[wire.HEARTBEAT_ENV] = "1"
     env.update(base_env(job))  # the user's values win
     return env
 
