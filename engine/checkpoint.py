@@ -270,6 +270,9 @@ def save(engine: "Engine", directory: str | os.PathLike, *, step: int, extra: di
     if any(o is not None for o in outcomes):
         if rank == 0:
             discard(folder)
+        # Every rank waits for the discard: on a full disk it frees the space that the failing
+        # rank's message (its stderr is a file in the run folder, torchrun's tee) is written to.
+        _all(engine, None)
         _raise_failures(own, outcomes, f"writing checkpoint {root / name} failed")
 
     def commit() -> None:

@@ -588,7 +588,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(load_run_spec(spec_path, *world_of_environment()))
     except DslError as err:
         if not getattr(err, "echoed", False):  # a failed write is printed by the rank it failed on
-            print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+            try:
+                print(f"{PROG}: error: {err}", file=sys.stderr, flush=True)
+            except OSError:  # stderr is a file on the full disk itself: the exit code still says it
+                pass
         return err.exit_code
     finally:
         restore_handlers(previous)
