@@ -367,6 +367,10 @@ def resolved_spec_yaml(spec_file: SpecFile, output_dir: str) -> str:
     token_file = (train.get("data") or {}).get("path")
     if token_file:  # spec paths are relative to the spec file; the ranks may run elsewhere
         train["data"]["path"] = str(spec_file.resolve(token_file))
+    model = train.get("model") or {}
+    for key in ("hf", "hf_config"):  # a Hugging Face model's folder or config.json, the same way
+        if model.get(key):
+            model[key] = str(spec_file.resolve(model[key]))
     secrets = set(spec_file.spec.env.secret)
     data["env"]["vars"] = {k: (REDACTED if k in secrets else v) for k, v in data["env"]["vars"].items()}
     header = f"# resolved from {spec_file.path.resolve()} by dsl launch; what actually ran\n"

@@ -117,3 +117,16 @@ def test_token_file_path_is_resolved_against_the_spec(write, tmp_path):
     plan = render(spec, [Host("localhost", (0,))], _inputs())
     resolved = yaml.safe_load(next(iter(plan.files.values())))
     assert resolved["run"]["train"]["data"]["path"] == str(tmp_path / "sub/data/tok.bin")
+
+
+def test_a_hugging_face_model_path_is_resolved_against_the_spec(write, tmp_path):
+    """The ranks read resolved.yaml from the run folder: a relative hf / hf_config path there
+    would name another folder (README: "Train a Hugging Face model")."""
+    import yaml
+
+    write("sub/model/config.json", '{"model_type": "llama"}')
+    for key, rel in (("hf", "model"), ("hf_config", "model/config.json")):
+        spec = load_spec(write(f"sub/{key}.yaml", f"name: t\nrun:\n  train:\n    model: {{{key}: {rel}}}\n"))
+        plan = render(spec, [Host("localhost", (0,))], _inputs())
+        resolved = yaml.safe_load(next(iter(plan.files.values())))
+        assert resolved["run"]["train"]["model"][key] == str(tmp_path / "sub" / rel)
