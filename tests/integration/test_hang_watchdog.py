@@ -34,16 +34,12 @@ def _check(code: int, took: float, stderr: str, stdout: str, hosts: tuple[str, s
     assert "[dsl-beat]" not in both  # heartbeats are neither printed nor logged
 
 
-def test_a_hung_rank_locally(tmp_path):
-    marker = f"m-{uuid.uuid4().hex}"
-    spec = tmp_path / "job.yaml"
-    spec.write_text(f"name: hang\nrun:\n  script: {SCRIPT}\n  args: ['--hang-at', '20']\n"
-                    f"resources:\n  procs_per_node: 2\noutput_dir: {tmp_path / marker}\n"
-                    f"watchdog_s: {WATCHDOG_S}\n")
-    dsl = subprocess.Popen([*DSL, "launch", str(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _until_stopped(dsl: subprocess.Popen, hanging: str) -> tuple[int, float, str, str]:
+    """(exit code, seconds from the hang to the exit, stderr, stdout) of a dsl launch whose rank
+    prints `hanging` when it stops advancing."""
     lines = Lines(dsl)
     try:
-        lines.wait_for("[localhost:1] HANGING NOW", timeout_s=120)
+        lines.wait_for(hanging, timeout_s=120)
         hung_at = time.monotonic()
         code = dsl.wait(timeout=120)
         took = time.monotonic() - hung_at
@@ -51,7 +47,18 @@ def test_a_hung_rank_locally(tmp_path):
     finally:
         if dsl.poll() is None:
             dsl.kill()
-    _check(code, took, stderr, "".join(lines.lines), ("localhost", "localhost"))
+    return code, took, stderr, "".join(lines.lines)
+
+
+def test_a_hung_rank_locally(tmp_path):
+    marker = f"m-{uuid.uuid4().hex}"
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"name: hang\nrun:\n  script: {SCRIPT}\n  args: ['--hang-at', '20']\n"
+                    f"resources:\n  procs_per_node: 2\noutput_dir: {tmp_path / marker}\n"
+                    f"watchdog_s: {WATCHDOG_S}\n")
+    dsl = subprocess.Popen([*DSL, "launch", str(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, took, stderr, stdout = _until_stopped(dsl, "[localhost:1] HANGING NOW")
+    _check(code, took, stderr, stdout, ("localhost", "localhost"))
     assert "in stuck_here" in (tmp_path / marker / "logs/rank1.log").read_text()
     assert wait_until(lambda: not processes_with(marker), 10)
 
@@ -60,15 +67,6 @@ def test_a_hung_rank_on_two_hosts_over_ssh(cluster, tmp_path):
     run = f"  script: {SCRIPT}\n  args: ['--hang-at', '20']"
     spec = write_spec(cluster, tmp_path, "ssh", run, extra=f"watchdog_s: {WATCHDOG_S}\n")
     dsl = start_dsl_on_head(cluster, "launch", str(spec))
-    lines = Lines(dsl)
-    try:
-        lines.wait_for("[node2:1] HANGING NOW", timeout_s=120)
-        hung_at = time.monotonic()
-        code = dsl.wait(timeout=120)
-        took = time.monotonic() - hung_at
-        stderr = dsl.stderr.read()
-    finally:
-        if dsl.poll() is None:
-            dsl.kill()
-    _check(code, took, stderr, "".join(lines.lines), ("node1", "node2"))
+    code, took, stderr, stdout = _until_stopped(dsl, "[node2:1] HANGING NOW")
+    _check(code, took, stderr, stdout, ("node1", "node2"))
     assert wait_until(lambda: all(not pids for pids in job_processes(cluster, str(tmp_path)).values()), 15)
