@@ -133,6 +133,9 @@ from dsl.engine.memory_shape import (  # noqa: F401 - re-exported: engine.memory
     Term, WEIGHT_COPIES, _ceil_div, state_bytes,
 )
 
+from dsl.engine.memory_acts import (  # noqa: E402,F401 - re-exported: engine.memory is the public name
+    _layer_saved, activations, layer_activation_bytes, logits, offloaded_activations,
+)
 from dsl.engine.memory_peak import Peak, device_peak  # noqa: E402
 
 ONEBIT_BLOCK = 256
@@ -275,148 +278,7 @@ def _partial_offload_terms(params: int, sb: StateBytes, stage: int, n: int, rati
     )
 
 
-# Activations --------------------------------------------------------------------------------
-
-
-def _layer_saved(shape: ModelShape, tokens: int, seq_len: int, micro_batch: int, sp: int,
-                 sb: StateBytes, flash: bool, tiled_mlp: bool = False) -> list[tuple[str, int]]:
-    """(what, bytes) autograd saves in one decoder layer of one rank (module docstring).
-
-    Checked against the engine's saved-tensor accounting (Engine.state_summary, distinct
-    storages): RMSNorm keeps its input, rstd and the normalised value before the gain, and the
-    next matmul keeps the norm's output (under autocast: one 16-bit cast of it per matmul);
-    flash attention's output is laid out so that the transpose + reshape feeding o_proj is a
-    view (math attention's is a copy).
-    """
-    h, f, a, k = shape.hidden, shape.ffn, shape.heads, shape.kv_heads
-    c, r = sb.compute, sb.residual
-    experts = min(shape.experts, shape.experts_per_tok) if shape.experts else 1
-    norm = [("norm input", r * tokens * h), ("norm rstd", 4 * tokens), ("norm before gain", r * tokens * h)]
-    if not sb.autocast:  # under autocast the matmuls save 16-bit casts of it instead (below)
-        norm.append(("norm output", r * tokens * h))
-    out = [(f"attention {n}", b) for n, b in norm]
-    if sb.autocast:
-        out.append(("q/k/v input casts", 3 * c * tokens * h))
-    # Ulysses replicates kv heads up to sp when there are fewer (engine/long/ulysses.py).
-    out += [("q", c * tokens * h), ("k, v", 2 * c * tokens * h * max(k, sp) // a)]
-    if flash and sp > 1:  # the head -> seq all-to-all separates the output from o_proj's input
-        out += [("attention output", c * tokens * h), ("logsumexp", 4 * tokens * a),
-                ("o_proj input", c * tokens * h)]
-    elif flash:
-        out += [("attention output = o_proj input", c * tokens * h), ("logsumexp", 4 * tokens * a)]
-    else:
-        # All s^2 scores of a/sp heads over the full sequence: b * a/sp * s^2 elements.
-        out += [("softmax probabilities", c * micro_batch * a * seq_len * seq_len // sp),
-                ("o_proj input", c * tokens * h)]
-    out += [(f"mlp {n}", b) for n, b in norm]
-    if sb.autocast:
-        # RoPE's angle tables are cast to the compute dtype for q and k: 4 small copies per layer.
-        out.append(("rope table casts", 4 * c * (seq_len // sp) * shape.head_dim))
-    if tiled_mlp:  # the tiled MLP keeps only its input, the norm's fp32 output
-        if sb.autocast:
-            out.append(("mlp norm output (tiled MLP input)", r * tokens * h))
-        return out
-    if sb.autocast:
-        out.append(("gate/up input casts", 2 * c * tokens * h))
-    out.append(("gate, up, silu, product", 4 * c * tokens * f * experts))
-    return out
-
-
-def layer_activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int | None = None, sp: int = 1,
-                           sb: StateBytes | None = None, flash_attention: bool = True,
-                           tiled_mlp: bool = False) -> int:
-    """Bytes one decoder layer keeps for backward on one rank (no checkpointing)."""
-    seq = seq_len or shape.seq_len
-    tokens = micro_batch * seq // sp
-    return sum(b for _, b in _layer_saved(shape, tokens, seq, micro_batch, sp, sb or state_bytes(), flash_attention,
-                                          tiled_mlp))
-
-
-def activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
-                checkpointing: bool = False, flash_attention: bool = True,
-                sb: StateBytes | None = None, stage: int = 0, tiled_loss_tokens: int | None = None,
-                tiled_mlp_tokens: int | None = None, activation_offload: bool = False) -> tuple[Term, Term, Term]:
-    """(activations saved by the forward on the device, autocast weight copies, recomputation
-    peak) of one rank for one micro-batch. With activation_offload (and checkpointing) the layer
-    inputs are not on the device: `offloaded_activations` has them."""
-    sb = sb or state_bytes()
-    seq = seq_len or shape.seq_len
-    tokens = micro_batch * seq // sp
-    tiled_mlp = tiled_mlp_tokens is not None
-    layer = layer_activation_bytes(shape, micro_batch, seq, sp, sb, flash_attention, tiled_mlp)
-    h, r, c = shape.hidden, sb.residual, sb.compute
-    # Final norm (input, rstd, before gain; its output, or under autocast the output's cast for
-    # lm_head), the token ids of the embedding and of the loss (int64), and RoPE's fp32 angle
-    # tables (under autocast only their per-layer casts are saved, counted in the layers).
-    # (the tiled loss saves the fp32 norm output itself instead of lm_head's 16-bit input cast)
-    lm_input = c if sb.autocast and tiled_loss_tokens is None else r
-    final = 2 * r * tokens * h + 4 * tokens + lm_input * tokens * h + 16 * tokens
-    if not sb.autocast or checkpointing:  # checkpoint() keeps its inputs, the fp32 tables among them
-        final += 2 * 4 * (seq // sp) * shape.head_dim
-    attn = "flash" if flash_attention else "math (s^2 scores)"
-    recompute = 0
-    # Stage 3's matmuls use (and save) the gathered 16-bit working copy itself: parameter storage.
-    # So do the master layout's 16-bit parameters at stages 0-2 (engine/zero/master.py).
-    weight_casts = sb.autocast and not sb.weights16 and not (stage >= 3 and sb.work)
-    per_layer_copies = c * (shape.matmul_params - shape.vocab * h) // shape.layers if weight_casts else 0
-    experts = min(shape.experts, shape.experts_per_tok) if shape.experts else 1
-    if tiled_mlp and weight_casts:  # the tiled MLP casts its weights inside, without saving them
-        per_layer_copies -= c * 3 * h * shape.ffn * experts
-    tile = 4 * c * min(tiled_mlp_tokens, tokens) * shape.ffn * experts if tiled_mlp else 0
-    if checkpointing:
-        acts = shape.layers * r * tokens * h + final
-        formula = f"{shape.layers} layer inputs x {r} B x {tokens:,} tokens x {h} ({attn})"
-        if activation_offload:
-            acts -= offloaded_activations(shape, micro_batch=micro_batch, seq_len=seq, sp=sp, sb=sb).host_bytes
-            formula = f"final norm and loss inputs ({tokens:,} tokens; the {shape.layers} layer inputs are offloaded)"
-        recompute = layer + per_layer_copies + tile
-    else:
-        acts = shape.layers * layer + final
-        formula = f"{shape.layers} layers x {layer / MiB:,.1f} MiB ({tokens:,} tokens/rank, {attn})"
-    acts_term = Term(ACTIVATIONS, device_bytes=acts, formula=formula)
-    recompute_term = Term(RECOMPUTE, device_bytes=recompute,
-                          formula=f"one layer's activations ({layer / MiB:,.1f} MiB) and weight casts rebuilt in backward"
-                          + (f", one MLP tile ({tile / MiB:,.1f} MiB)" if tile else "")
-                          if checkpointing else "none: no checkpointing")
-    if tile and not checkpointing:
-        recompute_term = Term(RECOMPUTE, device_bytes=tile,
-                              formula=f"one MLP tile rebuilt in backward: 4 x {c} B x {min(tiled_mlp_tokens, tokens):,} "
-                                      f"tokens x {shape.ffn}")
-    copies = 0
-    copies_f = "none: parameters are already in the compute dtype"
-    if weight_casts:
-        layers_kept = 0 if checkpointing else shape.layers
-        head = 0 if tiled_loss_tokens is not None else c * shape.vocab * h  # the tiled loss casts without saving
-        copies = layers_kept * per_layer_copies + head
-        copies_f = (f"{c} B x matmul weights of {layers_kept} layer(s)" + (" + lm_head" if head else "")
-                    + ", saved for backward"
-                    + (" (a recomputed layer's are in the recomputation peak)" if checkpointing else ""))
-    return acts_term, Term(WEIGHT_COPIES, device_bytes=copies, formula=copies_f), recompute_term
-
-
-def logits(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
-           chunk_tokens: int | None = None) -> Term:
-    """The loss's logits buffers; with a tiled loss of `chunk_tokens`, one chunk's."""
-    tokens = micro_batch * (seq_len or shape.seq_len) // sp
-    if chunk_tokens is not None:
-        chunk = min(chunk_tokens, tokens)
-        return Term(LOGITS, device_bytes=12 * chunk * shape.vocab,
-                    formula=f"12 B x {chunk:,} tokens (one tiled-loss chunk) x {shape.vocab:,} vocab")
-    return Term(LOGITS, device_bytes=12 * tokens * shape.vocab,
-                formula=f"12 B x {tokens:,} tokens x {shape.vocab:,} vocab (fp32 log-softmax, its grad, logits grad)")
-
-
-def offloaded_activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
-                          sb: StateBytes | None = None) -> Term:
-    """Host bytes of activation offload: the inputs checkpointing keeps (L layer inputs r bsh and
-    the two fp32 RoPE tables, which every layer shares and are copied once)."""
-    sb = sb or state_bytes()
-    seq = seq_len or shape.seq_len
-    tokens = micro_batch * seq // sp
-    host = shape.layers * sb.residual * tokens * shape.hidden + 2 * 4 * (seq // sp) * shape.head_dim
-    return Term(OFFLOADED_ACTIVATIONS, host_bytes=host,
-                formula=f"{shape.layers} layer inputs x {sb.residual} B x {tokens:,} tokens x {shape.hidden} "
-                        f"+ RoPE tables, in host memory")
+# Activations: engine/memory_acts.py (re-exported above) ------------------------------------
 
 
 def long_context(engine: "EngineConfig") -> dict[str, Any]:
