@@ -59,12 +59,12 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
-from pydantic import ValidationError
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
-from dsl.engine import checkpoint, cpu_alloc, dist, precision, transfer
+from dsl.engine import checkpoint, core_state, cpu_alloc, dist, precision, transfer
 from dsl.engine.config import EngineConfig
+from dsl.engine.core_config import _deepspeed, _hidden_size, _validate, device_notes  # noqa: F401 (re-exported)
 from dsl.engine.errors import UserError
 from dsl.engine.compile import apply as compile_blocks
 from dsl.engine.long import setup as long_setup
@@ -89,22 +89,6 @@ def seed_everything(seed: int) -> None:
     except ImportError:
         return
     np.random.seed(seed % (1 << 32))
-
-
-def device_notes(config: EngineConfig, device: torch.device) -> list[str]:
-    """GPU-only settings changed from their defaults on a device they cannot apply to (no silent
-    no-ops). Only changed values: a resolved spec (engine/train.py) writes every default out, so
-    which fields a user wrote is not known here; dsl launch's own spec check sees that."""
-    notes = []
-    defaults = EngineConfig()
-    if device.type != "cuda":
-        if config.offload.pin_memory != defaults.offload.pin_memory and config.offload.optimizer != "none":
-            notes.append(f"engine.offload.pin_memory: {config.offload.pin_memory} has no effect on "
-                         f"{device.type} (page-locking is for copies to and from a GPU)")
-        if config.tf32 != defaults.tf32:
-            notes.append(f"engine.tf32: {config.tf32} has no effect on {device.type} (TensorFloat-32 is a "
-                         "CUDA matmul mode; fp32 on the CPU is IEEE fp32 either way)")
-    return notes
 
 
 def local_grad_stats(grads: torch.Tensor) -> torch.Tensor:
@@ -465,60 +449,7 @@ class Engine:
 
     # Accounting --------------------------------------------------------------------------
 
-    def state_summary(self) -> dict[str, int]:
-        """Bytes this rank holds now, by term (each exact, from the buffers' storage sizes):
-
-        - params_bytes: parameter storage: stages 0-2 the padded flat buffer of all parameters;
-          stage 3 this rank's padded partition plus the units gathered right now (none between
-          steps); plus frozen parameters. Under bf16/fp16 (not low_precision_states) the buffer
-          or partition holds the fp32 master weights, and stage 3 adds the partition's
-          compute-dtype working copy, the dtype its gathered units have (precision.py).
-        - grads_bytes: stage 0 the flat gradient buffer; stage 1 that plus this rank's gradient
-          partition; stages 2-3 the partition plus staging buffers alive now (none between
-          steps; up to zero.stage2.MAX_IN_FLIGHT buckets/units during backward).
-        - optimizer_states_bytes: optimizer states on the device (AdamW: exp_avg + exp_avg_sq;
-          SGD: momentum) over this rank's padded partition, allocated at initialize (none with
-          offload), plus under the master-weights layout at stages 0-2 the fp32 master
-          partition the stage keeps on the device (zero/master.py; with offload too).
-        - activations_bytes: distinct storages autograd saved for backward during the last
-          forward of the module (saved_tensors_hooks), excluding parameter and buffer storage;
-          includes autocast's low-precision weight copies (stages 0-2) and saved inputs.
-          Measured only while `measure_activations` is on, which this call switches on: 0 until
-          a forward runs after the first `state_summary()` (or after setting
-          `measure_activations = True`).
-        - total_bytes: the sum of the four above (device memory for model state + activations).
-        - offload_cpu_bytes: CPU memory of offloaded master weights, states and buffers.
-        - offload_nvme_bytes: bytes in NVMe offload files.
-        - On a CUDA device also what the allocator saw: `device_allocated_bytes` /
-          `device_reserved_bytes` now and `device_peak_allocated_bytes` /
-          `device_peak_reserved_bytes` since the process started or the last
-          `torch.cuda.reset_peak_memory_stats()` (read after a synchronize; the reserved figures
-          include the caching allocator's free blocks, what an out-of-memory error is about).
-        Activation checkpoints moved to host memory (engine.activation_offload) are not in
-        activations_bytes; `module.activation_offload.offloaded_bytes` has them.
-        Module buffers are not counted.
-        """
-        self.measure_activations = True
-        mem = self.stage.memory()
-        frozen = sum(p.untyped_storage().nbytes() for p in self.module.parameters() if not p.requires_grad)
-        st = self.states.memory()
-        out = {
-            "params_bytes": mem["params_bytes"] + frozen,
-            "grads_bytes": mem["grads_bytes"],
-            # The master layout's fp32 master partition on the device (stages 0-2) counts here.
-            "optimizer_states_bytes": st["optimizer_states_bytes"] + mem.get("master_bytes", 0),
-            "activations_bytes": self._activation_bytes,
-        }
-        out["total_bytes"] = sum(out.values())
-        out["offload_cpu_bytes"] = st["offload_cpu_bytes"] + mem.get("host_bytes", 0)
-        out["offload_nvme_bytes"] = st["offload_nvme_bytes"]
-        if self.device.type == "cuda":
-            transfer.wait_device(self.device)
-            out["device_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
-            out["device_reserved_bytes"] = torch.cuda.memory_reserved(self.device)
-            out["device_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            out["device_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
-        return out
+    state_summary = core_state.state_summary
 
     def close(self) -> None:
         """Remove the engine's hooks and delete offload files. The engine is unusable after."""
@@ -527,87 +458,6 @@ class Engine:
         self._module_hooks.clear()
         self.stage.close()
         self.states.close()
-
-
-def _validate(config: EngineConfig | Mapping[str, Any] | None, model: nn.Module) -> EngineConfig:
-    """The config, or a UserError of `engine.<field>: <message>` lines: the words `dsl validate`
-    and `dsl launch` print after their file:line:col (engine/validity.py holds the rules)."""
-    import os
-
-    from dsl.engine.train_config import ModelConfig
-    from dsl.engine.validity import field_problems, problems, refuse
-
-    if config is None:
-        config = EngineConfig()
-    elif not isinstance(config, EngineConfig):
-        try:
-            config = EngineConfig.model_validate(dict(config))
-        except ValidationError as err:
-            found = field_problems(err)
-        else:
-            found = []
-        refuse(found)  # outside the except: no chained pydantic traceback under DSL_DEBUG
-    grouped = tdist.is_available() and tdist.is_initialized()
-    world = tdist.get_world_size() if grouped else 1
-    local = os.environ.get("LOCAL_WORLD_SIZE", "") if grouped else "1"  # a user's own group may not say
-    shape = getattr(model, "cfg", None)  # the bundled Llama's dimensions (sequence-parallel rules)
-    refuse(problems(config, model=shape if isinstance(shape, ModelConfig) else None, world_size=world,
-                    ranks_per_host=int(local) if local.isdigit() and int(local) > 0 else None))
-    return config
-
-
-def _deepspeed(config: EngineConfig | Mapping[str, Any] | None, model: nn.Module,
-               total_steps: int | None) -> EngineConfig | Mapping[str, Any] | None:
-    """A DeepSpeed config handed to initialize() (`{"deepspeed_config": path_or_dict, ...engine
-    settings}`, a DeepSpeed dict itself, or an EngineConfig naming a deepspeed_config) as the engine
-    mapping the YAML path makes of it (engine/dsconfig.py): `auto` from the settings written next
-    to it and dsl's defaults, the bucket sizes from the model's hidden size, total_num_steps from
-    total_steps, DeepSpeed's batch arithmetic on this process group's data-parallel size."""
-    from dsl.engine.dsconfig import Context, is_deepspeed_config, report, resolve
-
-    if isinstance(config, EngineConfig):
-        if config.deepspeed_config is None:
-            return config
-        config = {**config.model_dump(exclude_defaults=True), "deepspeed_config": config.deepspeed_config}
-    if not isinstance(config, Mapping):
-        return config
-    if "deepspeed_config" in config:
-        source, explicit = config["deepspeed_config"], {k: v for k, v in config.items() if k != "deepspeed_config"}
-        if source is None:
-            return explicit
-    elif is_deepspeed_config(config):
-        source, explicit = config, {}
-    else:
-        return config
-    if not isinstance(source, (str, Path, Mapping)):
-        raise UserError(f"engine.deepspeed_config: a path to a DeepSpeed JSON file or a dict, got "
-                        f"{type(source).__name__}")
-    grouped = tdist.is_available() and tdist.is_initialized()
-    world = tdist.get_world_size() if grouped else 1
-    sp = explicit.get("sequence_parallel", source.get("sequence_parallel_size", 1) if isinstance(source, Mapping) else 1)
-    context = Context(explicit=explicit, steps=total_steps, hidden_size=_hidden_size(model),
-                      dp=world // sp if isinstance(sp, int) and sp >= 1 and world % sp == 0 else None)
-    engine, imported = resolve(source, context, where="engine.deepspeed_config")
-    try:
-        final = EngineConfig.model_validate(engine)
-    except ValidationError:
-        return engine  # _validate reports it
-    for line in imported.notes + report(imported, final):
-        log.info("%s", line)
-    return engine
-
-
-def _hidden_size(model: nn.Module) -> int | None:
-    """The bundled Llama's hidden size, or a Hugging Face model's (config.hidden_size, the largest of
-    config.hidden_sizes), as Hugging Face's DeepSpeed integration reads it."""
-    for cfg in (getattr(model, "cfg", None), getattr(model, "config", None)):
-        hidden = getattr(cfg, "hidden_size", None)
-        if isinstance(hidden, int):
-            return hidden
-        sizes = getattr(cfg, "hidden_sizes", None)
-        if isinstance(sizes, (list, tuple)) and sizes and all(isinstance(h, int) for h in sizes):
-            return max(sizes)
-    return None
 
 
 def initialize(
