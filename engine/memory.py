@@ -120,6 +120,7 @@ loading the fp32 model, which dsl reports as the transient `model construction` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -313,8 +314,9 @@ class Breakdown:
         """Every steady term added up, as if all were live at once (an upper bound)."""
         return sum(t.device_bytes for t in self.terms if not t.transient)
 
-    @property
+    @cached_property
     def peak(self) -> Peak:
+        """The step's peak by phase (computed once: the planner reads device_bytes often)."""
         return device_peak(self.terms)
 
     @property

@@ -62,8 +62,8 @@ def peak_line(b: Any) -> str:
     peak = b.peak
     if peak.bytes == b.device_sum_bytes:
         return f"  peak at {peak.phase}: every term above is live at once"
-    left = [name for name, _ in ((t.name, t.device_bytes) for t in b.terms if not t.transient and t.device_bytes)
-            if name not in dict(peak.live)]
+    live = dict(peak.live)
+    left = [t.name for t in b.terms if not t.transient and t.device_bytes and t.name not in live]
     return (f"  peak at {peak.phase}: {fmt_gb(peak.bytes)}, the sum less what is not live then "
             f"({', '.join(left)}; sum {fmt_gb(b.device_sum_bytes)})")
 
