@@ -1,6 +1,6 @@
 """Training data of the bundled engine: token sequences addressed by a global sample index.
 
-Two sources, chosen by `DataConfig.kind`:
+Three sources, chosen by `DataConfig.kind` (the third, `text`, is engine/text_data.py):
 - `synthetic` (`SyntheticData`): a fixed random Markov chain. Every token has `SUCCESSORS`
   possible next tokens, drawn from the vocabulary with `DataConfig.seed` and taken with the fixed
   probabilities `SUCCESSOR_PROBS`. Its entropy rate is about 1.1 nats per token, far below the
@@ -294,8 +294,13 @@ class TokenFileData(TokenBatches):
         return torch.from_numpy(np.stack(rows))
 
 
-def open_data(cfg: DataConfig, *, vocab_size: int, **layout) -> TokenBatches:
-    """The source `cfg.kind` names, with the layout keywords of `TokenBatches`."""
+def open_data(cfg: DataConfig, *, vocab_size: int, tokenizer: str | None = None, **layout) -> TokenBatches:
+    """The source `cfg.kind` names, with the layout keywords of `TokenBatches`; `tokenizer` is the
+    model's tokenizer folder, which kind: text uses when run.train.data.tokenizer is unset."""
+    if cfg.kind == "text":
+        from dsl.engine.text_data import TextData
+
+        return TextData(cfg, vocab_size=vocab_size, tokenizer=tokenizer, **layout)
     if cfg.kind == "tokens":
         return TokenFileData(cfg, vocab_size=vocab_size, **layout)
     return SyntheticData(cfg, vocab_size=vocab_size, **layout)

@@ -182,30 +182,43 @@ class DataConfig(StrictModel):
     """Where training tokens come from (`run.train.data`). Every rank reads by global sample
     index, so any split of a global batch over ranks and micro-steps reads the same samples."""
 
-    kind: Literal["synthetic", "tokens"] = "synthetic"
+    kind: Literal["synthetic", "tokens", "text"] = "synthetic"
     """`synthetic`: tokens from a fixed random Markov chain (learnable, needs no files).
-    `tokens`: sequences cut from a flat file of token ids (`path`, `dtype`)."""
+    `tokens`: sequences cut from a flat file of token ids (`path`, `dtype`).
+    `text`: documents (`path`: .jsonl or .parquet, or a folder of them) tokenized with the model's
+    tokenizer and packed into sequences (engine/text_data.py)."""
     seed: int = 1234
-    """Seed of the synthetic chain, or of the window order of a token file with order: shuffle;
-    the same seed gives the same sequences on every run."""
+    """Seed of the synthetic chain, or of the window order of a token file or text with order:
+    shuffle; the same seed gives the same sequences on every run."""
     path: str | None = None
-    """kind: tokens only: a flat binary file of token ids (nanoGPT's train.bin format: no header,
-    native byte order), memory-mapped, never loaded whole. Relative paths start at the ranks'
-    working directory (run.workdir; default where `dsl launch` runs)."""
+    """kind: tokens: a flat binary file of token ids (nanoGPT's train.bin format: no header,
+    native byte order), memory-mapped, never loaded whole. kind: text: a .jsonl file (one JSON
+    object per line), a .parquet file, or a folder of them read in sorted order. Relative paths
+    start at the ranks' working directory (run.workdir; default where `dsl launch` runs)."""
     dtype: Literal["uint16", "uint32"] = "uint16"
     """kind: tokens only: the integer type of each token id in `path` (uint16 for vocabularies of
     up to 65,536 ids)."""
     order: Literal["shuffle", "sequential"] = "shuffle"
-    """kind: tokens only: read the file's seq_len-token windows in a permutation drawn anew for
-    every epoch from `seed` (shuffle), or front to back (sequential); both wrap around at the end."""
+    """kind: tokens and text: read the seq_len-token windows in a permutation drawn anew for every
+    epoch from `seed` (shuffle), or front to back (sequential); both wrap around at the end."""
+    text_field: str = "text"
+    """kind: text only: the field of each JSON record (or the parquet column) holding a document."""
+    tokenizer: str | None = None
+    """kind: text only: a folder holding the tokenizer (tokenizer.json and the files transformers
+    saves), read locally; relative paths start at the ranks' working directory. Default: the
+    model's `hf` folder."""
 
     @model_validator(mode="after")
     def _path_with_tokens(self) -> "DataConfig":
-        if self.kind == "tokens" and self.path is None:
-            raise ValueError("kind: tokens needs path: the token file to read")
+        if self.kind in ("tokens", "text") and self.path is None:
+            what = "the token file" if self.kind == "tokens" else "the documents (.jsonl, .parquet or a folder)"
+            raise ValueError(f"kind: {self.kind} needs path: {what} to read")
         if self.kind == "synthetic" and self.path is not None:
-            raise ValueError(f"path ({self.path!r}) is read only with kind: tokens; "
-                             "set kind: tokens or remove path")
+            raise ValueError(f"path ({self.path!r}) is read only with kind: tokens or text; "
+                             "set kind or remove path")
+        if self.kind != "text" and self.tokenizer is not None:
+            raise ValueError(f"tokenizer ({self.tokenizer!r}) is read only with kind: text (kind is {self.kind}); "
+                             "set kind: text or remove tokenizer")
         return self
 
 
@@ -228,3 +241,12 @@ class TrainConfig(StrictModel):
     """How many of the newest checkpoints to keep."""
     resume: bool = True
     """Continue from output_dir/checkpoints/latest when it exists."""
+
+    @model_validator(mode="after")
+    def _data_fits_model(self) -> "TrainConfig":
+        from dsl.engine.validity import data_reason
+
+        reason = data_reason(self.data, self.model)
+        if reason:
+            raise ValueError(reason)
+        return self

@@ -62,10 +62,10 @@ if TYPE_CHECKING:
 
     from dsl.engine.config import EngineConfig
     from dsl.engine.located import Locations
-    from dsl.engine.train_config import ModelConfig
+    from dsl.engine.train_config import DataConfig, ModelConfig
 
 __all__ = ["Problem", "Refusal", "hf_missing", "problems", "batch_reason", "compile_conflicts", "field_problems",
-           "model_problems", "refuse", "refuse_located"]
+           "model_problems", "data_reason", "refuse", "refuse_located"]
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,20 @@ def problems(engine: "EngineConfig", *, model: "ModelConfig | None" = None, worl
             f"offload.optimizer: none")
     if offload.optimizer == "nvme" and not offload.nvme_path:
         add("offload.optimizer", "nvme needs offload.nvme_path (a folder on a fast local disk)")
-    if offload.params != "none" and (stage not in (3, "auto") or offload.optimizer not in ("cpu", "auto")):
+    if offload.params != "none" and (stage not in (3, "auto") or offload.optimizer not in ("cpu", "nvme", "auto")):
         add("offload.params",
             f"{offload.params} (ZeRO-Infinity parameter offload) needs zero_stage: 3 and offload.optimizer: cpu "
-            f"(got zero_stage: {stage}, offload.optimizer: {offload.optimizer}): the CPU optimizer updates "
-            f"the offloaded partitions in place")
+            f"or nvme (got zero_stage: {stage}, offload.optimizer: {offload.optimizer}): the offloaded "
+            f"optimizer updates the offloaded partitions off the device")
+    if offload.params == "nvme" and not offload.nvme_path:
+        add("offload.params", "nvme needs offload.nvme_path (a folder on a fast local disk)")
+    s3 = engine.stage3
+    s3_set = [f for f, v in (("gather", s3.gather != "layer"), ("max_live_params", s3.max_live_params is not None),
+                             ("prefetch_params", s3.prefetch_params is not None)) if v]
+    if s3_set and stage not in (3, "auto"):
+        add(f"stage3.{s3_set[0]}",
+            f"{getattr(s3, s3_set[0])} sets how ZeRO stage 3 gathers parameters, but zero_stage is {stage} "
+            f"(parameters are not partitioned); set zero_stage: 3, or remove engine.stage3")
     if offload.ratio < 1.0 and offload.optimizer not in ("cpu", "auto"):
         why = ("which offloads nothing, so ratio would have no effect" if offload.optimizer == "none"
                else "partial offload splits the update between the device and host memory, not NVMe")
@@ -176,6 +185,18 @@ def model_problems(model: "ModelConfig", *, check_installed: bool = False) -> li
                               f"this model; to train, give its config.json (hf: DIR) or describe the bundled "
                               f"Llama (preset, or its dimensions: hidden_size, num_hidden_layers, ...)",
                     root=("run", "train", "model"))]
+
+
+def data_reason(data: "DataConfig", model: "ModelConfig") -> str | None:
+    """Why `run.train.data` cannot feed `run.train.model` (checked by engine/train_config.py
+    TrainConfig, so `dsl validate`, `dsl launch` and the ranks all locate it), or None: text
+    data is tokenized with a tokenizer, which is the Hugging Face model's `hf` folder unless
+    data.tokenizer names one; the bundled Llama and an `hf_config` file name none."""
+    if data.kind == "text" and data.tokenizer is None and model.hf is None:
+        return ("data.kind: text tokenizes the documents with the model's tokenizer, and this model names no folder "
+                "that holds one (only run.train.model.hf does): set data.tokenizer to a "
+                "tokenizer folder whose ids fit run.train.model.vocab_size, or use kind: tokens")
+    return None
 
 
 def hf_missing() -> list[str]:
