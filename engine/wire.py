@@ -1,13 +1,20 @@
-"""The rank <-> launcher wire format, in one place: what ranks print that dsl reads.
+"""The rank <-> launcher wire format, in one place: what ranks print that dsl reads, and what
+dsl sends to a host's guard.
 
-Producers are the rank starter (engine/elastic.py), the bundled trainer (engine/train.py) and
-user scripts (`heartbeat()`); the consumer is launcher/output.py. Torch-free, import-light (the
-rank starter imports it before torch).
+Producers are the rank starters (engine/elastic.py through torchrun's prefix template,
+launcher/mpirank.py with `rank_prefix`), mpirun's failure report turned into an agent report
+(launcher/backends/mpi.py, `agent_line`), the bundled trainer (engine/train_output.py,
+`format_progress`) and user scripts (`heartbeat()`); the consumers are launcher/output.py and the
+mpi backend. The launcher -> guard lines are produced by launcher/backends/ssh.py and read by
+launcher/guard.py. tests/unit/test_wire_format.py checks every producer against its consumer.
+Torch-free, import-light (the rank starter imports it before torch).
 
 - `[dsl:RANK:LOCAL_RANK] ` prefixes every line a rank prints (torchrun's log-line prefix
-  template, PREFIX_TEMPLATE; RANK_LINE parses it);
-- `[dsl-agent] {json}`: the starter's report of a host's failed or checkpointed ranks;
-- `step N/M | loss X | ...`: the bundled trainer's progress line on rank 0 (STEP_LINE);
+  template, PREFIX_TEMPLATE; `rank_prefix` writes it, RANK_LINE parses it);
+- `[dsl-agent] {json}`: the starter's report of a host's failed or checkpointed ranks
+  (`agent_line` writes one, `parse_agent` reads one);
+- `step N/M | loss X | ...`: the bundled trainer's progress line on rank 0 (STEP_LINE,
+  `parse_step`);
 - `[dsl-beat] N`: a heartbeat, one per step on every rank, printed only when the launcher
   watches for hangs (HEARTBEAT_ENV is set: local and ssh backends with `watchdog_s`). dsl
   neither prints nor logs these lines (torchrun's raw per-rank files under
@@ -18,10 +25,18 @@ rank starter imports it before torch).
   only to processes that catch it (launcher/guard.py), so a script without it is not killed.
 - COLLECTIVE_TIMEOUT_ENV: seconds after which a collective of the engine's process group
   (engine/dist.py) raises instead of waiting; dsl sets it from `watchdog_s`.
+
+Launcher -> guard, on the guard's stdin (ssh backend: `--env-stdin --watch-stdin`):
+- the first line is the host's environment as one JSON object (`env_line`; no secret on a
+  command line);
+- then `ping` every keepalive interval (GUARD_PING: silence means a lost launcher), `dump`
+  (GUARD_DUMP: every rank's stack) and `signal USR1` / `signal USR2` (`guard_signal_line`: a
+  time-limit warning for every rank); `parse_guard_line` reads them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -38,7 +53,74 @@ DUMP_SIGNAL = signal.SIGRTMIN + 6 if hasattr(signal, "SIGRTMIN") else None
 """A real-time signal: nothing else in a training process uses it (SIGUSR1/2 are the time-limit
 warnings), and its default action ends a process, which is why only catchers receive it."""
 
+GUARD_PING = "ping"
+GUARD_DUMP = "dump"
+
 _dump_ready = [False]
+
+
+def rank_prefix(rank: int | str, local_rank: int | str) -> str:
+    """The prefix of a rank's line (what torchrun writes from PREFIX_TEMPLATE)."""
+    return PREFIX_TEMPLATE.replace("${rank}", str(rank)).replace("${local_rank}", str(local_rank))
+
+
+def parse_rank_line(line: str) -> tuple[int, int, str] | None:
+    """(rank, local rank, text) of a prefixed line, else None."""
+    match = RANK_LINE.match(line)
+    return (int(match.group(1)), int(match.group(2)), match.group(3)) if match else None
+
+
+def agent_line(report: dict) -> str:
+    """A starter's report line: AGENT_MARK + one JSON object (`event`: failed | checkpointed |
+    stopped, with `rank`, `exitcode`, `signal`, ... as engine/elastic.py writes them)."""
+    return AGENT_MARK + json.dumps(report)
+
+
+def parse_agent(line: str) -> dict | None:
+    """The report of an agent line; None for any other line. A mark with bad JSON is {} (a
+    report that says nothing, which consumers treat as no report)."""
+    if not line.startswith(AGENT_MARK):
+        return None
+    try:
+        report = json.loads(line[len(AGENT_MARK):])
+    except json.JSONDecodeError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def parse_step(text: str) -> tuple[int, int, float] | None:
+    """(step, steps, loss) of a progress line (the text after the rank prefix), else None."""
+    match = STEP_LINE.match(text)
+    return (int(match.group(1)), int(match.group(2)), float(match.group(3))) if match else None
+
+
+def env_line(env: dict) -> bytes:
+    """The first line on a guard's stdin: the host's environment."""
+    return (json.dumps(dict(env)) + "\n").encode()
+
+
+def parse_env_line(line: bytes) -> dict[str, str]:
+    """The environment of `env_line` (an empty line: none). Raises ValueError on bad JSON."""
+    extra = json.loads(line or b"{}")
+    if not isinstance(extra, dict):
+        raise ValueError(f"expected a JSON object, got {type(extra).__name__}")
+    return {str(k): str(v) for k, v in extra.items()}
+
+
+def guard_signal_line(signame: str) -> str:
+    """`signal USR1`: pass SIGUSR1 to every rank (signame without the SIG)."""
+    return f"signal {signame}"
+
+
+def parse_guard_line(line: bytes) -> str | None:
+    """A control line on a guard's stdin -> GUARD_PING, GUARD_DUMP or a signal name (`USR1`);
+    None for anything else."""
+    text = line.strip().decode("utf-8", errors="replace")
+    if text in (GUARD_PING, GUARD_DUMP):
+        return text
+    if text.startswith("signal "):
+        return text[len("signal "):].strip() or None
+    return None
 
 
 def heartbeat_line(step: int) -> str:

@@ -43,32 +43,12 @@ def launch(
     from dsl.launcher import console
 
     console.setup_logging()
-    from dsl.launcher.launch import dry_run_text, prepare
+    from dsl.launcher.launch import Mode, execute, prepare
 
-    prepared = prepare(spec, reserve=not dry_run)
-    limit = None
-    if time_limit is not None:
-        from dsl.launcher.supervise import time_limit_of
-
-        limit = time_limit_of(prepared.spec_file, time_limit, prepared.plan.backend)
-    if dry_run:
-        print(dry_run_text(prepared, as_json))
-        return
-    if preflight and prepared.plan.backend in ("ssh", "mpi"):
-        _preflight(prepared.plan)
-    raise typer.Exit(_run(prepared, limit))
-
-
-def _preflight(plan) -> None:  # type: ignore[no-untyped-def]
-    from dsl.engine.errors import UserError
-    from dsl.launcher import console
-    from dsl.launcher.preflight import failures, run_preflight, table
-
-    rows = run_preflight(plan)
-    console.err.print(table(rows))
-    problem = failures(rows)
-    if problem:
-        raise UserError(problem)
+    mode = Mode.DRY_RUN if dry_run else Mode.RUN
+    code = execute(prepare(spec, mode), mode, as_json=as_json, time_limit=time_limit, preflight=preflight)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("preflight")
@@ -77,106 +57,10 @@ def preflight_cmd(spec: Path = SpecArg) -> None:
     from dsl.launcher import console
 
     console.setup_logging()
-    from dsl.launcher.launch import prepare
+    from dsl.launcher.launch import Mode, prepare
+    from dsl.launcher.run import check_hosts
 
-    _preflight(prepare(spec, reserve=False).plan)
-
-
-def _run(prepared, time_limit=None) -> int:  # type: ignore[no-untyped-def]
-    from dsl.launcher.backends import get_backend
-    from dsl.launcher.runlock import acquire
-
-    plan = prepared.plan
-    backend = get_backend(plan.backend)
-    lock = None
-    try:
-        # Before anything is written there: a second launch into this run folder is refused.
-        lock = acquire(Path(plan.output_dir), plan.name, prepared.spec_file.where("output_dir"))
-        return _run_locked(prepared, backend, time_limit)
-    finally:
-        if lock is not None:
-            lock.release()
-        if prepared.port is not None:
-            prepared.port.release()
-
-
-def _run_locked(prepared, backend, time_limit) -> int:  # type: ignore[no-untyped-def]
-    import time
-
-    from dsl.launcher import console
-    from dsl.launcher.launch import write_run_folder
-    from dsl.launcher.output import RankOutput
-    from dsl.engine.writefail import EXIT_WRITE_FAILED
-    from dsl.launcher.supervise import supervise
-
-    plan = prepared.plan
-    out = write_run_folder(plan, prepared.memory)
-    hosts = ", ".join(h.host for h in plan.hosts) if plan.backend != "slurm" or plan.submit.argv[0] == "bash" \
-        else f"{len(plan.hosts)} node(s) Slurm allocates"
-    console.message(f"dsl: launching {plan.name}: {plan.world_size} rank(s) on {hosts} "
-                    f"({plan.backend}), master {plan.master_addr}:{plan.master_port}; run folder {out}")
-    started = time.monotonic()
-    with console.StepProgress() as progress:
-        output = RankOutput(out / "logs", on_step=progress.update)
-        try:
-            outcome = supervise(plan, backend, output, time_limit)
-        finally:
-            output.close()
-    elapsed = time.monotonic() - started
-    if outcome.write_error or (outcome.ok and output.write_error):
-        console.message(f"dsl: job {plan.name} stopped: {outcome.write_error or output.write_error} "
-                        f"(exit {EXIT_WRITE_FAILED})", style="bold red")
-        return EXIT_WRITE_FAILED
-    if outcome.ok:
-        console.message(f"dsl: job {plan.name} finished in {elapsed:.1f} s "
-                        f"({plan.world_size} ranks, attempt {outcome.attempts}); logs in {out / 'logs'}")
-        return 0
-    if outcome.interrupted_by:
-        console.message(f"dsl: job {plan.name} interrupted; every rank was stopped "
-                        f"(exit {outcome.exit_code})", style="yellow")
-        return outcome.exit_code
-    if outcome.checkpointed:
-        console.message(f"dsl: job {plan.name} stopped at a time-limit signal after every rank "
-                        f"checkpointed (exit {outcome.exit_code}); launch it again to resume from "
-                        f"that checkpoint; logs in {out / 'logs'}", style="yellow")
-        return outcome.exit_code
-    if outcome.timed_out:
-        console.message(f"dsl: job {plan.name} reached its time limit ({time_limit.text}); every "
-                        f"rank still running was stopped (exit {outcome.exit_code})", style="bold red")
-        return outcome.exit_code
-    if outcome.hung:
-        console.message(f"dsl: job {plan.name} hung: no rank finished a step for {plan.watchdog_s:g} s "
-                        f"(watchdog_s); every rank was stopped (exit {outcome.exit_code}). Each rank's "
-                        f"Python stack is above and in its log ({out / 'logs'}). Last steps:",
-                        style="bold red")
-        newest = max(step for _, _, step, _, _ in outcome.hung)
-        for host, rank, step, age_s, lines in outcome.hung:
-            behind = " (behind)" if step < newest else ""
-            console.message(f"  {host}:{rank} step {step}, {age_s:.0f} s ago{behind}; last lines:")
-            for line in lines:
-                console.message(f"    {line}")
-        return outcome.exit_code
-    if outcome.lost:
-        console.message(f"dsl: job {plan.name} failed: lost contact with host {outcome.failed_host} "
-                        f"({outcome.lost}); every other rank was stopped (exit {outcome.exit_code}, "
-                        f"attempt {outcome.attempts} of {plan.max_restarts + 1})", style="bold red")
-        return outcome.exit_code
-    who = (f"rank {outcome.failed_rank} on {outcome.failed_host}" if outcome.failed_rank is not None
-           else f"host {outcome.failed_host}")
-    how = f"was killed by {outcome.signal_name}" if outcome.signal_name else f"exited with code {outcome.exit_code}"
-    if outcome.exit_code == EXIT_WRITE_FAILED and not outcome.signal_name:
-        how += " (a write of its output failed: see its last lines)"
-    detail = f" ({outcome.detail})" if outcome.detail else ""
-    console.message(f"dsl: job {plan.name} failed: {who} {how}{detail}; every other rank was stopped "
-                    f"(attempt {outcome.attempts} of {plan.max_restarts + 1})", style="bold red")
-    if outcome.failed_rank is not None:
-        tail = list(output.tails.get(outcome.failed_rank, []))
-        if tail:
-            console.message(f"last lines of rank {outcome.failed_rank} "
-                            f"(full log: {output.log_path(outcome.failed_rank)}):")
-            for line in tail[-10:]:
-                console.message(f"  {line}")
-    return outcome.exit_code
+    check_hosts(prepare(spec, Mode.DRY_RUN).plan)
 
 
 @app.command()
@@ -189,12 +73,12 @@ def sbatch(
     from dsl.launcher import console
 
     console.setup_logging()
-    from dsl.launcher.launch import prepare, write_run_folder
+    from dsl.launcher.launch import Mode, prepare, write_run_folder
     from dsl.launcher.slurm import SCRIPT_NAME
 
     from dsl.launcher.runlock import acquire
 
-    prepared = prepare(spec, reserve=False, backend="slurm")
+    prepared = prepare(spec, Mode.DRY_RUN, backend="slurm")
     plan = prepared.plan
     with acquire(Path(plan.output_dir), plan.name, prepared.spec_file.where("output_dir")):
         write_run_folder(plan)
@@ -306,27 +190,11 @@ def plan_cmd(
     from dsl.launcher import console
 
     console.setup_logging()
-    from dsl.engine.errors import UserError
-    from dsl.launcher.launch import prepare
+    from dsl.launcher.launch import Mode, execute, prepare
 
-    prepared = prepare(spec, reserve=False, topology=topology, refuse_unfit=False)
-    memory = prepared.memory
-    if memory is None:
-        raise UserError(f"{spec}: nothing to plan: dsl plan needs run.train (the bundled engine)")
-    if as_json:
-        import json
-
-        print(json.dumps({**memory.to_json(), "launch": prepared.plan.to_json()}, indent=1))
-    else:
-        from rich.console import Console
-
-        from dsl.launcher.planreport import render
-
-        out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-        commands = prepared.plan.describe() if memory.launch_choice is not None else None
-        render(memory, prepared.spec_file.spec.name, commands, out)
-    if memory.choice is None:
-        raise typer.Exit(1)
+    code = execute(prepare(spec, Mode.PLAN, topology=topology), Mode.PLAN, as_json=as_json)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

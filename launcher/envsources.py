@@ -86,7 +86,9 @@ def env_values(spec_file, environ: Mapping[str, str] | None = None,  # spec_file
 
     # Slurm's sbatch passes the submitting shell's whole environment on by itself; writing the
     # prefixed variables into the batch script would only make it depend on that shell.
-    prefixes = tuple(env.forward_prefixes) if spec_file.spec.resources.backend != "slurm" else ()
+    from dsl.launcher.backends import backend_of
+
+    prefixes = tuple(env.forward_prefixes) if backend_of(spec_file).forwards_env_prefixes else ()
     add({k: v for k, v in environ.items() if prefixes and k.startswith(prefixes)})
     if env.dotfiles:
         for path in dotfiles(home or Path.home(), cwd or Path.cwd(), environ):

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import select
 import signal
@@ -53,12 +52,13 @@ import time
 import psutil
 
 from dsl.engine.elastic import CATCH_WAIT_S, EXIT_CHECKPOINTED, WARNING_SIGNALS, catches
+from dsl.engine import wire
 from dsl.engine.wire import DUMP_SIGNAL
 
 _PR_SET_CHILD_SUBREAPER = 36
 _POLL_S = 0.05
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_CONTROL_LINES = {f"signal {sig.name[3:]}".encode(): sig for sig in WARNING_SIGNALS}  # b"signal USR1"
+_WARNINGS = {sig.name[3:]: sig for sig in WARNING_SIGNALS}  # "USR1" of `signal USR1` (engine/wire.py)
 
 
 def _become_subreaper() -> None:
@@ -215,11 +215,11 @@ def _watch_stdin(signals: _Signals, timeout_s: float | None = None) -> None:
             break
         *lines, pending = (pending + chunk).split(b"\n")
         for line in lines:
-            sig = _CONTROL_LINES.get(line.strip())
-            if sig is not None:
-                signals.warned[sig] = 1
-            elif line.strip() == b"dump":
+            control = wire.parse_guard_line(line)
+            if control == wire.GUARD_DUMP:
                 signals.dump[0] = 1
+            elif control in _WARNINGS:
+                signals.warned[_WARNINGS[control]] = 1
     if not signals.stop[0]:
         signals.stop[0] = signal.SIGHUP
 
@@ -243,11 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     env = None
     if args.env_stdin:
         try:
-            extra = json.loads(_read_line(0) or b"{}")
-        except json.JSONDecodeError as exc:
+            extra = wire.parse_env_line(_read_line(0))
+        except ValueError as exc:  # json.JSONDecodeError is one
             print(f"dsl guard: bad environment line on stdin: {exc}", file=sys.stderr, flush=True)
             return 2
-        env = {**os.environ, **{str(k): str(v) for k, v in extra.items()}}
+        env = {**os.environ, **extra}
 
     _become_subreaper()
     if args.watch_stdin:

@@ -1,20 +1,17 @@
-"""`dsl launch`: spec -> hosts -> plan -> backend, one path for the real run and the dry run.
+"""`dsl launch`, `dsl plan`, `dsl sbatch`: spec -> hosts -> plan -> backend, one path for all.
 
-`prepare()` does the look-ups a plan needs (hostfile, GPU count, env file, a free port) and calls
-the pure `render()`; `--dry-run` prints its result. `execute()` writes the run folder and hands
-the same plan to the backend under supervision.
-
-Which devices a local run without a hostfile uses: the entries of this shell's
-CUDA_VISIBLE_DEVICES when it lists any (passed through verbatim, one rank each; DeepSpeed's
-launcher reads it as `--include localhost:<entries>`), else the GPUs NVML finds
-(topology/gpus.py) or a recorded topology lists (launcher/planspec.py). With a hostfile its slots
-decide, and a CUDA_VISIBLE_DEVICES of this shell is ignored with a log line saying so. Several
-MIG instances never go to the ranks of one host (launcher/hosts.py, `one_rank_per_mig`).
+`prepare(spec, mode)` does the look-ups a plan needs (the backend's hosts, GPU count, env file,
+the master port) and calls the pure `render()`; `execute(prepared, mode)` then acts on it as the
+mode says (`Mode`): print it (dry run), report the planner's choice (plan), or write the run
+folder and hand the same plan to the backend under supervision (run, launcher/run.py). What a
+backend does differently (hosts, port, render, probes) is its object's (launcher/backends/);
+which devices a host without a hostfile uses is in launcher/spechosts.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import logging
 import os
@@ -26,15 +23,27 @@ from typing import Any
 from dsl.engine.config import unsupported_reason
 from dsl.engine.errors import UserError
 from dsl.engine.writefail import write_failed
-from dsl.launcher import hosts as hostlib
 from dsl.launcher import envsources
+from dsl.launcher.backends import Backend, backend_of
 from dsl.launcher.plan import LaunchPlan, RenderInputs, plan_json
 from dsl.launcher.render import render
-from dsl.launcher.ports import PortReservation, hold_port, reserve_port
+from dsl.launcher.ports import PortReservation
 from dsl.launcher.spec import SpecFile, check_engine, load_spec
-from dsl.topology.gpus import count_gpus, visible_devices
+from dsl.launcher.spechosts import in_slurm_allocation, launching_visible_devices
 
 log = logging.getLogger(__name__)
+
+
+class Mode(enum.Enum):
+    """What `execute` does with a prepared plan, said rather than derived from flags."""
+
+    DRY_RUN = "dry-run"
+    """Print the plan, start nothing; the port is picked, not held; remote hosts are probed only
+    when `auto` fields need their hardware; a configuration that does not fit is refused."""
+    PLAN = "plan"
+    """`dsl plan`: the planner's report, also when nothing fits (then exit 1); hosts probed."""
+    RUN = "run"
+    """Hold the port, check the hosts (preflight), write the run folder, start and supervise."""
 
 
 @dataclass
@@ -45,128 +54,20 @@ class Prepared:
     memory: Any = None
     """The planner's answer (launcher.planner.Plan) for a bundled-engine run, else None."""
 
-
-def in_slurm_allocation() -> bool:
-    return bool(os.environ.get("SLURM_JOB_ID") and os.environ.get("SLURM_JOB_NODELIST"))
-
-
-def _slurm_hosts(spec_file: SpecFile) -> list[hostlib.Host]:
-    """Inside an allocation: its hosts. Otherwise placeholders for the nodes sbatch will get."""
-    res = spec_file.spec.resources
-    if res.hostfile:
-        raise UserError(f"{spec_file.where('resources', 'hostfile')}: with backend slurm, Slurm "
-                        "chooses the hosts; remove hostfile (use slurm.constraint or extra_sbatch)")
-    nproc = res.procs_per_node if isinstance(res.procs_per_node, int) else \
-        (res.slurm.gpus_per_node or 1)
-    if in_slurm_allocation():
-        from dsl.launcher.backends.slurm import allocation_hosts
-
-        names = allocation_hosts()
-        if res.nodes and res.nodes > len(names):
-            raise UserError(f"{spec_file.where('resources', 'nodes')}: nodes: {res.nodes} but the "
-                            f"allocation {os.environ['SLURM_JOB_ID']} has {len(names)} node(s)")
-        names = names[:res.nodes] if res.nodes else names
-    else:
-        names = [f"slurm-node{i}" for i in range(res.nodes or 1)]
-    return [hostlib.Host(name, tuple(range(nproc))) for name in names]
+    @property
+    def backend(self) -> Backend:
+        return backend_of(self.spec_file)
 
 
-def launching_visible_devices() -> tuple[str, ...] | None:
-    """The CUDA_VISIBLE_DEVICES entries of the shell that runs dsl (None: unset)."""
-    return visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
-
-
-def _say_hostfile_wins(spec_file: SpecFile) -> None:
-    """A hostfile's slots are physical indices and decide the devices, as in DeepSpeed; a
-    CUDA_VISIBLE_DEVICES of this shell does not reach the ranks, which is worth a line."""
-    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if raw:
-        log.warning("CUDA_VISIBLE_DEVICES=%s of this shell is ignored: the hostfile's slots (%s) choose "
-                    "each host's devices, and its ranks get CUDA_VISIBLE_DEVICES from them; to use other "
-                    "devices, select their slots with resources.include", raw,
-                    spec_file.where("resources", "hostfile"))
-
-
-def _local_hosts(spec_file: SpecFile, num_procs: int | None) -> tuple[list[hostlib.Host], bool]:
-    """This host: on the devices this shell's CUDA_VISIBLE_DEVICES lists, else on the GPUs NVML
-    finds (topology/gpus.py), one rank per device unless procs_per_node says otherwise."""
-    visible = launching_visible_devices()
-    if visible:
-        raw = os.environ["CUDA_VISIBLE_DEVICES"]
-        try:
-            hosts = one_rank_per_mig(spec_file, hostlib.visible_host(visible, num_procs))
-        except UserError as exc:
-            raise UserError(f"{spec_file.where('resources', 'procs_per_node')}: {exc}") from None
-        log.info("procs_per_node %s: %d rank(s) on CUDA_VISIBLE_DEVICES=%s of this shell (passed through)",
-                 num_procs or "auto", len(hosts[0].slots), raw)
-        return hosts, True
-    gpus = count_gpus()
-    count = num_procs or gpus.count or 1
-    if num_procs is None:
-        log.info("procs_per_node auto: %d (%s)", count, gpus.reason)
-    try:
-        hosts = one_rank_per_mig(spec_file, hostlib.local_host(count, devices=gpus.devices))
-    except UserError as exc:
-        raise UserError(f"{spec_file.where('resources', 'procs_per_node')}: {exc}") from None
-    return hosts, gpus.count > 0
-
-
-def one_rank_per_mig(spec_file: SpecFile, hosts: list[hostlib.Host]) -> list[hostlib.Host]:
-    """hosts.one_rank_per_mig on the local host, its note logged (its error is the caller's to
-    locate)."""
-    host, note = hostlib.one_rank_per_mig(hosts[0], isinstance(spec_file.spec.resources.procs_per_node, int))
-    if note:
-        log.warning(note)
-    return [host]
-
-
-def resolve_spec_hosts(spec_file: SpecFile) -> tuple[list[hostlib.Host], bool]:
+def resolve_spec_hosts(spec_file: SpecFile):
     """The hosts of a spec and whether CUDA_VISIBLE_DEVICES should pin their devices."""
-    res = spec_file.spec.resources
-    num_procs = res.procs_per_node if isinstance(res.procs_per_node, int) else None
-    if res.backend == "slurm":
-        return _slurm_hosts(spec_file), False
-    if res.hostfile:
-        try:
-            pool = hostlib.load_hostfile(spec_file.resolve(res.hostfile))
-            selected = hostlib.select_hosts(pool, res.include, res.exclude, res.nodes, num_procs)
-        except UserError as exc:
-            field = "include" if res.include else "exclude" if res.exclude else "hostfile"
-            raise UserError(f"{spec_file.where('resources', field)}: {exc}") from None
-        if res.backend == "local" and len(selected) > 1:
-            raise UserError(
-                f"{spec_file.where('resources', 'backend')}: the local backend runs on this machine "
-                f"only, but {len(selected)} hosts are selected; use backend ssh, slurm or mpi")
-        _say_hostfile_wins(spec_file)
-        return selected, True
-    if res.backend in ("ssh", "mpi"):
-        raise UserError(f"{spec_file.where('resources', 'hostfile')}: backend {res.backend} needs "
-                        "a hostfile (`hostname slots=N` lines)")
-    if res.nodes and res.nodes > 1:
-        raise UserError(f"{spec_file.where('resources', 'nodes')}: nodes: {res.nodes} needs "
-                        "resources.hostfile (or backend slurm); without one dsl runs on this host")
-    return _local_hosts(spec_file, num_procs)
+    return backend_of(spec_file).resolve_hosts(spec_file)
 
 
-def _render_inputs(spec_file: SpecFile, pin: bool, reserve: bool) -> tuple[RenderInputs, PortReservation | None]:
+def _render_inputs(spec_file: SpecFile, pin: bool, hold_port: bool) -> tuple[RenderInputs, PortReservation | None]:
     """What render needs from this machine: env values, interpreter, and the master port (held
-    until the ranks start when `reserve`)."""
-    spec = spec_file.spec
-    port: PortReservation | None = None
-    master_port = spec.resources.master_port
-    if spec.resources.backend == "slurm":
-        pass  # decided on the nodes: the spec's port, or one derived from the job id
-    elif master_port == "auto":
-        port = reserve_port()
-        master_port = port.port
-        if not reserve:
-            port.release()
-            port = None
-    elif reserve and spec.resources.backend == "local":
-        try:
-            port = hold_port(master_port)
-        except UserError as exc:
-            raise UserError(f"{spec_file.where('resources', 'master_port')}: {exc}") from None
+    until the ranks start when `hold_port`)."""
+    master_port, port = backend_of(spec_file).master_port(spec_file, hold_port)
     env = envsources.env_values(spec_file)
     env_values = env.values
     inputs = RenderInputs(
@@ -189,26 +90,28 @@ def probe_spec_hosts(spec_path: str | os.PathLike[str]) -> dict[str, Any]:
     from dsl.launcher import remote_probe
 
     spec_file = load_spec(spec_path)
-    if spec_file.spec.resources.backend == "slurm" and not in_slurm_allocation():
-        raise UserError(f"{spec_file.where('resources', 'backend')}: Slurm has not allocated the hosts "
-                        "yet; run `dsl probe SPEC` inside an allocation (salloc), or probe a node "
-                        "with `srun -N1 dsl probe`")
-    hosts, pin = resolve_spec_hosts(spec_file)
-    inputs, _ = _render_inputs(spec_file, pin, reserve=False)
+    backend = backend_of(spec_file)
+    unknown = backend.unknown_hosts(spec_file)
+    if unknown:
+        raise UserError(unknown)
+    hosts, pin = backend.resolve_hosts(spec_file)
+    inputs, _ = _render_inputs(spec_file, pin, hold_port=False)
     return remote_probe.probe_hosts(render(spec_file, hosts, inputs))
 
 
-def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
-            backend: str | None = None, topology: str | None = None,
-            refuse_unfit: bool = True) -> Prepared:
-    """Everything up to the plan. `reserve=False` (dry run) picks a port without holding it;
-    `backend` overrides the spec's (`dsl sbatch` renders any spec for Slurm); `topology`
-    overrides resources.topology; `refuse_unfit=False` (`dsl plan`) returns a plan that does not
-    fit instead of raising."""
+def prepare(spec_path: str | os.PathLike[str], mode: Mode, *, backend: str | None = None,
+            topology: str | None = None) -> Prepared:
+    """Everything up to the plan, for `mode` (see Mode). `backend` overrides the spec's
+    (`dsl sbatch` renders any spec for Slurm); `topology` overrides resources.topology."""
     spec_file = load_spec(spec_path)
     if backend is not None and backend != spec_file.spec.resources.backend:
         resources = spec_file.spec.resources.model_copy(update={"backend": backend})
         spec_file = dataclasses.replace(spec_file, spec=spec_file.spec.model_copy(update={"resources": resources}))
+    return prepare_spec(spec_file, mode, topology=topology)
+
+
+def prepare_spec(spec_file: SpecFile, mode: Mode, *, topology: str | None = None) -> Prepared:
+    """`prepare` for a loaded spec (the CLI may have changed its resources)."""
     spec = spec_file.spec
     if spec.run.script is not None:
         script = spec_file.resolve(spec.run.script)
@@ -219,20 +122,19 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
     # and refuses what does not fit, before anything starts.
     from dsl.launcher import planspec
 
+    backend = backend_of(spec_file)
     hosts, pin = planspec.recorded_hosts(spec_file, topology, launching_visible_devices()) \
-        or resolve_spec_hosts(spec_file)
+        or backend.resolve_hosts(spec_file)
     # load_spec checked the engine section with what the spec alone says; now the hosts fix the
     # world (engine/validity.py: sequence_parallel and train_batch against the ranks).
     ranks = [len(h.slots) for h in hosts]
     check_engine(spec_file, sum(ranks) or None, max(ranks, default=0) or None)
-    inputs, port = _render_inputs(spec_file, pin, reserve)
-    backend = spec.resources.backend
-    dry_run = not reserve and refuse_unfit
+    inputs, port = _render_inputs(spec_file, pin, hold_port=mode is Mode.RUN)
 
     def probe_remote():
         """The weakest host's topology, probed over the backend (None: hosts not allocated yet).
         A dry run reaches remote hosts only when `auto` fields need their hardware."""
-        if backend == "slurm" and not inputs.in_slurm_allocation:
+        if not backend.hosts_known(inputs):
             return None
         from dsl.launcher import remote_probe
 
@@ -241,10 +143,59 @@ def prepare(spec_path: str | os.PathLike[str], *, reserve: bool = True,
         log.info("planner: planning for %s, the weakest of %d probed host(s)", name, len(probed))
         return topo
 
-    spec_file, hosts, pin, memory_plan = planspec.resolve(
-        spec_file, hosts, pin, topology=topology, refuse=refuse_unfit, runnable=unsupported_reason,
-        probe=probe_remote, probe_only_for_auto=dry_run)
-    return Prepared(spec_file, render(spec_file, hosts, inputs), port, memory_plan)
+    try:
+        spec_file, hosts, pin, memory_plan = planspec.resolve(
+            spec_file, hosts, pin, topology=topology, refuse=mode is not Mode.PLAN,
+            runnable=unsupported_reason, probe=probe_remote, probe_only_for_auto=mode is Mode.DRY_RUN)
+        return Prepared(spec_file, render(spec_file, hosts, inputs), port, memory_plan)
+    except BaseException:
+        if port is not None:
+            port.release()
+        raise
+
+
+def execute(prepared: Prepared, mode: Mode, *, as_json: bool = False, time_limit: str | None = None,
+            preflight: bool = True) -> int:
+    """Act on a prepared plan as `mode` says; returns the exit code. DRY_RUN prints the plan
+    (`as_json`: as JSON); PLAN prints the planner's report (exit 1 when nothing fits); RUN checks
+    the hosts when the backend wants it (`preflight`), runs the job under supervision with the
+    `--time-limit` TEXT, and reports how it ended (launcher/run.py)."""
+    limit = None
+    try:
+        if time_limit is not None:
+            from dsl.launcher.supervise import time_limit_of
+
+            limit = time_limit_of(prepared.spec_file, time_limit, prepared.plan.backend)
+        if mode is Mode.DRY_RUN:
+            print(dry_run_text(prepared, as_json))
+            return 0
+        if mode is Mode.PLAN:
+            return _print_plan(prepared, as_json)
+    except BaseException:
+        if prepared.port is not None:
+            prepared.port.release()
+        raise
+    from dsl.launcher.run import run
+
+    return run(prepared, limit, preflight=preflight and prepared.backend.preflight_before_start)
+
+
+def _print_plan(prepared: Prepared, as_json: bool) -> int:
+    memory = prepared.memory
+    if memory is None:
+        raise UserError(f"{prepared.spec_file.path}: nothing to plan: dsl plan needs run.train "
+                        "(the bundled engine)")
+    if as_json:
+        print(json.dumps({**memory.to_json(), "launch": prepared.plan.to_json()}, indent=1))
+    else:
+        from rich.console import Console
+
+        from dsl.launcher.planreport import render as render_report
+
+        out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+        commands = prepared.plan.describe() if memory.launch_choice is not None else None
+        render_report(memory, prepared.spec_file.spec.name, commands, out)
+    return 1 if memory.choice is None else 0
 
 
 def write_run_folder(plan: LaunchPlan, memory: Any = None) -> Path:
@@ -285,8 +236,5 @@ def dry_run_text(prepared: Prepared, as_json: bool) -> str:
     if as_json:
         return json.dumps(prepared.plan.to_json(), indent=2)
     text = prepared.plan.describe()
-    res = prepared.spec_file.spec.resources
-    if res.master_port == "auto" and res.backend != "slurm":
-        text += ("\n\n# master_port is auto: this port was free just now; "
-                 "`dsl launch` picks (and holds) a free port again when it starts.")
-    return text
+    note = prepared.backend.port_note(prepared.spec_file)
+    return text + f"\n\n{note}" if note else text

@@ -25,6 +25,8 @@ import subprocess
 import sys
 import threading
 
+from dsl.engine import wire
+
 
 def torchrun_env(ompi: dict[str, str], node_slots: list[list[int]]) -> dict[str, str]:
     """torchrun's variables for this rank. The node index comes from dsl's layout (ranks fill
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no program given")
     slots = [[int(s) for s in node.split(",") if s] for node in args.slots.split(";")]
     env = torchrun_env(dict(os.environ), slots)
-    prefix = f"[dsl:{env['RANK']}:{env['LOCAL_RANK']}] ".encode()
+    prefix = wire.rank_prefix(env["RANK"], env["LOCAL_RANK"]).encode()
     if not args.visible_devices:
         env.pop("CUDA_VISIBLE_DEVICES", None)
     else:

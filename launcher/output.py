@@ -24,7 +24,6 @@ engine/writefail.py), log files are no longer written, lines still reach the ter
 from __future__ import annotations
 
 import collections
-import json
 import sys
 import threading
 import time
@@ -35,7 +34,8 @@ from typing import Callable, TextIO
 from dsl.engine.errors import WriteError
 from dsl.engine.writefail import write_failed
 
-from dsl.engine.wire import AGENT_MARK as _AGENT_MARK, RANK_LINE as _RANK_LINE, STEP_LINE, parse_heartbeat
+from dsl.engine.wire import parse_agent, parse_heartbeat, parse_rank_line, parse_step
+
 TAIL_LINES = 20
 
 
@@ -72,10 +72,11 @@ class RankOutput:
             raise write_failed(log_dir, exc, "log folder") from None
 
     def __call__(self, host: str, stream: str, line: str) -> None:
-        match = _RANK_LINE.match(line)
+        parsed = parse_rank_line(line)
+        report = None if parsed else parse_agent(line)
         with self._lock:
-            if match:
-                rank, text = int(match.group(1)), match.group(3)
+            if parsed:
+                rank, _, text = parsed
                 self.rank_hosts[rank] = host
                 beat = parse_heartbeat(text)
                 if beat is not None:  # neither printed nor logged (engine/wire.py)
@@ -87,12 +88,12 @@ class RankOutput:
                 out.write(f"[{host}:{rank}] {text}\n")
                 out.flush()
                 if rank == 0 and self._on_step is not None:
-                    step = STEP_LINE.match(text)
+                    step = parse_step(text)
                     if step:
-                        self._on_step(int(step.group(1)), int(step.group(2)), float(step.group(3)))
-            elif line.startswith(_AGENT_MARK):
+                        self._on_step(*step)
+            elif report is not None:
                 self._log(f"{host}.agent.log", line)
-                self._record_failure(host, line[len(_AGENT_MARK):])
+                self._record_failure(host, report)
             else:
                 self._log(f"{host}.agent.log", line)
                 self._stderr.write(f"[{host}] {line}\n")
@@ -144,11 +145,7 @@ class RankOutput:
         handle.write(self._header)
         return handle
 
-    def _record_failure(self, host: str, payload: str) -> None:
-        try:
-            report = json.loads(payload)
-        except json.JSONDecodeError:
-            return
+    def _record_failure(self, host: str, report: dict) -> None:
         if report.get("event") == "failed":
             self.failures.setdefault(host, Failure(
                 host, report.get("rank"), report.get("exitcode"), report.get("signal")))

@@ -141,33 +141,11 @@ class LaunchPlan:
         return out
 
     def describe(self) -> str:
-        """A human-readable plan: one shell line per host (copy-pasteable, secrets redacted)."""
-        lines = [
-            f"job {self.name}: {self.world_size} rank(s) on {len(self.hosts)} host(s), "
-            f"backend {self.backend}, master {self.master_addr}:{self.master_port}",
-            f"output: {self.output_dir}",
-        ]
-        for path in sorted(self.files):
-            lines.append(f"writes: {path}")
-        if self.submit is not None:
-            env = " ".join(f"{k}={shell.quote(v)}" for k, v in self.redacted_env(self.submit.env).items())
-            lines.append(f"\nruns here: cd {shell.quote(self.submit.cwd)} && env {env} "
-                         f"{shell.join(self.submit.argv)}")
-            lines.append("which starts on each host:")
-        for h in self.hosts:
-            ranks = f"{h.ranks[0]}-{h.ranks[-1]}" if len(h.ranks) > 1 else str(h.ranks[0])
-            env = " ".join(f"{k}={shell.quote(v)}" for k, v in self.redacted_env(h.env).items())
-            devices = f", devices {','.join(h.devices)}" if h.devices != tuple(map(str, h.slots)) and h.devices \
-                else ""
-            lines.append(f"\n[{h.host}] node_rank {h.node_rank}, ranks {ranks}, slots {list(h.slots)}{devices}")
-            if self.submit is not None:
-                lines.append(shell.join(h.argv))
-            elif self.backend == "ssh" and self.ssh is not None:
-                lines.append(f"{self.ssh.describe(h.host)} {shell.quote(shell.remote_command(h.cwd, h.argv))}")
-                lines.append(f"  environment (sent on stdin): {env}")
-            else:
-                lines.append(f"cd {shell.quote(h.cwd)} && env {env} {shell.join(h.argv)}")
-        return "\n".join(lines)
+        """A human-readable plan: one shell line per host (copy-pasteable, secrets redacted),
+        as its backend starts it (launcher/describe.py)."""
+        from dsl.launcher.backends import get_backend
+
+        return get_backend(self.backend).describe(self)
 
 
 @dataclass(frozen=True)
@@ -233,17 +211,24 @@ def layout(hosts: list[Host]) -> list[tuple[int, Host, tuple[int, ...]]]:
     return out
 
 
-def render_per_host(job: Job, hosts: list[Host]) -> LaunchPlan:
-    """local and ssh: one guard + torchrun per host, started by dsl itself."""
+def render_per_host(job: Job, hosts: list[Host], *, backend: str, master_addr: str,
+                    target: SshTarget | None = None, nnodes: int | None = None,
+                    first_node_rank: int = 0) -> LaunchPlan:
+    """One guard + torchrun per host, started by dsl itself (local, ssh, pernode). `target`: the
+    hosts are reached over ssh (the guard reads its environment from stdin and watches it).
+    `nnodes`/`first_node_rank`: `hosts` are this job's hosts from `first_node_rank` on, out of
+    `nnodes` (pernode: one host of many, each started by a scheduler); every host runs as many
+    ranks as the first."""
     spec, inputs = job.spec, job.inputs
-    backend = spec.resources.backend
-    master_addr = spec.resources.master_addr or ("127.0.0.1" if backend == "local" else hosts[0].name)
+    nnodes = nnodes or len(hosts)
+    nproc = len(hosts[0].slots)
     launches = []
-    target = ssh_target(job.spec_file) if backend == "ssh" else None
-    for node_rank, host, ranks in layout(hosts):
-        starter = starter_argv(job.python, len(hosts), node_rank, len(host.slots), master_addr,
+    for index, (_, host, ranks) in enumerate(layout(hosts)):
+        node_rank = first_node_rank + index
+        ranks = tuple(r + first_node_rank * nproc for r in ranks)
+        starter = starter_argv(job.python, nnodes, node_rank, len(host.slots), master_addr,
                                inputs.master_port, f"{job.output_dir}/logs/torchelastic/{host.name}")
-        guard = guard_argv(job.python, remote=backend == "ssh",
+        guard = guard_argv(job.python, remote=target is not None,
                            launcher_timeout_s=target.dead_after_s if target else None)
         launches.append(HostLaunch(
             host=host.name,
@@ -258,7 +243,7 @@ def render_per_host(job: Job, hosts: list[Host]) -> LaunchPlan:
     return LaunchPlan(
         name=spec.name,
         backend=backend,
-        world_size=sum(len(h.slots) for h in hosts),
+        world_size=sum(len(h.slots) for h in hosts) if nnodes == len(hosts) else nnodes * nproc,
         master_addr=master_addr,
         master_port=inputs.master_port,
         output_dir=job.output_dir,

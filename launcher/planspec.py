@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 from dsl.engine.config import EngineConfig, mixed_layout
 from dsl.engine.errors import UserError
+from dsl.launcher.backends import backend_of
 from dsl.launcher.hardware import hardware_of
 from dsl.engine.modeldesc.shape import shape_of
 from dsl.launcher.planner import Free, Plan, search
@@ -126,7 +127,7 @@ def recorded_hosts(spec_file: "SpecFile", topology: str | None = None,
     from dsl.launcher import hosts as hostlib
 
     res = spec_file.spec.resources
-    if res.procs_per_node != "auto" or res.backend != "local" or res.hostfile or visible:
+    if res.procs_per_node != "auto" or not backend_of(spec_file).runs_here or res.hostfile or visible:
         return None
     topo = spec_topology(spec_file, topology)
     if topo is None:
@@ -166,7 +167,7 @@ def resolve(spec_file: "SpecFile", hosts: "list[Host]", pin: bool, *, topology: 
     auto = any(v == "auto" for v in (spec.engine.zero_stage, spec.engine.offload.optimizer,
                                     spec.engine.sequence_parallel, spec.engine.activation_checkpointing))
     if topo is None:
-        if res.backend == "local":
+        if backend_of(spec_file).runs_here:
             from dsl.topology.probe import probe_local
 
             topo, _ = probe_local()

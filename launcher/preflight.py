@@ -18,6 +18,7 @@ from typing import Callable
 
 from dsl.engine.errors import DslError, UserError
 from dsl.launcher import shell
+from dsl.launcher.backends import get_backend
 from dsl.launcher.plan import LaunchPlan
 
 PROBE = r"""
@@ -122,8 +123,9 @@ def check(plan: LaunchPlan, answers: dict[str, dict | str], local_dsl: str | Non
             else:
                 rows.append(Check(host, name, True, value))
     master_host = plan.hosts[0].host
+    here = get_backend(plan.backend).runs_here
     for host, answer in reached.items():
-        if plan.backend == "local" or host == master_host:
+        if here or host == master_host:
             rows.append(Check(host, "master", True, f"{plan.master_addr} (this host)"))
         elif answer.get("master_reachable"):
             rows.append(Check(host, "master", True, f"{plan.master_addr} -> {answer['master_ip']}"))
@@ -189,7 +191,8 @@ def ssh_runner(plan: LaunchPlan) -> Runner:
 
 
 def runner_for(plan: LaunchPlan) -> Runner:
-    return ssh_runner(plan) if plan.backend in ("ssh", "mpi") else local_runner
+    """How preflight reaches the plan's hosts: its backend says (launcher/backends/)."""
+    return get_backend(plan.backend).preflight_runner(plan)
 
 
 def local_dsl_version() -> str | None:

@@ -32,9 +32,9 @@ def srun_runner(host: str, argv: list[str]) -> tuple[int, str, str]:
 
 
 def runner_for(plan: LaunchPlan) -> preflight.Runner:
-    if plan.backend == "slurm":
-        return srun_runner
-    return preflight.runner_for(plan)
+    from dsl.launcher.backends import get_backend
+
+    return get_backend(plan.backend).probe_runner(plan)
 
 
 def probe_hosts(plan: LaunchPlan, run: preflight.Runner | None = None) -> dict[str, HostTopology]:

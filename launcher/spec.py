@@ -289,8 +289,9 @@ def load_spec(path: str | os.PathLike[str]) -> SpecFile:
     spec = validate_located(Spec, data, locations)
     spec_file = SpecFile(spec, path, locations)
     check_engine(spec_file, *(spec_world(spec) or (None, None)))
-    if spec.resources.backend == "slurm" and isinstance(spec.resources.procs_per_node, int):
-        check_gres(spec_file, spec.resources.procs_per_node)
+    from dsl.launcher.backends import backend_of  # the backends import this module
+
+    backend_of(spec_file).check_spec(spec_file)
     time_min = spec.resources.slurm.time_min
     if time_min is not None:
         check_warning_time(spec_file, time_min * 60, f"the time limit (time_min: {time_min} = "
@@ -349,15 +350,9 @@ def spec_world(spec: Spec) -> tuple[int, int] | None:
     hosts: the local backend's one host, or backend slurm's `nodes` (default 1). With a hostfile
     the count depends on its slots and include/exclude, with procs_per_node auto on the devices
     found at launch."""
-    res = spec.resources
-    ppn = res.procs_per_node
-    if not isinstance(ppn, int) or res.hostfile:
-        return None
-    if res.backend == "slurm":
-        return (res.nodes or 1) * ppn, ppn
-    if res.backend == "local" and (res.nodes or 1) == 1:
-        return ppn, ppn
-    return None  # ssh/mpi need a hostfile; a local multi-node spec is refused at launch
+    from dsl.launcher.backends import get_backend
+
+    return get_backend(spec.resources.backend).spec_world(spec.resources)
 
 
 def check_engine(spec_file: SpecFile, world_size: int | None = None, ranks_per_host: int | None = None) -> None:

@@ -44,7 +44,7 @@ from typing import Sequence
 from dsl.engine.elastic import EXIT_CHECKPOINTED
 from dsl.engine.errors import UserError
 from dsl.engine.writefail import EXIT_WRITE_FAILED
-from dsl.launcher.backends import Backend, HostProcess
+from dsl.launcher.backends import Backend, HostProcess, get_backend, time_limit_backends
 from dsl.launcher.output import RankOutput
 from dsl.launcher.plan import GUARD_GRACE_S, LaunchPlan
 from dsl.launcher.spec import SpecFile, check_warning_time, warning_before_end_s
@@ -60,7 +60,6 @@ EXIT_TIME_LIMIT = 124
 EXIT_LOST_HOST = 255  # OpenSSH's client's code when the connection fails
 EXIT_HUNG = 70  # sysexits' EX_SOFTWARE: the job stopped making progress (watchdog_s)
 DUMP_WAIT_S = 3.0  # after asking for the stacks, for them to arrive (over ssh too)
-TIME_LIMIT_BACKENDS = ("local", "ssh")
 
 
 @dataclass
@@ -127,11 +126,10 @@ def time_limit_of(spec_file: SpecFile, text: str, backend: str) -> TimeLimit:
         limit_s = parse_duration_s(text)
     except ValueError as exc:
         raise UserError(f"--time-limit: {exc}") from None
-    if backend not in TIME_LIMIT_BACKENDS:
-        hint = ("set resources.slurm.time_min (Slurm enforces the limit and sends the warning itself)"
-                if backend == "slurm" else "run it with backend local or ssh")
+    hint = get_backend(backend).time_limit_hint
+    if hint is not None:
         raise UserError(f"{spec_file.where('resources', 'backend')}: --time-limit applies to backends "
-                        f"{' and '.join(TIME_LIMIT_BACKENDS)}, not {backend}; {hint}")
+                        f"{' and '.join(time_limit_backends())}, not {backend}; {hint}")
     check_warning_time(spec_file, limit_s, f"--time-limit {text} ({limit_s:g} s)", None)
     warn_s = warning_before_end_s(spec_file.spec)
     return TimeLimit(limit_s, float(warn_s) if warn_s is not None else None, text)
@@ -193,7 +191,7 @@ def _warn(procs: Sequence[HostProcess], clock: _Clock) -> None:
     log.warning("time limit %s: %.0f s left; asking every rank to checkpoint (SIGUSR1)",
                 clock.limit.text, left)
     for proc in procs:
-        warn = getattr(proc, "warn", None)  # local and ssh hosts (TIME_LIMIT_BACKENDS)
+        warn = getattr(proc, "warn", None)  # the hosts of backends with a time limit
         if warn is not None and proc.poll() is None:
             warn(signal.SIGUSR1)
 

@@ -14,9 +14,9 @@ import threading
 from typing import Callable, Mapping, Sequence
 
 from dsl.engine.wire import DUMP_SIGNAL
-from dsl.engine.errors import RunError
-from dsl.launcher.backends import Sink
-from dsl.launcher.plan import HostLaunch, LaunchPlan
+from dsl.engine.errors import RunError, UserError
+from dsl.launcher.backends import Backend, Sink
+from dsl.launcher.plan import HostLaunch, Job, LaunchPlan, render_per_host
 
 Popen = Callable[..., subprocess.Popen]
 
@@ -82,11 +82,45 @@ def _pump(stream, name: str, host: str, sink: Sink) -> None:
             sink(host, name, raw.decode("utf-8", errors="replace").rstrip("\r\n"))
 
 
-class LocalBackend:
+class LocalBackend(Backend):
+    """This machine: its devices (or a hostfile naming one host), the master at 127.0.0.1."""
+
     name = "local"
+    runs_here = True
+    time_limit_hint = None
 
     def __init__(self, popen: Popen = subprocess.Popen):
         self._popen = popen
+
+    def spec_world(self, res):
+        ppn = res.procs_per_node
+        return (ppn, ppn) if isinstance(ppn, int) and not res.hostfile and (res.nodes or 1) == 1 else None
+
+    def resolve_hosts(self, spec_file):
+        from dsl.launcher import spechosts
+
+        hosts, pin = spechosts.hostfile_hosts(spec_file, self.name, required=False)
+        if len(hosts) > 1:
+            raise UserError(
+                f"{spec_file.where('resources', 'backend')}: the local backend runs on this machine "
+                f"only, but {len(hosts)} hosts are selected; use backend ssh, slurm or mpi")
+        return hosts, pin
+
+    def master_port(self, spec_file, hold):
+        """A fixed port is held too while `hold`: a second job on this machine is refused at once."""
+        from dsl.launcher.ports import hold_port
+
+        port = spec_file.spec.resources.master_port
+        if port == "auto" or not hold:
+            return super().master_port(spec_file, hold)
+        try:
+            return port, hold_port(port)
+        except UserError as exc:
+            raise UserError(f"{spec_file.where('resources', 'master_port')}: {exc}") from None
+
+    def render(self, job: Job, hosts) -> LaunchPlan:
+        return render_per_host(job, hosts, backend=self.name,
+                               master_addr=job.spec.resources.master_addr or "127.0.0.1")
 
     def start(self, plan: LaunchPlan, sink: Sink) -> Sequence[LocalProcess]:
         return [LocalProcess(launch, sink, self._popen) for launch in plan.hosts]

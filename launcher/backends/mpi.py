@@ -9,15 +9,14 @@ guard like any other local command, so a stop or a crash of `dsl launch` leaves 
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Sequence
 
-from dsl.launcher.backends import Sink
+from dsl.engine import wire
+from dsl.launcher.backends import Backend, Sink
 from dsl.launcher.backends.local import LocalProcess
-from dsl.launcher.plan import GUARD_GRACE_S, HostLaunch, LaunchPlan
+from dsl.launcher.plan import GUARD_GRACE_S, HostLaunch, Job, LaunchPlan
 
-_RANK = re.compile(r"^\[dsl:(\d+):\d+\] ")
 _PROCESS = re.compile(r"Process name:\s*\[\[\d+,\d+\],(\d+)\]")
 _EXIT = re.compile(r"Exit code:\s*(-?\d+)")
 _SIGNAL = re.compile(r"exited on signal (\d+) \((\w+)\)")
@@ -32,7 +31,7 @@ class MpiOutput:
         self._failed_rank: int | None = None
 
     def __call__(self, _host: str, stream: str, line: str) -> None:
-        match = _RANK.match(line)
+        match = wire.RANK_LINE.match(line)
         if match:
             self._sink(self._host_of.get(int(match.group(1)), "mpirun"), stream, line)
             return
@@ -47,12 +46,25 @@ class MpiOutput:
             report = {"event": "failed", "rank": self._failed_rank, "exitcode": exitcode,
                       "signal": f"SIG{signal.group(2)}" if signal and not signal.group(2).startswith("SIG")
                       else (signal.group(2) if signal else None)}
-            self._sink("mpirun", "stderr", "[dsl-agent] " + json.dumps(report))
+            self._sink("mpirun", "stderr", wire.agent_line(report))
             self._failed_rank = None
 
 
-class MpiBackend:
+class MpiBackend(Backend):
+    """A hostfile's hosts; one mpirun here starts every rank (over ssh), launcher/mpi.py renders it."""
+
     name = "mpi"
+    preflight_before_start = True
+
+    def render(self, job: Job, hosts) -> LaunchPlan:
+        from dsl.launcher.mpi import render_plan
+
+        return render_plan(job, hosts)
+
+    def preflight_runner(self, plan):
+        from dsl.launcher.preflight import ssh_runner
+
+        return ssh_runner(plan)
 
     def start(self, plan: LaunchPlan, sink: Sink) -> Sequence[LocalProcess]:
         submit = plan.submit

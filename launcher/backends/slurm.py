@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from dsl.engine.errors import RunError, UserError
-from dsl.launcher.backends import Sink
+from dsl.launcher.backends import Backend, Sink
 from dsl.launcher.backends.local import LocalProcess
-from dsl.launcher.plan import LaunchPlan
+from dsl.launcher.plan import Job, LaunchPlan
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
@@ -217,11 +217,84 @@ def allocation_hosts_of(nodelist: str, run: Run = _run) -> list[str]:
     return proc.stdout.split() if proc.returncode == 0 else []
 
 
-class SlurmBackend:
+class SlurmBackend(Backend):
+    """Slurm chooses the hosts: the job's batch script (launcher/slurm.py) is submitted with
+    sbatch, or run with bash inside an allocation; the nodes compute the port and the master."""
+
     name = "slurm"
+    forwards_env_prefixes = False  # sbatch passes the submitting shell's whole environment
+    time_limit_hint = "set resources.slurm.time_min (Slurm enforces the limit and sends the warning itself)"
 
     def __init__(self, run: Run = _run):
         self._run = run
+
+    def check_spec(self, spec_file) -> None:
+        from dsl.launcher.slurm import check_gres
+
+        ppn = spec_file.spec.resources.procs_per_node
+        if isinstance(ppn, int):
+            check_gres(spec_file, ppn)
+
+    def spec_world(self, res):
+        ppn = res.procs_per_node
+        return ((res.nodes or 1) * ppn, ppn) if isinstance(ppn, int) and not res.hostfile else None
+
+    def resolve_hosts(self, spec_file):
+        """Inside an allocation: its hosts. Otherwise placeholders for the nodes sbatch will get."""
+        import os
+
+        from dsl.launcher.hosts import Host
+        from dsl.launcher.spechosts import in_slurm_allocation
+
+        res = spec_file.spec.resources
+        if res.hostfile:
+            raise UserError(f"{spec_file.where('resources', 'hostfile')}: with backend slurm, Slurm "
+                            "chooses the hosts; remove hostfile (use slurm.constraint or extra_sbatch)")
+        nproc = res.procs_per_node if isinstance(res.procs_per_node, int) else \
+            (res.slurm.gpus_per_node or 1)
+        if in_slurm_allocation():
+            names = allocation_hosts(self._run)
+            if res.nodes and res.nodes > len(names):
+                raise UserError(f"{spec_file.where('resources', 'nodes')}: nodes: {res.nodes} but the "
+                                f"allocation {os.environ['SLURM_JOB_ID']} has {len(names)} node(s)")
+            names = names[:res.nodes] if res.nodes else names
+        else:
+            names = [f"slurm-node{i}" for i in range(res.nodes or 1)]
+        return [Host(name, tuple(range(nproc))) for name in names], False
+
+    def unknown_hosts(self, spec_file):
+        from dsl.launcher.spechosts import in_slurm_allocation
+
+        if in_slurm_allocation():
+            return None
+        return (f"{spec_file.where('resources', 'backend')}: Slurm has not allocated the hosts "
+                "yet; run `dsl probe SPEC` inside an allocation (salloc), or probe a node "
+                "with `srun -N1 dsl probe`")
+
+    def hosts_known(self, inputs) -> bool:
+        return inputs.in_slurm_allocation
+
+    def master_port(self, spec_file, hold):
+        """Decided on the nodes: the spec's port, or one derived from the job id."""
+        return spec_file.spec.resources.master_port, None
+
+    def port_note(self, spec_file):
+        return None
+
+    def render(self, job: Job, hosts) -> LaunchPlan:
+        from dsl.launcher.slurm import render_plan
+
+        return render_plan(job, hosts)
+
+    def where(self, plan) -> str:
+        if plan.submit.argv[0] == "bash":
+            return super().where(plan)
+        return f"{len(plan.hosts)} node(s) Slurm allocates"
+
+    def probe_runner(self, plan):
+        from dsl.launcher.remote_probe import srun_runner
+
+        return srun_runner
 
     def start(self, plan: LaunchPlan, sink: Sink) -> Sequence[object]:
         if plan.submit is None:

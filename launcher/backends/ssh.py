@@ -22,7 +22,6 @@ SIGUSR1 for every rank (sshd's own "signal" channel requests are not available e
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -30,12 +29,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
-import paramiko
-
+from dsl.engine import wire
 from dsl.engine.errors import DslError, RunError
 from dsl.launcher import shell
-from dsl.launcher.backends import Sink
-from dsl.launcher.plan import HostLaunch, LaunchPlan, SshTarget
+from dsl.launcher.backends import Backend, Sink
+from dsl.launcher.plan import HostLaunch, Job, LaunchPlan, SshTarget, render_per_host, ssh_target
 
 log = logging.getLogger(__name__)
 Connect = Callable[[str, SshTarget], object]
@@ -48,7 +46,7 @@ class SshProcess:
         self._conn = connect(launch.host, target)
         self._channel = self._conn.create_session()
         self._channel.exec_command(shell.remote_command(launch.cwd, launch.argv))
-        self._channel.sendall((json.dumps(dict(launch.env)) + "\n").encode())
+        self._channel.sendall(wire.env_line(launch.env))
         self._code: int | None = None
         self.lost: str | None = None
         """Why the host counts as lost (no keepalive answer, connection closed), else None."""
@@ -94,11 +92,11 @@ class SshProcess:
             if self._stopping.is_set():
                 return
             try:
-                self._channel.sendall(b"ping\n")
+                self._channel.sendall(f"{wire.GUARD_PING}\n".encode())
                 # Blocks until sshd answers (its "request failure" is an answer) or the transport
                 # is closed; poll() measures the wait.
                 transport.global_request("keepalive@openssh.com", wait=True)
-            except (OSError, EOFError, paramiko.SSHException):
+            except (OSError, EOFError, _ssh_exception()):
                 return
             if not transport.is_active():
                 return
@@ -142,14 +140,14 @@ class SshProcess:
         """Ask the guard to pass SIGUSR1/SIGUSR2 to every rank (a control line on its stdin)."""
         name = signal.Signals(sig).name.removeprefix("SIG")
         try:
-            self._channel.sendall(f"signal {name}\n".encode())
+            self._channel.sendall(f"{wire.guard_signal_line(name)}\n".encode())
         except (OSError, EOFError):
             pass  # the session is gone: poll() reports it
 
     def dump_stacks(self) -> None:
         """Ask the guard for every rank's Python stack (a `dump` line on its stdin)."""
         try:
-            self._channel.sendall(b"dump\n")
+            self._channel.sendall(f"{wire.GUARD_DUMP}\n".encode())
         except (OSError, EOFError):
             pass
 
@@ -167,8 +165,33 @@ class SshProcess:
         self._conn.close()
 
 
-class SshBackend:
+def _ssh_exception() -> type:
+    import paramiko  # imported when a host is running, not when a spec names the backend
+
+    return paramiko.SSHException
+
+
+class SshBackend(Backend):
+    """A hostfile's hosts, each reached over ssh; the master is the first host."""
+
     name = "ssh"
+    preflight_before_start = True
+    time_limit_hint = None
+
+    def render(self, job: Job, hosts) -> LaunchPlan:
+        return render_per_host(job, hosts, backend=self.name, target=ssh_target(job.spec_file),
+                               master_addr=job.spec.resources.master_addr or hosts[0].name)
+
+    def host_command(self, plan, launch):
+        from dsl.launcher.describe import env_words
+
+        return [f"{plan.ssh.describe(launch.host)} {shell.quote(shell.remote_command(launch.cwd, launch.argv))}",
+                f"  environment (sent on stdin): {env_words(plan, launch.env)}"]
+
+    def preflight_runner(self, plan):
+        from dsl.launcher.preflight import ssh_runner
+
+        return ssh_runner(plan)
 
     def __init__(self, connect: Connect | None = None):
         if connect is None:

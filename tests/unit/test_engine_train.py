@@ -13,9 +13,9 @@ import pytest
 from dsl.engine.config import EngineConfig
 from dsl.engine.errors import UserError
 from dsl.engine.train import data_parallel_size, format_progress, load_run_spec, main
+from dsl.engine.wire import STEP_LINE as LAUNCHER_RE  # the launcher's regex (the wire format's home)
 
-# The launcher's regex, and the full format of a progress line.
-LAUNCHER_RE = re.compile(r"^step (\d+)/(\d+) \| loss ([0-9.]+)")
+# The full format of a progress line.
 LINE_RE = re.compile(
     r"step (\d+)/(\d+) \| loss (\d+\.\d{4}) \| lr (\d\.\d\de[-+]\d\d) \| ([\d,]+) tok/s \| eta (\d+:\d\d)"
     r"( \| peak \d+\.\d\d GiB > plan \d+\.\d\d GiB)?"  # a rank's peak over the memory model's figure

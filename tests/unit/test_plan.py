@@ -9,7 +9,7 @@ import pytest
 
 from dsl.engine.errors import UserError
 from dsl.launcher.hosts import Host
-from dsl.launcher.launch import prepare
+from dsl.launcher.launch import Mode, prepare
 from dsl.launcher.plan import REDACTED, RenderInputs
 from dsl.launcher.render import render
 from dsl.launcher.spec import load_spec
@@ -70,7 +70,7 @@ def test_secrets_never_shown(write, monkeypatch):
                                 "env:\n  vars: {PASSWORD: s3cr3t-vars, PLAIN: visible}\n"
                                 "  file: vars.env\n  forward: [TOKEN_FROM_ENV]\n"
                                 "  secret: [PASSWORD, API_KEY, TOKEN_FROM_ENV]\n")
-    prepared = prepare(spec_path, reserve=False)
+    prepared = prepare(spec_path, Mode.DRY_RUN)
     env = prepared.plan.hosts[0].env
     assert env["PASSWORD"] == "s3cr3t-vars" and env["API_KEY"] == "s3cr3t-file"
     shown = prepared.plan.describe() + json.dumps(prepared.plan.to_json())
@@ -81,23 +81,23 @@ def test_secrets_never_shown(write, monkeypatch):
 
 def test_secret_without_value_is_an_error(write):
     with pytest.raises(UserError, match=r"s.yaml:\d+:\d+ env.secret: secret NOPE_X has no value"):
-        prepare(write("s.yaml", "name: t\nrun: {train: {}}\nenv: {secret: [NOPE_X]}\n"), reserve=False)
+        prepare(write("s.yaml", "name: t\nrun: {train: {}}\nenv: {secret: [NOPE_X]}\n"), Mode.DRY_RUN)
 
 
 def test_unsupported_engine_is_refused_at_plan_time(write):
     with pytest.raises(UserError, match=r"s.yaml:4:23 engine\.activation_offload: true moves .* needs activation_checkpointing"):
-        prepare(write("s.yaml", "name: t\nrun: {train: {}}\nengine:\n  activation_offload: true\n"), reserve=False)
+        prepare(write("s.yaml", "name: t\nrun: {train: {}}\nengine:\n  activation_offload: true\n"), Mode.DRY_RUN)
 
 
 def test_missing_script_and_hostfile_errors_are_located(write):
     with pytest.raises(UserError, match=r"s.yaml:2:15 run.script: no such script"):
-        prepare(write("s.yaml", "name: t\nrun: {script: nope.py}\n"), reserve=False)
+        prepare(write("s.yaml", "name: t\nrun: {script: nope.py}\n"), Mode.DRY_RUN)
     write("hf", "a slots=2\nb slots=2\n")
     with pytest.raises(UserError, match=r"resources.include: .*'c'"):
         prepare(write("s2.yaml", "name: t\nrun: {train: {}}\n"
-                                 "resources: {backend: ssh, hostfile: hf, include: c}\n"), reserve=False)
+                                 "resources: {backend: ssh, hostfile: hf, include: c}\n"), Mode.DRY_RUN)
     with pytest.raises(UserError, match="local backend runs on this machine only"):
-        prepare(write("s3.yaml", "name: t\nrun: {train: {}}\nresources: {hostfile: hf}\n"), reserve=False)
+        prepare(write("s3.yaml", "name: t\nrun: {train: {}}\nresources: {hostfile: hf}\n"), Mode.DRY_RUN)
 
 
 def test_hostfile_selection_reaches_the_plan(write):
@@ -105,7 +105,7 @@ def test_hostfile_selection_reaches_the_plan(write):
     spec_path = write("s.yaml", "name: t\nrun: {train: {}}\nresources:\n  backend: ssh\n"
                                 "  hostfile: hf\n  include: worker-1:1,3@worker-2\n  procs_per_node: 2\n"
                                 "  master_port: 29600\n")
-    plan = prepare(spec_path, reserve=False).plan
+    plan = prepare(spec_path, Mode.DRY_RUN).plan
     assert [(h.host, h.slots) for h in plan.hosts] == [("worker-1", (1, 3)), ("worker-2", (0, 1))]
     assert plan.master_port == 29600 and plan.world_size == 4
 

@@ -161,7 +161,7 @@ def test_step_time_terms_add_up():
 
 
 def test_launch_fills_auto_fields_with_the_planner(write, monkeypatch, tmp_path):
-    from dsl.launcher.launch import prepare
+    from dsl.launcher.launch import Mode, prepare
 
     monkeypatch.chdir(tmp_path)
     spec = write("auto.yaml", """\
@@ -170,7 +170,7 @@ run: {train: {model: {preset: tiny}, steps: 5}}
 resources: {procs_per_node: 2, topology: cpu-only}
 engine: {zero_stage: auto, offload: {optimizer: auto}, sequence_parallel: auto, activation_checkpointing: auto}
 """)
-    prepared = prepare(spec, reserve=False)
+    prepared = prepare(spec, Mode.DRY_RUN)
     engine = prepared.spec_file.spec.engine
     assert unsupported_reason(engine) is None
     assert "auto" not in (engine.zero_stage, engine.offload.optimizer, engine.sequence_parallel,
@@ -183,7 +183,7 @@ engine: {zero_stage: auto, offload: {optimizer: auto}, sequence_parallel: auto, 
 
 
 def test_launch_refuses_what_does_not_fit_before_starting_anything(write, monkeypatch, tmp_path):
-    from dsl.launcher.launch import prepare
+    from dsl.launcher.launch import Mode, prepare
 
     monkeypatch.chdir(tmp_path)
     spec = write("big.yaml", """\
@@ -193,14 +193,14 @@ resources: {topology: h100-sxm-8x}
 engine: {precision: bf16, train_batch: 64, zero_stage: 0}
 """)
     with pytest.raises(UserError) as info:
-        prepare(spec, reserve=False)
+        prepare(spec, Mode.DRY_RUN)
     message = str(info.value)
     assert "big does not fit on 8 x H100 80GB HBM3" in message and "device needs" in message
     assert not (tmp_path / "runs").exists()
 
 
 def test_remote_hosts_are_probed_for_auto_fields_and_an_unreachable_one_is_named(write):
-    from dsl.launcher.launch import prepare
+    from dsl.launcher.launch import Mode, prepare
 
     write("hostfile", "worker-0 slots=2\n")
     spec = write("ssh.yaml", """\
@@ -210,19 +210,19 @@ resources: {backend: ssh, hostfile: hostfile}
 engine: {zero_stage: auto}
 """)
     with pytest.raises(UserError, match="cannot probe every host") as err:
-        prepare(spec, reserve=False)
+        prepare(spec, Mode.DRY_RUN)
     assert "worker-0" in str(err.value)
     # Nothing auto: a dry run does not reach the hosts (no memory check).
     fixed = write("ssh-fixed.yaml", "name: remote\nrun: {train: {}}\nresources: {backend: ssh, hostfile: hostfile}\n")
-    assert prepare(fixed, reserve=False).memory is None
+    assert prepare(fixed, Mode.DRY_RUN).memory is None
 
 
 def test_topology_of_a_spec_names_the_field_on_error(write):
-    from dsl.launcher.launch import prepare
+    from dsl.launcher.launch import Mode, prepare
 
     spec = write("t.yaml", "name: t\nrun: {train: {}}\nresources: {topology: dgx-h200}\n")
     with pytest.raises(UserError, match=r"t.yaml:3:\d+ resources.topology: topology 'dgx-h200'"):
-        prepare(spec, reserve=False)
+        prepare(spec, Mode.DRY_RUN)
 
 
 def test_a_fixed_sequence_parallel_degree_implies_the_batch_of_its_data_parallel_ranks(write):

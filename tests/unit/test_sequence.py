@@ -100,7 +100,7 @@ def test_validate_and_plan_refuse_a_degree_the_model_cannot_take(write, heads, k
 
 
 def test_planner_auto_sp_is_what_the_resolved_spec_runs(write, monkeypatch, tmp_path) -> None:
-    from dsl.launcher.launch import prepare
+    from dsl.launcher.launch import Mode, prepare
 
     monkeypatch.chdir(tmp_path)
     # 49,152 tokens of a 32k vocabulary: one CPU rank of the recorded machine cannot hold the
@@ -111,7 +111,7 @@ run: {train: {model: {preset: tiny, seq_len: 49152, vocab_size: 32000}, steps: 5
 resources: {procs_per_node: 2, topology: cpu-only}
 engine: {zero_stage: 0, sequence_parallel: auto, micro_batch: 1, activation_checkpointing: true}
 """)
-    prepared = prepare(spec, reserve=False)
+    prepared = prepare(spec, Mode.DRY_RUN)
     assert prepared.spec_file.spec.engine.sequence_parallel == 2
     assert prepared.memory.launch_choice.sp == 2
     resolved = next(text for path, text in prepared.plan.files.items() if path.endswith("resolved.yaml"))

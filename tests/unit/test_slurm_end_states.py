@@ -1,11 +1,10 @@
 """A Slurm job that ends in TIMEOUT, NODE_FAIL, OUT_OF_MEMORY or PREEMPTED is reported by its
 state and what it means, with the exit code the state stands for (launcher/backends/slurm.py),
-and the rank that failed when a rank's report says so. A stateful fake of sbatch/scontrol drives
+and the rank that failed when a rank's report says so. A stateful fake of sbatch/scontrol (tests/unit/slurm_fake.py) drives
 the real SlurmJob through supervise (launcher/supervise.py)."""
 
 from __future__ import annotations
 
-import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -14,28 +13,12 @@ from dsl.launcher.backends import slurm
 from dsl.launcher.backends.slurm import SlurmJob, exit_code
 from dsl.launcher.output import Failure
 from dsl.launcher.supervise import EXIT_LOST_HOST, EXIT_TIME_LIMIT, supervise
+from tests.unit.slurm_fake import FakeSlurm
 
 
-class _FakeSlurm:
+def _FakeSlurm(end: str, code: str = "0:15") -> FakeSlurm:
     """sbatch answers job 77; scontrol shows it PENDING, RUNNING twice, then `end` for good."""
-
-    def __init__(self, end: str, code: str = "0:15"):
-        self.states = ["PENDING", "RUNNING", "RUNNING"]
-        self.end, self.code, self.cancelled = end, code, False
-
-    def __call__(self, argv, **_kw):
-        out = ""
-        if argv[0] == "sbatch":
-            out = "77\n"
-        elif argv[:3] == ["scontrol", "show", "job"]:
-            state = self.states.pop(0) if self.states else self.end
-            code = self.code if state == self.end else "0:0"
-            out = f"JobId=77 JobState={state} Reason=None ExitCode={code} NodeList=n[1-2] Restarts=0\n"
-        elif argv[:3] == ["scontrol", "show", "hostnames"]:
-            out = "n1\nn2\n"
-        elif argv[0] == "scancel":
-            self.cancelled = True
-        return subprocess.CompletedProcess(argv, 0, out, "")
+    return FakeSlurm(end=end, code=code)
 
 
 def _plan(tmp_path):
