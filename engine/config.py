@@ -95,13 +95,16 @@ class OffloadConfig(StrictModel):
     optimizer: Literal["none", "cpu", "nvme", "auto"] = "none"
     """Where optimizer states (and the fp32 master weights) live and are updated."""
     nvme_path: str | None = None
-    """Folder for optimizer-state files with optimizer: nvme (a fast local disk)."""
+    """Folder for the offload files of optimizer: nvme and params: nvme (a fast local disk)."""
     sub_group_mib: float = Field(256.0, gt=0)
     """NVMe offload swaps optimizer state in sub-groups of this size, overlapping I/O and compute."""
-    params: Literal["none", "cpu"] = "none"
-    """Stage 3 with optimizer: cpu: keep the partitioned parameters (fp32 master and 16-bit
-    working copy) in CPU memory; each unit is copied up and gathered ahead of use and released
-    after it (engine/zero/stage3.py), so the device holds the gathered units only."""
+    params: Literal["none", "cpu", "nvme"] = "none"
+    """Stage 3 with optimizer offload (ZeRO-Infinity's offload_param): keep the partitioned
+    parameters off the device; each unit is copied up and gathered ahead of use and released
+    after it (engine/zero/stage3.py), so the device holds the gathered units only. cpu: the fp32
+    master and the 16-bit working copy in CPU memory. nvme: the working copy (what a gather
+    reads) in a file under nvme_path, read per unit at each gather and rewritten after each
+    update (engine/zero/param_files.py); the fp32 master stays with the optimizer."""
     ratio: float = Field(1.0, ge=0.0, le=1.0)
     """With optimizer: cpu, the fraction of the optimizer state and update that runs on the host
     (ZeRO-Offload++ / SuperOffload's partial offload): the first `ratio` of this rank's shard
@@ -112,6 +115,22 @@ class OffloadConfig(StrictModel):
     states and transfer buffers, so copies to and from the GPU run asynchronously and overlap
     the CPU update (DeepSpeed's offload_optimizer.pin_memory). Costs locked host RAM. No effect
     on a CPU device (the engine prints a note when it is set explicitly there)."""
+
+
+class Stage3Config(StrictModel):
+    """How ZeRO stage 3 gathers parameters (engine/zero/stage3.py, engine/zero/units.py)."""
+
+    gather: Literal["layer", "module"] = "layer"
+    """What is gathered, released and reduce-scattered together: layer, each repeated block of
+    the model (a decoder layer: fewest collectives); module, each submodule owning parameters (a
+    Linear, a norm: DeepSpeed's granularity, the least gathered at once)."""
+    max_live_params: int | None = Field(None, ge=0)
+    """The most parameter elements gathered on a rank at once (DeepSpeed's
+    stage3_max_live_parameters): a prefetch that would pass it waits until the unit is needed.
+    Refused at start when below what the model needs at once. null: no cap."""
+    prefetch_params: int | None = Field(None, ge=0)
+    """The most elements of units gathered ahead of use (DeepSpeed's stage3_prefetch_bucket_size).
+    null: exactly the next unit; 0: no prefetch."""
 
 
 class LossScaleConfig(StrictModel):
@@ -179,6 +198,8 @@ class EngineConfig(StrictModel):
     """CPU/NVMe offload of optimizer states (and of parameters at stage 3)."""
     loss_scale: LossScaleConfig = LossScaleConfig()
     """fp16 loss scaling."""
+    stage3: Stage3Config = Stage3Config()
+    """How ZeRO stage 3 gathers parameters: granularity, live cap, prefetch."""
     activation_checkpointing: bool | Literal["auto"] = False
     """Recompute each layer's activations in backward instead of keeping them. On a model other
     than the bundled Llama the layers are the children of its repeated block list (an

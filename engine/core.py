@@ -224,7 +224,10 @@ class Engine:
             # streams them (zero/base.py); the device keeps only what the model computes with.
             host_states=offload in ("cpu", "nvme") and config.offload.ratio >= 1.0,
             pinned=pinned,
-            params_on_host=config.offload.params == "cpu",
+            stage3=dict(params_offload=config.offload.params, nvme_path=config.offload.nvme_path,
+                        gather=config.stage3.gather, max_live_params=config.stage3.max_live_params,
+                        prefetch_params=config.stage3.prefetch_params,
+                        chunk_numel=max(1, int(config.offload.sub_group_mib * _MIB) // 4)),
         )
         self.reducer = self.stage
         """The same object as `stage` (the first engine's name for it)."""
@@ -245,7 +248,7 @@ class Engine:
                 sub_group_mib=config.offload.sub_group_mib, nvme_path=config.offload.nvme_path,
                 pin_memory=config.offload.pin_memory, ratio=config.offload.ratio,
             )  # fmt: skip
-        for note in device_notes(config, self.device):
+        for note in device_notes(config, self.device) + getattr(self.stage, "notes", []):
             log.warning("%s", note)
         self.scaler = precision.LossScaler(config.loss_scale) if config.precision == "fp16" else None
         self.optimizer = EngineOptimizer(self, [p for _, p in named], lr, weight_decay)

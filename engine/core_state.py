@@ -61,7 +61,7 @@ def state_summary(self: Engine) -> dict[str, int]:
     }
     out["total_bytes"] = sum(out.values())
     out["offload_cpu_bytes"] = st["offload_cpu_bytes"] + mem.get("host_bytes", 0)
-    out["offload_nvme_bytes"] = st["offload_nvme_bytes"]
+    out["offload_nvme_bytes"] = st["offload_nvme_bytes"] + mem.get("nvme_bytes", 0)
     if self.device.type == "cuda":
         transfer.wait_device(self.device)
         out["device_allocated_bytes"] = torch.cuda.memory_allocated(self.device)

@@ -153,14 +153,14 @@ KEYS: list[Key] = [
     _k(f"{_Z}.cpu_offload", "legacy", None, f"{_OO}.device: cpu", "DeepSpeed's old name"),
     _k(f"{_Z}.cpu_offload_param", "legacy", None, f"{_OP}.device: cpu", "DeepSpeed's old name"),
     _k(f"{_Z}.cpu_offload_use_pin_memory", "legacy", None, "-", "no effect in DeepSpeed 0.19.8 (it sets no new key); none in dsl"),
-    _k(f"{_Z}.stage3_prefetch_bucket_size", "note", 50000000, why=_NOT_TUNING + ": a stage-3 unit is gathered one unit ahead of use"),
-    _k(f"{_Z}.prefetch_bucket_size", "note", 50000000, why=_NOT_TUNING + ": a stage-3 unit is gathered one unit ahead of use"),
+    _k(f"{_Z}.stage3_prefetch_bucket_size", "mapped", 50000000, "engine.stage3.prefetch_params (with stage3.gather: module)"),
+    _k(f"{_Z}.prefetch_bucket_size", "mapped", 50000000, "engine.stage3.prefetch_params (DeepSpeed's alias of stage3_prefetch_bucket_size)"),
     _k(f"{_Z}.stage3_param_persistence_threshold", "note", 100000, why=_NOT_TUNING),
     _k(f"{_Z}.param_persistence_threshold", "note", 100000, why=_NOT_TUNING),
     _k(f"{_Z}.stage3_model_persistence_threshold", "note", NO_DEFAULT, why=_NOT_TUNING),
     _k(f"{_Z}.model_persistence_threshold", "note", NO_DEFAULT, why=_NOT_TUNING),
-    _k(f"{_Z}.stage3_max_live_parameters", "note", 1000000000, why=_NOT_TUNING + ": gathered units are released after use"),
-    _k(f"{_Z}.max_live_parameters", "note", 1000000000, why=_NOT_TUNING + ": gathered units are released after use"),
+    _k(f"{_Z}.stage3_max_live_parameters", "mapped", 1000000000, "engine.stage3.max_live_params (with stage3.gather: module)"),
+    _k(f"{_Z}.max_live_parameters", "mapped", 1000000000, "engine.stage3.max_live_params (DeepSpeed's alias of stage3_max_live_parameters)"),
     _k(f"{_Z}.stage3_max_reuse_distance", "note", 1000000000, why=_NOT_TUNING),
     _k(f"{_Z}.max_reuse_distance", "note", 1000000000, why=_NOT_TUNING),
     _k(f"{_Z}.stage3_gather_16bit_weights_on_model_save", "note", False, why="a save format: dsl's checkpoints "
@@ -212,13 +212,15 @@ KEYS: list[Key] = [
     _k(f"{_OO}.super_offload", "note", False, why="dsl's CPU offload runs its own CPU Adam on every host"),
     _k(f"{_OO}.cpuadam_cores_perc", "note", 0.8, why="dsl's CPU Adam uses the threads of OMP_NUM_THREADS"),
     _k(f"{_OP}.device", "mapped", "none", "engine.offload.params",
-       "cpu needs optimizer offload to cpu in dsl (its CPU optimizer updates the offloaded partitions in "
-       "place); without it the parameters stay on the device, with a note; nvme is refused"),
+       "cpu and nvme need optimizer offload (cpu or nvme) in dsl (the offloaded optimizer updates the "
+       "offloaded partitions); without it the parameters stay on the device, with a note"),
     _k(f"{_OP}.pin_memory", "note", True, why="dsl page-locks offloaded memory on GPU hosts (engine.offload.pin_memory)"),
-    _k(f"{_OP}.nvme_path", "note", None, why="used only with device nvme, which dsl refuses"),
-    _k(f"{_OP}.buffer_count", "note", 5, why="used only with device nvme, which dsl refuses"),
-    _k(f"{_OP}.buffer_size", "note", 100000000, why="used only with device nvme, which dsl refuses"),
-    _k(f"{_OP}.max_in_cpu", "note", 1000000000, why="used only with device nvme, which dsl refuses"),
+    _k(f"{_OP}.nvme_path", "mapped", None, "engine.offload.nvme_path (one folder for parameter and optimizer files)"),
+    _k(f"{_OP}.buffer_count", "note", 5, why="dsl reads each unit's partition from its file when the unit is gathered "
+                                             "(engine/zero/param_files.py)"),
+    _k(f"{_OP}.buffer_size", "note", 100000000, why="dsl reads each unit's partition from its file when the unit is "
+                                                   "gathered (engine/zero/param_files.py)"),
+    _k(f"{_OP}.max_in_cpu", "note", 1000000000, why="dsl keeps no parameter partition in CPU memory with device nvme"),
     _k("aio", "note", NO_DEFAULT, why="dsl's NVMe offload does its own I/O", block=True),
     # -- parallelism ---------------------------------------------------------------------------
     _k("sequence_parallel_size", "mapped", 1, "engine.sequence_parallel (Ulysses)"),

@@ -78,21 +78,55 @@ def map_zero(imp: Importer) -> None:
             imp.refuse(path, f"{value!r} is not true or false")
         elif value:
             imp.set("comm.quantize_gradients", True)
-    for name, paths in (("stage3_prefetch_bucket_size", ("stage3_prefetch_bucket_size", "prefetch_bucket_size")),
-                        ("stage3_param_persistence_threshold",
-                         ("stage3_param_persistence_threshold", "param_persistence_threshold"))):
-        for key in paths:
-            if z.get(key) == AUTO:
-                path = ("zero_optimization", key)
-                h = imp.ctx.hidden_size
-                formula = "0.9 x hidden_size squared" if name.endswith("bucket_size") else "10 x hidden_size"
-                if stage == 3 and h:
-                    hf = 0.9 * h * h if name.endswith("bucket_size") else 10 * h
-                    imp.auto(path, hf, f"{formula}, as Hugging Face fills it at ZeRO-3; a tuning key dsl's "
-                                       "stage 3 does not use")
-                else:
-                    imp.auto(path, "DeepSpeed's default", "Hugging Face fills it at ZeRO-3 only, from the "
-                                                          "hidden size; a tuning key dsl does not use")
+    if stage == 3:
+        _stage3_gathers(imp, z)
+    for key in ("stage3_param_persistence_threshold", "param_persistence_threshold"):
+        if z.get(key) == AUTO:
+            path = ("zero_optimization", key)
+            h = imp.ctx.hidden_size
+            if stage == 3 and h:
+                imp.auto(path, 10 * h, "10 x hidden_size, as Hugging Face fills it at ZeRO-3; a tuning key "
+                                       "dsl's stage 3 does not use")
+            else:
+                imp.auto(path, "DeepSpeed's default", "Hugging Face fills it at ZeRO-3 only, from the "
+                                                      "hidden size; a tuning key dsl does not use")
+
+
+# DeepSpeed 0.19.8's defaults (deepspeed/runtime/zero/config.py).
+_DS_MAX_LIVE = 1_000_000_000
+_DS_PREFETCH = 50_000_000
+
+
+def _stage3_gathers(imp: Importer, z: dict) -> None:
+    """Stage 3 gathers as DeepSpeed does: one module at a time (engine.stage3.gather: module), at
+    most stage3_max_live_parameters gathered and stage3_prefetch_bucket_size prefetched
+    (DeepSpeed's defaults when left out; Hugging Face's "auto" prefetch is 0.9 x hidden_size^2)."""
+    imp.set("stage3.gather", "module")
+    live, prefetch = _DS_MAX_LIVE, _DS_PREFETCH
+    for key in ("stage3_max_live_parameters", "max_live_parameters"):
+        if key in z:
+            path = ("zero_optimization", key)
+            value = imp.number(path, imp.get(*path), integer=True, minimum=0)
+            if value is not None:
+                live = int(value)
+    for key in ("stage3_prefetch_bucket_size", "prefetch_bucket_size"):
+        if key not in z:
+            continue
+        path = ("zero_optimization", key)
+        if z[key] == AUTO:
+            h = imp.ctx.hidden_size
+            if h:
+                prefetch = int(0.9 * h * h)
+                imp.auto(path, prefetch, "0.9 x hidden_size squared, as Hugging Face fills it at ZeRO-3")
+            else:
+                imp.auto(path, "DeepSpeed's default", "Hugging Face fills it from the hidden size, which is "
+                                                      "unknown here")
+            continue
+        value = imp.number(path, imp.get(*path), integer=True, minimum=0)
+        if value is not None:
+            prefetch = int(value)
+    imp.set("stage3.max_live_params", live)
+    imp.set("stage3.prefetch_params", prefetch)
 
 
 def _offload(imp: Importer, stage: int) -> None:
@@ -159,16 +193,31 @@ def _offload(imp: Importer, stage: int) -> None:
             imp.refuse(at, f"{value!r} is not none, cpu or nvme")
             return
         param = value
-    if param == "nvme":
-        imp.refuse(at, "parameter offload to NVMe (ZeRO-Infinity) is not implemented; use device: cpu "
-                       "(with offload_optimizer.device: cpu)")
-    elif param == "cpu" and stage != 3:
-        imp.note(at, f"cpu: DeepSpeed offloads parameters at ZeRO stage 3 only and ignores it at stage "
+    if param in ("cpu", "nvme") and stage != 3:
+        imp.note(at, f"{param}: DeepSpeed offloads parameters at ZeRO stage 3 only and ignores it at stage "
                      f"{stage}; so does dsl")
-    elif param == "cpu" and device != "cpu":
-        imp.note(at, f"cpu without offload_optimizer.device: cpu (it is {device}): dsl offloads "
-                     "parameters only together with the optimizer (its CPU optimizer updates them in "
-                     "place), so they stay on the device: the same training, more device memory "
+    elif param in ("cpu", "nvme") and device not in ("cpu", "nvme"):
+        imp.note(at, f"{param} without offload_optimizer.device cpu or nvme (it is {device}): dsl offloads "
+                     "parameters only together with the optimizer (the offloaded optimizer updates them "
+                     "off the device), so they stay on the device: the same training, more device memory "
                      "(dsl plan shows whether it fits)")
-    elif param == "cpu":
-        imp.set("offload.params", "cpu")
+    elif param in ("cpu", "nvme"):
+        imp.set("offload.params", param)
+        if param == "nvme":
+            _param_nvme_path(imp, op, device)
+
+
+def _param_nvme_path(imp: Importer, op: Path_, optimizer_device: str) -> None:
+    """offload_param.nvme_path: dsl keeps one folder for both offloads (engine.offload.nvme_path)."""
+    given = imp.get(*op, "nvme_path") if imp.has(*op, "nvme_path") else None
+    if given is None:
+        if optimizer_device != "nvme":
+            imp.refuse(op + ("device",), "nvme needs offload_param.nvme_path (a folder on a fast local disk)")
+        return
+    if optimizer_device == "nvme" and imp.has("zero_optimization", "offload_optimizer", "nvme_path"):
+        other = imp.get("zero_optimization", "offload_optimizer", "nvme_path")
+        if other is not None and str(other) != str(given):
+            imp.note(op + ("nvme_path",), f"{given}: dsl keeps the parameter and optimizer files in one folder, "
+                                          f"offload_optimizer.nvme_path ({other})")
+            return
+    imp.set("offload.nvme_path", str(given))

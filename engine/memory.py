@@ -52,7 +52,10 @@ gradient partition. Gradients stream through sub-group buffers of `offload.sub_g
 on a GPU with pinned memory, so one copy runs while the other sub-group is updated; one on a CPU
 device; none for `cpu` at stages 2-3, which reads the host partition in place), plus for nvme 3
 buffers of [master + moments] per sub-group (read-ahead, update, write-behind). Parameter offload
-(stage 3, `offload.params: cpu`) keeps the parameter partitions in host memory between uses.
+(stage 3, `offload.params: cpu`) keeps the parameter partitions in host memory between uses;
+`nvme` keeps what a gather reads (the 16-bit working copy, fp32 without mixed precision) in a
+file, read per unit at every gather and rewritten after every update (engine/memory_nvme.py has
+the bytes moved per step), while the fp32 master stays with the optimizer.
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
 Models", sec. 4.1): a GPT layer with 16-bit activations keeps s b h (34 + 5 a s / h) bytes; the
@@ -180,7 +183,7 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
     # CPU or NVMe offload of the whole update (engine/core.py host_states): the stage's own master
     # partition and (stages 2-3) its gradient partition live in host memory.
     host_states = cpu or offload_optimizer == "nvme"
-    host_master = host_states and (sb.weights16 or (stage >= 3 and (bool(sb.work) or offload_params == "cpu")))
+    host_master = host_states and (sb.weights16 or (stage >= 3 and (bool(sb.work) or offload_params != "none")))
     p_bytes, p_f = part(sb.param, stage >= 3)
     if stage >= 3 and host_master:  # the fp32 shard is the optimizer's master, on the host
         p_bytes, p_f = 0, "fp32 shard: in host memory with the optimizer (master weights)"
@@ -195,7 +198,15 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
         shard, shard_f = part(sb.grad, True)
         g_bytes, g_f = g_bytes + shard, f"{g_f} + shard {shard_f}"
     terms = []
-    if offload_params == "cpu":
+    if offload_params == "nvme":  # engine/zero/param_files.py: what a gather reads, in a file
+        gather_elem = sb.work or sb.param
+        f_bytes, f_f = part(gather_elem, True)
+        chunk = min(_ceil_div(params, n), max(1, int(sub_group_mib * MiB) // 4)) * gather_elem
+        terms.append(Term(PARAMETERS, host_bytes=chunk, nvme_bytes=f_bytes,
+                          formula=f"{f_f} in a file (offloaded to nvme) + a {gather_elem} B x "
+                                  f"{chunk // gather_elem:,} write buffer in host memory"
+                                  + (" + a host read buffer of the largest unit" if accelerator else "")))
+    elif offload_params == "cpu":
         terms.append(Term(PARAMETERS, host_bytes=p_bytes, formula=p_f + " (offloaded to host)"))
     else:
         terms.append(Term(PARAMETERS, device_bytes=p_bytes, formula=p_f))

@@ -37,21 +37,21 @@ def build_stage(
     compute_dtype: torch.dtype | None = None,
     host_states: bool = False,
     pinned: bool = False,
-    params_on_host: bool = False,
+    stage3: dict | None = None,
 ) -> ZeroStage:
     """The stage object; it converts the parameters to `dtype` and takes over their storage.
     Stage 3 hands the model its gathered parameters in `work_dtype` when given (stage3.py);
     stages 0-2 hold them in `compute_dtype` when given, next to an fp32 master partition (the
     master-weights layout, zero/master.py). `host_states` (CPU/NVMe optimizer offload): the master
     partition and, at stages 2-3, the gradient partition live in host memory (page-locked when
-    `pinned`); see zero/base.py. `params_on_host` (stage 3, offload.params: cpu): the parameter
-    partitions too (stage3.py)."""
+    `pinned`); see zero/base.py. `stage3`: stage 3's own settings (stage3.py: parameter offload
+    cpu/nvme and its folder, gather granularity, live cap, prefetch budget)."""
     common = dict(grad_accum=grad_accum, world_size=world_size, rank=rank, dtype=dtype, device=device,
                   host_states=host_states, pinned=pinned)
     if stage == 3:
         from dsl.engine.zero.stage3 import Stage3
 
-        return Stage3(module, work_dtype=work_dtype, params_on_host=params_on_host, **common)
+        return Stage3(module, work_dtype=work_dtype, **(stage3 or {}), **common)
     if stage == 2:
         from dsl.engine.zero.stage2 import Stage2
 

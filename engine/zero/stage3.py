@@ -82,98 +82,20 @@ from dsl.engine import transfer
 from dsl.engine.zero import collectives
 from dsl.engine.zero.base import ZeroStage, nbytes
 from dsl.engine.zero.layout import FlatGroup, Layout, Segment
+from dsl.engine.zero.param_files import ParamFile
 from dsl.engine.zero.reduce_pipeline import ReducePipeline
+from dsl.engine.zero.units import GATHERED as _GATHERED
+from dsl.engine.zero.units import GATHERING as _GATHERING
+from dsl.engine.zero.units import RELEASED as _RELEASED
+from dsl.engine.zero.units import Unit as _Unit
+from dsl.engine.zero.units import assign, choose_units, split_root
 
 __all__ = ["Stage3", "choose_units"]
 
-_RELEASED, _GATHERING, _GATHERED = 0, 1, 2
 
 
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
-
-
-def choose_units(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the units: the children of the outermost ModuleLists/ModuleDicts, else
-    the root's direct children."""
-    units: list[tuple[str, nn.Module]] = []
-    taken: list[str] = []
-    for name, m in module.named_modules():
-        if any(name == t or name.startswith(t + ".") for t in taken):
-            continue
-        if isinstance(m, (nn.ModuleList, nn.ModuleDict)):
-            for child_name, child in m.named_children():
-                units.append((f"{name}.{child_name}" if name else child_name, child))
-            taken.append(name)
-    if not units:
-        units = list(module.named_children())
-    return units
-
-
-def _split_root(module: nn.Module, root: list[tuple[str, nn.Parameter]], units: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[nn.Module, list[tuple[str, nn.Parameter]]]]]:
-    """The root's parameters that belong to exactly one direct child of the root (outside the
-    units), as one *resident* unit per such child: (rest of the root, [(child, its params)])."""
-    unit_names = {n for n, _ in units}
-    reach: dict[int, set[str]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        reach.setdefault(id(p), set()).add(name.split(".", 1)[0] if "." in name else "")
-    children = dict(module.named_children())
-    rest: list[tuple[str, nn.Parameter]] = []
-    per_child: dict[str, list[tuple[str, nn.Parameter]]] = {}
-    for name, p in root:
-        who = reach[id(p)]
-        child = next(iter(who)) if len(who) == 1 else ""
-        if child and child in children and child not in unit_names and not any(
-                u.startswith(child + ".") for u in unit_names):
-            per_child.setdefault(child, []).append((name, p))
-        else:
-            rest.append((name, p))
-    return rest, [(children[c], named) for c, named in per_child.items()]
-
-
-def _assign(module: nn.Module, units: list[tuple[str, nn.Module]]) -> tuple[list[tuple[str, nn.Parameter]], list[list[tuple[str, nn.Parameter]]]]:
-    """Trainable parameters of the root unit and of each unit; a parameter reached from more than
-    one owner belongs to the root."""
-    owners: dict[int, set[int]] = {}
-    first_name: dict[int, str] = {}
-    params: dict[int, nn.Parameter] = {}
-    canonical = {id(p): n for n, p in module.named_parameters()}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        if not p.requires_grad:
-            continue
-        owner = -1
-        for i, (unit_name, _) in enumerate(units):
-            if name.startswith(unit_name + "."):
-                owner = i
-                break
-        owners.setdefault(id(p), set()).add(owner)
-        first_name.setdefault(id(p), canonical[id(p)])
-        params[id(p)] = p
-    root: list[tuple[str, nn.Parameter]] = []
-    per_unit: list[list[tuple[str, nn.Parameter]]] = [[] for _ in units]
-    for key in params:  # definition order
-        who = owners[key]
-        entry = (first_name[key], params[key])
-        if len(who) == 1 and -1 not in who:
-            per_unit[next(iter(who))].append(entry)
-        else:
-            root.append(entry)
-    return root, per_unit
-
-
-class _Unit:
-    def __init__(self, group: FlatGroup, module: nn.Module, full: torch.Tensor) -> None:
-        self.group = group
-        self.index = group.index
-        self.module = module
-        self.full = full
-        """[group.padded] flat parameter buffer; storage of size 0 while released."""
-        self.state = _RELEASED
-        self.work: Any = None
-        self.backward_ready = False
-        self.reduced = False
-        self.resident = False
-        """A child of the root outside the units: stays gathered from forward to its reduce."""
 
 
 class Stage3(ReducePipeline, ZeroStage):
@@ -194,12 +116,17 @@ class Stage3(ReducePipeline, ZeroStage):
         work_dtype: torch.dtype | None = None,
         host_states: bool = False,
         pinned: bool = False,
-        params_on_host: bool = False,
+        params_offload: str = "none",
+        nvme_path: str | None = None,
+        gather: str = "layer",
+        max_live_params: int | None = None,
+        prefetch_params: int | None = None,
+        chunk_numel: int = 1 << 22,
     ) -> None:
         super().__init__(grad_accum=grad_accum, world_size=world_size, rank=rank)
-        unit_modules = choose_units(module)
-        root_named, per_unit = _assign(module, unit_modules)
-        root_named, resident = _split_root(module, root_named, unit_modules)
+        unit_modules = choose_units(module, gather)
+        root_named, per_unit = assign(module, unit_modules)
+        root_named, resident = split_root(module, root_named, unit_modules)
         kept = [(m, named) for (_, m), named in zip(unit_modules, per_unit) if named]
         named_groups = [root_named] + [named for _, named in resident] + [named for _, named in kept]
         modules = [module] + [m for m, _ in resident] + [m for m, _ in kept]
@@ -212,10 +139,12 @@ class Stage3(ReducePipeline, ZeroStage):
         self.layout = Layout(named_groups, parts=world_size, rank=rank)
         self.device = device
         has_work = work_dtype is not None and work_dtype != dtype
-        self.params_on_host = params_on_host
-        """offload.params: cpu: the partitions (`master`, `work`) live in host memory; a gather
-        first copies this rank's partition up into its slice of the unit's flat buffer."""
-        self._host_master = (host_states and has_work) or params_on_host
+        self.params_offload = params_offload
+        self.params_on_host = params_offload != "none"
+        """offload.params cpu/nvme: the partitions (`master`, `work`) live in host memory or (the
+        16-bit `work`, nvme) a file; a gather first copies this rank's partition up into its slice
+        of the unit's flat buffer."""
+        self._host_master = (host_states and has_work) or self.params_on_host
         if self._host_master:  # CPU optimizer offload: only the 16-bit copy is gathered (base.py)
             self.master = transfer.host_empty(self.layout.shard_numel, dtype, pinned=pinned)
         else:
@@ -225,10 +154,30 @@ class Stage3(ReducePipeline, ZeroStage):
         self.work = self.master
         """What `_gather` gathers: `master` itself, or (`work_dtype` given and not `dtype`) its
         copy in `work_dtype`, the same layout, refreshed by `after_update()`."""
-        if has_work and params_on_host:
+        gather_dtype = work_dtype if has_work else dtype
+        self.files: ParamFile | None = None
+        """offload.params: nvme: the gather source (`work`, or a copy of `master` in fp32) in a
+        file (zero/param_files.py); `work` is then None."""
+        self._read_buf: torch.Tensor | None = None
+        if params_offload == "nvme":
+            if not nvme_path:
+                raise ValueError("offload.params: nvme needs offload.nvme_path")
+            self.files = ParamFile(nvme_path, rank=rank, numel=self.layout.shard_numel, dtype=gather_dtype,
+                                   chunk_numel=chunk_numel, pinned=pinned)
+            self.work = None
+            if device.type != "cpu":  # reads land in host memory, then go up
+                biggest = max((g.part_numel for g in self.layout.groups), default=1)
+                self._read_buf = transfer.host_empty(biggest, gather_dtype, pinned=pinned)
+        elif has_work and self.params_on_host:
             self.work = transfer.host_empty(self.layout.shard_numel, work_dtype, pinned=pinned)
         elif has_work:
             self.work = torch.empty(self.layout.shard_numel, dtype=work_dtype, device=device)
+        self.max_live_params = max_live_params
+        """The most parameter elements gathered at once (DeepSpeed's stage3_max_live_parameters):
+        a prefetch that would pass it waits until the unit is needed; None: no cap."""
+        self.prefetch_params = prefetch_params
+        """The most elements of prefetched units not yet used (DeepSpeed's
+        stage3_prefetch_bucket_size); None: exactly the next unit, 0: no prefetch."""
         self.live_numel = 0
         """Parameter elements gathered on the device right now."""
         self.peak_live_numel = 0
@@ -257,8 +206,8 @@ class Stage3(ReducePipeline, ZeroStage):
                 else:
                     mine.copy_(flat[lo:hi])
                 full = flat
-                if self.work is not self.master:  # gathered in work's dtype
-                    full = torch.empty(g.padded, dtype=self.work.dtype, device=device)
+                if gather_dtype != dtype:  # gathered in work's dtype
+                    full = torch.empty(g.padded, dtype=gather_dtype, device=device)
                 unit = _Unit(g, m, full)
                 unit.resident = id(m) in resident_modules
                 for slot, p in zip(g.slots, g.params):
@@ -269,6 +218,9 @@ class Stage3(ReducePipeline, ZeroStage):
                 self.units.append(unit)
         self._refresh_work()
         self._root = self.units[0] if self._root_has_params else None
+        self.notes: list[str] = []
+        """Settings that cannot apply as given (engine/core.py prints them)."""
+        self._check_cap()
         self._root_module = module
         self._resident = [u for u in self.units if u.resident]
         """Units of the root's other children (embedding, final norm, output head): gathered
@@ -294,6 +246,48 @@ class Stage3(ReducePipeline, ZeroStage):
             self._hooks.append(unit.module.register_forward_hook(
                 lambda m, args, out, unit=unit: self._post_forward(unit, out)))
 
+    def _check_cap(self) -> None:
+        """A cap below what training needs gathered at once cannot be kept: that is the units that
+        stay gathered (root, resident) plus the two largest others (in backward a unit stays
+        gathered until its gradients are reduced, which can be after the next unit's backward has
+        begun). As in DeepSpeed, a unit is still gathered when it is needed; the cap then only
+        stops prefetching, and `notes` says so (the engine prints it)."""
+        if self.max_live_params is None:
+            return
+        stay = sum(u.group.padded for u in self.units if u.resident or u is self._root)
+        others = sorted(u.group.padded for u in self.units if not (u.resident or u is self._root))
+        need = stay + sum(others[-2:])
+        if self.max_live_params < need:
+            self.notes.append(
+                f"engine.stage3.max_live_params: {self.max_live_params:,} is below the {need:,} parameter "
+                f"elements this model needs gathered at once (units that stay gathered: {stay:,}, the two "
+                f"largest other units: {sum(others[-2:]):,}); units are gathered when needed regardless and "
+                f"none is prefetched past the cap. Raise it, or gather smaller units with stage3.gather: module")
+
+    def _fits(self, unit: _Unit) -> bool:
+        cap = self.max_live_params
+        return cap is None or self.live_numel + unit.group.padded <= cap
+
+    def _prefetch(self, sequence: list[int], pos: int, skip=lambda u: False) -> None:
+        """Gather ahead the units after position `pos` of `sequence`, within the prefetch budget
+        (`prefetch_params`; None: one unit) and the live cap."""
+        budget = self.prefetch_params
+        for i in sequence[pos + 1 :]:
+            unit = self.units[i]
+            if skip(unit):
+                continue
+            if budget is None:  # exactly the next unit
+                if unit.state == _RELEASED and self._fits(unit):
+                    self._gather(unit)
+                return
+            if unit.group.padded > budget:
+                return
+            budget -= unit.group.padded
+            if unit.state == _RELEASED:
+                if not self._fits(unit):
+                    return
+                self._gather(unit)
+
     @property
     def grad_flat(self) -> torch.Tensor:  # type: ignore[override]
         return self._grad_shard
@@ -314,11 +308,20 @@ class Stage3(ReducePipeline, ZeroStage):
         self.peak_live_numel = max(self.peak_live_numel, self.live_numel)
         if self.timeline is not None:
             self.timeline.append(("gather", unit.index, time.perf_counter()))
-        part = self.work[g.shard_offset : g.shard_offset + g.part_numel]
+        part = None if self.work is None else self.work[g.shard_offset : g.shard_offset + g.part_numel]
         # The parameters are views of `full`; writing into it must not look like an in-place
         # change of a tensor autograd saved (it restores the same values).
         with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(unit.full):
-            if self.params_on_host:  # up into this rank's slice first (stream-ordered before the gather)
+            if self.files is not None:  # read this rank's slice from the file (via host memory on a GPU)
+                lo, hi = self.layout.part_range(g)
+                if self._read_buf is None:
+                    self.files.read(unit.full[lo:hi], g.shard_offset)
+                else:
+                    buf = self._read_buf[: g.part_numel]
+                    self.files.read(buf, g.shard_offset)
+                    transfer.to_device(unit.full[lo:hi], buf).wait()  # buf is reused by the next read
+                part = unit.full[lo:hi]
+            elif self.params_on_host:  # up into this rank's slice first (stream-ordered before the gather)
                 lo, hi = self.layout.part_range(g)
                 transfer.to_device(unit.full[lo:hi], part)
                 part = unit.full[lo:hi]
@@ -354,12 +357,18 @@ class Stage3(ReducePipeline, ZeroStage):
 
     def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
         if not _in_backward():
-            # Issue order (the same on every rank): the first two units of the recorded forward
-            # order, then the other resident units, so the head's gather overlaps the layers.
-            first = [self.units[i] for i in self._order[:2]] if not self._recording else []
-            for unit in first + self._resident:
-                if unit is not self._root:
-                    self._gather(unit)
+            # Issue order (the same on every rank): the root, the resident units (they stay
+            # gathered, so the prefetch below counts them against the cap), then the first unit of
+            # the recorded forward order and the prefetch budget after it.
+            if self._root is not None:
+                self._gather(self._root)
+            for unit in self._resident:
+                self._gather(unit)
+            if not self._recording:
+                first = next((i for i in self._order if self._root is None or i != self._root.index), None)
+                if first is not None:
+                    self._gather(self.units[first])
+                    self._prefetch(self._order, self._order.index(first), skip=lambda u: u is self._root)
         if self._root is not None:
             self._use(self._root)
             if self._recording and self._root.index not in self._order:
@@ -383,10 +392,8 @@ class Stage3(ReducePipeline, ZeroStage):
         if self._recording:
             if unit.index not in self._order:
                 self._order.append(unit.index)
-        elif not _in_backward():
-            pos = self._order.index(unit.index) if unit.index in self._order else -1
-            if 0 <= pos < len(self._order) - 1:
-                self._gather(self.units[self._order[pos + 1]])
+        elif not _in_backward() and unit.index in self._order:
+            self._prefetch(self._order, self._order.index(unit.index))
 
     def _post_forward(self, unit: _Unit, output: Any) -> None:
         if self.timeline is not None:
@@ -415,11 +422,7 @@ class Stage3(ReducePipeline, ZeroStage):
         self._use(unit)
         seq = self._backward_sequence()
         if unit.index in seq:
-            pos = seq.index(unit.index)
-            for nxt in seq[pos + 1 :]:
-                if not self.units[nxt].reduced:
-                    self._gather(self.units[nxt])
-                    break
+            self._prefetch(seq, seq.index(unit.index), skip=lambda u: u.reduced)
 
     # Gradients ---------------------------------------------------------------------------
 
@@ -481,6 +484,9 @@ class Stage3(ReducePipeline, ZeroStage):
 
     def _refresh_work(self) -> None:
         """Cast the new `master` into `work` (nothing to do when they are the same tensor)."""
+        if self.files is not None:  # cast and write the file (offload.params: nvme)
+            self.files.write_cast(self.master)
+            return
         if self.work is self.master:
             return
         if self._host_master and not self.params_on_host:  # up from host memory, cast on the way
@@ -505,15 +511,23 @@ class Stage3(ReducePipeline, ZeroStage):
         gathered = sum(nbytes(u.full) for u in self.units)
         staging = sum(nbytes(t) for t in self._staging.values())
         staging += sum(nbytes(s) + (nbytes(o) if o is not s else 0) for _, _, o, s in self._in_flight)
-        work = nbytes(self.work) if self.work is not self.master else 0
+        work = nbytes(self.work) if self.work is not None and self.work is not self.master else 0
         master = nbytes(self.master)
         shard = nbytes(self._grad_shard)
         host = (master if self._host_master else 0) \
             + (shard + nbytes(getattr(self, "_down", None)) if self.grads_on_host else 0)
-        if self.params_on_host:  # the 16-bit partition is host memory too
-            host, work = host + (work if self.work is not self.master else 0), 0
+        if self.params_on_host:  # the 16-bit partition is host memory too (nvme: a file)
+            host, work = host + work, 0
+        if self.files is not None:
+            host += self.files.bounce_bytes + nbytes(self._read_buf)
         return {
             "params_bytes": (0 if self._host_master else master) + work + gathered,
             "grads_bytes": (0 if self.grads_on_host else shard) + staging,
             "host_bytes": host,
+            "nvme_bytes": self.files.numel * self.files.elem if self.files is not None else 0,
         }
+
+    def close(self) -> None:
+        super().close()
+        if self.files is not None:
+            self.files.close()

@@ -32,6 +32,10 @@ CASES = [
     {"zero_stage": 2, "precision": "bf16", "micro_batch": 8, "offload": {"optimizer": "cpu", "ratio": 0.5}, **EAGER},
     {"zero_stage": 3, "precision": "bf16", "micro_batch": 8, "offload": {"optimizer": "cpu"}, **EAGER},
     {"zero_stage": 3, "precision": "bf16", "micro_batch": 8, "offload": {"optimizer": "cpu", "params": "cpu"}, **EAGER},
+    *({"zero_stage": 3, "precision": p, "micro_batch": 8, **EAGER,
+       "offload": {"optimizer": o, "params": "nvme", "nvme_path": "/tmp/dsl-bench-memory-nvme"}}
+      for p, o in (("bf16", "cpu"), ("fp32", "cpu"), ("bf16", "nvme"))),
+    {"zero_stage": 3, "precision": "bf16", "micro_batch": 8, "stage3": {"gather": "module"}, **EAGER},
     {"zero_stage": 3, "precision": "bf16", "micro_batch": 8, "activation_checkpointing": True, **EAGER},
     {"zero_stage": 2, "precision": "fp32", "micro_batch": 8, "offload": {"optimizer": "cpu"}, **EAGER},
     {"zero_stage": 0, "precision": "fp32", "micro_batch": 8, "steps": 2,

@@ -338,7 +338,7 @@ def test_refusals_say_what_to_do_instead():
     assert "scheduler.type: OneCycle (cyclic lr and momentum) is not implemented; use WarmupCosineLR" in message
     message = _refusal({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
         "stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}, "offload_param": {"device": "nvme"}}})
-    assert "offload_param.device: parameter offload to NVMe (ZeRO-Infinity) is not implemented; use device: cpu" in message
+    assert "offload_param.device: nvme needs offload_param.nvme_path (a folder on a fast local disk)" in message
     assert "offload_optimizer.ratio" not in message  # partial offload at stage 3: mapped
     message = _refusal({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
         "stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}})
@@ -483,3 +483,31 @@ def test_gradients_are_reduced_in_the_dtype_deepspeed_reduces_them_in():
     imported = import_deepspeed(data, locations, Context())
     assert imported.engine["comm"]["reduce_dtype"] == "fp32"
     assert any("dsl reduces them in fp32" in note for note in imported.notes)
+
+
+def test_stage3_gathers_and_parameter_offload_to_nvme_map_as_deepspeed_reads_them():
+    # Stage 3 gathers one module at a time, at most stage3_max_live_parameters live and
+    # stage3_prefetch_bucket_size prefetched (DeepSpeed's defaults when left out; 0 is valid).
+    engine = _import({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+        "stage": 3, "stage3_max_live_parameters": 3e8, "stage3_prefetch_bucket_size": 1e7,
+        "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "nvme", "nvme_path": "/local_nvme"}}})
+    assert (engine.stage3.gather, engine.stage3.max_live_params, engine.stage3.prefetch_params) == (
+        "module", 300_000_000, 10_000_000)
+    assert (engine.offload.params, engine.offload.nvme_path) == ("nvme", "/local_nvme")
+    engine = _import({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "max_live_parameters": 0}})
+    assert (engine.stage3.gather, engine.stage3.max_live_params, engine.stage3.prefetch_params) == (
+        "module", 0, 50_000_000)
+    engine = _import({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+        "stage": 3, "stage3_prefetch_bucket_size": "auto"}}, hidden_size=1000)
+    assert (engine.stage3.max_live_params, engine.stage3.prefetch_params) == (1_000_000_000, 900_000)
+    # Stages 0-2 have no gathers: the stage-3 block stays at its defaults.
+    engine = _import({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}})
+    assert engine.stage3.gather == "layer" and engine.stage3.max_live_params is None
+    # The optimizer's folder wins when both are given and differ (one folder in dsl), with a note.
+    data, locations = load_json_located(json.dumps({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+        "stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/a"},
+        "offload_param": {"device": "nvme", "nvme_path": "/b"}}}), "ds.json")
+    imported = import_deepspeed(data, locations, Context())
+    assert imported.engine["offload"]["nvme_path"] == "/a"
+    assert any("offload_param.nvme_path: /b: dsl keeps the parameter and optimizer files in one folder" in n
+               for n in imported.notes)

@@ -40,6 +40,13 @@ CASES = [
      "offload": {"optimizer": "cpu", "params": "cpu", "sub_group_mib": 0.25}},
     {"zero_stage": 3, "precision": "fp32", "micro_batch": 4,
      "offload": {"optimizer": "cpu", "params": "cpu", "sub_group_mib": 0.25}},
+    # Parameter offload to NVMe: the working copy (fp32 without mixed precision) in a file, the fp32
+    # master with the optimizer (host memory, or its own files with optimizer: nvme).
+    *({"zero_stage": 3, "precision": p, "micro_batch": 4,
+       "offload": {"optimizer": o, "params": "nvme", "nvme_path": "/tmp/dsl-test-memory-nvme", "sub_group_mib": 0.25}}
+      for p, o in (("bf16", "cpu"), ("fp32", "cpu"), ("bf16", "nvme"))),
+    # Module-granularity gathers: the same state, fewer parameters gathered at once.
+    {"zero_stage": 3, "precision": "bf16", "micro_batch": 4, "stage3": {"gather": "module"}},
     # Past its freeze step, 1-bit Adam holds its compression buffers too.
     {"zero_stage": 0, "precision": "fp32", "micro_batch": 4, "steps": 2,
      "optimizer": {"type": "onebit_adam", "freeze_step": 1}},
