@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 # Where the demo writes its run (logs, metrics, resolved spec).
 DEMO_SPEC ?= configs/tiny-cpu.yaml
 
-.PHONY: install system-deps demo test test-unit test-integration bench lint clean cluster-up cluster-down
+.PHONY: install system-deps bench-venv demo test test-unit test-integration bench lint clean cluster-up cluster-down
 
 # The stamp depends on pyproject.toml: editing the dependencies reinstalls.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -36,13 +36,18 @@ system-deps:
 demo: install
 	$(BIN)/dsl launch $(DEMO_SPEC)
 
-test: install system-deps
+# The DeepSpeed 0.19.8 virtualenv (.venv-bench): tests/integration/test_ds_import.py runs DeepSpeed
+# there to make the checkpoint dsl imports; the benches compare against it.
+bench-venv:
+	bash tests/bench/setup_deepspeed.sh
+
+test: install system-deps bench-venv
 	$(BIN)/python -m pytest -q tests
 
 test-unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
-test-integration: install system-deps
+test-integration: install system-deps bench-venv
 	$(BIN)/python -m pytest -q tests/integration
 
 # GPU checks: every test marked `gpu` (on a machine without CUDA each is reported skipped, with
@@ -69,8 +74,7 @@ test-gpu: install
 # all-reduce on a 1 Gbit/s link (needs root: test-cluster namespaces + tc), memory model vs
 # measured, long-context sequence lengths. `make bench BENCH=memory` runs one.
 BENCH ?= run layout ds_parity ds_config_parity optim onebit memory peak longctx
-bench: install system-deps
-	bash tests/bench/setup_deepspeed.sh
+bench: install system-deps bench-venv
 	set -e; for b in $(BENCH); do echo "== tests/bench/$$b.py" >&2; $(BIN)/python tests/bench/$$b.py; done
 
 # The test cluster (host namespaces with sshd, Slurm, OpenMPI); tests start and stop it themselves.

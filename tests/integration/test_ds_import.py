@@ -1,0 +1,105 @@
+"""Import from DeepSpeed (engine/ds_import.py): DeepSpeed 0.19.8 itself trains a tiny Hugging Face
+Llama on 2 CPU ranks at ZeRO stage 1, 2 or 3 (tests/integration/ds_checkpoint_worker.py, in the
+DeepSpeed virtualenv that `make test` sets up: tests/bench/setup_deepspeed.sh), saves after step
+10 and goes on to step 13. dsl imports that checkpoint, loads it on 1 rank (grad_accum 2: the
+two micro-batches are DeepSpeed's two ranks' batches) at another ZeRO stage, and trains steps
+11-13: the losses equal DeepSpeed's own continuation within 1e-5 (fp32). Step 11's loss depends
+on the weights alone; steps 12-13 also on the Adam moments and step count, which a weights-only
+import (a fresh optimizer) visibly misses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.hf_tiny import write_model
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[2]
+DS_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+WORKER = Path(__file__).with_name("ds_checkpoint_worker.py")
+TOL = 1e-5
+SAVE_AT, STEPS = 10, 13
+
+if not DS_PYTHON.exists():
+    pytest.skip(f"{DS_PYTHON} is absent: `make test` creates it (tests/bench/setup_deepspeed.sh installs "
+                f"DeepSpeed 0.19.8 there)", allow_module_level=True)
+
+
+def _deepspeed_run(tmp: Path, stage: int) -> Path:
+    model = write_model(tmp / "m", "llama")
+    out = tmp / f"ds-stage{stage}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(DS_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(WORKER), str(model), str(stage), str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def _dsl_losses(tmp: Path, ds_out: Path, dsl_stage: int, *, optimizer: bool = True) -> tuple[list[float], dict]:
+    from dsl.engine import hf_model, initialize
+    from dsl.engine.data import SyntheticData
+    from dsl.engine.ds_import import import_deepspeed
+    from dsl.engine.train_config import DataConfig, ModelConfig
+    from tests.integration.ds_checkpoint_worker import LR, MICRO, SEQ, WEIGHT_DECAY
+
+    checkpoints = tmp / f"dsl-from-{ds_out.name}-s{dsl_stage}-{optimizer}"
+    folder = import_deepspeed(ds_out, checkpoints, optimizer=optimizer)
+    assert folder == checkpoints / f"step-{SAVE_AT:06d}"
+    # Another seed: every weight the loss sees must come from the checkpoint.
+    model = hf_model.build(ModelConfig(hf=str(tmp / "m"), seq_len=SEQ), seed=99)
+    engine = initialize(model, {"zero_stage": dsl_stage, "micro_batch": MICRO, "grad_accum": 2, "grad_clip": None,
+                                "optimizer": {"lr": LR, "weight_decay": WEIGHT_DECAY},
+                                "scheduler": {"type": "constant", "warmup_steps": 0}})
+    extra = engine.load_checkpoint(checkpoints)
+    ranks = [SyntheticData(DataConfig(), vocab_size=128, seq_len=SEQ, micro_batch=MICRO, rank=r, dp_size=2,
+                           resume_step=extra["step"], resume_sample=extra["samples_seen"]) for r in range(2)]
+    losses = []
+    for step in range(SAVE_AT + 1, STEPS + 1):
+        total = 0.0
+        for micro, data in enumerate(ranks):  # micro-step m reads what DeepSpeed's rank m read
+            loss = engine(*data.batch(step))
+            loss.backward()
+            total += loss.item()
+        engine.step()
+        engine.zero_grad()
+        losses.append(total / 2)
+    return losses, extra
+
+
+@pytest.mark.parametrize(("ds_stage", "dsl_stage"), [(1, 2), (2, 0), (3, 3)])
+def test_dsl_continues_a_deepspeed_run_as_deepspeed_does(tmp_path: Path, ds_stage: int, dsl_stage: int) -> None:
+    ds_out = _deepspeed_run(tmp_path, ds_stage)
+    deepspeed = json.loads((ds_out / "losses.json").read_text())
+    losses, extra = _dsl_losses(tmp_path, ds_out, dsl_stage)
+    continuation = deepspeed[SAVE_AT:]
+    assert max(abs(a - b) for a, b in zip(losses, continuation)) <= TOL, (losses, continuation)
+    assert extra["step"] == SAVE_AT and extra["samples_seen"] == SAVE_AT * 2 * 2
+    assert extra["imported_from"]["zero_stage"] == ds_stage and extra["imported_from"]["world_size"] == 2
+    if ds_stage == 3:
+        # The optimizer state is what makes steps 12-13 agree: without it (a fresh AdamW) step
+        # 11 still matches (same weights) and the next steps do not.
+        fresh, _ = _dsl_losses(tmp_path, ds_out, dsl_stage, optimizer=False)
+        assert abs(fresh[0] - continuation[0]) <= TOL
+        assert max(abs(a - b) for a, b in zip(fresh[1:], continuation[1:])) > 100 * TOL, (fresh, continuation)
+
+
+def test_what_is_not_a_deepspeed_checkpoint_is_refused_with_its_path(tmp_path: Path) -> None:
+    from dsl.engine.ds_import import import_deepspeed, main
+    from dsl.engine.errors import UserError
+
+    with pytest.raises(UserError, match=rf"{tmp_path / 'none'}: no such DeepSpeed checkpoint folder"):
+        import_deepspeed(tmp_path / "none", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty: no zero_pp_rank_\*_optim_states.pt files: not a DeepSpeed"):
+        import_deepspeed(tmp_path / "empty", tmp_path / "out")
+    assert main([str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out" / "latest").exists()
