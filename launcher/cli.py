@@ -38,15 +38,26 @@ def launch(
              "resources.slurm.signal_before_end_s before it (default 120 s with run.train) every "
              "rank gets SIGUSR1, as under Slurm's --signal: the bundled trainer checkpoints and "
              "exits 75. Exit 124 if the limit itself is reached."),
+    node_rank: Optional[int] = typer.Option(
+        None, "--node-rank", min=0, help="Start this node's ranks only, as node N of a job whose other "
+                                         "nodes a scheduler starts the same way (backend pernode)."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", min=1, help="With --node-rank: the job's node count."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr",
+                                              help="With --node-rank: the address of node 0."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", min=1, max=65535,
+                                              help="With --node-rank: the rendezvous port (default 29500)."),
 ) -> None:
     """Run SPEC on its hosts, streaming every rank's output with a [host:rank] prefix."""
     from dsl.launcher import console
 
     console.setup_logging()
+    from dsl.launcher.backends.pernode import NodeArgs
     from dsl.launcher.launch import Mode, execute, prepare
 
     mode = Mode.DRY_RUN if dry_run else Mode.RUN
-    code = execute(prepare(spec, mode), mode, as_json=as_json, time_limit=time_limit, preflight=preflight)
+    node = NodeArgs(node_rank, nnodes, master_addr, master_port)
+    code = execute(prepare(spec, mode, node=node), mode, as_json=as_json, time_limit=time_limit,
+                   preflight=preflight)
     if code:
         raise typer.Exit(code)
 
@@ -89,6 +100,35 @@ def sbatch(
     output.write_text(script)
     output.chmod(0o755)
     console.message(f"dsl: wrote {output}; submit it with: sbatch {output}")
+
+
+@app.command("render")
+def render_cmd(
+    spec: Path = SpecArg,
+    fmt: str = typer.Option(..., "--format", help="k8s: an example Kubernetes Indexed Job (+ headless "
+                                                  "Service) running SPEC with one pod per node."),
+    image: str = typer.Option("dsl:latest", "--image", help="The container image (dsl and the job's code installed)."),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", min=1,
+                                                help="Ask Kubernetes for this many nvidia.com/gpu per pod."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the manifest here (default: print it)."),
+) -> None:
+    """Render SPEC for a scheduler that starts one process per node (each runs `dsl launch --node-rank`)."""
+    from dsl.engine.errors import UserError
+
+    if fmt != "k8s":
+        raise UserError(f"--format {fmt}: dsl render writes k8s (a Kubernetes Indexed Job) only")
+    from dsl.launcher.k8s import DEFAULT_IMAGE, render_k8s
+    from dsl.launcher.spec import load_spec
+
+    text = render_k8s(load_spec(spec), image=image, gpus_per_node=gpus_per_node)
+    if image == DEFAULT_IMAGE:
+        print(f"dsl: image {image} is a placeholder: pass --image with an image that has dsl, torch "
+              "and the job's code", file=sys.stderr)
+    if output is None:
+        print(text, end="")
+        return
+    output.write_text(text)
+    print(f"dsl: wrote {output}; run it with: kubectl apply -f {output}", file=sys.stderr)
 
 
 @app.command()

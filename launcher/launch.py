@@ -28,7 +28,7 @@ from dsl.launcher.backends import Backend, backend_of
 from dsl.launcher.plan import LaunchPlan, RenderInputs, plan_json
 from dsl.launcher.render import render
 from dsl.launcher.ports import PortReservation
-from dsl.launcher.spec import SpecFile, check_engine, load_spec
+from dsl.launcher.spec import SpecFile, check_engine, load_spec, spec_world
 from dsl.launcher.spechosts import in_slurm_allocation, launching_visible_devices
 
 log = logging.getLogger(__name__)
@@ -100,13 +100,20 @@ def probe_spec_hosts(spec_path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def prepare(spec_path: str | os.PathLike[str], mode: Mode, *, backend: str | None = None,
-            topology: str | None = None) -> Prepared:
+            topology: str | None = None, node: Any = None) -> Prepared:
     """Everything up to the plan, for `mode` (see Mode). `backend` overrides the spec's
-    (`dsl sbatch` renders any spec for Slurm); `topology` overrides resources.topology."""
+    (`dsl sbatch` renders any spec for Slurm); `topology` overrides resources.topology; `node`
+    (launcher/backends/pernode.py NodeArgs, from `dsl launch --node-rank ...`) makes it this
+    node's part of a per-node start."""
     spec_file = load_spec(spec_path)
     if backend is not None and backend != spec_file.spec.resources.backend:
         resources = spec_file.spec.resources.model_copy(update={"backend": backend})
         spec_file = dataclasses.replace(spec_file, spec=spec_file.spec.model_copy(update={"resources": resources}))
+    if node is not None and node.given():
+        from dsl.launcher.backends.pernode import with_node_args
+
+        spec_file = with_node_args(spec_file, node)
+        check_engine(spec_file, *(spec_world(spec_file.spec) or (None, None)))
     return prepare_spec(spec_file, mode, topology=topology)
 
 

@@ -35,7 +35,8 @@ def run(prepared, time_limit=None, *, preflight: bool = True) -> int:  # type: i
         if preflight:
             check_hosts(plan)
         # Before anything is written there: a second launch into this run folder is refused.
-        lock = acquire(Path(plan.output_dir), plan.name, prepared.spec_file.where("output_dir"))
+        lock = acquire(Path(plan.output_dir), plan.name, prepared.spec_file.where("output_dir"),
+                       prepared.backend.lock_name(plan))
         return _run_locked(prepared, prepared.backend, time_limit)
     finally:
         if lock is not None:

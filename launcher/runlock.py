@@ -75,10 +75,11 @@ def _read_record(fd: int) -> dict:
             time.sleep(0.05)
 
 
-def acquire(output_dir: Path, job: str, where: str) -> RunLock:
+def acquire(output_dir: Path, job: str, where: str, name: str = LOCK_NAME) -> RunLock:
     """Lock `output_dir` for this launch (created if missing). `where` locates output_dir in the
-    spec for the refusal. Raises UserError (exit 2) when another launch holds it."""
-    path = output_dir / LOCK_NAME
+    spec for the refusal; `name` is the lock file's (backend pernode: one per node, whose launches
+    share the folder). Raises UserError (exit 2) when another launch holds it."""
+    path = output_dir / name
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

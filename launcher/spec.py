@@ -27,7 +27,7 @@ from dsl.engine.located import Locations, dotted, load_located, validate_located
 from dsl.launcher.spec_backends import Slurm, Ssh  # noqa: F401  (part of the spec; re-exported)
 
 log = logging.getLogger(__name__)
-Backend = Literal["local", "ssh", "slurm", "mpi"]
+Backend = Literal["local", "ssh", "slurm", "mpi", "pernode"]
 
 
 def _int_or_auto(value: Any) -> Any:
@@ -91,7 +91,9 @@ class Resources(StrictModel):
     """Where the ranks run."""
 
     backend: Backend = "local"
-    """How ranks are started: local (this machine), ssh, slurm or mpi."""
+    """How ranks are started: local (this machine), ssh, slurm, mpi, or pernode (this machine's
+    ranks of a job whose other nodes a scheduler starts the same way: `dsl launch SPEC --node-rank N`
+    on each node, see launcher/backends/pernode.py)."""
     nodes: int | None = Field(None, ge=1)
     """Number of hosts to use (the first N selected hosts); default: all selected hosts, or 1."""
     procs_per_node: IntOrAuto = "auto"
@@ -105,7 +107,12 @@ class Resources(StrictModel):
     master_addr: str | None = None
     """Address of rank 0's host; default: the first host (127.0.0.1 for a local run)."""
     master_port: IntOrAuto = "auto"
-    """Port of the rendezvous on the master host; `auto` picks a free one per launch."""
+    """Port of the rendezvous on the master host; `auto` picks a free one per launch (backend
+    pernode: 29500, torchrun's default, the same on every node)."""
+    node_rank: int | None = Field(None, ge=0)
+    """Backend pernode only: this node's index, 0 .. nodes-1 (node 0 hosts the rendezvous). Usually
+    given per node as `dsl launch SPEC --node-rank N`; unset, Kubernetes' JOB_COMPLETION_INDEX of an
+    Indexed Job is used."""
     ssh: Ssh = Ssh()
     """SSH settings for backend ssh (and for preflight checks of remote hosts)."""
     slurm: Slurm = Slurm()

@@ -129,10 +129,14 @@ def time_limit_of(spec_file: SpecFile, text: str, backend: str) -> TimeLimit:
     hint = get_backend(backend).time_limit_hint
     if hint is not None:
         raise UserError(f"{spec_file.where('resources', 'backend')}: --time-limit applies to backends "
-                        f"{' and '.join(time_limit_backends())}, not {backend}; {hint}")
+                        f"{_and(time_limit_backends())}, not {backend}; {hint}")
     check_warning_time(spec_file, limit_s, f"--time-limit {text} ({limit_s:g} s)", None)
     warn_s = warning_before_end_s(spec_file.spec)
     return TimeLimit(limit_s, float(warn_s) if warn_s is not None else None, text)
+
+
+def _and(words: list[str]) -> str:
+    return " and ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
 class _Stop:
@@ -161,7 +165,7 @@ def supervise(plan: LaunchPlan, backend: Backend, output: RankOutput,
         attempt = 0
         while True:
             attempt += 1
-            output.note(f"attempt {attempt} of job {plan.name} starts", range(plan.world_size))
+            output.note(f"attempt {attempt} of job {plan.name} starts", _ranks_here(plan))
             outcome = _run_attempt(plan, backend, output, stop, attempt, clock)
             if (outcome.ok or outcome.interrupted_by or outcome.checkpointed or outcome.timed_out
                     or outcome.write_error or outcome.exit_code == EXIT_WRITE_FAILED or outcome.hung
@@ -174,6 +178,11 @@ def supervise(plan: LaunchPlan, backend: Backend, output: RankOutput,
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _ranks_here(plan: LaunchPlan) -> list[int] | range:
+    """The ranks this launch starts (pernode: this node's only; their logs get the note)."""
+    return [r for h in getattr(plan, "hosts", ()) for r in h.ranks] or range(plan.world_size)
 
 
 class _Clock:

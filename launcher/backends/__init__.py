@@ -11,6 +11,7 @@ answers, for a spec and then for its rendered plan:
 - `preflight_runner(plan)` / `probe_runner(plan)`: how a command reaches each host before the
   job starts (a subprocess, ssh, `srun -w HOST`);
 - `describe(plan)`: the plan as people read it (`dsl launch --dry-run`);
+- `lock_name(plan)`: the run-folder lock a launch holds (one per node for pernode);
 - `start(plan, sink) -> [HostProcess]`; a HostProcess is stopped by `terminate()` (the guard's
   orderly stop) and `kill()` (the last resort), which `launcher/supervise.py` escalates.
 
@@ -128,6 +129,12 @@ class Backend:
 
         return [f"cd {shell.quote(launch.cwd)} && env {env_words(plan, launch.env)} {shell.join(launch.argv)}"]
 
+    def lock_name(self, plan: "LaunchPlan") -> str:
+        """The run-folder lock's file name (launcher/runlock.py): one launch per run folder."""
+        from dsl.launcher.runlock import LOCK_NAME
+
+        return LOCK_NAME
+
     def where(self, plan: "LaunchPlan") -> str:
         """The hosts, for the `dsl: launching ...` line."""
         return ", ".join(h.host for h in plan.hosts)
@@ -151,6 +158,7 @@ _BACKENDS = {
     "ssh": "dsl.launcher.backends.ssh:SshBackend",
     "slurm": "dsl.launcher.backends.slurm:SlurmBackend",
     "mpi": "dsl.launcher.backends.mpi:MpiBackend",
+    "pernode": "dsl.launcher.backends.pernode:PerNodeBackend",
 }
 
 

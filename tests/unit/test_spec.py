@@ -36,7 +36,7 @@ def test_typo_names_file_line_col_path_and_suggestion(write):
 def test_bad_choice_lists_choices_and_nearest(write):
     message = _error(write, GOOD + "  backend: slrum\n")
     assert ":7:12 resources.backend:" in message
-    assert "'local', 'ssh', 'slurm' or 'mpi'" in message
+    assert "'local', 'ssh', 'slurm', 'mpi' or 'pernode'" in message
     assert "did you mean 'slurm'?" in message
 
 

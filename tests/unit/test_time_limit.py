@@ -143,7 +143,7 @@ def test_time_limit_of_a_spec(write):
                                         r"\(its default with run\.train\) is not less than --time-limit "
                                         r"90s \(90 s\)"):
         time_limit_of(spec, "90s", "local")
-    with pytest.raises(UserError, match="--time-limit applies to backends local and ssh, not slurm; set "
+    with pytest.raises(UserError, match="--time-limit applies to backends local, ssh and pernode, not slurm; set "
                                         "resources.slurm.time_min"):
         time_limit_of(spec, "1h", "slurm")
 
