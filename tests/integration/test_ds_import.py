@@ -92,6 +92,29 @@ def test_dsl_continues_a_deepspeed_run_as_deepspeed_does(tmp_path: Path, ds_stag
         assert max(abs(a - b) for a, b in zip(fresh[1:], continuation[1:])) > 100 * TOL, (fresh, continuation)
 
 
+def test_a_dsl_run_whose_output_dir_holds_the_import_resumes_from_it(tmp_path: Path, monkeypatch) -> None:
+    """The user's path: `python -m dsl.engine.ds_import DS_DIR OUT/checkpoints`, then the trainer
+    with output_dir OUT resumes there (run.train.resume) and continues as DeepSpeed did."""
+    from dsl.engine.ds_import import main as import_main
+    from dsl.engine.train import main
+    from tests.integration.ds_checkpoint_worker import LR, MICRO, SEQ, WEIGHT_DECAY
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    ds_out = _deepspeed_run(tmp_path, 2)
+    assert import_main([str(ds_out), str(tmp_path / "out" / "checkpoints")]) == 0
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"run:\n  train:\n    model: {{hf: m, seq_len: {SEQ}}}\n    steps: {STEPS}\n    log_every: 1\n"
+                    f"engine: {{zero_stage: 1, micro_batch: {MICRO}, grad_accum: 2, grad_clip: null, optimizer: "
+                    f"{{lr: {LR}, weight_decay: {WEIGHT_DECAY}}}, scheduler: {{type: constant, warmup_steps: 0}}}}\n"
+                    f"output_dir: {tmp_path / 'out'}\n")
+    assert main([str(spec)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(SAVE_AT + 1, STEPS + 1))
+    deepspeed = json.loads((ds_out / "losses.json").read_text())[SAVE_AT:]
+    assert max(abs(r["loss"] - d) for r, d in zip(rows, deepspeed)) <= TOL, (rows, deepspeed)
+
+
 def test_what_is_not_a_deepspeed_checkpoint_is_refused_with_its_path(tmp_path: Path) -> None:
     from dsl.engine.ds_import import import_deepspeed, main
     from dsl.engine.errors import UserError
