@@ -14,8 +14,8 @@ from __future__ import annotations
 from dsl.engine.errors import UserError
 from dsl.launcher import shell
 from dsl.launcher.hosts import Host
-from dsl.launcher.plan import (HostLaunch, Job, LaunchPlan, SshTarget, base_env, host_setup, layout,
-                               ssh_target)
+from dsl.launcher.hostcmd import base_env, host_setup, layout, ssh_target
+from dsl.launcher.plan import HostLaunch, Job, LaunchPlan, SshTarget
 
 HOSTFILE_NAME = "mpi-hostfile"
 

@@ -1,6 +1,6 @@
 """`render(spec, hosts, inputs) -> LaunchPlan`: pure, the spec's backend renders it.
 
-local and ssh run one guard + torchrun per host, started by dsl (`plan.render_per_host`); mpi
+local and ssh run one guard + torchrun per host, started by dsl (`hostcmd.render_per_host`); mpi
 runs one mpirun here (`mpi.render_plan`); slurm writes a batch script and submits it
 (`slurm.render_plan`); each backend object (launcher/backends/) picks its own. Nothing here
 touches the disk, the network or a process.

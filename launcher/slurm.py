@@ -33,7 +33,8 @@ from importlib import metadata, resources
 from dsl.engine.elastic import EXIT_CHECKPOINTED
 from dsl.launcher import shell
 from dsl.launcher.hosts import Host
-from dsl.launcher.plan import HostLaunch, Job, LaunchPlan, base_env, guard_argv, layout, starter_argv
+from dsl.launcher.hostcmd import base_env, guard_argv, layout, starter_argv
+from dsl.launcher.plan import HostLaunch, Job, LaunchPlan
 from dsl.launcher.spec import SpecFile, check_gres, warning_before_end_s
 
 SCRIPT_NAME = "sbatch.sh"

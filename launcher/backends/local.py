@@ -16,7 +16,8 @@ from typing import Callable, Mapping, Sequence
 from dsl.engine.wire import DUMP_SIGNAL
 from dsl.engine.errors import RunError, UserError
 from dsl.launcher.backends import Backend, Sink
-from dsl.launcher.plan import HostLaunch, Job, LaunchPlan, render_per_host
+from dsl.launcher.hostcmd import render_per_host
+from dsl.launcher.plan import HostLaunch, Job, LaunchPlan
 
 Popen = Callable[..., subprocess.Popen]
 

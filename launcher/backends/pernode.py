@@ -7,7 +7,7 @@ themselves, like DeepSpeed's `--no_ssh` and torchrun's per-node form expect. On 
 
 (or `backend: pernode` with resources.nodes / master_addr / master_port in the spec and the node
 rank from `--node-rank` or Kubernetes' JOB_COMPLETION_INDEX). Each node runs the same guard +
-torchrun as the local backend (`plan.render_per_host`) with `--nnodes=M --node-rank=N` and the
+torchrun as the local backend (`hostcmd.render_per_host`) with `--nnodes=M --node-rank=N` and the
 given master: its ranks are N*R .. N*R+R-1 for R ranks per node (procs_per_node, or one per
 device found), so every node must have as many ranks. Node 0 hosts the rendezvous on A:P; the
 others wait for it (torchrun's rendezvous timeout). dsl supervises this node only: a failure on
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 from dsl.engine.errors import UserError
 from dsl.launcher.backends.local import LocalBackend
-from dsl.launcher.plan import Job, LaunchPlan, render_per_host
+from dsl.launcher.hostcmd import render_per_host
+from dsl.launcher.plan import Job, LaunchPlan
 
 log = logging.getLogger(__name__)
 

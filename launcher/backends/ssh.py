@@ -33,7 +33,8 @@ from dsl.engine import wire
 from dsl.engine.errors import DslError, RunError
 from dsl.launcher import shell
 from dsl.launcher.backends import Backend, Sink
-from dsl.launcher.plan import HostLaunch, Job, LaunchPlan, SshTarget, render_per_host, ssh_target
+from dsl.launcher.hostcmd import render_per_host, ssh_target
+from dsl.launcher.plan import HostLaunch, Job, LaunchPlan, SshTarget
 
 log = logging.getLogger(__name__)
 Connect = Callable[[str, SshTarget], object]
