@@ -1,4 +1,4 @@
-"""Import a DeepSpeed ZeRO checkpoint (stages 1-3, any rank count; written by DeepSpeed 0.19.8)
+"""Import a DeepSpeed ZeRO checkpoint (stages 1-3, fp32 or bf16, any rank count; DeepSpeed 0.19.8)
 as a dsl checkpoint, which any rank count, stage and layout of dsl then loads.
 
     python -m dsl.engine.ds_import DS_DIR OUTPUT_DIR/checkpoints [--prefix lm.] [--no-optimizer]
@@ -17,8 +17,8 @@ What DeepSpeed writes (read from its `deepspeed/utils/zero_to_fp32.py` and
   `frozen_param_fragments` (stage 3: each rank's piece of every frozen parameter), `module` (the
   module's state dict: full tensors at stages 0-2, empty placeholders for parameters at stage 3),
   `buffer_names`, `global_steps`, `global_samples`, `skipped_steps`, `ds_config`.
-- `zero_pp_rank_<r>_mp_rank_00_optim_states.pt`, one per data-parallel rank r of W, under
-  `optimizer_state_dict`:
+- `zero_pp_rank_<r>_mp_rank_00_optim_states.pt` (`bf16_zero_pp_rank_...` from its BF16_Optimizer,
+  bf16 at stage 1), one per data-parallel rank r of W, under `optimizer_state_dict`:
   - stages 1-2: `single_partition_of_fp32_groups[g]`, rank r's partition of group g's fp32 flat
     vector; the W partitions have one size and concatenate to the group's flat vector, in which
     parameter i starts after the numels of the ones before plus `param_alignment_paddings[g]`
@@ -131,12 +131,14 @@ class DeepSpeedCheckpoint:
                             + ("a ZeRO stage 0 checkpoint (the optimizer inside the model file) is not "
                                "imported; save it with zero_optimization.stage 1, 2 or 3" if stage0
                                else "not a DeepSpeed checkpoint folder"))
-        if optim_files[0].name.startswith(("bf16_", "fp16_")):
-            raise UserError(f"{folder}: {optim_files[0].name}: checkpoints of DeepSpeed's bf16/fp16 optimizer "
-                            f"wrapper (bf16 with ZeRO stage 0-1) are not imported; stages 2-3 and fp32 are")
+        if optim_files[0].name.startswith("fp16_"):
+            raise UserError(f"{folder}: {optim_files[0].name}: checkpoints of DeepSpeed's fp16 optimizer wrapper "
+                            f"are not imported; fp32 and bf16 ones at ZeRO stages 1-3 are")
         self.optim = [_load(p)["optimizer_state_dict"] for p in optim_files]
         first = self.optim[0]
-        self.stage = int(first["zero_stage"])
+        # DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 0-1, files bf16_zero_pp_rank_*) has no
+        # zero_stage and no per-parameter alignment: stage 1's flat layout.
+        self.stage = int(first.get("zero_stage", 1))
         counts = first["partition_count"]
         self.world = max(counts) if isinstance(counts, list) else int(counts)
         if self.world != len(optim_files):

@@ -3,10 +3,10 @@
 Run with the DeepSpeed virtualenv (tests/bench/setup_deepspeed.sh) under torchrun:
 
     .venv-bench/bin/python -m torch.distributed.run --standalone --nproc_per_node 2 \\
-        tests/integration/ds_checkpoint_worker.py MODEL_DIR STAGE OUT_DIR
+        tests/integration/ds_checkpoint_worker.py MODEL_DIR STAGE OUT_DIR [fp32|bf16]
 
 It trains the Hugging Face model of MODEL_DIR (config.json; weights drawn after
-`torch.manual_seed(0)`, as engine/hf_model.py draws them) with `deepspeed.initialize`, fp32,
+`torch.manual_seed(0)`, as engine/hf_model.py draws them) with `deepspeed.initialize`, fp32 (or bf16),
 AdamW (torch's) in two parameter groups as dsl's optimizer splits them (weight decay on matrices
 and embeddings only, engine/optim.py), on dsl's synthetic data laid out as dsl lays it out
 (engine/data.py: rank r reads the r-th micro-batch of each global batch), and the loss dsl
@@ -26,15 +26,16 @@ SAVE_AT, STEPS = 10, 13
 MICRO, SEQ, LR, WEIGHT_DECAY = 2, 16, 0.01, 0.1
 
 
-def config(stage: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
+def config(stage: int, precision: str = "fp32") -> dict:
+    bf16 = {"bf16": {"enabled": True}} if precision == "bf16" else {}
+    return {**bf16, "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
             "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0,
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.999], "eps": 1e-8,
                                                        "weight_decay": WEIGHT_DECAY, "torch_adam": True}},
             "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
 
 
-def main(model_dir: str, stage: int, out: str) -> None:
+def main(model_dir: str, stage: int, out: str, precision: str = "fp32") -> None:
     import deepspeed
     import torch
     import torch.distributed as tdist
@@ -53,7 +54,7 @@ def main(model_dir: str, stage: int, out: str) -> None:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": other, "weight_decay": 0.0}]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config(stage))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config(stage, precision))
     data = SyntheticData(DataConfig(), vocab_size=model.config.vocab_size, seq_len=SEQ, micro_batch=MICRO,
                          rank=rank, dp_size=world)
     losses = []
@@ -76,4 +77,4 @@ def main(model_dir: str, stage: int, out: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(*sys.argv[1:2], int(sys.argv[2]), *sys.argv[3:5])

@@ -33,18 +33,19 @@ if not DS_PYTHON.exists():
                 f"DeepSpeed 0.19.8 there)", allow_module_level=True)
 
 
-def _deepspeed_run(tmp: Path, stage: int) -> Path:
+def _deepspeed_run(tmp: Path, stage: int, precision: str = "fp32") -> Path:
     model = write_model(tmp / "m", "llama")
-    out = tmp / f"ds-stage{stage}"
+    out = tmp / f"ds-stage{stage}-{precision}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(DS_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(WORKER), str(model), str(stage), str(out)],
+                           str(WORKER), str(model), str(stage), str(out), precision],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
 
-def _dsl_losses(tmp: Path, ds_out: Path, dsl_stage: int, *, optimizer: bool = True) -> tuple[list[float], dict]:
+def _dsl_losses(tmp: Path, ds_out: Path, dsl_stage: int, *, optimizer: bool = True,
+                precision: str = "fp32") -> tuple[list[float], dict]:
     from dsl.engine import hf_model, initialize
     from dsl.engine.data import SyntheticData
     from dsl.engine.ds_import import import_deepspeed
@@ -56,7 +57,7 @@ def _dsl_losses(tmp: Path, ds_out: Path, dsl_stage: int, *, optimizer: bool = Tr
     assert folder == checkpoints / f"step-{SAVE_AT:06d}"
     # Another seed: every weight the loss sees must come from the checkpoint.
     model = hf_model.build(ModelConfig(hf=str(tmp / "m"), seq_len=SEQ), seed=99)
-    engine = initialize(model, {"zero_stage": dsl_stage, "micro_batch": MICRO, "grad_accum": 2, "grad_clip": None,
+    engine = initialize(model, {"zero_stage": dsl_stage, "precision": precision, "micro_batch": MICRO, "grad_accum": 2, "grad_clip": None,
                                 "optimizer": {"lr": LR, "weight_decay": WEIGHT_DECAY},
                                 "scheduler": {"type": "constant", "warmup_steps": 0}})
     extra = engine.load_checkpoint(checkpoints)
@@ -90,6 +91,28 @@ def test_dsl_continues_a_deepspeed_run_as_deepspeed_does(tmp_path: Path, ds_stag
         fresh, _ = _dsl_losses(tmp_path, ds_out, dsl_stage, optimizer=False)
         assert abs(fresh[0] - continuation[0]) <= TOL
         assert max(abs(a - b) for a, b in zip(fresh[1:], continuation[1:])) > 100 * TOL, (fresh, continuation)
+
+
+def test_a_bf16_deepspeed_checkpoint_brings_its_fp32_masters(tmp_path: Path) -> None:
+    """bf16 at ZeRO stage 1 is DeepSpeed's BF16_Optimizer (bf16_zero_pp_rank_* files): the import
+    takes its fp32 masters, whose bf16 rounding is exactly the bf16 module DeepSpeed saved, and dsl
+    in bf16 continues close to DeepSpeed's bf16 continuation."""
+    import torch
+
+    from dsl.engine.checkpoint import load_full
+
+    ds_out = _deepspeed_run(tmp_path, 1, "bf16")
+    assert list((ds_out / "global_step10").glob("bf16_zero_pp_rank_*_optim_states.pt"))
+    losses, extra = _dsl_losses(tmp_path, ds_out, 2, precision="bf16")
+    imported = load_full(tmp_path / f"dsl-from-{ds_out.name}-s2-True" / f"step-{SAVE_AT:06d}")
+    module = torch.load(ds_out / "global_step10" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert module["lm_head.weight"].dtype == torch.bfloat16
+    for name, weight in module.items():
+        master = imported["param"][f"lm.{name}"]
+        assert master.dtype == torch.float32 and torch.equal(master.to(torch.bfloat16), weight), name
+    assert int(imported["exp_avg"]["lm.lm_head.weight"].ne(0).sum()) > 0
+    deepspeed = json.loads((ds_out / "losses.json").read_text())[SAVE_AT:]
+    assert max(abs(a - b) for a, b in zip(losses, deepspeed)) < 0.02, (losses, deepspeed)
 
 
 def test_a_dsl_run_whose_output_dir_holds_the_import_resumes_from_it(tmp_path: Path, monkeypatch) -> None:
