@@ -56,6 +56,7 @@ from typing import Any, Callable
 
 from dsl.engine.long.degrees import placement_reason, sp_reason
 from dsl.engine import memory, memory_reference
+from dsl.engine.memory_nvme import nvme_param_step_bytes
 from dsl.engine.config import EngineConfig
 from dsl.engine.memory import Breakdown, ModelShape
 from dsl.launcher.hardware import Hardware, fmt_gb, fmt_gib, hardware_of
@@ -110,13 +111,15 @@ class Candidate:
     """Why this version of the engine cannot run it yet (it may still be the best plan)."""
 
     def label(self) -> str:
-        off = self.offload if self.offload_params == "none" else f"{self.offload}+params"
+        off = (self.offload if self.offload_params == "none" else f"{self.offload}+params"
+               + ("" if self.offload_params == "cpu" else f" {self.offload_params}"))
         return (f"zero_stage {self.zero_stage}, offload {off}, sp {self.sp}, micro_batch {self.micro_batch}, "
                 f"grad_accum {self.grad_accum}, activation_checkpointing {str(self.activation_checkpointing).lower()}")
 
     def simplicity(self) -> tuple[int, int]:
         return (self.zero_stage + (2 if self.offload != "none" else 0) + (1 if self.offload == "nvme" else 0)
-                + (2 if self.offload_params != "none" else 0) + (2 if self.sp > 1 else 0)
+                + (2 if self.offload_params != "none" else 0) + (1 if self.offload_params == "nvme" else 0)
+                + (2 if self.sp > 1 else 0)
                 + (1 if self.activation_checkpointing else 0), -self.micro_batch)
 
     def to_json(self) -> dict[str, Any]:
@@ -231,11 +234,16 @@ def step_time(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: i
         compute += opt_bytes / (hw.device_memory_gb_s * 0.7 * 1e9)
     else:
         compute += hw.ranks_per_host * opt_bytes / (hw.host_memory_gb_s * CPU_OPTIMIZER_EFFICIENCY * 1e9)
-    if offload_params == "cpu":
+    if offload_params != "none":
         link = hw.host_link.gb_s if hw.host_link else math.inf
-        fetch = accum * 2 * sb.param * shard_params / (link * 1e9)
+        fetch = accum * 2 * (sb.work or sb.param) * shard_params / (link * 1e9)
         offload_s += fetch
         parts.append(f"parameter fetches {fetch:.2f} s")
+    if offload_params == "nvme":  # engine/memory_nvme.py: every gather reads, every update writes
+        read, written = nvme_param_step_bytes(p, shards=shards, elem=sb.work or sb.param, micro_steps=accum)
+        nvme_p = hw.ranks_per_host * (read / (hw.nvme_read_gb_s * 1e9) + written / (hw.nvme_write_gb_s * 1e9))
+        offload_s += nvme_p
+        parts.append(f"parameter NVMe I/O {nvme_p:.2f} s")
     comm = overlapped_s + exposed_s
     total = max(compute, overlapped_s) + exposed_s + offload_s
     terms = {"compute": compute, "communication": comm, "offload": offload_s}
@@ -384,8 +392,8 @@ def search(shape: ModelShape, engine: EngineConfig, hw: Hardware, target_batch: 
         for offload in opts["offload"]:
             if offload != "none" and stage == 0:
                 continue  # offload needs a partitioned optimizer (ZeRO >= 1), as in DeepSpeed
-            param_opts = (["none", "cpu"] if free.offload_params and stage == 3 and hw.accelerator
-                          and offload != "none" else
+            param_opts = ((["none", "cpu"] + (["nvme"] if hw.topology.nvme else [])) if free.offload_params
+                          and stage == 3 and hw.accelerator and offload != "none" else
                           [engine.offload.params if not free.offload_params else "none"])
             for offload_params in param_opts:
                 if offload_params != "none" and stage != 3:

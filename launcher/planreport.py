@@ -130,7 +130,7 @@ def render(plan: Plan, name: str, commands: str | None, console: Any) -> None:
         fits = "yes" if cand.fits else f"no: {cand.why_not or ''}"
         if cand.fits and cand.unsupported:
             fits += " (engine: not yet)"
-        rows.append((str(cand.zero_stage), cand.offload + ("+params" if cand.offload_params != "none" else ""),
+        rows.append((str(cand.zero_stage), cand.offload + {"none": "", "cpu": "+params"}.get(cand.offload_params, f"+params {cand.offload_params}"),
                      str(cand.sp), "yes" if cand.activation_checkpointing else "no",
                      f"{cand.micro_batch} x {cand.grad_accum}", fmt_gb(cand.device_bytes), fmt_gb(cand.host_bytes),
                      f"{cand.step.total_s:.2f} s", cand.step.dominant, fits, cand is c))
