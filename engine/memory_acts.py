@@ -1,15 +1,23 @@
 """Activation, logits and offloaded-activation bytes of one rank (torch-free).
 
-The formulas are documented in engine/memory.py's module docstring ("Activations", "Logits",
-"Long-sequence switches"), which re-exports these functions as part of its public name; this
-module holds their code so that engine/memory.py keeps the model states and the whole
-configuration.
+The formulas of the bundled Llama are documented in engine/memory.py's module docstring
+("Activations", "Logits", "Long-sequence switches"), which re-exports these functions as part of
+its public name; this module holds their code so that engine/memory.py keeps the model states
+and the whole configuration. A model described by its Hugging Face config.json (a
+`DescribedShape` with `traits`, engine/modeldesc/shape.py) is counted by its family's formulas
+instead (`family_saved`, documented in engine/modeldesc/activations.py): decoders, encoders, the
+T5 encoder-decoder, eager vs flash/SDPA attention, mixture-of-experts routing buffers.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dsl.engine.memory_shape import (ACTIVATIONS, LOGITS, OFFLOADED_ACTIVATIONS, RECOMPUTE, WEIGHT_COPIES, MiB,
                                      ModelShape, StateBytes, Term, state_bytes)
+
+if TYPE_CHECKING:
+    from dsl.engine.modeldesc.activations import Saved
 
 
 def _layer_saved(shape: ModelShape, tokens: int, seq_len: int, micro_batch: int, sp: int,
@@ -66,10 +74,41 @@ def layer_activation_bytes(shape: ModelShape, micro_batch: int, seq_len: int | N
                                           tiled_mlp))
 
 
+def family_saved(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
+                 sb: StateBytes | None = None, flash_attention: bool = True, accelerator: bool = True,
+                 target_len: int | None = None, tiled_mlp: bool = False) -> "Saved | None":
+    """What a described model's forward saves on one rank (engine/modeldesc/activations.py), or
+    None for a shape without family traits (the bundled Llama, a model known by its counts).
+    `target_len`: T5's decoder length (default: seq_len); `accelerator=False`: CPU dropout masks
+    and LayerNorm statistics (the module docstring there)."""
+    traits = getattr(shape, "traits", None)
+    if traits is None:
+        return None
+    from dsl.engine.modeldesc import activations as fam
+    from dsl.engine.modeldesc import acts_encoders
+
+    sb = sb or state_bytes()
+    seq = seq_len or shape.seq_len
+    n = sb.work or sb.param
+    z = fam.Sizes(c=sb.compute, n=n, casts=sb.autocast and n != sb.compute, accelerator=accelerator)
+    dims = fam.Dims(hidden=shape.hidden, heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
+                    ffn=getattr(shape, "dense_ffn", 0) or shape.ffn, vocab=shape.vocab, experts=shape.experts,
+                    experts_per_tok=shape.experts_per_tok, expert_ffn=shape.ffn, traits=traits)
+    kind = getattr(shape, "kind", "decoder")
+    if kind == "encoder":
+        return acts_encoders.encoder(dims, z, b=micro_batch, s=seq, sp=sp, flash=flash_attention, layers=shape.layers)
+    if kind == "encoder-decoder":
+        return acts_encoders.t5(dims, z, b=micro_batch, s_enc=seq, s_dec=target_len or seq, flash=flash_attention,
+                      enc_layers=shape.encoder_layers, dec_layers=shape.decoder_layers)
+    return fam.decoder(dims, z, b=micro_batch, s=seq, sp=sp, flash=flash_attention, layers=shape.layers,
+                       moe_layers=shape.moe_layers if shape.experts else 0, tiled_mlp=tiled_mlp)
+
+
 def activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
                 checkpointing: bool = False, flash_attention: bool = True,
                 sb: StateBytes | None = None, stage: int = 0, tiled_loss_tokens: int | None = None,
-                tiled_mlp_tokens: int | None = None, activation_offload: bool = False) -> tuple[Term, Term, Term]:
+                tiled_mlp_tokens: int | None = None, activation_offload: bool = False,
+                accelerator: bool = True) -> tuple[Term, Term, Term]:
     """(activations saved by the forward on the device, autocast weight copies, recomputation
     peak) of one rank for one micro-batch. With activation_offload (and checkpointing) the layer
     inputs are not on the device: `offloaded_activations` has them."""
@@ -77,6 +116,13 @@ def activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = No
     seq = seq_len or shape.seq_len
     tokens = micro_batch * seq // sp
     tiled_mlp = tiled_mlp_tokens is not None
+    saved = family_saved(shape, micro_batch=micro_batch, seq_len=seq, sp=sp, sb=sb, flash_attention=flash_attention,
+                         accelerator=accelerator, tiled_mlp=tiled_mlp)
+    if saved is not None:
+        return _family_terms(shape, saved, sb=sb, stage=stage, checkpointing=checkpointing, tokens=tokens,
+                             flash_attention=flash_attention, tiled_loss=tiled_loss_tokens is not None,
+                             offload_bytes=offloaded_activations(shape, micro_batch=micro_batch, seq_len=seq, sp=sp,
+                                                                 sb=sb).host_bytes if activation_offload else 0)
     layer = layer_activation_bytes(shape, micro_batch, seq, sp, sb, flash_attention, tiled_mlp)
     h, r, c = shape.hidden, sb.residual, sb.compute
     # Final norm (input, rstd, before gain; its output, or under autocast the output's cast for
@@ -126,6 +172,38 @@ def activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = No
                     + ", saved for backward"
                     + (" (a recomputed layer's are in the recomputation peak)" if checkpointing else ""))
     return acts_term, Term(WEIGHT_COPIES, device_bytes=copies, formula=copies_f), recompute_term
+
+
+def _family_terms(shape: ModelShape, saved: "Saved", *, sb: StateBytes, stage: int, checkpointing: bool,
+                  tokens: int, flash_attention: bool, tiled_loss: bool, offload_bytes: int) -> tuple[Term, Term, Term]:
+    """The three activation terms of a described model from its family's `Saved` list."""
+    kind = getattr(shape, "kind", "decoder")
+    attn = ("flash/SDPA" if flash_attention else "eager (s^2 scores)") if shape.traits.relative not in (
+        "deberta", "deberta-v2") else "disentangled (s^2 scores)"
+    groups = " + ".join(f"{n} {what} x {sum(b for _, b in items) / MiB:,.1f} MiB" for what, n, items in saved.blocks if n)
+    weight_casts = sb.autocast and not sb.weights16 and not (stage >= 3 and sb.work)
+    blocks = sum(n for _, n, _ in saved.blocks) or 1
+    per_layer_copies = sb.compute * (shape.matmul_params - shape.vocab * shape.hidden) // blocks if weight_casts else 0
+    if checkpointing:
+        acts = saved.total(True) - offload_bytes
+        formula = (f"{kind} ({shape.family}): {blocks} block inputs + what the blocks share, "
+                   f"{tokens:,} tokens/rank ({attn})" + (", block inputs offloaded" if offload_bytes else ""))
+        recompute = Term(RECOMPUTE, device_bytes=saved.largest_block + per_layer_copies,
+                         formula=f"the largest block's activations ({saved.largest_block / MiB:,.1f} MiB) "
+                                 "and weight casts rebuilt in backward")
+    else:
+        acts = saved.total(False)
+        formula = f"{kind} ({shape.family}): {groups} + embeddings/norms/heads ({tokens:,} tokens/rank, {attn})"
+        recompute = Term(RECOMPUTE, formula="none: no checkpointing")
+    copies, copies_f = 0, "none: parameters are already in the compute dtype"
+    if weight_casts:
+        kept = 0 if checkpointing else blocks
+        head = 0 if tiled_loss else sb.compute * shape.vocab * shape.hidden
+        copies = kept * per_layer_copies + head
+        copies_f = f"{sb.compute} B x matmul weights of {kept} block(s)" + (" + lm_head" if head else "") + \
+            ", saved for backward"
+    return (Term(ACTIVATIONS, device_bytes=acts, formula=formula), Term(WEIGHT_COPIES, device_bytes=copies,
+                                                                         formula=copies_f), recompute)
 
 
 def logits(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,

@@ -31,6 +31,7 @@ from typing import Any
 
 from dsl.engine.modeldesc.description import ModelDescription, linear
 from dsl.engine.modeldesc.fields import ConfigError, Fields
+from dsl.engine.modeldesc.traits import Traits, activation_of
 
 
 @dataclass(frozen=True)
@@ -143,4 +144,14 @@ def describe(family: str, config: dict[str, Any]) -> ModelDescription:
         vocab=vocab, max_positions=f.int("max_position_embeddings", d["max_position_embeddings"]),
         tied=tied, embedding_params=embedding, head_params=head, active_params=params - unused,
         experts=experts, experts_per_tok=per_tok, expert_intermediate=expert_inter,
-        shared_expert_intermediate=shared_inter, moe_layers=moe_layers, decoder_layers=layers)
+        shared_expert_intermediate=shared_inter, moe_layers=moe_layers, decoder_layers=layers,
+        traits=Traits(norm="gemma" if family == "gemma" else "rms", activation=_activation(family, f), gated=True, fused_qkv=family == "phi3",
+                      attention_dropout=f.float("attention_dropout", 0.0), qk_norm=style.qk_norm,
+                      shared_expert=shared_inter if moe_layers else 0,
+                      norm_topk=style.moe == "mixtral" or f.bool("norm_topk_prob", False)))
+
+
+def _activation(family: str, f: Fields):
+    if family == "gemma":  # GemmaConfig: hidden_activation, else hidden_act, else gelu_pytorch_tanh
+        return activation_of(f.raw("hidden_activation", f.raw("hidden_act")), "gelu_tanh")
+    return activation_of(f.raw("hidden_act"), "silu")

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from dsl.engine.modeldesc.traits import Traits
+
 Kind = Literal["decoder", "encoder", "encoder-decoder"]
 
 
@@ -64,6 +66,8 @@ class ModelDescription:
     decoder_layers: int = 0
     gated_mlp: bool = True
     """The MLP has a gate (SwiGLU/GeGLU: three matrices) rather than two matrices."""
+    traits: Traits = Traits()
+    """What else decides the saved activations (norm, activation, dropouts, relative attention)."""
 
     def to_json(self) -> dict[str, Any]:
         from dataclasses import asdict

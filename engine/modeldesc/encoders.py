@@ -21,10 +21,12 @@ Every LayerNorm has a weight and a bias (2h). No LM head: these models are descr
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from dsl.engine.modeldesc.description import ModelDescription, layer_norm, linear
 from dsl.engine.modeldesc.fields import Fields
+from dsl.engine.modeldesc.traits import Traits, activation_of
 
 _DEFAULTS = {
     "bert": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -95,8 +97,24 @@ def describe(family: str, config: dict[str, Any]) -> ModelDescription:
                 groups = f.int("conv_groups", 1)
                 tail += h * (h // groups) * kernel + h + layer_norm(h)
     params = layers * block + embedding + tail
+    traits = Traits(norm="layer", activation=activation_of(f.raw("hidden_act"), "gelu"), gated=False,
+                    hidden_dropout=f.float("hidden_dropout_prob", 0.1),
+                    attention_dropout=f.float("attention_probs_dropout_prob", 0.1), softmax_fp32=False, rope=False,
+                    pooler=family in ("bert", "roberta"), token_positions=family == "roberta")
+    if family.startswith("deberta"):
+        relative = f.bool("relative_attention", False)
+        pos = _pos_att_type(f) if relative else []
+        span = f.int("max_relative_positions", -1)
+        if family == "deberta-v2" and f.int("position_buckets", -1) > 0:
+            span = f.int("position_buckets", -1)
+        traits = replace(traits, norm="deberta" if family == "deberta" else "layer", relative=family,
+                         rel_span=span if span > 0 else positions, c2p="c2p" in pos, p2c="p2c" in pos,
+                         share_att_key=f.bool("share_att_key", False), talking_head=f.bool("talking_head", False),
+                         norm_rel_ebd=family == "deberta-v2" and relative and "layer_norm" in [
+                             x.strip() for x in str(f.raw("norm_rel_ebd", "none")).lower().split("|")],
+                         embedding_mask=True, fused_qkv=family == "deberta")
     return ModelDescription(
         family=family, kind="encoder", params=params, largest_layer_params=max(block, embedding),
         layers=layers, hidden=h, heads=heads, kv_heads=heads, head_dim=h // heads, intermediate=inter,
         vocab=vocab, max_positions=positions, tied=False, embedding_params=embedding, head_params=0,
-        active_params=params, encoder_layers=layers, gated_mlp=False)
+        active_params=params, encoder_layers=layers, gated_mlp=False, traits=traits)

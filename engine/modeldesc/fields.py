@@ -51,6 +51,14 @@ class Fields:
             raise ConfigError(keys[0], f"{' / '.join(keys)} is missing")
         return default
 
+    def float(self, key: str, default: float) -> float:
+        value = self.config.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"{key} must be a number, got {value!r}")
+        return float(value)
+
     def bool(self, key: str, default: bool) -> bool:
         value = self.config.get(key)
         if value is None:

@@ -22,17 +22,18 @@ from typing import Any
 
 from dsl.engine.modeldesc.description import ModelDescription, layer_norm, linear
 from dsl.engine.modeldesc.fields import Fields
+from dsl.engine.modeldesc.traits import Traits, activation_of
 
 
 def _description(family: str, f: Fields, *, h: int, layers: int, heads: int, kv: int, inter: int, vocab: int,
-                 positions: int, block: int, embedding: int, tied: bool, tail: int) -> ModelDescription:
+                 positions: int, block: int, embedding: int, tied: bool, tail: int, traits: Traits) -> ModelDescription:
     head = 0 if tied else vocab * h
     params = layers * block + embedding + head + tail
     return ModelDescription(
         family=family, kind="decoder", params=params, largest_layer_params=max(block, vocab * h, head),
         layers=layers, hidden=h, heads=heads, kv_heads=kv, head_dim=h // heads, intermediate=inter, vocab=vocab,
         max_positions=positions, tied=tied, embedding_params=embedding, head_params=head, active_params=params,
-        decoder_layers=layers, gated_mlp=False)
+        decoder_layers=layers, gated_mlp=False, traits=traits)
 
 
 def gpt2(config: dict[str, Any]) -> ModelDescription:
@@ -47,7 +48,10 @@ def gpt2(config: dict[str, Any]) -> ModelDescription:
              + linear(h, inter, True) + linear(inter, h, True))
     return _description("gpt2", f, h=h, layers=layers, heads=heads, kv=heads, inter=inter, vocab=vocab,
                         positions=positions, block=block, embedding=vocab * h + positions * h,
-                        tied=f.bool("tie_word_embeddings", True), tail=layer_norm(h))
+                        tied=f.bool("tie_word_embeddings", True), tail=layer_norm(h),
+                        traits=Traits(norm="layer", activation=activation_of(f.raw("activation_function"), "gelu_new"),
+                                      gated=False, fused_qkv=True, hidden_dropout=f.float("resid_pdrop", 0.1),
+                                      attention_dropout=f.float("attn_pdrop", 0.1), softmax_fp32=False, rope=False))
 
 
 def gpt_neox(config: dict[str, Any]) -> ModelDescription:
@@ -62,7 +66,12 @@ def gpt_neox(config: dict[str, Any]) -> ModelDescription:
              + linear(h, inter, True) + linear(inter, h, True))
     return _description("gpt_neox", f, h=h, layers=layers, heads=heads, kv=heads, inter=inter, vocab=vocab,
                         positions=f.int("max_position_embeddings", 2048), block=block, embedding=vocab * h,
-                        tied=f.bool("tie_word_embeddings", False), tail=layer_norm(h))
+                        tied=f.bool("tie_word_embeddings", False), tail=layer_norm(h),
+                        traits=Traits(norm="layer", activation=activation_of(f.raw("hidden_act"), "gelu"), gated=False,
+                                      fused_qkv=True, hidden_dropout=f.float("hidden_dropout", 0.0),
+                                      attention_dropout=f.float("attention_dropout", 0.0),
+                                      rotary_dim=int(h // heads * f.float("rotary_pct", 0.25)),
+                                      parallel=2 if f.bool("use_parallel_residual", True) else 0))
 
 
 def falcon(config: dict[str, Any]) -> ModelDescription:
@@ -92,4 +101,8 @@ def falcon(config: dict[str, Any]) -> ModelDescription:
              + linear(h, inter, bias) + linear(inter, h, bias))
     return _description("falcon", f, h=h, layers=layers, heads=heads, kv=kv, inter=inter, vocab=vocab,
                         positions=f.int("max_position_embeddings", 2048), block=block, embedding=vocab * h,
-                        tied=f.bool("tie_word_embeddings", True), tail=layer_norm(h))
+                        tied=f.bool("tie_word_embeddings", True), tail=layer_norm(h),
+                        traits=Traits(norm="layer", activation=activation_of(f.raw("activation"), "gelu"), gated=False,
+                                      fused_qkv=True, hidden_dropout=f.float("hidden_dropout", 0.0),
+                                      attention_dropout=f.float("attention_dropout", 0.0),
+                                      rope=not f.bool("alibi", False), parallel=norms if f.bool("parallel_attn", True) else 0))

@@ -7,10 +7,12 @@ step time and RoPE tables. `DescribedShape` is a ModelShape whose counts are the
 description (engine/modeldesc/) or of the spec's `params` form instead of the bundled Llama's
 formula, so the planner plans any model without a change to memory.py.
 
-What is approximate (until activations per family land, issue 15 item 2): activations and logits
-use the Llama-style decoder formulas of engine/memory.py with the description's dimensions (an
-encoder-decoder as one stack of encoder + decoder layers; a MoE block's MLP with experts_per_tok
-experts). A model known only by its counts has no dimensions: the shape then has zero width, so
+A described model carries its family's `traits` (engine/modeldesc/traits.py): engine/memory_acts.py
+then counts its activations with that family's formulas (engine/modeldesc/activations.py:
+decoders, encoders, T5's encoder and decoder, eager vs flash attention, MoE routing buffers);
+logits stay 12 B per token and vocabulary entry (an encoder's masked-LM head, T5's decoder tokens).
+A model known only by its counts is planned with the bundled decoder's formulas when its
+dimensions are given; without them the shape has zero width, so
 activations and logits are 0, and `model_states_only` says the plan covers model states only;
 with layers, hidden and vocab given, the MLP width is what the counts leave for it:
 f = (P / L - 4 h^2) / (3 h), a SwiGLU block of multi-head attention being 4 h^2 + 3 h f.
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from dsl.engine.memory_shape import ModelShape
+from dsl.engine.modeldesc.traits import Traits
 
 if TYPE_CHECKING:
     from dsl.engine.modeldesc.description import ModelDescription
@@ -42,6 +45,14 @@ class DescribedShape(ModelShape):
     kind: str = "decoder"
     model_states_only: bool = False
     """No dimensions are known: activations and logits are not counted (reported as unknown)."""
+    traits: Traits | None = None
+    """A described family's activation traits (engine/modeldesc/activations.py); None: the counts
+    form, planned with the bundled decoder's formulas."""
+    encoder_layers: int = 0
+    decoder_layers: int = 0
+    moe_layers: int = 0
+    dense_ffn: int = 0
+    """The dense MLP's width (for MoE, `ffn` is an expert's)."""
 
     @property
     def params(self) -> int:  # type: ignore[override]
@@ -74,7 +85,8 @@ def from_description(d: "ModelDescription", seq_len: int) -> DescribedShape:
         ffn=d.expert_intermediate if d.experts else d.intermediate, vocab=d.vocab, seq_len=seq_len, tied=d.tied,
         experts=d.experts, experts_per_tok=d.experts_per_tok or 2,
         total_params=d.params, largest_unit=d.largest_layer_params, matmul=max(matmul, 0), active=d.active_params,
-        per_head=d.head_dim, family=d.family, kind=d.kind)
+        per_head=d.head_dim, family=d.family, kind=d.kind, traits=d.traits, encoder_layers=d.encoder_layers,
+        decoder_layers=d.decoder_layers, moe_layers=d.moe_layers, dense_ffn=d.intermediate)
 
 
 def from_counts(model: "ModelConfig") -> DescribedShape:
@@ -128,7 +140,4 @@ def shape_of(model: "ModelConfig", base: Path, where: Callable[[str], str]) -> t
         seq_len = description.max_positions
         notes.append(f"seq_len not set: planning at the model's longest sequence, {seq_len} "
                      "(its config's max_position_embeddings); set run.train.model.seq_len")
-    if description.kind != "decoder":
-        notes.append(f"activations of this {description.kind} are estimated with the decoder formulas "
-                     "(per-family activations: issue 15 item 2)")
     return from_description(description, seq_len), notes

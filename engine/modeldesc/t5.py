@@ -25,6 +25,7 @@ from typing import Any
 
 from dsl.engine.modeldesc.description import ModelDescription, linear
 from dsl.engine.modeldesc.fields import Fields
+from dsl.engine.modeldesc.traits import Traits, activation_of
 
 
 def describe(config: dict[str, Any]) -> ModelDescription:
@@ -37,7 +38,9 @@ def describe(config: dict[str, Any]) -> ModelDescription:
     enc_layers = f.positive("num_layers", 6)
     dec_layers = f.positive("num_decoder_layers", enc_layers)
     buckets = f.int("relative_attention_num_buckets", 32)
-    gated = str(f.raw("feed_forward_proj", "relu")).split("-")[0] == "gated"
+    proj = str(f.raw("feed_forward_proj", "relu")).split("-")
+    gated = proj[0] == "gated"
+    act = "gelu_new" if proj[-1] == "gelu" else proj[-1]  # T5Config: gated-gelu means gelu_new
     n = heads * d_kv
     attention = 3 * linear(d, n) + linear(n, d)
     ff = (3 if gated else 2) * d * d_ff
@@ -52,4 +55,7 @@ def describe(config: dict[str, Any]) -> ModelDescription:
         layers=enc_layers + dec_layers, hidden=d, heads=heads, kv_heads=heads, head_dim=d_kv, intermediate=d_ff,
         vocab=vocab, max_positions=f.int("n_positions", 512), tied=True, embedding_params=embedding,
         head_params=0, active_params=params, encoder_layers=enc_layers, decoder_layers=dec_layers,
-        gated_mlp=gated)
+        gated_mlp=gated,
+        traits=Traits(norm="t5", activation=activation_of(act, "relu"), gated=gated,
+                      hidden_dropout=f.float("dropout_rate", 0.1), attention_dropout=f.float("dropout_rate", 0.1),
+                      softmax_fp32=False, rope=False, relative="t5"))
