@@ -25,6 +25,8 @@ from dsl.engine.train_config import TrainConfig
 from dsl.engine.errors import UserError
 from dsl.engine.located import Locations, dotted, load_located, validate_located
 from dsl.launcher.spec_backends import Slurm, Ssh  # noqa: F401  (part of the spec; re-exported)
+from dsl.launcher.spec_checks import (  # noqa: F401  (re-exported: the spec's checks)
+    DEFAULT_TRAIN_WARNING_S, check_engine, check_gres, check_warning_time, spec_world, warning_before_end_s)
 
 log = logging.getLogger(__name__)
 Backend = Literal["local", "ssh", "slurm", "mpi", "pernode"]
@@ -292,7 +294,9 @@ def load_spec(path: str | os.PathLike[str]) -> SpecFile:
     if not isinstance(data, dict):
         raise UserError(f"{path}:1:1: a spec is a mapping of fields (name, run, resources, ...); "
                         f"got {type(data).__name__ if data is not None else 'an empty file'}")
-    data = _with_deepspeed_config(data, path, locations)
+    from dsl.launcher.spec_deepspeed import with_deepspeed_config  # it reads this module's models
+
+    data = with_deepspeed_config(data, path, locations)
     spec = validate_located(Spec, data, locations)
     spec_file = SpecFile(spec, path, locations)
     check_engine(spec_file, *(spec_world(spec) or (None, None)))
@@ -304,178 +308,6 @@ def load_spec(path: str | os.PathLike[str]) -> SpecFile:
         check_warning_time(spec_file, time_min * 60, f"the time limit (time_min: {time_min} = "
                            f"{time_min * 60} s)", ("resources", "slurm", "time_min"))
     return spec_file
-
-
-def check_gres(spec_file: SpecFile, ranks_per_node: int) -> None:
-    """Backend slurm: more ranks per node than the GPUs `gres` asks for is a UserError at gres."""
-    gpus = spec_file.spec.resources.slurm.gres_gpus()
-    if gpus is None or ranks_per_node <= gpus:
-        return
-    raise UserError(
-        f"{spec_file.where('resources', 'slurm', 'gres')}: {spec_file.spec.resources.slurm.gres!r} "
-        f"gives each node {gpus} GPU(s) but procs_per_node is {ranks_per_node}: ranks would share "
-        f"GPUs. Ask for gpu:{ranks_per_node}, or set procs_per_node to {gpus}.")
-
-
-DEFAULT_TRAIN_WARNING_S = 120
-"""signal_before_end_s when a run.train spec leaves it unset (the trainer checkpoints at it)."""
-
-
-def warning_before_end_s(spec: Spec) -> int | None:
-    """Seconds before a time limit at which the ranks get SIGUSR1 (Slurm's `--signal`, `dsl
-    launch --time-limit`): resources.slurm.signal_before_end_s; unset, DEFAULT_TRAIN_WARNING_S
-    with run.train (the bundled trainer checkpoints at it) and None for a script or module (a
-    user program gets the signal only when the spec asks)."""
-    asked = spec.resources.slurm.signal_before_end_s
-    if asked is not None:
-        return asked
-    return DEFAULT_TRAIN_WARNING_S if spec.run.train is not None else None
-
-
-def check_warning_time(spec_file: SpecFile, limit_s: float, limit_text: str,
-                       limit_field: tuple[str, ...] | None) -> None:
-    """The warning must come after the job starts: signal_before_end_s < the time limit. Else a
-    UserError at signal_before_end_s when the spec sets it, else at `limit_field` (the time
-    limit, or run.train whose default the warning is)."""
-    warn_s = warning_before_end_s(spec_file.spec)
-    if warn_s is None or warn_s < limit_s:
-        return
-    field = ("resources", "slurm", "signal_before_end_s")
-    written = field in spec_file.locations.values
-    suggestion = max(1, int(limit_s) // 2)
-    what = f"{warn_s} s" if written else f"{warn_s} s (its default with run.train)"
-    where = spec_file.where(*field) if written else         f"{spec_file.locations.where(limit_field or ('run', 'train'))} {dotted(field)}"
-    raise UserError(
-        f"{where}: {what} is not less than {limit_text}: the SIGUSR1 that asks the ranks to "
-        f"checkpoint would be due before the job starts. Set resources.slurm.signal_before_end_s "
-        f"below {limit_s:g} (e.g. {suggestion}), or give the job more time.")
-
-
-def spec_world(spec: Spec) -> tuple[int, int] | None:
-    """(ranks, ranks per host) when the spec alone fixes them, else None (`dsl launch` knows them
-    once it has resolved the hosts). Fixed: procs_per_node is a number and no hostfile decides the
-    hosts: the local backend's one host, or backend slurm's `nodes` (default 1). With a hostfile
-    the count depends on its slots and include/exclude, with procs_per_node auto on the devices
-    found at launch."""
-    from dsl.launcher.backends import get_backend
-
-    return get_backend(spec.resources.backend).spec_world(spec.resources)
-
-
-def check_engine(spec_file: SpecFile, world_size: int | None = None, ranks_per_host: int | None = None) -> None:
-    """The rules of engine/validity.py on the spec's engine section, located in the spec file.
-
-    With run.train the model and (when given) the world take part, and the fields the planner
-    still fills at launch (micro_batch, grad_accum left out; `auto` values) only need a value to
-    exist; a script or module gets the rules of the section alone."""
-    from dsl.engine.validity import problems, refuse_located
-
-    spec = spec_file.spec
-    if spec.run.train is None:
-        refuse_located(problems(spec.engine), spec_file.locations)
-        return
-    written = spec_file.locations.values
-    planned = [name for name in ("micro_batch", "grad_accum") if ("engine", name) not in written]
-    refuse_located(problems(spec.engine, model=spec.run.train.model, world_size=world_size,
-                            ranks_per_host=ranks_per_host, planned=planned), spec_file.locations)
-
-
-def _with_deepspeed_config(data: dict[str, Any], path: Path, locations: Locations) -> dict[str, Any]:
-    """engine.deepspeed_config: the DeepSpeed JSON's settings (engine/dsconfig.py: DeepSpeed's
-    semantics, Hugging Face's `auto`), under what the spec writes itself. The resolved spec then
-    carries plain engine settings; the engine never reads the JSON.
-
-    An `auto` takes the spec's setting (or dsl's default, or the planner's choice for micro_batch /
-    grad_accum left out), the bucket sizes Hugging Face derives from the hidden size take
-    run.train.model's, total_num_steps takes run.train.steps. When the spec fixes the ranks
-    (`spec_world`) DeepSpeed's batch arithmetic runs here, with its messages located in the JSON.
-    The engine settings the JSON decides count as written in the spec (located at
-    engine.deepspeed_config), so the planner keeps them. What each `auto` became and the notes on
-    the keys dsl handles its own way are printed on stderr (`dsl validate`, `dsl plan`, `dsl launch`)."""
-    engine = data.get("engine")
-    if not isinstance(engine, dict) or not engine.get("deepspeed_config"):
-        return data
-    from dsl.engine.config import EngineConfig
-    from dsl.engine.ds_json import load_json_located
-    from dsl.engine.dsconfig import Context, import_deepspeed, merge, report
-
-    key = ("engine", "deepspeed_config")
-    where = f"{locations.where(key)} engine.deepspeed_config"
-    json_path = (path.parent / os.path.expanduser(str(engine["deepspeed_config"]))).resolve()
-    try:
-        text = json_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UserError(f"{where}: cannot read DeepSpeed config {json_path}: {reason}") from None
-    ds, ds_locations = load_json_located(text, str(json_path))
-    explicit = {k: v for k, v in engine.items() if k != "deepspeed_config"}
-    train = (data.get("run") or {}).get("train") if isinstance(data.get("run"), dict) else None
-    context = Context(explicit=explicit, steps=_train_steps(train), hidden_size=_hidden_size(train),
-                      dp=_data_parallel(data, explicit, ds))
-    imported = import_deepspeed(ds, ds_locations, context)
-    merged = merge(imported.engine, explicit)
-    # The JSON's settings count as written (at engine.deepspeed_config): the planner keeps them.
-    mark = locations.values[key]
-    for name in _leaves(imported.engine):
-        locations.values.setdefault(("engine",) + name, mark)
-    try:
-        final = EngineConfig.model_validate(merged)
-    except ValueError:
-        final = None  # load_spec reports it, located
-    if final is not None and (imported.notes or imported.autos):
-        from dsl.launcher.console import message
-
-        planned = frozenset(n for n in ("micro_batch", "grad_accum") if n not in merged)
-        for line in imported.notes + report(imported, final, planned):
-            message(line)
-    overridden = sorted(set(explicit) & set(imported.engine))
-    if overridden:
-        log.info("%s: the spec's engine.%s override the DeepSpeed config", json_path.name,
-                 ", engine.".join(overridden))
-    return {**data, "engine": merged}
-
-
-def _leaves(node: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    out: list[tuple[str, ...]] = []
-    for name, value in node.items():
-        out += _leaves(value, prefix + (name,)) if isinstance(value, dict) else [prefix + (name,)]
-    return out
-
-
-def _train_steps(train: Any) -> int | None:
-    if not isinstance(train, dict):
-        return None
-    steps = train.get("steps", TrainConfig.model_fields["steps"].default)
-    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
-
-
-def _hidden_size(train: Any) -> int | None:
-    """run.train.model's hidden size (for the bucket sizes Hugging Face derives from it), when known."""
-    if not isinstance(train, dict):
-        return None
-    from dsl.engine.train_config import ModelConfig
-
-    try:
-        model = ModelConfig.model_validate(train.get("model") or {})
-    except ValueError:
-        return None
-    hidden = getattr(model, "hidden_size", None)
-    return hidden if isinstance(hidden, int) else None
-
-
-def _data_parallel(data: dict[str, Any], explicit: dict[str, Any], ds: Any) -> int | None:
-    """The data-parallel size when the spec alone fixes the ranks (`spec_world`), else None."""
-    from types import SimpleNamespace
-
-    try:
-        resources = Resources.model_validate(data.get("resources") or {})
-    except ValueError:
-        return None
-    world = spec_world(SimpleNamespace(resources=resources))  # type: ignore[arg-type]
-    sp = explicit.get("sequence_parallel", ds.get("sequence_parallel_size", 1) if isinstance(ds, dict) else 1)
-    if world is None or not isinstance(sp, int) or isinstance(sp, bool) or sp < 1 or world[0] % sp:
-        return None
-    return world[0] // sp
 
 
 def json_schema() -> dict[str, Any]:
