@@ -41,16 +41,14 @@ def job_name(spec_file: SpecFile) -> str:
 
 def render_k8s(spec_file: SpecFile, *, image: str = DEFAULT_IMAGE, gpus_per_node: int | None = None) -> str:
     """The manifests (YAML documents) of an Indexed Job running SPEC on resources.nodes pods."""
-    res = spec_file.spec.resources
-    if res.backend not in ("local", "pernode"):
-        raise UserError(f"{spec_file.where('resources', 'backend')}: a Kubernetes Job starts the pods "
-                        f"itself (backend pernode); backend {res.backend} would start the hosts again: "
-                        "set backend: local or pernode")
-    if res.hostfile:
-        raise UserError(f"{spec_file.where('resources', 'hostfile')}: Kubernetes chooses the nodes; "
-                        "remove hostfile")
-    name, nodes = job_name(spec_file), res.nodes or 1
-    port = res.master_port if isinstance(res.master_port, int) else 29500
+    from dsl.launcher.backends.pernode import DEFAULT_PORT, NodeArgs, with_node_args
+
+    name, res = job_name(spec_file), spec_file.spec.resources
+    port = res.master_port if isinstance(res.master_port, int) else DEFAULT_PORT
+    # What every pod's `dsl launch --node-rank` will check, checked here first.
+    spec_file = with_node_args(spec_file, NodeArgs(master_addr=f"{name}-0.{name}", master_port=port),
+                               "a Kubernetes Job starts one pod per node itself (backend pernode)")
+    nodes = spec_file.spec.resources.nodes or 1
     spec_name = "spec.yaml"  # a ConfigMap key allows [-._a-zA-Z0-9] only: not any file's name
     config_map, service, job = yaml.safe_load_all(resources.files("dsl.templates").joinpath(TEMPLATE).read_text())
 

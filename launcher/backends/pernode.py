@@ -50,17 +50,18 @@ class NodeArgs:
         return any(v is not None for v in (self.node_rank, self.nnodes, self.master_addr, self.master_port))
 
 
-def with_node_args(spec_file, args: NodeArgs):  # (SpecFile, NodeArgs) -> SpecFile
-    """The spec as backend pernode with the command line's node values in resources. A spec of
-    another backend than local or pernode is refused (its backend starts every host itself)."""
+BY_HAND = "--node-rank, --nnodes and --master-addr start this node's ranks only (backend pernode)"
+
+
+def with_node_args(spec_file, args: NodeArgs, why: str = BY_HAND):  # (SpecFile, NodeArgs) -> SpecFile
+    """The spec as backend pernode with these node values in resources. A spec of another backend
+    than local or pernode is refused, saying `why` (its backend starts every host itself)."""
     import dataclasses
 
     res = spec_file.spec.resources
     if res.backend not in ("local", "pernode"):
-        raise UserError(f"{spec_file.where('resources', 'backend')}: --node-rank, --nnodes and "
-                        f"--master-addr start this node's ranks only (backend pernode); backend "
-                        f"{res.backend} starts every host itself: drop those options, or set "
-                        "backend: local or pernode")
+        raise UserError(f"{spec_file.where('resources', 'backend')}: {why}; backend {res.backend} "
+                        "starts every host itself: set backend: local or pernode")
     update = {"backend": "pernode"}
     for field, value in (("node_rank", args.node_rank), ("nodes", args.nnodes),
                          ("master_addr", args.master_addr), ("master_port", args.master_port)):

@@ -96,5 +96,11 @@ def test_other_formats_and_backends_are_refused(monkeypatch, capsys, spec, tmp_p
     assert code == 2 and "--format helm: dsl render writes k8s" in err
     spec.write_text(SPEC.replace("  nodes: 3\n", "  nodes: 3\n  backend: slurm\n"))
     code, _, err = _dsl(monkeypatch, capsys, "render", str(spec), "--format", "k8s")
-    assert code == 2 and "resources.backend: a Kubernetes Job starts the pods itself" in err
+    assert code == 2 and "resources.backend: a Kubernetes Job starts one pod per node itself" in err
     assert "Traceback" not in err
+
+
+def test_a_hostfile_is_refused_as_the_pods_would_refuse_it(monkeypatch, capsys, spec):
+    spec.write_text(SPEC.replace("  nodes: 3\n", "  nodes: 3\n  hostfile: hf\n"))
+    code, _, err = _dsl(monkeypatch, capsys, "render", str(spec), "--format", "k8s")
+    assert code == 2 and "resources.hostfile: backend pernode runs on the machine it is started on" in err
