@@ -216,10 +216,20 @@ class DataConfig(StrictModel):
         if self.kind == "synthetic" and self.path is not None:
             raise ValueError(f"path ({self.path!r}) is read only with kind: tokens or text; "
                              "set kind or remove path")
-        if self.kind != "text" and self.tokenizer is not None:
-            raise ValueError(f"tokenizer ({self.tokenizer!r}) is read only with kind: text (kind is {self.kind}); "
-                             "set kind: text or remove tokenizer")
+        for name in ("tokenizer", "text_field"):
+            if self.kind != "text" and name in self.model_fields_set and getattr(self, name) not in (None, "text"):
+                raise ValueError(f"{name} ({getattr(self, name)!r}) is read only with kind: text (kind is "
+                                 f"{self.kind}); set kind: text or remove {name}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _written(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Other kinds are dumped without the text-only fields: a checkpoint records this dump
+        (engine/train.py compares it on resume), and those of runs before kind: text lack them."""
+        data = handler(self)
+        if self.kind == "text":
+            return data
+        return {key: value for key, value in data.items() if key not in ("text_field", "tokenizer")}
 
 
 class TrainConfig(StrictModel):

@@ -170,6 +170,10 @@ def test_text_without_a_tokenizer_is_a_located_spec_error(tmp_path: Path) -> Non
     with pytest.raises(UserError, match=r"spec.yaml:3:\d+ run.train.data: tokenizer \('tok'\) is read only with "
                                         r"kind: text"):
         load_run_spec(spec)
+    spec.write_text("run:\n  train:\n    data: {kind: tokens, path: t.bin, text_field: body}\n"
+                    f"output_dir: {tmp_path / 'out'}\n")
+    with pytest.raises(UserError, match=r"run.train.data: text_field \('body'\) is read only with kind: text"):
+        load_run_spec(spec)
 
 
 def test_a_run_resumed_mid_epoch_trains_on_the_same_text_as_the_uninterrupted_run(corpus, tmp_path: Path,
