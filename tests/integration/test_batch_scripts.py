@@ -240,7 +240,8 @@ def test_rendered_script_carries_the_public_scripts_features(spec, tmp_path):
     assert f"--nodes={NNODES}" in options and f"--ntasks={NNODES}" in options
     assert f"--nnodes={NNODES}" in rendered.program
     assert "NNODES=${DSL_NNODES:-$SLURM_JOB_NUM_NODES}" in rendered.head
-    assert re.search(r'^MASTER_ADDR=\$\(scontrol show hostnames "\$SLURM_JOB_NODELIST" \| sed -n 1p\)', rendered.head, re.M)
+    first_host = r'^MASTER_ADDR=\$\(scontrol show hostnames "\$SLURM_JOB_NODELIST" \| sed -n 1p\)'
+    assert re.search(first_host, rendered.head, re.M)
     assert rendered.program[-len(ARGS) - len(config["run"].get("args", [])) - 1:] == [
         str(FIXTURES / config["run"]["script"]), *config["run"].get("args", []), *ARGS]
     assert ("--requeue" in rendered.sbatch) == ("#SBATCH --requeue" in public)
@@ -270,7 +271,10 @@ LMOD_INIT = r"""module() {
     shift
     local name
     for name in "$@"; do
-        case ":${LOADEDMODULES:-}:" in *":$name:"*) ;; *) export LOADEDMODULES="${LOADEDMODULES:+$LOADEDMODULES:}$name" ;; esac
+        case ":${LOADEDMODULES:-}:" in
+            *":$name:"*) ;;
+            *) export LOADEDMODULES="${LOADEDMODULES:+$LOADEDMODULES:}$name" ;;
+        esac
         echo "$SLURM_JOB_ID $(hostname) $name" >> "$MODULE_LOG"
     done
 }
@@ -315,8 +319,8 @@ def _check_trained(ranks: list[dict], nodes: int, per_node: int) -> None:
 
 
 # sbatch options that adapt the public scripts' GPU-cluster requests to the test cluster (no
-# partition hopper-prod, no GPUs, 2 CPUs a node), given on the command line as a user moving a
-# script to another cluster would: they override the script's #SBATCH lines, the script stays.
+# partition hopper-prod, no GPUs), given on the command line as a user moving a script to another
+# cluster would: they override the script's #SBATCH lines, the script stays as rendered.
 TEST_CLUSTER = ["--partition=debug", "--gres=none"]
 
 
