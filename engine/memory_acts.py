@@ -119,7 +119,10 @@ def activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = No
     saved = family_saved(shape, micro_batch=micro_batch, seq_len=seq, sp=sp, sb=sb, flash_attention=flash_attention,
                          accelerator=accelerator, tiled_mlp=tiled_mlp)
     if saved is not None:
-        return _family_terms(shape, saved, sb=sb, stage=stage, checkpointing=checkpointing, tokens=tokens,
+        # the tiled MLP rebuilds one tile of its SwiGLU in backward (gate, up, silu, product)
+        tile = 4 * sb.compute * min(tiled_mlp_tokens, tokens) * (getattr(shape, "dense_ffn", 0) or shape.ffn) \
+            if tiled_mlp else 0
+        return _family_terms(shape, saved, sb=sb, stage=stage, checkpointing=checkpointing, tokens=tokens, tile=tile,
                              flash_attention=flash_attention, tiled_loss=tiled_loss_tokens is not None,
                              offload_bytes=offloaded_activations(shape, micro_batch=micro_batch, seq_len=seq, sp=sp,
                                                                  sb=sb).host_bytes if activation_offload else 0)
@@ -175,7 +178,8 @@ def activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = No
 
 
 def _family_terms(shape: ModelShape, saved: "Saved", *, sb: StateBytes, stage: int, checkpointing: bool,
-                  tokens: int, flash_attention: bool, tiled_loss: bool, offload_bytes: int) -> tuple[Term, Term, Term]:
+                  tokens: int, flash_attention: bool, tiled_loss: bool, offload_bytes: int,
+                  tile: int = 0) -> tuple[Term, Term, Term]:
     """The three activation terms of a described model from its family's `Saved` list."""
     kind = getattr(shape, "kind", "decoder")
     attn = ("flash/SDPA" if flash_attention else "eager (s^2 scores)") if shape.traits.relative not in (
@@ -188,13 +192,15 @@ def _family_terms(shape: ModelShape, saved: "Saved", *, sb: StateBytes, stage: i
         acts = saved.total(True) - offload_bytes
         formula = (f"{kind} ({shape.family}): {blocks} block inputs + what the blocks share, "
                    f"{tokens:,} tokens/rank ({attn})" + (", block inputs offloaded" if offload_bytes else ""))
-        recompute = Term(RECOMPUTE, device_bytes=saved.largest_block + per_layer_copies,
+        recompute = Term(RECOMPUTE, device_bytes=saved.largest_block + per_layer_copies + tile,
                          formula=f"the largest block's activations ({saved.largest_block / MiB:,.1f} MiB) "
-                                 "and weight casts rebuilt in backward")
+                                 "and weight casts rebuilt in backward"
+                                 + (f", one MLP tile ({tile / MiB:,.1f} MiB)" if tile else ""))
     else:
         acts = saved.total(False)
         formula = f"{kind} ({shape.family}): {groups} + embeddings/norms/heads ({tokens:,} tokens/rank, {attn})"
-        recompute = Term(RECOMPUTE, formula="none: no checkpointing")
+        recompute = Term(RECOMPUTE, device_bytes=tile, formula=f"one MLP tile rebuilt in backward ({tile / MiB:,.1f} MiB)"
+                         if tile else "none: no checkpointing")
     copies, copies_f = 0, "none: parameters are already in the compute dtype"
     if weight_casts:
         kept = 0 if checkpointing else blocks
@@ -225,6 +231,13 @@ def offloaded_activations(shape: ModelShape, *, micro_batch: int, seq_len: int |
     sb = sb or state_bytes()
     seq = seq_len or shape.seq_len
     tokens = micro_batch * seq // sp
+    saved = family_saved(shape, micro_batch=micro_batch, seq_len=seq, sp=sp, sb=sb)
+    if saved is not None:  # a described model: its block inputs in the parameters' dtype (+ RoPE tables)
+        inputs = dict(saved.checkpoint_inputs).get("block inputs", 0)
+        host = inputs + dict(saved.outside).get("RoPE cos, sin", 0)
+        return Term(OFFLOADED_ACTIVATIONS, host_bytes=host,
+                    formula=f"{shape.layers} block inputs ({inputs / MiB:,.1f} MiB, {tokens:,} tokens) "
+                            "+ RoPE tables, in host memory")
     host = shape.layers * sb.residual * tokens * shape.hidden + 2 * 4 * (seq // sp) * shape.head_dim
     return Term(OFFLOADED_ACTIVATIONS, host_bytes=host,
                 formula=f"{shape.layers} layer inputs x {sb.residual} B x {tokens:,} tokens x {shape.hidden} "

@@ -116,6 +116,8 @@ def shape_of(model: "ModelConfig", base: Path, where: Callable[[str], str]) -> t
         shape = from_counts(model)
         notes = [f"model given by its counts ({shape.params:,} parameters, largest layer "
                  f"{shape.largest_unit_params:,}): model states are exact"]
+        notes.append("unsupported by dsl's engine: a model known by its counts has no weights to train "
+                     "(engine/validity.py); the plan's memory verdict stands")
         if shape.model_states_only:
             notes.append("the plan covers model states only: activations and logits are unknown without layers, "
                          "hidden, vocab and seq_len (run.train.model)")
@@ -134,6 +136,9 @@ def shape_of(model: "ModelConfig", base: Path, where: Callable[[str], str]) -> t
     notes = [f"model from {path}: {description.family} ({description.kind}), {description.params:,} parameters"
              + (f", {description.experts} experts with {description.experts_per_tok} per token "
                 f"({description.active_params:,} active)" if description.experts else "")]
+    if description.kind != "decoder":
+        notes.append(f"unsupported by dsl's engine: its trainer builds Hugging Face causal LMs (engine/hf_model.py); "
+                     f"this {description.kind} is planned, not trained")
     if "seq_len" in model.model_fields_set:
         seq_len = model.seq_len
     else:

@@ -1,10 +1,11 @@
-"""Published estimator outputs (tests/fixtures/published/data_points.yaml: DeepSpeed's and
-accelerate's docs) recomputed by dsl's reference functions (engine/memory_reference.py), which
-`dsl plan --json` puts next to every candidate. Verdict points (ran / OOM) are recorded in the same
-file for the planner's check, which needs activations per family (issue 15 item 2)."""
+"""Published results (tests/fixtures/published/data_points.yaml): estimator outputs (DeepSpeed's
+and accelerate's docs) recomputed by dsl's reference functions (engine/memory_reference.py), which
+`dsl plan --json` puts next to every candidate; and runs the sources report as ran / OOM, for
+which `dsl plan --json` on the point's configuration must give the same verdict."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,12 @@ import yaml
 
 from dsl.engine import memory_reference
 from dsl.engine.modeldesc import describe_config
+from tests.conftest import run_dsl
 
-POINTS = yaml.safe_load((Path(__file__).resolve().parents[1] / "fixtures/published/data_points.yaml").read_text())
+DATA = Path(__file__).resolve().parents[1] / "fixtures/published"
+POINTS = yaml.safe_load((DATA / "data_points.yaml").read_text())
 ESTIMATES = [p for p in POINTS if p["kind"] == "estimate"]
+VERDICTS = [p for p in POINTS if p["kind"] == "verdict"]
 UNITS = {"gib": 2**30, "mib": 2**20}
 
 
@@ -83,3 +87,55 @@ def test_zero_paper_split_of_its_7_5b_example():
     docstring quotes it: 120 / 31.4 / 16.6 / 1.9 GB per device for stages 0-3."""
     got = [memory_reference.zero_paper_bytes(7_500_000_000, stage, 64)["device_bytes"] / 1e9 for stage in range(4)]
     assert [round(g, 1) for g in got] == [120.0, 31.4, 16.6, 1.9]
+
+
+def _verdict_spec(tmp_path: Path, point: dict) -> tuple[Path, str]:
+    """(the spec `dsl plan` reads, its --topology) for a verdict point's `plan`."""
+    plan = point["plan"]
+    model = dict(plan["model"])
+    if "config" in model:  # the published dimensions, as the config.json transformers would read
+        (tmp_path / "config.json").write_text(json.dumps(model.pop("config")))
+        model["hf_config"] = "config.json"
+    if "seq_len" in plan:
+        model["seq_len"] = plan["seq_len"]
+    resources = {"backend": "local", "procs_per_node": plan["procs_per_node"]}
+    if plan["hosts"] > 1:
+        (tmp_path / "hostfile").write_text("".join(f"node{i} slots={plan['procs_per_node']}\n"
+                                                  for i in range(plan["hosts"])))
+        resources.update(backend="ssh", hostfile="hostfile")
+    spec = {"name": point["id"], "run": {"train": {"model": model}}, "resources": resources, "engine": plan["engine"]}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    topology = plan["topology"]
+    return path, str(DATA / topology) if topology.endswith(".json") else topology
+
+
+@pytest.mark.parametrize("point", VERDICTS, ids=lambda p: p["id"])
+def test_plan_gives_the_published_verdict(tmp_path: Path, point: dict):
+    """`dsl plan --json` on the configuration the source reports: the candidate fits when it ran and
+    does not when it ran out of memory (exit 1: nothing fits); what dsl's engine cannot run is said."""
+    spec, topology = _verdict_spec(tmp_path, point)
+    proc = run_dsl("plan", str(spec), "--json", "--topology", topology)
+    assert proc.returncode in (0, 1), proc.stderr
+    data = json.loads(proc.stdout)
+    engine = point["plan"]["engine"]
+    # Every setting is fixed: the candidates differ at most in where an unset offload.params goes.
+    candidates = [c for c in data["candidates"] if c["offload_params"] == engine.get("offload", {}).get("params", "none")]
+    assert candidates, [c["offload_params"] for c in data["candidates"]]
+    c = candidates[0]
+    assert (c["zero_stage"], c["sp"], c["micro_batch"]) == (engine["zero_stage"], engine["sequence_parallel"], 1)
+    ran = point["published"]["verdict"] == "ran"
+    assert c["fits"] is ran, (point["id"], c["why_not"], c["device_bytes"] / 1e9)
+    assert proc.returncode == (0 if ran else 1)
+    if point["dsl_engine"] == "unsupported":
+        assert any("unsupported by dsl's engine" in note for note in data["notes"]), data["notes"]
+    else:
+        assert c["unsupported"] is None and not any("unsupported" in note for note in data["notes"])
+
+
+def test_verdict_points_name_their_configuration_and_ambiguity():
+    assert len(VERDICTS) >= 5
+    for point in VERDICTS:
+        assert {"plan", "dsl_engine"} <= set(point), point["id"]
+        assert point["published"]["verdict"] in ("ran", "oom"), point["id"]
+    assert any("ambiguous" in point for point in VERDICTS)
