@@ -76,7 +76,7 @@ def render_k8s(spec_file: SpecFile, *, image: str = DEFAULT_IMAGE, gpus_per_node
     if gpus_per_node:
         container["resources"] = {"limits": {"nvidia.com/gpu": gpus_per_node}}
     pod["spec"]["volumes"][0]["configMap"]["name"] = f"{name}-spec"
-    header = (f"# dsl render {spec_file.path} --format k8s: {nodes} pod(s), one per node, each running "
+    header = (f"# dsl render {spec_file.path.name} --format k8s: {nodes} pod(s), one per node, each running "
               f"`dsl launch --node-rank` (launcher/k8s.py).\n"
               f"# Apply: kubectl apply -f THIS_FILE; logs: kubectl logs -l dsl-job={name} --prefix\n")
     return header + yaml.dump_all([config_map, service, job], Dumper=_Dumper, sort_keys=False)

@@ -87,10 +87,6 @@ class PerNodeBackend(LocalBackend):
         if res.include or res.exclude:
             raise UserError(f"{spec_file.where('resources', 'include' if res.include else 'exclude')}: "
                             "backend pernode has no hostfile to select from")
-        if nodes > 1 and not res.master_addr:
-            raise UserError(f"{spec_file.where('resources', 'master_addr')}: backend pernode with "
-                            f"{nodes} nodes needs the address of node 0 (master_addr, or --master-addr): "
-                            "every node must find the rendezvous without asking anyone")
         if res.node_rank is not None and res.node_rank >= nodes:
             raise UserError(f"{spec_file.where('resources', 'node_rank')}: node rank {res.node_rank} "
                             f"but the job has {nodes} node(s) (nodes / --nnodes): ranks are 0..{nodes - 1}")
@@ -136,6 +132,10 @@ class PerNodeBackend(LocalBackend):
     def render(self, job: Job, hosts) -> LaunchPlan:
         res = job.spec.resources
         nodes = res.nodes or 1
+        if nodes > 1 and not res.master_addr:  # may come from the command line: checked only now
+            raise UserError(f"{job.spec_file.where('resources', 'master_addr')}: backend pernode with "
+                            f"{nodes} nodes needs the address of node 0 (master_addr, or --master-addr): "
+                            "every node must find the rendezvous without asking anyone")
         return render_per_host(job, hosts, backend=self.name, nnodes=nodes,
                                first_node_rank=self.node_rank(job.spec_file),
                                master_addr=res.master_addr or "127.0.0.1")

@@ -104,3 +104,20 @@ def test_a_hostfile_is_refused_as_the_pods_would_refuse_it(monkeypatch, capsys, 
     spec.write_text(SPEC.replace("  nodes: 3\n", "  nodes: 3\n  hostfile: hf\n"))
     code, _, err = _dsl(monkeypatch, capsys, "render", str(spec), "--format", "k8s")
     assert code == 2 and "resources.hostfile: backend pernode runs on the machine it is started on" in err
+
+
+def test_the_manifest_matches_the_golden_file(monkeypatch, capsys):
+    """The whole manifest of tests/golden/pernode-k8s.yaml (DSL_REGEN_GOLDEN=1 rewrites it)."""
+    import os
+
+    from tests.conftest import ROOT
+
+    spec, golden = ROOT / "tests/golden/pernode-k8s.yaml", ROOT / "tests/golden/pernode-k8s.manifest.yaml"
+    code, out, err = _dsl(monkeypatch, capsys, "render", str(spec), "--format", "k8s",
+                          "--image", "registry.example/train:1")
+    assert code in (0, None), err
+    if os.environ.get("DSL_REGEN_GOLDEN"):
+        golden.write_text(out)
+    assert out == golden.read_text(), "run with DSL_REGEN_GOLDEN=1 to accept a deliberate change"
+    for doc in yaml.safe_load_all(out):
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
