@@ -139,3 +139,43 @@ def test_verdict_points_name_their_configuration_and_ambiguity():
         assert {"plan", "dsl_engine"} <= set(point), point["id"]
         assert point["published"]["verdict"] in ("ran", "oom"), point["id"]
     assert any("ambiguous" in point for point in VERDICTS)
+
+
+HARNESS = """
+import contextlib, io, json, sys
+from dsl.launcher.cli import main
+out = {}
+for spec, topology in json.loads(sys.argv[1]):
+    sys.argv = ["dsl", "plan", spec, "--json"] + (["--topology", topology] if topology else [])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            main()
+        except SystemExit:
+            pass
+    out[spec] = [sorted(c.get("references") or {}) for c in json.loads(buf.getvalue())["candidates"]]
+print(json.dumps({"plans": out, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_plan_of_every_config_and_data_point_has_references_and_no_torch(tmp_path: Path):
+    """Issue 15's acceptance: `dsl plan --json` on every config in configs/ and on every verdict
+    point's configuration gives each candidate its `references` and never imports torch."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    specs = [(str(path), None) for path in sorted((root / "configs").glob("*.yaml"))]
+    for point in VERDICTS:
+        folder = tmp_path / point["id"]
+        folder.mkdir()
+        spec, topology = _verdict_spec(folder, point)
+        specs.append((str(spec), topology))
+    proc = subprocess.run([sys.executable, "-c", HARNESS, json.dumps(specs)], capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not result["torch"]
+    assert set(result["plans"]) == {spec for spec, _ in specs}
+    for spec, candidates in result["plans"].items():
+        assert candidates and all(refs == ["accelerate", "deepspeed", "zero_paper"] for refs in candidates), spec
