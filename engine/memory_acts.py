@@ -79,7 +79,8 @@ def family_saved(shape: ModelShape, *, micro_batch: int, seq_len: int | None = N
                  target_len: int | None = None, tiled_mlp: bool = False) -> "Saved | None":
     """What a described model's forward saves on one rank (engine/modeldesc/activations.py), or
     None for a shape without family traits (the bundled Llama, a model known by its counts).
-    `target_len`: T5's decoder length (default: seq_len); `accelerator=False`: CPU dropout masks
+    `target_len`: T5's decoder length (default: the shape's decoder_seq_len, else seq_len);
+    `accelerator=False`: CPU dropout masks
     and LayerNorm statistics (the module docstring there)."""
     traits = getattr(shape, "traits", None)
     if traits is None:
@@ -98,7 +99,8 @@ def family_saved(shape: ModelShape, *, micro_batch: int, seq_len: int | None = N
     if kind == "encoder":
         return acts_encoders.encoder(dims, z, b=micro_batch, s=seq, sp=sp, flash=flash_attention, layers=shape.layers)
     if kind == "encoder-decoder":
-        return acts_encoders.t5(dims, z, b=micro_batch, s_enc=seq, s_dec=target_len or seq, flash=flash_attention,
+        s_dec = target_len or getattr(shape, "decoder_seq_len", 0) or seq
+        return acts_encoders.t5(dims, z, b=micro_batch, s_enc=seq, s_dec=s_dec, flash=flash_attention,
                       enc_layers=shape.encoder_layers, dec_layers=shape.decoder_layers)
     return fam.decoder(dims, z, b=micro_batch, s=seq, sp=sp, flash=flash_attention, layers=shape.layers,
                        moe_layers=shape.moe_layers if shape.experts else 0, tiled_mlp=tiled_mlp)
@@ -214,8 +216,9 @@ def _family_terms(shape: ModelShape, saved: "Saved", *, sb: StateBytes, stage: i
 
 def logits(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
            chunk_tokens: int | None = None) -> Term:
-    """The loss's logits buffers; with a tiled loss of `chunk_tokens`, one chunk's."""
-    tokens = micro_batch * (seq_len or shape.seq_len) // sp
+    """The loss's logits buffers; with a tiled loss of `chunk_tokens`, one chunk's. An
+    encoder-decoder's logits are its decoder's tokens (`decoder_seq_len` of a DescribedShape)."""
+    tokens = micro_batch * (getattr(shape, "decoder_seq_len", 0) or seq_len or shape.seq_len) // sp
     if chunk_tokens is not None:
         chunk = min(chunk_tokens, tokens)
         return Term(LOGITS, device_bytes=12 * chunk * shape.vocab,

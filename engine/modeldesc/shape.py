@@ -53,6 +53,9 @@ class DescribedShape(ModelShape):
     moe_layers: int = 0
     dense_ffn: int = 0
     """The dense MLP's width (for MoE, `ffn` is an expert's)."""
+    decoder_seq_len: int = 0
+    """An encoder-decoder's target length when it differs from seq_len (the encoder's); 0: the
+    same. engine/memory_acts.py sizes the decoder's activations and the logits by it."""
 
     @property
     def params(self) -> int:  # type: ignore[override]
@@ -75,8 +78,9 @@ class DescribedShape(ModelShape):
         return self.per_head
 
 
-def from_description(d: "ModelDescription", seq_len: int) -> DescribedShape:
-    """The shape of a described model at `seq_len` tokens per sequence."""
+def from_description(d: "ModelDescription", seq_len: int, decoder_seq_len: int = 0) -> DescribedShape:
+    """The shape of a described model at `seq_len` tokens per sequence (an encoder-decoder's
+    decoder at `decoder_seq_len`, when given)."""
     # Matmul weights a token passes through: everything it uses but the embedding lookup, plus the
     # LM head's matmul (tied: the embedding matrix again).
     matmul = d.active_params - d.embedding_params + (d.vocab * d.hidden if d.tied else 0)
@@ -86,7 +90,8 @@ def from_description(d: "ModelDescription", seq_len: int) -> DescribedShape:
         experts=d.experts, experts_per_tok=d.experts_per_tok or 2,
         total_params=d.params, largest_unit=d.largest_layer_params, matmul=max(matmul, 0), active=d.active_params,
         per_head=d.head_dim, family=d.family, kind=d.kind, traits=d.traits, encoder_layers=d.encoder_layers,
-        decoder_layers=d.decoder_layers, moe_layers=d.moe_layers, dense_ffn=d.intermediate)
+        decoder_layers=d.decoder_layers, moe_layers=d.moe_layers, dense_ffn=d.intermediate,
+        decoder_seq_len=decoder_seq_len if d.kind == "encoder-decoder" else 0)
 
 
 def from_counts(model: "ModelConfig") -> DescribedShape:

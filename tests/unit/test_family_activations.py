@@ -169,3 +169,21 @@ def test_eager_attention_grows_with_the_square_of_the_sequence() -> None:
     flash = family_saved(shape, micro_batch=1, seq_len=4096, sb=sb, flash_attention=True).total()
     # 2 layers x 4 heads x 4096^2 x (fp32 softmax 4 B + its bf16 cast 2 B)
     assert eager - flash >= 2 * 4 * 4096 * 4096 * 6
+
+
+def test_t5_decoder_length_sizes_the_decoder_and_the_logits() -> None:
+    """T5's encoder and decoder at their own lengths: a shorter target shrinks the decoder's
+    activations and the logits, not the encoder's."""
+    from dsl.engine.memory_acts import logits
+
+    description = describe_config(CONFIGS["t5"], "test")
+    sb = state_bytes("bf16", low_precision_states=True)
+    same = from_description(description, 512)
+    short = from_description(description, 512, decoder_seq_len=128)
+    a = family_saved(same, micro_batch=1, seq_len=512, sb=sb, flash_attention=False)
+    b = family_saved(short, micro_batch=1, seq_len=512, sb=sb, flash_attention=False)
+    encoder = {what: sum(v for _, v in items) for what, _, items in a.blocks}["encoder blocks"]
+    assert {what: sum(v for _, v in items) for what, _, items in b.blocks}["encoder blocks"] == encoder
+    assert b.total() < a.total()
+    assert logits(short, micro_batch=1, seq_len=512).device_bytes * 4 == logits(same, micro_batch=1,
+                                                                                seq_len=512).device_bytes
