@@ -97,6 +97,10 @@ def case_id(case: dict) -> str:
         extra.append(case["precision_layout"])
     if case.get("offload", {}).get("ratio", 1.0) < 1.0:
         extra.append(f"ratio{case['offload']['ratio']:g}")
+    if case.get("offload", {}).get("optimizer", "cpu") not in ("cpu", "none"):
+        extra.append("optimizer_" + case["offload"]["optimizer"])
     if case.get("offload", {}).get("params", "none") != "none":
         extra.append("params_" + case["offload"]["params"])
+    if case.get("stage3", {}).get("gather", "layer") != "layer":
+        extra.append("gather_" + case["stage3"]["gather"])
     return f"stage{case['zero_stage']}-{case['precision']}" + "".join(f"-{k}" for k in extra)

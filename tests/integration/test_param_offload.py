@@ -66,7 +66,7 @@ def _worker(rank: int, store: str, out: str, tmp: str) -> None:
     tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     nvme = str(Path(tmp) / f"nvme-rank{rank}")
     res: dict[str, Any] = {}
-    for prec in ("fp32", "bf16"):
+    for prec in ("fp32", "bf16", "fp16"):
         base = {"zero_stage": 3, "precision": prec}
         res[f"{prec}-none"] = _run(rank, base)
         res[f"{prec}-cpu"] = _run(rank, {**base, "offload": {"optimizer": "cpu", "params": "cpu",
@@ -117,7 +117,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return run_workers(HERE, tmp, str(tmp))
 
 
-@pytest.mark.parametrize("prec", ["fp32", "bf16"])
+@pytest.mark.parametrize("prec", ["fp32", "bf16", "fp16"])
 def test_parameter_offload_to_nvme_gives_the_losses_of_no_offload(ranks, prec: str) -> None:
     for r in ranks:
         none = r[f"{prec}-none"]["losses"]
@@ -126,7 +126,7 @@ def test_parameter_offload_to_nvme_gives_the_losses_of_no_offload(ranks, prec: s
         assert r[f"{prec}-nvme-nvme"]["losses"] == none
 
 
-@pytest.mark.parametrize("prec", ["fp32", "bf16"])
+@pytest.mark.parametrize("prec", ["fp32", "bf16", "fp16"])
 def test_nvme_parameters_leave_nothing_on_the_device_and_the_file_holds_the_partition(ranks, prec: str) -> None:
     from dsl.engine.memory_nvme import nvme_param_traffic
 

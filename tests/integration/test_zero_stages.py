@@ -174,9 +174,9 @@ def scenario_losses(rank: int) -> dict[str, Any]:
             engine = build({"zero_stage": stage, "precision": "bf16", "precision_layout": layout})
             out[f"bf16-{layout}-s{stage}"] = train(engine, range(1, STEPS + 1), _local(rank))
             out[f"bf16-{layout}-s{stage}-dtype"] = str(engine.module.blocks[0].fc1.weight.dtype)
-    for stage in (1, 2):
-        engine = build({"zero_stage": stage, "precision": "fp16", "precision_layout": "master",
-                        "grad_accum": 2})
+    for stage in (0, 1, 2, 3):
+        engine = build({"zero_stage": stage, "precision": "fp16", "grad_accum": 2,
+                        **({"precision_layout": "master"} if stage < 3 else {})})
         out[f"fp16-master-s{stage}"] = train(engine, range(1, STEPS + 1), _local(rank))
     engine = build({"zero_stage": 2, "precision": "bf16", "low_precision_states": True})
     out["lowp-s2"] = train(engine, range(1, STEPS + 1), _local(rank))
@@ -410,16 +410,21 @@ def test_bf16_and_low_precision_states_follow_fp32(ranks) -> None:
 def test_both_precision_layouts_follow_fp32(ranks, stage: int) -> None:
     """precision_layout master (16-bit parameters, fp32 master partition) and autocast (fp32
     parameters) at stages 0-2, bf16, 2 ranks, 20 steps: within the bf16 tolerance of the fp32
-    one-process reference; fp16 master with grad_accum 2 too (loss scaling)."""
+    one-process reference."""
     ref_losses, _ = reference({})
     for layout, dtype in (("master", "torch.bfloat16"), ("autocast", "torch.float32")):
         got = _mean(ranks, "losses", f"bf16-{layout}-s{stage}")
         assert 1e-6 < _max_diff(got, ref_losses) < BF16_TOL, layout
         assert all(r["losses"][f"bf16-{layout}-s{stage}-dtype"] == dtype for r in ranks)
-    if stage:
-        ref_accum, _ = reference({}, grad_accum=2)
-        fp16 = _mean(ranks, "losses", f"fp16-master-s{stage}")
-        assert 1e-6 < _max_diff(fp16, ref_accum) < BF16_TOL
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_fp16_master_layout_follows_fp32(ranks, stage: int) -> None:
+    """fp16 under the master layout (stage 3: its fp32 shard + fp16 working copy), dynamic loss
+    scaling, grad_accum 2, 2 ranks, 20 steps: within the bf16 tolerance of the fp32 reference."""
+    ref_accum, _ = reference({}, grad_accum=2)
+    fp16 = _mean(ranks, "losses", f"fp16-master-s{stage}")
+    assert 1e-6 < _max_diff(fp16, ref_accum) < BF16_TOL
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
