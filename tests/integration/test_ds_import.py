@@ -33,8 +33,26 @@ if not DS_PYTHON.exists():
                 f"DeepSpeed 0.19.8 there)", allow_module_level=True)
 
 
-def _deepspeed_run(tmp: Path, stage: int, precision: str = "fp32") -> Path:
-    model = write_model(tmp / "m", "llama")
+class DeepSpeedRuns:
+    """DeepSpeed's runs, made once per module and shared by the tests (each costs ~20 s)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.model = write_model(tmp / "m", "llama")
+        self._done: dict[tuple[int, str], Path] = {}
+
+    def get(self, stage: int, precision: str = "fp32") -> Path:
+        if (stage, precision) not in self._done:
+            self._done[stage, precision] = _deepspeed_run(self.tmp, self.model, stage, precision)
+        return self._done[stage, precision]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> DeepSpeedRuns:
+    return DeepSpeedRuns(tmp_path_factory.mktemp("deepspeed"))
+
+
+def _deepspeed_run(tmp: Path, model: Path, stage: int, precision: str) -> Path:
     out = tmp / f"ds-stage{stage}-{precision}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(DS_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -44,7 +62,7 @@ def _deepspeed_run(tmp: Path, stage: int, precision: str = "fp32") -> Path:
     return out
 
 
-def _dsl_losses(tmp: Path, ds_out: Path, dsl_stage: int, *, optimizer: bool = True,
+def _dsl_losses(tmp: Path, model_dir: Path, ds_out: Path, dsl_stage: int, *, optimizer: bool = True,
                 precision: str = "fp32") -> tuple[list[float], dict]:
     from dsl.engine import hf_model, initialize
     from dsl.engine.data import SyntheticData
@@ -56,7 +74,7 @@ def _dsl_losses(tmp: Path, ds_out: Path, dsl_stage: int, *, optimizer: bool = Tr
     folder = import_deepspeed(ds_out, checkpoints, optimizer=optimizer)
     assert folder == checkpoints / f"step-{SAVE_AT:06d}"
     # Another seed: every weight the loss sees must come from the checkpoint.
-    model = hf_model.build(ModelConfig(hf=str(tmp / "m"), seq_len=SEQ), seed=99)
+    model = hf_model.build(ModelConfig(hf=str(model_dir), seq_len=SEQ), seed=99)
     engine = initialize(model, {"zero_stage": dsl_stage, "precision": precision, "micro_batch": MICRO, "grad_accum": 2, "grad_clip": None,
                                 "optimizer": {"lr": LR, "weight_decay": WEIGHT_DECAY},
                                 "scheduler": {"type": "constant", "warmup_steps": 0}})
@@ -77,10 +95,11 @@ def _dsl_losses(tmp: Path, ds_out: Path, dsl_stage: int, *, optimizer: bool = Tr
 
 
 @pytest.mark.parametrize(("ds_stage", "dsl_stage"), [(1, 2), (2, 0), (3, 3)])
-def test_dsl_continues_a_deepspeed_run_as_deepspeed_does(tmp_path: Path, ds_stage: int, dsl_stage: int) -> None:
-    ds_out = _deepspeed_run(tmp_path, ds_stage)
+def test_dsl_continues_a_deepspeed_run_as_deepspeed_does(runs: DeepSpeedRuns, tmp_path: Path, ds_stage: int,
+                                                        dsl_stage: int) -> None:
+    ds_out = runs.get(ds_stage)
     deepspeed = json.loads((ds_out / "losses.json").read_text())
-    losses, extra = _dsl_losses(tmp_path, ds_out, dsl_stage)
+    losses, extra = _dsl_losses(tmp_path, runs.model, ds_out, dsl_stage)
     continuation = deepspeed[SAVE_AT:]
     assert max(abs(a - b) for a, b in zip(losses, continuation)) <= TOL, (losses, continuation)
     assert extra["step"] == SAVE_AT and extra["samples_seen"] == SAVE_AT * 2 * 2
@@ -88,12 +107,12 @@ def test_dsl_continues_a_deepspeed_run_as_deepspeed_does(tmp_path: Path, ds_stag
     if ds_stage == 3:
         # The optimizer state is what makes steps 12-13 agree: without it (a fresh AdamW) step
         # 11 still matches (same weights) and the next steps do not.
-        fresh, _ = _dsl_losses(tmp_path, ds_out, dsl_stage, optimizer=False)
+        fresh, _ = _dsl_losses(tmp_path, runs.model, ds_out, dsl_stage, optimizer=False)
         assert abs(fresh[0] - continuation[0]) <= TOL
         assert max(abs(a - b) for a, b in zip(fresh[1:], continuation[1:])) > 100 * TOL, (fresh, continuation)
 
 
-def test_a_bf16_deepspeed_checkpoint_brings_its_fp32_masters(tmp_path: Path) -> None:
+def test_a_bf16_deepspeed_checkpoint_brings_its_fp32_masters(runs: DeepSpeedRuns, tmp_path: Path) -> None:
     """bf16 at ZeRO stage 1 is DeepSpeed's BF16_Optimizer (bf16_zero_pp_rank_* files): the import
     takes its fp32 masters, whose bf16 rounding is exactly the bf16 module DeepSpeed saved, and dsl
     in bf16 continues close to DeepSpeed's bf16 continuation."""
@@ -101,9 +120,9 @@ def test_a_bf16_deepspeed_checkpoint_brings_its_fp32_masters(tmp_path: Path) -> 
 
     from dsl.engine.checkpoint import load_full
 
-    ds_out = _deepspeed_run(tmp_path, 1, "bf16")
+    ds_out = runs.get(1, "bf16")
     assert list((ds_out / "global_step10").glob("bf16_zero_pp_rank_*_optim_states.pt"))
-    losses, extra = _dsl_losses(tmp_path, ds_out, 2, precision="bf16")
+    losses, extra = _dsl_losses(tmp_path, runs.model, ds_out, 2, precision="bf16")
     imported = load_full(tmp_path / f"dsl-from-{ds_out.name}-s2-True" / f"step-{SAVE_AT:06d}")
     module = torch.load(ds_out / "global_step10" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert module["lm_head.weight"].dtype == torch.bfloat16
@@ -115,7 +134,8 @@ def test_a_bf16_deepspeed_checkpoint_brings_its_fp32_masters(tmp_path: Path) -> 
     assert max(abs(a - b) for a, b in zip(losses, deepspeed)) < 0.02, (losses, deepspeed)
 
 
-def test_a_dsl_run_whose_output_dir_holds_the_import_resumes_from_it(tmp_path: Path, monkeypatch) -> None:
+def test_a_dsl_run_whose_output_dir_holds_the_import_resumes_from_it(runs: DeepSpeedRuns, tmp_path: Path,
+                                                                    monkeypatch) -> None:
     """The user's path: `python -m dsl.engine.ds_import DS_DIR OUT/checkpoints`, then the trainer
     with output_dir OUT resumes there (run.train.resume) and continues as DeepSpeed did."""
     from dsl.engine.ds_import import main as import_main
@@ -124,10 +144,10 @@ def test_a_dsl_run_whose_output_dir_holds_the_import_resumes_from_it(tmp_path: P
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    ds_out = _deepspeed_run(tmp_path, 2)
+    ds_out = runs.get(2)
     assert import_main([str(ds_out), str(tmp_path / "out" / "checkpoints")]) == 0
     spec = tmp_path / "spec.yaml"
-    spec.write_text(f"run:\n  train:\n    model: {{hf: m, seq_len: {SEQ}}}\n    steps: {STEPS}\n    log_every: 1\n"
+    spec.write_text(f"run:\n  train:\n    model: {{hf: {runs.model}, seq_len: {SEQ}}}\n    steps: {STEPS}\n    log_every: 1\n"
                     f"engine: {{zero_stage: 1, micro_batch: {MICRO}, grad_accum: 2, grad_clip: null, optimizer: "
                     f"{{lr: {LR}, weight_decay: {WEIGHT_DECAY}}}, scheduler: {{type: constant, warmup_steps: 0}}}}\n"
                     f"output_dir: {tmp_path / 'out'}\n")
