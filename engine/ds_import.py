@@ -43,7 +43,9 @@ name>` (the fp32 master), `exp_avg/...`, `exp_avg_sq/...` per trainable paramete
 `global_step` / `step` = DeepSpeed's `global_steps`; extra.pt holds `samples_seen`
 (`global_samples`, where engine/train.py continues the data) and `imported_from`. With
 `optimizer=False` the moments are zeros and the step count 0, which is a fresh AdamW exactly.
-`prefix` maps DeepSpeed's names (the module's own) to dsl's: a Hugging Face model trained by dsl
+The hyper-parameters are not imported: dsl trains with its own engine.optimizer and evaluates
+its engine.scheduler at the imported step count (DeepSpeed's are recorded in extra.pt's
+`imported_from`, for comparison). `prefix` maps DeepSpeed's names (the module's own) to dsl's: a Hugging Face model trained by dsl
 has its parameters under `lm.` (engine/hf_model.py).
 """
 
@@ -302,7 +304,8 @@ def import_deepspeed(source: str | Path, checkpoints: str | Path, *, prefix: str
                 "low_precision_states": False, "optimizer": kind, "state_names": list(STATES),
                 "loss_scale": None, "config": None}
         imported = {"deepspeed": str(ckpt.folder.resolve()), "zero_stage": ckpt.stage, "world_size": ckpt.world,
-                    "ds_version": ckpt.ds_version, "optimizer": optimizer}
+                    "ds_version": ckpt.ds_version, "optimizer": optimizer,
+                    "ds_optimizer": ckpt.ds_config.get("optimizer"), "ds_scheduler": ckpt.ds_config.get("scheduler")}
         extra = {"samples_seen": ckpt.global_samples, "imported_from": imported}
         return commit_folder(root, folder, name, {"rng.pt": [], "extra.pt": extra}, meta, None)
     except BaseException:
@@ -320,9 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = import_deepspeed(args.source, args.checkpoints, prefix=args.prefix, optimizer=not args.no_optimizer)
     except DslError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2 if isinstance(err, UserError) else 1
-    print(folder)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(folder)  # stdout is data: the checkpoint folder written
+    print(f"{parser.prog}: a dsl run with this checkpoints folder in its output_dir resumes from it",
+          file=sys.stderr)
     return 0
 
 
