@@ -5,8 +5,8 @@ Documents: `path` is a `.jsonl` file (one JSON object per line, the document in 
 `.parquet` file (a `text_field` column; needs pyarrow), or a folder whose `*.jsonl` / `*.parquet`
 files (searched recursively) are read in sorted path order. Blank lines are skipped.
 
-Tokenizer: `transformers.AutoTokenizer` from a local folder (`tokenizer`, or the model's `hf`
-folder that engine/train.py passes), never the network. Each document is tokenized without
+Tokenizer: `transformers.AutoTokenizer` from a local folder (`tokenizer`; `open_data`'s
+`tokenizer` argument when that is unset), never the network. Each document is tokenized without
 special tokens and followed by the tokenizer's `eos_token_id`, so a sequence that packs two
 documents shows where one ends.
 
@@ -110,8 +110,7 @@ def load_tokenizer(folder: str | None) -> Any:
     """The fast tokenizer saved in `folder` (local files only). Raises UserError."""
     if folder is None:
         raise UserError(f"{_TOKENIZER_FIELD}: kind: text needs a tokenizer: give run.train.data.tokenizer (a "
-                        f"folder holding tokenizer.json or the files transformers saves), or train a Hugging "
-                        f"Face model (run.train.model.hf) whose folder holds one")
+                        f"folder holding tokenizer.json or the files transformers saves, usually the model's)")
     from dsl.engine.hf_model import _import_transformers
 
     transformers = _import_transformers()

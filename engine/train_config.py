@@ -204,9 +204,9 @@ class DataConfig(StrictModel):
     text_field: str = "text"
     """kind: text only: the field of each JSON record (or the parquet column) holding a document."""
     tokenizer: str | None = None
-    """kind: text only: a folder holding the tokenizer (tokenizer.json and the files transformers
-    saves), read locally; relative paths start at the ranks' working directory. Default: the
-    model's `hf` folder."""
+    """kind: text (required there): a folder holding the model's tokenizer (tokenizer.json and the
+    files transformers saves; usually the model's `hf` folder), read locally; relative paths start
+    at the ranks' working directory."""
 
     @model_validator(mode="after")
     def _path_with_tokens(self) -> "DataConfig":

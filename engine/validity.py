@@ -189,13 +189,15 @@ def model_problems(model: "ModelConfig", *, check_installed: bool = False) -> li
 
 def data_reason(data: "DataConfig", model: "ModelConfig") -> str | None:
     """Why `run.train.data` cannot feed `run.train.model` (checked by engine/train_config.py
-    TrainConfig, so `dsl validate`, `dsl launch` and the ranks all locate it), or None: text
-    data is tokenized with a tokenizer, which is the Hugging Face model's `hf` folder unless
-    data.tokenizer names one; the bundled Llama and an `hf_config` file name none."""
-    if data.kind == "text" and data.tokenizer is None and model.hf is None:
-        return ("data.kind: text tokenizes the documents with the model's tokenizer, and this model names no folder "
-                "that holds one (only run.train.model.hf does): set data.tokenizer to a "
-                "tokenizer folder whose ids fit run.train.model.vocab_size, or use kind: tokens")
+    TrainConfig, so `dsl validate`, `dsl launch` and the ranks all locate it), or None. Text data
+    is tokenized with the tokenizer data.tokenizer names: the trainer does not hand the model's
+    `hf` folder to the data (engine/train.py), so it is required even for a Hugging Face model
+    whose folder holds one (usually the same folder)."""
+    if data.kind == "text" and data.tokenizer is None:
+        hint = (f"(here likely the model's folder, {model.hf})" if model.hf is not None
+                else "whose ids fit run.train.model.vocab_size")
+        return (f"data.kind: text tokenizes the documents with the model's tokenizer: set data.tokenizer to the "
+                f"folder holding it {hint}, or use kind: tokens")
     return None
 
 

@@ -163,7 +163,13 @@ def test_text_without_a_tokenizer_is_a_located_spec_error(tmp_path: Path) -> Non
     spec.write_text("run:\n  train:\n    data: {kind: text, path: docs.jsonl}\n"
                     f"output_dir: {tmp_path / 'out'}\n")
     with pytest.raises(UserError, match=r"spec.yaml:3:\d+ run.train: data.kind: text tokenizes the documents with "
-                                        r"the model's tokenizer"):
+                                        r"the model's tokenizer: set data.tokenizer"):
+        load_run_spec(spec)
+    write_model(tmp_path / "m", "llama")  # the trainer does not hand the model's folder to the data (yet)
+    spec.write_text("run:\n  train:\n    model: {hf: m}\n    data: {kind: text, path: docs.jsonl}\n"
+                    f"output_dir: {tmp_path / 'out'}\n")
+    with pytest.raises(UserError, match=r"set data.tokenizer to the folder holding it \(here likely the model's "
+                                        r"folder, m\)"):
         load_run_spec(spec)
     spec.write_text("run:\n  train:\n    data: {kind: tokens, path: t.bin, tokenizer: tok}\n"
                     f"output_dir: {tmp_path / 'out'}\n")
