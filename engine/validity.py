@@ -31,6 +31,9 @@ Decisions:
   for training (`model_problems`, applied by `dsl launch` and the ranks): there are no weights to
   build. A Hugging Face model (hf, hf_config) trains (engine/hf_model.py); the ranks also refuse
   it when transformers/safetensors (the extra dsl[hf]) are missing, with the install hint.
+- `data_reason`: run.train.data with kind: text needs data.tokenizer, whatever the model (the
+  trainer hands the data no model folder); checked by TrainConfig itself, so every caller that
+  reads run.train locates it.
 - optimizer offload needs ZeRO stage 1-3, DeepSpeed's rule (its ZeRO config documents
   offload_optimizer as "valid for ZeRO stage 1, 2, 3"): offload moves the partitioned optimizer
   states and their update to the host, and stage 0 partitions none.
