@@ -23,9 +23,11 @@ peak, as the sum said. Measured against the heap's high-water mark (glibc's in-u
 through a step, tests/unit/test_memory_peak_measured.py) the live peak of the bundled model is
 within a few percent at stages 0-3.
 
-What a process's resident set adds on top of the live bytes (the allocator keeping freed memory,
-the heap's fragmentation; engine/cpu_alloc.py) is not a phase: `memory.breakdown` adds it as its
-own term on CPU ranks.
+What a CPU process's resident set adds on top of the live bytes is not a phase and not modelled
+here: the process baseline (the `runtime` term, a fixed figure) and what malloc keeps of freed
+memory (engine/cpu_alloc.py). tests/bench/peak.py measures both: with blocks returned to the OS
+the resident set is the measured baseline plus this peak; under the engine's default `reuse` it
+carries the heap's holes, which differ between the ranks of one run.
 """
 
 from __future__ import annotations
