@@ -130,9 +130,12 @@ def gather_full(engine: "Engine", *, optimizer: bool, keep: bool = True) -> tupl
     params: dict[str, torch.Tensor] = {}
     optim: dict[str, dict[str, torch.Tensor]] = {}
     step = torch.tensor(float(engine.optimizer_steps))
+    # Stage 3 under NVMe optimizer offload keeps its master in the optimizer's files only.
+    master = states.read("master") if getattr(stage, "master_owner", None) is not None else None
     device = engine.device  # partitions in host memory (CPU offload) are gathered on the device:
     for g in stage.layout.groups:  # NCCL takes device tensors only
-        full = stage.gather_group(stage.param_part(g).to(device), g)
+        part = stage.param_part(g) if master is None else master[g.shard_offset : g.shard_offset + g.part_numel]
+        full = stage.gather_group(part.to(device), g)
         fulls = {
             k: stage.gather_group(f[g.shard_offset : g.shard_offset + g.part_numel].to(device), g)
             for k, f in flats.items()

@@ -134,10 +134,11 @@ def write_rank(engine: "Engine", path: Path, writer: int, writers: int, staging:
     slices: dict[str, list[Any]] = {}
     for g, lo, hi in writer_ranges(layout, writer, writers):
         own_lo = layout.part_range(g)[0]  # where this rank's param_part(g) starts, group-local
-        part = ckpt_states.Flat(stage.param_part(g))
+        part, base = ckpt_states.param_holder(stage, engine.states, g)
         for slot, start, at, n in _slices(g, lo, hi):
             rel = at - own_lo
-            entries.append(Entry(f"{PARAM}/{slot.name}", part.dtype, [n], partial(part.pieces, rel, n, staging)))
+            entries.append(Entry(f"{PARAM}/{slot.name}", part.dtype, [n],
+                                 partial(part.pieces, base + rel, n, staging)))
             for k, h in holders.items():
                 entries.append(Entry(f"{k}/{slot.name}", h.dtype, [n],
                                      partial(h.pieces, g.shard_offset + rel, n, staging)))
@@ -225,13 +226,13 @@ def load_rank(engine: "Engine", folder: Path, meta: dict[str, Any], staging: Sta
     try:
         with torch.no_grad():
             for g in layout.groups:
-                part = ckpt_states.Flat(stage.param_part(g))
+                part, base = ckpt_states.param_holder(stage, engine.states, g)
                 for slot, p_lo, shard_lo, n in layout.pieces(g):
                     got = 0
                     for w, a, m, w_start in index.sources(slot.name, p_lo, n):
                         f = files.get(w, slot.name, w_start)
                         d, off = a - p_lo, a - w_start
-                        part.fill(shard_lo - g.shard_offset + d, m, f, f"{PARAM}/{slot.name}", off, staging)
+                        part.fill(base + shard_lo - g.shard_offset + d, m, f, f"{PARAM}/{slot.name}", off, staging)
                         for k, h in holders.items():
                             h.fill(shard_lo + d, m, f, f"{k}/{slot.name}", off, staging)
                         got += m

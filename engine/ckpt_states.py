@@ -185,6 +185,17 @@ def fields(states: Any) -> dict[str, Flat | NvmeField | Joined]:
     return {k: Flat(states.read(k), states, k) for k in states.names}
 
 
+def param_holder(stage: Any, states: Any, group: Any) -> tuple[Flat | NvmeField, int]:
+    """Where this rank's master values of `group` are, and the offset of the group's partition in
+    it: the stage's `param_part(group)` (offset 0), or, when stage 3 dropped its master under NVMe
+    optimizer offload (zero/stage3.py `drop_master`), the `master` field of the optimizer's
+    sub-group files (offset: the group's place in shard space)."""
+    part = stage.param_part(group)
+    if part is not None:
+        return Flat(part), 0
+    return NvmeField(states, "master"), group.shard_offset
+
+
 def finish(holders: dict[str, Flat | NvmeField | Joined]) -> None:
     """After a load: tell each owner its in-memory states changed (see the module docstring)."""
     for h in holders.values():

@@ -35,6 +35,8 @@ def load_tensors(engine: "Engine", path: Path) -> None:
                         f"checkpoint, e.g. {', '.join(missing[:3])}")
     with torch.no_grad():
         flats = {k: torch.zeros(stage.layout.shard_numel, dtype=states.read(k).dtype) for k in states.names}
+        if getattr(stage, "master_owner", None) is not None:  # stage 3's master is in the NVMe files only
+            flats["master"] = torch.zeros(stage.layout.shard_numel, dtype=states.dtype)
         for g in stage.layout.groups:
             for slot in g.slots:
                 if tuple(model[slot.name].shape) != tuple(slot.shape):
@@ -43,8 +45,14 @@ def load_tensors(engine: "Engine", path: Path) -> None:
             part = stage.param_part(g)
             for slot, p_lo, shard_lo, n in stage.layout.pieces(g):
                 lo = shard_lo - g.shard_offset
-                part[lo : lo + n].copy_(model[slot.name].reshape(-1)[p_lo : p_lo + n])
+                values = model[slot.name].reshape(-1)[p_lo : p_lo + n]
+                if part is None:
+                    flats["master"][shard_lo : shard_lo + n].copy_(values)
+                else:
+                    part[lo : lo + n].copy_(values)
                 for k, flat in flats.items():
+                    if k == "master":
+                        continue
                     flat[shard_lo : shard_lo + n].copy_(optim["state"][slot.name][k].reshape(-1)[p_lo : p_lo + n])
         for k, flat in flats.items():
             states.write(k, flat)

@@ -248,6 +248,9 @@ class Engine:
                 sub_group_mib=config.offload.sub_group_mib, nvme_path=config.offload.nvme_path,
                 pin_memory=config.offload.pin_memory, ratio=config.offload.ratio,
             )  # fmt: skip
+            if offload == "nvme" and hasattr(self.stage, "drop_master"):
+                # ZeRO-Infinity: the optimizer's files are the only fp32 master (zero/stage3.py).
+                self.stage.drop_master(self.states)
         for note in device_notes(config, self.device) + getattr(self.stage, "notes", []):
             log.warning("%s", note)
         self.scaler = precision.LossScaler(config.loss_scale) if config.precision == "fp16" else None

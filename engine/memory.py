@@ -186,7 +186,7 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
     host_master = host_states and (sb.weights16 or (stage >= 3 and (bool(sb.work) or offload_params != "none")))
     p_bytes, p_f = part(sb.param, stage >= 3)
     if stage >= 3 and host_master:  # the fp32 shard is the optimizer's master, on the host
-        p_bytes, p_f = 0, "fp32 shard: in host memory with the optimizer (master weights)"
+        p_bytes, p_f = 0, "fp32 shard: with the offloaded optimizer (master weights)"
     if stage >= 3 and sb.work:  # the engine's 16-bit working copy of its shard (engine/zero/stage3.py)
         w_bytes, w_f = part(sb.work, True)
         p_bytes, p_f = p_bytes + w_bytes, (f"{p_f} + working copy {w_f}" if p_bytes else f"working copy {w_f}")
@@ -239,7 +239,12 @@ def model_states(params: int, *, stage: int, shards: int, precision: str = "bf16
     m_bytes, m_f = part(elem, stage >= 1)
     o_bytes, o_f = part(sb.optimizer, stage >= 1)
     where = "host_bytes" if offload_optimizer == "cpu" else "nvme_bytes"
-    if host_master and not cpu:
+    dropped = offload_optimizer == "nvme" and stage >= 3 and (bool(sb.work) or offload_params == "nvme")
+    if dropped:
+        # Stage 3 under NVMe offload: the optimizer's files are the only master (zero/stage3.py
+        # drop_master; each updated sub-group is cast straight into the working copy).
+        terms.append(Term(MASTER, nvme_bytes=m_bytes, formula=f"{m_f} in the offload's files only"))
+    elif host_master and not cpu:
         # NVMe: the stage's fp32 master partition waits in host memory (the offload uploads each
         # updated sub-group into it, the stage casts it into the 16-bit parameters), next to the
         # offload's own master copy in the files: zero/master.py, zero/stage3.py.

@@ -343,7 +343,7 @@ class NvmeOffload:
                     [s.decay for s in segs], step=step, lr=lr, seed=seed,
                 )  # fmt: skip
                 for s, p in zip(segs, params):
-                    uploads[i] = transfer.to_device(self.stage.param_piece(s), p)  # CPU -> device
+                    uploads[i] = self.stage.store_param(s, p)  # CPU -> device (or the stage's file)
                 writes[i] = self._pool.submit(self._write_file, i, buf)
         finally:
             for f in [*reads.values(), *writes.values()]:
@@ -370,6 +370,15 @@ class NvmeOffload:
 
     def sync_from_params(self) -> None:
         buf = self._bufs[0]
+        if getattr(self.stage, "master_owner", None) is self:
+            # The files are the only master (stage 3 dropped its copy: zero/stage3.py
+            # `drop_master`); a checkpoint load wrote them, so the stage's parameters follow them.
+            for i, (lo, hi) in enumerate(self.chunks):
+                self._read_file(i, buf)
+                master = self._field(buf, i, "master")
+                for s in clip_segments(self.stage.layout.segments, lo, hi):
+                    self.stage.store_param(s, _piece(master, s, lo)).wait()
+            return
         for i, (lo, hi) in enumerate(self.chunks):
             self._read_file(i, buf)
             self._fill_master(buf, lo, hi)

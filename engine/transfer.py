@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Pending", "host_floats", "host_empty", "to_host", "to_device", "use_pinned", "wait_device"]
+__all__ = ["DONE", "Pending", "host_floats", "host_empty", "to_host", "to_device", "use_pinned", "wait_device"]
 
 
 class Pending(Protocol):
@@ -55,6 +55,8 @@ class _Event:
 
 
 _DONE = _Done()
+DONE: Pending = _DONE
+"""A Pending for work done synchronously."""
 
 
 def use_pinned(device: torch.device) -> bool:

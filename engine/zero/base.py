@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.autograd import Variable
 
+from dsl.engine import transfer
 from dsl.engine.errors import UserError
 from dsl.engine.zero import collectives
 from dsl.engine.zero.layout import FlatGroup, Layout, Segment
@@ -121,6 +122,11 @@ class ZeroStage:
 
     def param_part(self, group: FlatGroup) -> torch.Tensor:
         raise NotImplementedError
+
+    def store_param(self, seg: Segment, values: torch.Tensor) -> Any:
+        """Write updated master values of segment `seg` (host memory, from an offloaded optimizer)
+        where the stage keeps them; returns the copy's Pending (engine/transfer.py)."""
+        return transfer.to_device(self.param_piece(seg), values)
 
     def after_update(self) -> None:
         """Default: nothing to do (stage 0 updates the replicated parameters in place)."""

@@ -7,7 +7,9 @@ and is read by byte range when a unit is gathered and rewritten after every upda
   `dst` is the rank's slice of the unit's gathered buffer itself; on a GPU it is a host bounce
   buffer (page-locked when pinned) that stage3.py then copies up.
 - `write_cast(src)`: the whole shard space from `src` (the fp32 master partition, in host memory),
-  cast to the file's dtype through one bounce buffer of `chunk_numel` elements.
+  cast to the file's dtype through one bounce buffer of `chunk_numel` elements; `write_cast_at`
+  a range of it (the updated master of one sub-group, when the NVMe optimizer holds the only
+  master: zero/stage3.py `drop_master`).
 - `bytes_read` / `bytes_written` count what moved, for the memory model's bytes-per-step figures
   (engine/memory_nvme.py `nvme_param_traffic`) and the tests.
 
@@ -84,6 +86,18 @@ class ParamFile:
             view, done = _bytes(buf), 0
             while done < len(view):
                 done += os.pwritev(self._fd, [view[done:]], lo * self.elem + done)
+            self.bytes_written += len(view)
+
+    def write_cast_at(self, values: torch.Tensor, lo: int) -> None:
+        """Shard-space elements [lo, lo + values.numel()) from `values` (host memory), cast."""
+        step = self._bounce.numel()
+        for i in range(0, values.numel(), step):
+            n = min(step, values.numel() - i)
+            buf = self._bounce[:n]
+            buf.copy_(values[i : i + n])
+            view, done, offset = _bytes(buf), 0, (lo + i) * self.elem
+            while done < len(view):
+                done += os.pwritev(self._fd, [view[done:]], offset + done)
             self.bytes_written += len(view)
 
     def close(self) -> None:

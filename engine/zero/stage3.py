@@ -190,6 +190,8 @@ class Stage3(ReducePipeline, ZeroStage):
             self._grad_shard = transfer.host_empty(self.layout.shard_numel, dtype, pinned=pinned).zero_()
         else:
             self._grad_shard = torch.zeros(self.layout.shard_numel, dtype=dtype, device=device)
+        self.master_owner: Any = None
+        """The NVMe optimizer offload holding the only master after `drop_master`."""
         self.units: list[_Unit] = []
         self._where: dict[int, tuple[_Unit, int, int]] = {}
         with torch.no_grad():
@@ -470,11 +472,37 @@ class Stage3(ReducePipeline, ZeroStage):
 
     # Parameters --------------------------------------------------------------------------
 
-    def param_piece(self, seg: Segment) -> torch.Tensor:
+    def param_piece(self, seg: Segment) -> torch.Tensor | None:
+        """This rank's master values of `seg`; None when the NVMe optimizer holds the only copy."""
+        if self.master is None:
+            return None
         return self.master[seg.shard_lo : seg.shard_lo + seg.numel]
 
-    def param_part(self, group: FlatGroup) -> torch.Tensor:
+    def param_part(self, group: FlatGroup) -> torch.Tensor | None:
+        if self.master is None:
+            return None
         return self.master[group.shard_offset : group.shard_offset + group.part_numel]
+
+    def drop_master(self, owner: Any) -> bool:
+        """Under NVMe optimizer offload the optimizer's files hold the fp32 master: free this
+        stage's host copy (ZeRO-Infinity keeps no master in RAM). Only where the master is not
+        what a gather reads (a 16-bit working copy, or the parameter file of offload.params:
+        nvme). From then on the optimizer writes each updated sub-group through `store_param`
+        straight into the working copy, and checkpoints read and write the master in its files
+        (engine/ckpt_states.py). Returns whether it was dropped."""
+        if self.master is None or (self.work is self.master and self.files is None):
+            return False
+        self.master_owner = owner
+        self.master = None
+        return True
+
+    def store_param(self, seg: Segment, values: torch.Tensor) -> Any:
+        if self.master is not None:
+            return super().store_param(seg, values)
+        if self.files is not None:
+            self.files.write_cast_at(values, seg.shard_lo)
+            return transfer.DONE
+        return transfer.to_device(self.work[seg.shard_lo : seg.shard_lo + seg.numel], values)
 
     def after_update(self) -> None:
         # A unit still gathered (a forward without backward) holds stale values now.
@@ -484,6 +512,8 @@ class Stage3(ReducePipeline, ZeroStage):
 
     def _refresh_work(self) -> None:
         """Cast the new `master` into `work` (nothing to do when they are the same tensor)."""
+        if self.master is None:  # the optimizer wrote each sub-group through store_param
+            return
         if self.files is not None:  # cast and write the file (offload.params: nvme)
             self.files.write_cast(self.master)
             return

@@ -49,6 +49,7 @@ def _run(rank: int, cfg: dict[str, Any], *, timeline: bool = False) -> dict[str,
     out["stay"] = [u.group.padded for u in stage.units if u.resident or u is stage._root]
     out["unit_names"] = stage.unit_names
     out["shard_numel"] = stage.layout.shard_numel
+    out["master_in_ram"] = stage.master is not None
     if files is not None:
         out["io"] = (files.bytes_read - before[0], files.bytes_written - before[1])
         out["file_dir"] = str(files.dir)
@@ -124,6 +125,8 @@ def test_parameter_offload_to_nvme_gives_the_losses_of_no_offload(ranks, prec: s
         assert r[f"{prec}-cpu"]["losses"] == none
         assert r[f"{prec}-nvme"]["losses"] == none
         assert r[f"{prec}-nvme-nvme"]["losses"] == none
+        # ZeRO-Infinity: with the optimizer on NVMe its files are the only fp32 master.
+        assert not r[f"{prec}-nvme-nvme"]["master_in_ram"] and r[f"{prec}-nvme"]["master_in_ram"]
 
 
 @pytest.mark.parametrize("prec", ["fp32", "bf16", "fp16"])

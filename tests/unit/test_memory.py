@@ -56,10 +56,12 @@ def test_offload_moves_the_optimizer_term_to_host_or_nvme():
     nvme = {t.name: t for t in memory.model_states(p, stage=3, shards=n, offload_optimizer="nvme", sub_group_mib=1)}
     assert nvme["optimizer states"].nvme_bytes == 8 * p // n and nvme["optimizer states"].host_bytes == 0
     # bf16 at stage 3: the device keeps only the bf16 working copy (the one gathered), as DeepSpeed
-    # does; the fp32 shard waits in host memory for the offload's updates (engine/core.py
-    # host_states), the offload's own master copy is in its files.
+    # does; the offload's files are the only fp32 master (engine/zero/stage3.py drop_master).
     assert nvme["parameters"].device_bytes == 2 * p // n and nvme["parameters"].host_bytes == 0
-    assert nvme["master weights"].nvme_bytes == 4 * p // n and nvme["master weights"].host_bytes == 4 * p // n
+    assert nvme["master weights"].nvme_bytes == 4 * p // n and nvme["master weights"].host_bytes == 0
+    # At stage 2 the master layout's fp32 partition still waits in host memory for the updates.
+    s2 = {t.name: t for t in memory.model_states(p, stage=2, shards=n, offload_optimizer="nvme", sub_group_mib=1)}
+    assert s2["master weights"].nvme_bytes == 4 * p // n and s2["master weights"].host_bytes == 4 * p // n
     assert nvme["master weights"].device_bytes == 0
     assert nvme["gradients"].device_bytes == 0 and nvme["gradients"].host_bytes == 4 * p // n
     # 3 buffers of [master, m, v] + 2 gradient sub-groups (1 MiB of fp32 each)

@@ -45,6 +45,9 @@ CASES = [
     *({"zero_stage": 3, "precision": p, "micro_batch": 4,
        "offload": {"optimizer": o, "params": "nvme", "nvme_path": "/tmp/dsl-test-memory-nvme", "sub_group_mib": 0.25}}
       for p, o in (("bf16", "cpu"), ("fp32", "cpu"), ("bf16", "nvme"))),
+    # NVMe optimizer offload at stage 3: the optimizer's files are the only fp32 master.
+    {"zero_stage": 3, "precision": "bf16", "micro_batch": 4,
+     "offload": {"optimizer": "nvme", "nvme_path": "/tmp/dsl-test-memory-nvme", "sub_group_mib": 0.25}},
     # Module-granularity gathers: the same state, fewer parameters gathered at once.
     {"zero_stage": 3, "precision": "bf16", "micro_batch": 4, "stage3": {"gather": "module"}},
     # Past its freeze step, 1-bit Adam holds its compression buffers too.
