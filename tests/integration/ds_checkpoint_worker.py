@@ -3,7 +3,7 @@
 Run with the DeepSpeed virtualenv (tests/bench/setup_deepspeed.sh) under torchrun:
 
     .venv-bench/bin/python -m torch.distributed.run --standalone --nproc_per_node 2 \\
-        tests/integration/ds_checkpoint_worker.py MODEL_DIR STAGE OUT_DIR [fp32|bf16]
+        tests/integration/ds_checkpoint_worker.py MODEL_DIR STAGE OUT_DIR [fp32|bf16 [FROZEN_PARAM]]
 
 It trains the Hugging Face model of MODEL_DIR (config.json; weights drawn after
 `torch.manual_seed(0)`, as engine/hf_model.py draws them) with `deepspeed.initialize`, fp32 (or bf16),
@@ -12,7 +12,8 @@ and embeddings only, engine/optim.py), on dsl's synthetic data laid out as dsl l
 (engine/data.py: rank r reads the r-th micro-batch of each global batch), and the loss dsl
 computes (mean cross entropy over the next-token targets). It saves a checkpoint after step
 SAVE_AT and goes on to STEPS without stopping; rank 0 writes OUT_DIR/losses.json with the global
-mean loss of every step (DeepSpeed's own continuation after the save).
+mean loss of every step (DeepSpeed's own continuation after the save). FROZEN_PARAM names a
+parameter left out of training (requires_grad False).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def config(stage: int, precision: str = "fp32") -> dict:
             "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
 
 
-def main(model_dir: str, stage: int, out: str, precision: str = "fp32") -> None:
+def main(model_dir: str, stage: int, out: str, precision: str = "fp32", frozen: str = "") -> None:
     import deepspeed
     import torch
     import torch.distributed as tdist
@@ -51,8 +52,10 @@ def main(model_dir: str, stage: int, out: str, precision: str = "fp32") -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
     model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    other = [p for p in model.parameters() if p.dim() < 2]
+    if frozen:
+        model.get_parameter(frozen).requires_grad_(False)
+    decay = [p for p in model.parameters() if p.dim() >= 2 and p.requires_grad]
+    other = [p for p in model.parameters() if p.dim() < 2 and p.requires_grad]
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": other, "weight_decay": 0.0}]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config(stage, precision))
     data = SyntheticData(DataConfig(), vocab_size=model.config.vocab_size, seq_len=SEQ, micro_batch=MICRO,
@@ -77,4 +80,4 @@ def main(model_dir: str, stage: int, out: str, precision: str = "fp32") -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(*sys.argv[1:2], int(sys.argv[2]), *sys.argv[3:5])
+    main(*sys.argv[1:2], int(sys.argv[2]), *sys.argv[3:6])

@@ -39,12 +39,12 @@ class DeepSpeedRuns:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.model = write_model(tmp / "m", "llama")
-        self._done: dict[tuple[int, str], Path] = {}
+        self._done: dict[tuple[int, str, str], Path] = {}
 
-    def get(self, stage: int, precision: str = "fp32") -> Path:
-        if (stage, precision) not in self._done:
-            self._done[stage, precision] = _deepspeed_run(self.tmp, self.model, stage, precision)
-        return self._done[stage, precision]
+    def get(self, stage: int, precision: str = "fp32", frozen: str = "") -> Path:
+        if (stage, precision, frozen) not in self._done:
+            self._done[stage, precision, frozen] = _deepspeed_run(self.tmp, self.model, stage, precision, frozen)
+        return self._done[stage, precision, frozen]
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +52,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> DeepSpeedRuns:
     return DeepSpeedRuns(tmp_path_factory.mktemp("deepspeed"))
 
 
-def _deepspeed_run(tmp: Path, model: Path, stage: int, precision: str) -> Path:
-    out = tmp / f"ds-stage{stage}-{precision}"
+def _deepspeed_run(tmp: Path, model: Path, stage: int, precision: str, frozen: str) -> Path:
+    out = tmp / f"ds-stage{stage}-{precision}{'-frozen' if frozen else ''}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(DS_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(WORKER), str(model), str(stage), str(out), precision],
+                           str(WORKER), str(model), str(stage), str(out), precision, frozen],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
 
 def _dsl_losses(tmp: Path, model_dir: Path, ds_out: Path, dsl_stage: int, *, optimizer: bool = True,
-                precision: str = "fp32") -> tuple[list[float], dict]:
+                precision: str = "fp32", frozen: str = "") -> tuple[list[float], dict]:
     from dsl.engine import hf_model, initialize
     from dsl.engine.data import SyntheticData
     from dsl.engine.ds_import import import_deepspeed
@@ -71,10 +71,14 @@ def _dsl_losses(tmp: Path, model_dir: Path, ds_out: Path, dsl_stage: int, *, opt
     from tests.integration.ds_checkpoint_worker import LR, MICRO, SEQ, WEIGHT_DECAY
 
     checkpoints = tmp / f"dsl-from-{ds_out.name}-s{dsl_stage}-{optimizer}"
+    if frozen:
+        checkpoints = checkpoints.with_name(checkpoints.name + "-frozen")
     folder = import_deepspeed(ds_out, checkpoints, optimizer=optimizer)
     assert folder == checkpoints / f"step-{SAVE_AT:06d}"
     # Another seed: every weight the loss sees must come from the checkpoint.
     model = hf_model.build(ModelConfig(hf=str(model_dir), seq_len=SEQ), seed=99)
+    if frozen:
+        model.lm.get_parameter(frozen).requires_grad_(False)
     engine = initialize(model, {"zero_stage": dsl_stage, "precision": precision, "micro_batch": MICRO, "grad_accum": 2, "grad_clip": None,
                                 "optimizer": {"lr": LR, "weight_decay": WEIGHT_DECAY},
                                 "scheduler": {"type": "constant", "warmup_steps": 0}})
@@ -110,6 +114,18 @@ def test_dsl_continues_a_deepspeed_run_as_deepspeed_does(runs: DeepSpeedRuns, tm
         fresh, _ = _dsl_losses(tmp_path, runs.model, ds_out, dsl_stage, optimizer=False)
         assert abs(fresh[0] - continuation[0]) <= TOL
         assert max(abs(a - b) for a, b in zip(fresh[1:], continuation[1:])) > 100 * TOL, (fresh, continuation)
+
+
+def test_a_frozen_parameter_comes_from_the_stage_3_fragments(runs: DeepSpeedRuns, tmp_path: Path) -> None:
+    """At stage 3 DeepSpeed saves a frozen parameter as one fragment per rank (in the model files,
+    not the optimizer's); the import joins them into the dsl checkpoint's module/ entry."""
+    frozen = "model.embed_tokens.weight"
+    ds_out = runs.get(3, frozen=frozen)
+    deepspeed = json.loads((ds_out / "losses.json").read_text())
+    losses, _ = _dsl_losses(tmp_path, runs.model, ds_out, 3, frozen=frozen)
+    assert max(abs(a - b) for a, b in zip(losses, deepspeed[SAVE_AT:])) <= TOL, (losses, deepspeed[SAVE_AT:])
+    # dsl built its model from seed 99: the frozen embedding the losses need is DeepSpeed's only
+    # if the import carried it.
 
 
 def test_a_bf16_deepspeed_checkpoint_brings_its_fp32_masters(runs: DeepSpeedRuns, tmp_path: Path) -> None:
