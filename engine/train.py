@@ -278,6 +278,8 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
 
     data = open_data(
         tcfg.data,
+        # Text data without data.tokenizer uses the Hugging Face model's folder (engine/validity.py).
+        tokenizer=tcfg.model.hf if tcfg.model.form == "hf" else None,
         vocab_size=model.config.vocab_size if tcfg.model.form == "hf" else tcfg.model.vocab_size,
         seq_len=tcfg.model.seq_len,
         micro_batch=ecfg.micro_batch,

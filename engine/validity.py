@@ -31,9 +31,9 @@ Decisions:
   for training (`model_problems`, applied by `dsl launch` and the ranks): there are no weights to
   build. A Hugging Face model (hf, hf_config) trains (engine/hf_model.py); the ranks also refuse
   it when transformers/safetensors (the extra dsl[hf]) are missing, with the install hint.
-- `data_reason`: run.train.data with kind: text needs data.tokenizer, whatever the model (the
-  trainer hands the data no model folder); checked by TrainConfig itself, so every caller that
-  reads run.train locates it.
+- `data_reason`: run.train.data with kind: text needs data.tokenizer unless the model is a
+  Hugging Face folder (`hf`: the trainer hands that folder to the data as the default
+  tokenizer); checked by TrainConfig itself, so every caller that reads run.train locates it.
 - optimizer offload needs ZeRO stage 1-3, DeepSpeed's rule (its ZeRO config documents
   offload_optimizer as "valid for ZeRO stage 1, 2, 3"): offload moves the partitioned optimizer
   states and their update to the host, and stage 0 partitions none.
@@ -193,14 +193,12 @@ def model_problems(model: "ModelConfig", *, check_installed: bool = False) -> li
 def data_reason(data: "DataConfig", model: "ModelConfig") -> str | None:
     """Why `run.train.data` cannot feed `run.train.model` (checked by engine/train_config.py
     TrainConfig, so `dsl validate`, `dsl launch` and the ranks all locate it), or None. Text data
-    is tokenized with the tokenizer data.tokenizer names: the trainer does not hand the model's
-    `hf` folder to the data (engine/train.py), so it is required even for a Hugging Face model
-    whose folder holds one (usually the same folder)."""
-    if data.kind == "text" and data.tokenizer is None:
-        hint = (f"(here likely the model's folder, {model.hf})" if model.hf is not None
-                else "whose ids fit run.train.model.vocab_size")
-        return (f"data.kind: text tokenizes the documents with the model's tokenizer: set data.tokenizer to the "
-                f"folder holding it {hint}, or use kind: tokens")
+    is tokenized with the tokenizer data.tokenizer names, by default the Hugging Face model's
+    folder (`model.hf`, which the trainer hands to the data: engine/train.py); any other model
+    needs data.tokenizer."""
+    if data.kind == "text" and data.tokenizer is None and model.hf is None:
+        return ("data.kind: text tokenizes the documents with the model's tokenizer: set data.tokenizer to the "
+                "folder holding one whose ids fit run.train.model.vocab_size, or use kind: tokens")
     return None
 
 

@@ -4,6 +4,7 @@ tokenizer the test builds (no network), packed, and resumable mid-epoch on the s
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -165,12 +166,10 @@ def test_text_without_a_tokenizer_is_a_located_spec_error(tmp_path: Path) -> Non
     with pytest.raises(UserError, match=r"spec.yaml:3:\d+ run.train: data.kind: text tokenizes the documents with "
                                         r"the model's tokenizer: set data.tokenizer"):
         load_run_spec(spec)
-    write_model(tmp_path / "m", "llama")  # the trainer does not hand the model's folder to the data (yet)
+    write_model(tmp_path / "m", "llama")  # a Hugging Face folder is the default tokenizer: no error
     spec.write_text("run:\n  train:\n    model: {hf: m}\n    data: {kind: text, path: docs.jsonl}\n"
                     f"output_dir: {tmp_path / 'out'}\n")
-    with pytest.raises(UserError, match=r"set data.tokenizer to the folder holding it \(here likely the model's "
-                                        r"folder, m\)"):
-        load_run_spec(spec)
+    assert load_run_spec(spec).train.data.tokenizer is None
     spec.write_text("run:\n  train:\n    data: {kind: tokens, path: t.bin, tokenizer: tok}\n"
                     f"output_dir: {tmp_path / 'out'}\n")
     with pytest.raises(UserError, match=r"spec.yaml:3:\d+ run.train.data: tokenizer \('tok'\) is read only with "
@@ -193,11 +192,14 @@ def test_a_run_resumed_mid_epoch_trains_on_the_same_text_as_the_uninterrupted_ru
         monkeypatch.delenv(name, raising=False)
     docs, tok, _ = corpus
     write_model(tmp_path / "m", "llama")
+    for f in Path(tok).iterdir():  # the model folder holds its tokenizer: data.tokenizer defaults to it
+        if f.is_file() and f.name != "config.json":
+            shutil.copy(f, tmp_path / "m" / f.name)
 
     def run(out: str, steps: int, every: str = "") -> list[float]:
         spec = tmp_path / f"{out}-{steps}.yaml"
         spec.write_text(f"run:\n  train:\n    model: {{hf: m, seq_len: 16}}\n    steps: {steps}\n    log_every: 1\n"
-                        f"    data: {{kind: text, path: {docs}, tokenizer: {tok}}}\n{every}"
+                        f"    data: {{kind: text, path: {docs}}}\n{every}"
                         f"engine: {{micro_batch: 4, optimizer: {{lr: 0.01}}, scheduler: {{type: constant, "
                         f"warmup_steps: 0}}}}\noutput_dir: {tmp_path / out}\n")
         assert main([str(spec)]) == 0
