@@ -142,9 +142,10 @@ def _import_transformers() -> Any:
     return transformers
 
 
-def build(model: "ModelConfig", *, seed: int) -> HFCausalLM:
+def build(model: "ModelConfig", *, seed: int, weights_from: str | None = None) -> HFCausalLM:
     """The Hugging Face model `model` names (`hf` / `hf_config` already absolute, as
-    engine/train.py `load_run_spec` leaves them), fp32, in training mode. Raises UserError."""
+    engine/train.py `load_run_spec` leaves them), fp32, in training mode; with `weights_from`
+    (run.train.init_from.hf) its weights come from that folder's *.safetensors. Raises UserError."""
     transformers = _import_transformers()
     path = config_path(model)
     field = "hf" if model.hf is not None else "hf_config"
@@ -159,12 +160,23 @@ def build(model: "ModelConfig", *, seed: int) -> HFCausalLM:
     if limit is not None and model.seq_len > limit:
         raise UserError(f"{where}: run.train.model.seq_len ({model.seq_len}) is longer than the model's "
                         f"max_position_embeddings ({limit}) in {path}; set seq_len <= {limit}")
-    weights = sorted(path.parent.glob("*.safetensors")) if model.hf is not None else []
+    source = path.parent if model.hf is not None else None
+    if weights_from is not None:
+        source = Path(weights_from)
+        if not sorted(source.glob("*.safetensors")):
+            raise UserError(f"run.train.init_from.hf: no *.safetensors weights in {source}")
+        where = "run.train.init_from.hf"
+    weights = sorted(source.glob("*.safetensors")) if source is not None else []
     torch.manual_seed(seed)  # the same weights on every rank (and in a plain transformers loop)
     try:
         if weights:
-            lm = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path.parent), config=config, dtype=torch.float32, local_files_only=True)
+            lm, info = transformers.AutoModelForCausalLM.from_pretrained(
+                str(source), config=config, dtype=torch.float32, local_files_only=True, output_loading_info=True)
+            bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+            if bad:  # never train from partly random weights without a word
+                detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, sorted(v, key=str)[:5]))}"
+                                   + (" ..." if len(v) > 5 else "") for k, v in bad.items())
+                raise UserError(f"{where}: the weights in {source} do not fit the model of {path}: {detail}")
         else:
             lm = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except ValueError as err:  # a model_type without a causal LM class, a bad weight file

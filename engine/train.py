@@ -154,6 +154,9 @@ def load_run_spec(path: str | Path, world_size: int | None = None, ranks_per_hos
                    + model_problems(train_cfg.model, check_installed=True), locations)
     if train_cfg.model.form == "hf":
         train_cfg = train_cfg.model_copy(update={"model": _hf_absolute(train_cfg.model, path, locations)})
+    if train_cfg.init_from is not None:
+        train_cfg = train_cfg.model_copy(update={"init_from": _init_from_absolute(train_cfg.init_from, path,
+                                                                                  locations)})
     return RunSpec(train=train_cfg, engine=engine, output_dir=Path(output_dir), locations=locations)
 
 
@@ -168,6 +171,39 @@ def _hf_absolute(model: Any, spec_path: Path, locations: Any) -> Any:
     read_config(absolute / "config.json" if name == "hf" else absolute,
                 f"{locations.where(('run', 'train', 'model', name))} run.train.model.{name}")
     return model.model_copy(update={name: str(absolute)})
+
+
+def _init_from_absolute(init: Any, spec_path: Path, locations: Any) -> Any:
+    """run.train.init_from with its folder made absolute from the spec file's folder; a folder
+    that does not exist is a located error."""
+    name = "deepspeed" if init.deepspeed is not None else "hf"
+    written = Path(str(getattr(init, name))).expanduser()
+    absolute = (written if written.is_absolute() else spec_path.parent / written).resolve()
+    if not absolute.is_dir():
+        raise UserError(f"{locations.where(('run', 'train', 'init_from', name))} run.train.init_from.{name}: "
+                        f"no such folder: {absolute}")
+    return init.model_copy(update={name: str(absolute)})
+
+
+def _import_deepspeed_once(init: Any, checkpoint_dir: Path, rank: int, world_size: int) -> None:
+    """Rank 0 imports run.train.init_from.deepspeed into `checkpoint_dir` (engine/ds_import.py);
+    every rank learns whether it worked (an error on rank 0 is raised on every rank)."""
+    from dsl.engine import ds_import
+
+    failure = ""
+    if rank == 0:
+        try:
+            ds_import.import_deepspeed(init.deepspeed, checkpoint_dir, optimizer=init.optimizer)
+        except UserError as err:
+            failure = str(err)
+    if world_size > 1:
+        import torch.distributed as tdist
+
+        box = [failure]
+        tdist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if failure:
+        raise UserError(f"run.train.init_from.deepspeed: {failure}")
 
 
 def world_of_environment() -> tuple[int | None, int | None]:
@@ -251,7 +287,8 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
     if tcfg.model.form == "hf":  # engine/long/setup.py applies activation checkpointing to it
         from dsl.engine import hf_model
 
-        model = hf_model.build(tcfg.model, seed=tcfg.seed)
+        weights = tcfg.init_from.hf if tcfg.init_from is not None else None
+        model = hf_model.build(tcfg.model, seed=tcfg.seed, weights_from=weights)
     else:
         model = Llama(tcfg.model, activation_checkpointing=ecfg.activation_checkpointing is True)
     # lr, weight decay and the schedule come from engine.optimizer / engine.scheduler; the
@@ -268,7 +305,12 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
         _require_checkpoints(engine, "run.train.checkpoint_every is set")
     start_step = resume_sample = 0
     resumed_data = None
-    if tcfg.resume and (checkpoint_dir / "latest").exists():
+    imported = False
+    if tcfg.init_from is not None and tcfg.init_from.deepspeed and not (checkpoint_dir / "latest").exists():
+        _require_checkpoints(engine, "run.train.init_from.deepspeed is set")
+        _import_deepspeed_once(tcfg.init_from, checkpoint_dir, ctx.rank, ctx.world_size)
+        imported = True
+    if (tcfg.resume or imported) and (checkpoint_dir / "latest").exists():
         _require_checkpoints(engine, f"{checkpoint_dir}/latest exists and run.train.resume is on")
         extra = engine.load_checkpoint(checkpoint_dir)
         start_step = int(extra["step"])

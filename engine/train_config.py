@@ -232,6 +232,30 @@ class DataConfig(StrictModel):
         return {key: value for key, value in data.items() if key not in ("text_field", "tokenizer")}
 
 
+class InitFromConfig(StrictModel):
+    """Where a new run's starting point comes from (`run.train.init_from`; one of the two)."""
+
+    deepspeed: str | None = Field(None, min_length=1)
+    """A DeepSpeed 0.19.8 ZeRO checkpoint folder (stages 1-3, any rank count, the one holding
+    `latest` or a global_step folder): imported once into output_dir/checkpoints
+    (engine/ds_import.py), then resumed from like a dsl checkpoint."""
+    optimizer: bool = True
+    """With deepspeed: carry the Adam moments and the step count over (false: weights only)."""
+    hf: str | None = Field(None, min_length=1)
+    """A Hugging Face folder whose *.safetensors weights the model (run.train.model hf or
+    hf_config, the same architecture) starts from."""
+
+    @model_validator(mode="after")
+    def _one(self) -> "InitFromConfig":
+        given = [k for k in ("deepspeed", "hf") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of deepspeed (a DeepSpeed checkpoint folder) or hf (a Hugging "
+                             f"Face folder with weights); got {', '.join(given) or 'neither'}")
+        if self.hf is not None and "optimizer" in self.model_fields_set:
+            raise ValueError("optimizer applies to init_from.deepspeed only (hf folders hold weights only)")
+        return self
+
+
 class TrainConfig(StrictModel):
     """Settings of a training run of the bundled engine (`run.train`)."""
 
@@ -251,6 +275,9 @@ class TrainConfig(StrictModel):
     """How many of the newest checkpoints to keep."""
     resume: bool = True
     """Continue from output_dir/checkpoints/latest when it exists."""
+    init_from: InitFromConfig | None = None
+    """Start a new run (no output_dir/checkpoints/latest yet) from a DeepSpeed checkpoint or a
+    Hugging Face folder's weights; a run that has a checkpoint of its own resumes from that."""
 
     @model_validator(mode="after")
     def _data_fits_model(self) -> "TrainConfig":
@@ -259,4 +286,7 @@ class TrainConfig(StrictModel):
         reason = data_reason(self.data, self.model)
         if reason:
             raise ValueError(reason)
+        if self.init_from is not None and self.init_from.hf is not None and self.model.form != "hf":
+            raise ValueError("init_from.hf loads Hugging Face weights: it needs run.train.model hf or hf_config "
+                             "(the same architecture)")
         return self

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from dsl.engine.errors import UserError
 from tests.hf_tiny import write_model
 
 pytestmark = pytest.mark.integration
@@ -172,6 +173,36 @@ def test_a_dsl_run_whose_output_dir_holds_the_import_resumes_from_it(runs: DeepS
     assert [r["step"] for r in rows] == list(range(SAVE_AT + 1, STEPS + 1))
     deepspeed = json.loads((ds_out / "losses.json").read_text())[SAVE_AT:]
     assert max(abs(r["loss"] - d) for r, d in zip(rows, deepspeed)) <= TOL, (rows, deepspeed)
+
+
+def test_init_from_deepspeed_imports_once_and_continues_as_deepspeed_does(runs: DeepSpeedRuns, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """run.train.init_from: {deepspeed: DIR}: the trainer imports the checkpoint into its own
+    output_dir/checkpoints (a relative folder starts at the spec's), then resumes from it."""
+    from dsl.engine.train import main
+    from tests.integration.ds_checkpoint_worker import LR, MICRO, SEQ, WEIGHT_DECAY
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    ds_out = runs.get(2)
+    spec = tmp_path / "spec.yaml"
+    rel = os.path.relpath(ds_out, tmp_path)
+    spec.write_text(f"run:\n  train:\n    model: {{hf: {runs.model}, seq_len: {SEQ}}}\n    steps: {STEPS}\n"
+                    f"    log_every: 1\n    init_from: {{deepspeed: {rel}}}\n"
+                    f"engine: {{zero_stage: 2, micro_batch: {MICRO}, grad_accum: 2, grad_clip: null, optimizer: "
+                    f"{{lr: {LR}, weight_decay: {WEIGHT_DECAY}}}, scheduler: {{type: constant, warmup_steps: 0}}}}\n"
+                    f"output_dir: {tmp_path / 'out'}\n")
+    assert main([str(spec)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(SAVE_AT + 1, STEPS + 1))
+    deepspeed = json.loads((ds_out / "losses.json").read_text())[SAVE_AT:]
+    assert max(abs(r["loss"] - d) for r, d in zip(rows, deepspeed)) <= TOL, (rows, deepspeed)
+    # A folder that does not exist is a located error of the spec.
+    spec.write_text(spec.read_text().replace(rel, "no-such-folder"))
+    with pytest.raises(UserError, match=r"spec.yaml:\d+:\d+ run.train.init_from.deepspeed: no such folder"):
+        from dsl.engine.train import load_run_spec
+
+        load_run_spec(spec)
 
 
 def test_what_is_not_a_deepspeed_checkpoint_is_refused_with_its_path(tmp_path: Path) -> None:
