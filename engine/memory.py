@@ -419,7 +419,8 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
     acts, copies, recompute = activations(shape, micro_batch=mb, seq_len=seq_len, sp=sp,
                                           checkpointing=checkpointing, flash_attention=flash_attention,
                                           sb=sb, stage=stage, tiled_loss_tokens=tiled_loss_tokens,
-                                          tiled_mlp_tokens=tiled_mlp_tokens, activation_offload=offload_acts)
+                                          tiled_mlp_tokens=tiled_mlp_tokens, activation_offload=offload_acts,
+                                          accelerator=accelerator)
     terms += [acts, copies, recompute,
               logits(shape, micro_batch=mb, seq_len=seq_len, sp=sp, chunk_tokens=tiled_loss_tokens)]
     if getattr(shape, "model_states_only", False):  # engine/modeldesc/shape.py: counts, no dimensions
