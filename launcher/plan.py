@@ -202,13 +202,15 @@ def resolved_spec_yaml(spec_file: SpecFile, output_dir: str) -> str:
     data = spec_file.spec.model_dump(mode="json")
     data["output_dir"] = output_dir
     train = data["run"].get("train") or {}
-    token_file = (train.get("data") or {}).get("path")
-    if token_file:  # spec paths are relative to the spec file; the ranks may run elsewhere
-        train["data"]["path"] = str(spec_file.resolve(token_file))
-    model = train.get("model") or {}
-    for key in ("hf", "hf_config"):  # a Hugging Face model's folder or config.json, the same way
-        if model.get(key):
-            model[key] = str(spec_file.resolve(model[key]))
+    # Spec paths are relative to the spec file; the ranks read this copy in the run folder and
+    # may run elsewhere: the data file and tokenizer, a Hugging Face model's folder or
+    # config.json, the folder a run starts from.
+    for section, keys in (("data", ("path", "tokenizer")), ("model", ("hf", "hf_config")),
+                          ("init_from", ("deepspeed", "hf"))):
+        values = train.get(section) or {}
+        for key in keys:
+            if values.get(key):
+                values[key] = str(spec_file.resolve(values[key]))
     secrets = set(spec_file.spec.env.secret)
     data["env"]["vars"] = {k: (REDACTED if k in secrets else v) for k, v in data["env"]["vars"].items()}
     header = f"# resolved from {spec_file.path.resolve()} by dsl launch; what actually ran\n"

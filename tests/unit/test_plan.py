@@ -130,3 +130,19 @@ def test_a_hugging_face_model_path_is_resolved_against_the_spec(write, tmp_path)
         plan = render(spec, [Host("localhost", (0,))], _inputs())
         resolved = yaml.safe_load(next(iter(plan.files.values())))
         assert resolved["run"]["train"]["model"][key] == str(tmp_path / "sub" / rel)
+
+
+def test_a_tokenizer_and_an_init_from_folder_are_resolved_against_the_spec(write, tmp_path):
+    """The same for data.tokenizer and run.train.init_from (deepspeed / hf)."""
+    import yaml
+
+    write("sub/model/config.json", '{"model_type": "llama"}')
+    for init in ("deepspeed: ds/ckpt", "hf: pretrained"):
+        spec = load_spec(write("sub/s.yaml", "name: t\nrun:\n  train:\n    model: {hf: model}\n"
+                                             "    data: {kind: text, path: docs.jsonl, tokenizer: tok}\n"
+                                             f"    init_from: {{{init}}}\n"))
+        plan = render(spec, [Host("localhost", (0,))], _inputs())
+        train = yaml.safe_load(next(iter(plan.files.values())))["run"]["train"]
+        assert train["data"]["tokenizer"] == str(tmp_path / "sub/tok")
+        key, rel = init.split(": ")
+        assert train["init_from"][key] == str(tmp_path / "sub" / rel)
