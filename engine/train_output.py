@@ -9,28 +9,8 @@ import signal
 from pathlib import Path
 from typing import Any, TextIO
 
+from dsl.engine.wire import format_duration, format_progress  # noqa: F401 - re-exported
 from dsl.engine.writefail import write_failed
-
-
-def format_duration(seconds: float) -> str:
-    """0:07, 12:34, 1:02:03."""
-    total = max(0, int(round(seconds)))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def format_progress(
-    step: int, steps: int, loss: float, lr: float, tokens_per_s: float, eta_s: float
-) -> str:
-    """The progress line the launcher parses:
-
-        step 120/300 | loss 2.3456 | lr 2.50e-03 | 12,345 tok/s | eta 0:07
-    """
-    return (
-        f"step {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | "
-        f"{tokens_per_s:,.0f} tok/s | eta {format_duration(eta_s)}"
-    )
 
 
 def _print_summary(summary: dict[str, Any], out: TextIO) -> None:

@@ -3,8 +3,8 @@ dsl sends to a host's guard.
 
 Producers are the rank starters (engine/elastic.py through torchrun's prefix template,
 launcher/mpirank.py with `rank_prefix`), mpirun's failure report turned into an agent report
-(launcher/backends/mpi.py, `agent_line`), the bundled trainer (engine/train_output.py,
-`format_progress`) and user scripts (`heartbeat()`); the consumers are launcher/output.py and the
+(launcher/backends/mpi.py, `agent_line`), the bundled trainer (`format_progress`, printed by
+engine/train.py) and user scripts (`heartbeat()`); the consumers are launcher/output.py and the
 mpi backend. The launcher -> guard lines are produced by launcher/backends/ssh.py and read by
 launcher/guard.py. tests/unit/test_wire_format.py checks every producer against its consumer.
 Torch-free, import-light (the rank starter imports it before torch).
@@ -13,8 +13,8 @@ Torch-free, import-light (the rank starter imports it before torch).
   template, PREFIX_TEMPLATE; `rank_prefix` writes it, RANK_LINE parses it);
 - `[dsl-agent] {json}`: the starter's report of a host's failed or checkpointed ranks
   (`agent_line` writes one, `parse_agent` reads one);
-- `step N/M | loss X | ...`: the bundled trainer's progress line on rank 0 (STEP_LINE,
-  `parse_step`);
+- `step N/M | loss X | ...`: the bundled trainer's progress line on rank 0 (`format_progress`
+  writes it, STEP_LINE / `parse_step` read it);
 - `[dsl-beat] N`: a heartbeat, one per step on every rank, printed only when the launcher
   watches for hangs (HEARTBEAT_ENV is set: local and ssh backends with `watchdog_s`). dsl
   neither prints nor logs these lines (torchrun's raw per-rank files under
@@ -86,6 +86,23 @@ def parse_agent(line: str) -> dict | None:
     except json.JSONDecodeError:
         return {}
     return report if isinstance(report, dict) else {}
+
+
+def format_duration(seconds: float) -> str:
+    """0:07, 12:34, 1:02:03."""
+    total = max(0, int(round(seconds)))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def format_progress(step: int, steps: int, loss: float, lr: float, tokens_per_s: float, eta_s: float) -> str:
+    """The bundled trainer's progress line, which `parse_step` reads:
+
+        step 120/300 | loss 2.3456 | lr 2.50e-03 | 12,345 tok/s | eta 0:07
+    """
+    return (f"step {step}/{steps} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"{tokens_per_s:,.0f} tok/s | eta {format_duration(eta_s)}")
 
 
 def parse_step(text: str) -> tuple[int, int, float] | None:

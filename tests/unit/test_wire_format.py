@@ -19,7 +19,7 @@ import time
 from types import SimpleNamespace
 
 from dsl.engine import wire
-from dsl.engine.train_output import format_progress
+from dsl.engine.wire import format_progress
 from dsl.launcher.backends.mpi import MpiOutput
 from dsl.launcher.output import RankOutput
 
