@@ -52,7 +52,7 @@ step: every rank calls `engine.save_checkpoint` (once, also when that step was a
     dsl.engine.train: SIGUSR1 received: checkpointed step 37 to OUT/checkpoints; exiting with
     code 75 (checkpointed at a time-limit signal): launch again to resume
 
-and every rank exits with EXIT_CHECKPOINTED = 75 (defined in engine/elastic.py: "checkpointed,
+and every rank exits with EXIT_CHECKPOINTED = 75 (defined in engine/wire.py: "checkpointed,
 resume me"; none of 0 = done, 1 = failure, 2 = bad spec, 128+N = killed by signal N). The next
 start with the same output_dir resumes from that checkpoint (run.train.resume, on by default); a
 Slurm batch script with `requeue: true` requeues the job on this code (launcher/slurm.py). A
@@ -94,7 +94,7 @@ if __name__ == "__main__":
         signal.signal(_sig, _on_warning)
 
 from dsl.engine.config import EngineConfig
-from dsl.engine.elastic import EXIT_CHECKPOINTED, WARNING_SIGNALS
+from dsl.engine.wire import EXIT_CHECKPOINTED, WARNING_SIGNALS
 from dsl.engine.train_config import TrainConfig
 from dsl.engine.errors import DslError, UserError
 from dsl.engine.located import load_located, validate_located

@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 
     from dsl.engine.config import EngineConfig
     from dsl.engine.located import Locations
+    from pathlib import Path
+
     from dsl.engine.train_config import DataConfig, ModelConfig
 
 __all__ = ["Problem", "Refusal", "hf_missing", "problems", "batch_reason", "compile_conflicts", "field_problems",
@@ -165,7 +167,8 @@ def problems(engine: "EngineConfig", *, model: "ModelConfig | None" = None, worl
 TRAIN_COUNTS_UNSUPPORTED = "a model known only by its counts has no weights to train; dsl plan describes it"
 
 
-def model_problems(model: "ModelConfig", *, check_installed: bool = False) -> list[Problem]:
+def model_problems(model: "ModelConfig", *, check_installed: bool = False,
+                   base: "Path | None" = None) -> list[Problem]:
     """Rules on `run.train.model` for training it, not for describing it. A model given by its
     counts (`params`) is refused: there is nothing to build (the trainer would otherwise train the
     default Llama in its place). A Hugging Face model (`hf`, `hf_config`) trains through
@@ -177,6 +180,11 @@ def model_problems(model: "ModelConfig", *, check_installed: bool = False) -> li
         return []
     field = model.form_field
     if model.form == "hf":
+        kind = _hf_kind(model, base)
+        if kind is not None and kind != "decoder":
+            return [Problem((field,), f"a Hugging Face {kind} is described by `dsl plan`, not trained: the trainer "
+                                      f"builds causal language models (engine/hf_model.py)",
+                            root=("run", "train", "model"))]
         if not check_installed:
             return []
         missing = hf_missing()
@@ -188,6 +196,24 @@ def model_problems(model: "ModelConfig", *, check_installed: bool = False) -> li
                               f"this model; to train, give its config.json (hf: DIR) or describe the bundled "
                               f"Llama (preset, or its dimensions: hidden_size, num_hidden_layers, ...)",
                     root=("run", "train", "model"))]
+
+
+def _hf_kind(model: "ModelConfig", base: "Path | None") -> str | None:
+    """decoder / encoder / encoder-decoder of a Hugging Face model's config.json (relative paths
+    from `base`, the spec's folder), or None when it cannot be read here (the ranks read it and
+    locate what is wrong)."""
+    from pathlib import Path
+
+    from dsl.engine.modeldesc.registry import describe_file
+
+    written = Path(str(model.hf if model.hf is not None else model.hf_config)).expanduser()
+    path = written if written.is_absolute() or base is None else base / written
+    if model.hf is not None:
+        path = path / "config.json"
+    try:
+        return describe_file(path, "run.train.model").kind
+    except (UserError, OSError):
+        return None
 
 
 def data_reason(data: "DataConfig", model: "ModelConfig") -> str | None:

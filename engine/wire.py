@@ -1,12 +1,12 @@
 """The rank <-> launcher wire format, in one place: what ranks print that dsl reads, and what
 dsl sends to a host's guard.
 
-Producers are the rank starters (engine/elastic.py through torchrun's prefix template,
-launcher/mpirank.py with `rank_prefix`), mpirun's failure report turned into an agent report
+Producers are the rank starters (launcher/host/elastic.py through torchrun's prefix template,
+launcher/host/mpirank.py with `rank_prefix`), mpirun's failure report turned into an agent report
 (launcher/backends/mpi.py, `agent_line`), the bundled trainer (`format_progress`, printed by
 engine/train.py) and user scripts (`heartbeat()`); the consumers are launcher/output.py and the
 mpi backend. The launcher -> guard lines are produced by launcher/backends/ssh.py and read by
-launcher/guard.py. tests/unit/test_wire_format.py checks every producer against its consumer.
+launcher/host/guard.py. tests/unit/test_wire_format.py checks every producer against its consumer.
 Torch-free, import-light (the rank starter imports it before torch).
 
 - `[dsl:RANK:LOCAL_RANK] ` prefixes every line a rank prints (torchrun's log-line prefix
@@ -22,7 +22,7 @@ Torch-free, import-light (the rank starter imports it before torch).
   `watchdog_s` is hung (launcher/supervise.py). A line of ~20 bytes per step per rank;
 - DUMP_SIGNAL: a rank that registered for it (`heartbeat()` and the bundled trainer do, with
   faulthandler) writes every thread's Python stack to stderr when it arrives; the guard sends it
-  only to processes that catch it (launcher/guard.py), so a script without it is not killed.
+  only to processes that catch it (launcher/host/guard.py), so a script without it is not killed.
 - COLLECTIVE_TIMEOUT_ENV: seconds after which a collective of the engine's process group
   (engine/dist.py) raises instead of waiting; dsl sets it from `watchdog_s`.
 
@@ -45,6 +45,13 @@ import sys
 PREFIX_TEMPLATE = "[dsl:${rank}:${local_rank}] "
 RANK_LINE = re.compile(r"^\[dsl:(\d+):(\d+)\] ?(.*)$", re.DOTALL)
 AGENT_MARK = "[dsl-agent] "
+EXIT_CHECKPOINTED = 75
+"""A rank's exit code for "I checkpointed at a warning signal (SIGUSR1/SIGUSR2) and stopped:
+resume me". The bundled trainer exits with it (engine/train.py); a user script may too. The
+launcher reports it as such (not as a failure, no restart), and a Slurm batch script with
+`requeue: true` requeues the job on it. 75 is sysexits' EX_TEMPFAIL ("try again later"), none of
+0 = done, 1 = failure, 2 = bad input, 128+N = killed by signal N."""
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \| loss ([0-9.]+|nan|inf)")
 HEARTBEAT_MARK = "[dsl-beat] "
 HEARTBEAT_ENV = "DSL_HEARTBEAT"
@@ -72,7 +79,7 @@ def parse_rank_line(line: str) -> tuple[int, int, str] | None:
 
 def agent_line(report: dict) -> str:
     """A starter's report line: AGENT_MARK + one JSON object (`event`: failed | checkpointed |
-    stopped, with `rank`, `exitcode`, `signal`, ... as engine/elastic.py writes them)."""
+    stopped, with `rank`, `exitcode`, `signal`, ... as launcher/host/elastic.py writes them)."""
     return AGENT_MARK + json.dumps(report)
 
 

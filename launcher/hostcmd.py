@@ -2,8 +2,8 @@
 
 Per host the command is
 
-    PYTHON -m dsl.launcher.guard --grace-s 3 --                  # owns and cleans up the tree
-      PYTHON -m dsl.engine.elastic --nnodes ... --tee 3 ...       # torch's elastic agent (torchrun)
+    PYTHON -m dsl.launcher.host.guard --grace-s 3 --                  # owns and cleans up the tree
+      PYTHON -m dsl.launcher.host.elastic --nnodes ... --tee 3 ...       # torch's elastic agent (torchrun)
         -m dsl.engine.train OUT/resolved.yaml  |  SCRIPT ARGS...  # the program of every rank
 
 torchrun gives every rank its environment contract (RANK, LOCAL_RANK, WORLD_SIZE,
@@ -98,7 +98,7 @@ def ssh_target(spec_file: SpecFile) -> SshTarget:
 
 def starter_argv(python: str, nnodes: int | str, node_rank: int | str, nproc: int, master_addr: str,
                  master_port: int | str, log_dir: str) -> list[str]:
-    """torchrun (through dsl.engine.elastic) for one host. nnodes, node_rank, master_addr,
+    """torchrun (through dsl.launcher.host.elastic) for one host. nnodes, node_rank, master_addr,
     master_port and log_dir may be `shell.Var`s, expanded on the host (Slurm knows them only there)."""
     def flag(name: str, value: int | str) -> str:
         if isinstance(value, shell.Var):
@@ -106,7 +106,7 @@ def starter_argv(python: str, nnodes: int | str, node_rank: int | str, nproc: in
         return f"--{name}={value}"
 
     return [
-        python, "-m", "dsl.engine.elastic",
+        python, "-m", "dsl.launcher.host.elastic",
         flag("nnodes", nnodes),
         flag("node-rank", node_rank),
         f"--nproc-per-node={nproc}",
@@ -121,7 +121,7 @@ def starter_argv(python: str, nnodes: int | str, node_rank: int | str, nproc: in
 
 
 def guard_argv(python: str, remote: bool = False, launcher_timeout_s: float | None = None) -> list[str]:
-    guard = [python, "-m", "dsl.launcher.guard", f"--grace-s={GUARD_GRACE_S:g}"]
+    guard = [python, "-m", "dsl.launcher.host.guard", f"--grace-s={GUARD_GRACE_S:g}"]
     if remote:
         # The environment arrives on stdin (no secret on a command line) and the end of stdin
         # (connection closed or lost) stops every rank of the host.

@@ -76,7 +76,7 @@ def _render_inputs(spec_file: SpecFile, pin: bool, hold_port: bool) -> tuple[Ren
         master_port=master_port,
         env_values=env_values,
         # The spec's own CUDA_VISIBLE_DEVICES (env.vars, env.file, env.forward) wins on every
-        # backend: dsl then writes none (mpi: dsl.launcher.mpirank would replace it on the hosts).
+        # backend: dsl then writes none (mpi: dsl.launcher.host.mpirank would replace it on the hosts).
         set_visible_devices=pin and "CUDA_VISIBLE_DEVICES" not in env_values,
         in_slurm_allocation=in_slurm_allocation(),
         is_root=hasattr(os, "geteuid") and os.geteuid() == 0,

@@ -1,7 +1,7 @@
 """Render an OpenMPI launch: a hostfile and one `mpirun` run on this machine (pure).
 
 mpirun starts every rank itself (ranks fill hosts in hostfile order, slot by slot, as dsl numbers
-them); each rank runs `dsl.launcher.mpirank`, which maps `OMPI_COMM_WORLD_*` to torchrun's
+them); each rank runs `dsl.launcher.host.mpirank`, which maps `OMPI_COMM_WORLD_*` to torchrun's
 environment, runs the program and prefixes its lines `[dsl:RANK:LOCAL] ` like torchrun does. Environment values travel by name (`-x NAME`, the value
 taken from mpirun's own environment), so no secret appears on a command line. ssh options reach
 mpirun's rsh agent through `--mca plm_rsh_args`, which mpirun splits on spaces itself: paths in
@@ -36,7 +36,7 @@ def render_plan(job: Job, hosts: list[Host]) -> LaunchPlan:
     hostfile_path = f"{job.output_dir}/{HOSTFILE_NAME}"
     hostfile = "".join(f"{h.name} slots={len(h.slots)}\n" for h in hosts)
     env = {**base_env(job), "MASTER_ADDR": master_addr, "MASTER_PORT": str(inputs.master_port)}
-    rank_argv = [job.python, "-m", "dsl.launcher.mpirank",
+    rank_argv = [job.python, "-m", "dsl.launcher.host.mpirank",
                  "--slots=" + ";".join(",".join(map(str, h.slots)) for h in hosts)]
     if inputs.set_visible_devices:
         rank_argv.append("--visible-devices")

@@ -1,7 +1,7 @@
 """Rank output: `[host:rank]` prefixes, per-rank log files, the failure report, progress.
 
 Every host streams one stdout and one stderr; each line a rank printed arrives tagged
-`[dsl:RANK:LOCAL_RANK] ` by the rank starter (`dsl.engine.elastic`). `RankOutput` is the sink the
+`[dsl:RANK:LOCAL_RANK] ` by the rank starter (`dsl.launcher.host.elastic`). `RankOutput` is the sink the
 backends feed, from their reader threads:
 
 - a rank's line goes to our stdout (or stderr, as the rank wrote it) as `[host:rank] text` and

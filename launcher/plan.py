@@ -39,7 +39,7 @@ class HostLaunch:
     """The CUDA_VISIBLE_DEVICES entries dsl sets for this host's ranks, one per slot (indices, GPU
     UUIDs or MIG ids, see launcher/hosts.py). Empty when dsl does not write CUDA_VISIBLE_DEVICES
     into `env`: no GPU found, the spec's env sets it, Slurm binds the devices, or mpi, where
-    dsl.launcher.mpirank derives it from the slots on the host."""
+    dsl.launcher.host.mpirank derives it from the slots on the host."""
 
     @property
     def python(self) -> str:

@@ -161,7 +161,8 @@ def resolve(spec_file: "SpecFile", hosts: "list[Host]", pin: bool, *, topology: 
     if refuse:  # dsl launch: the trainer builds only the bundled Llama (dsl plan describes any model)
         from dsl.engine.validity import model_problems, refuse_located
 
-        refuse_located(model_problems(spec.run.train.model), spec_file.locations)
+        refuse_located(model_problems(spec.run.train.model, base=spec_file.path.resolve().parent),
+                       spec_file.locations)
     topo = spec_topology(spec_file, topology)
     res = spec.resources
     auto = any(v == "auto" for v in (spec.engine.zero_stage, spec.engine.offload.optimizer,

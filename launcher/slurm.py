@@ -14,7 +14,7 @@ when the spec sets signal_before_end_s. `--requeue` / `--no-requeue` only when t
 when srun exits 75 (EXIT_CHECKPOINTED: every rank checkpointed at the signal), so the job starts
 again and resumes from that checkpoint. With more than one node each node's guard holds a 75 for
 CHECKPOINTED_LINGER_S before exiting: srun's --kill-on-bad-exit stops every other node at the
-first non-zero exit, and they must still be able to report 75 (see launcher/guard.py).
+first non-zero exit, and they must still be able to report 75 (see launcher/host/guard.py).
 
 What batch scripts people write also need: run.setup runs before srun and again on every node
 inside srun's command; env.prepend's exports come after it, once (srun passes them on);
@@ -30,7 +30,7 @@ from __future__ import annotations
 import string
 from importlib import metadata, resources
 
-from dsl.engine.elastic import EXIT_CHECKPOINTED
+from dsl.engine.wire import EXIT_CHECKPOINTED
 from dsl.launcher import shell
 from dsl.launcher.hosts import Host
 from dsl.launcher.hostcmd import base_env, guard_argv, layout, starter_argv

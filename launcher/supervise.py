@@ -8,7 +8,7 @@
 - `max_restarts: N` runs the whole plan again after a failure (not after an interrupt, a time
   limit or a checkpoint at a warning signal), up to N times; each attempt is marked in the logs.
 - A host that exits EXIT_CHECKPOINTED (75: its ranks checkpointed at a time-limit warning and
-  stopped, engine/elastic.py) is not a failure: the other hosts, which took part in the same
+  stopped, launcher/host/elastic.py) is not a failure: the other hosts, which took part in the same
   collective checkpoint, get CHECKPOINTED_WAIT_S to exit too (then they are stopped), and the job
   ends with 75 ("launch again to resume"; Slurm with `requeue: true` requeues it by itself).
 - `dsl launch --time-limit` (local and ssh backends; `TimeLimit`): `warn_before_s` before the
@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from dsl.engine.elastic import EXIT_CHECKPOINTED
+from dsl.engine.wire import EXIT_CHECKPOINTED
 from dsl.engine.errors import UserError
 from dsl.engine.writefail import EXIT_WRITE_FAILED
 from dsl.launcher.backends import Backend, HostProcess, get_backend, time_limit_backends

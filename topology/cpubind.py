@@ -13,7 +13,7 @@ per local rank out.
   node by first touch (dsl sets no memory policy of its own). A host whose /sys shows no NUMA
   node cannot be bound by node: BindError.
 
-The starter (engine/elastic.py) computes the sets once per host and hands them to every rank in
+The starter (launcher/host/elastic.py) computes the sets once per host and hands them to every rank in
 `CPU_SETS_ENV`; engine/cpubind.py, run first in each rank, applies its own before the program
 starts a thread.
 """

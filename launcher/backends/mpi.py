@@ -1,7 +1,7 @@
 """The mpi backend: run the plan's one `mpirun` here and map its tagged output to host:rank.
 
 Every rank line arrives through mpirun already prefixed `[dsl:RANK:LOCAL] ` (by
-`dsl.launcher.mpirank`); the adapter attributes it to the rank's host. When a rank fails, mpirun
+`dsl.launcher.host.mpirank`); the adapter attributes it to the rank's host. When a rank fails, mpirun
 stops every other rank itself and reports "Process name: [[JOB,1],RANK] ... Exit code: N"; the
 adapter turns that report into the failure record the supervisor reads. mpirun runs under the
 guard like any other local command, so a stop or a crash of `dsl launch` leaves nothing.
@@ -70,6 +70,6 @@ class MpiBackend(Backend):
         submit = plan.submit
         guarded = HostLaunch(
             host="mpirun", node_rank=-1, ranks=(), slots=(), cwd=submit.cwd, env=submit.env,
-            argv=(plan.hosts[0].python, "-m", "dsl.launcher.guard", f"--grace-s={GUARD_GRACE_S:g}",
+            argv=(plan.hosts[0].python, "-m", "dsl.launcher.host.guard", f"--grace-s={GUARD_GRACE_S:g}",
                   "--", *submit.argv))
         return [LocalProcess(guarded, MpiOutput(plan, sink))]

@@ -1,6 +1,6 @@
 """The per-host rank starter: torch's own elastic agent (torchrun), with a structured report.
 
-`python -m dsl.engine.elastic TORCHRUN_ARGS...` takes exactly torchrun's arguments and runs
+`python -m dsl.launcher.host.elastic TORCHRUN_ARGS...` takes exactly torchrun's arguments and runs
 torchrun's `run()`; dsl does not reimplement rank spawning. It adds what the launcher needs:
 
 - every line a rank prints is prefixed `[dsl:RANK:LOCAL_RANK] ` (torchrun's log-line prefix
@@ -53,15 +53,8 @@ import time
 
 import psutil
 
-from dsl.engine.wire import AGENT_MARK, PREFIX_TEMPLATE  # the wire format's home
+from dsl.engine.wire import AGENT_MARK, EXIT_CHECKPOINTED, PREFIX_TEMPLATE, WARNING_SIGNALS  # noqa: F401 - the wire format's home
 
-EXIT_CHECKPOINTED = 75
-"""A rank's exit code for "I checkpointed at a warning signal (SIGUSR1/SIGUSR2) and stopped:
-resume me". The bundled trainer exits with it (engine/train.py); a user script may too. The
-launcher reports it as such (not as a failure, no restart), and a Slurm batch script with
-`requeue: true` requeues the job on it. 75 is sysexits' EX_TEMPFAIL ("try again later"), none of
-0 = done, 1 = failure, 2 = bad input, 128+N = killed by signal N."""
-WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 CATCH_WAIT_S = 30.0
 COALESCE_S = 1.0
 _POLL_S = 0.05

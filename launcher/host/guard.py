@@ -1,6 +1,6 @@
 """The process guard that owns every process a job starts on one host.
 
-`python -m dsl.launcher.guard [--grace-s S] [--watch-stdin] -- COMMAND...` runs COMMAND (the rank
+`python -m dsl.launcher.host.guard [--grace-s S] [--watch-stdin] -- COMMAND...` runs COMMAND (the rank
 starter) and makes sure that when the job ends, for whatever reason, nothing it started is left:
 
 - It marks itself a child subreaper (Linux prctl), so rank processes that torchrun starts in
@@ -23,12 +23,12 @@ starter) and makes sure that when the job ends, for whatever reason, nothing it 
   backend signals a remote guard. The handlers are installed first thing and only set a
   preallocated flag (no import, I/O or allocation inside a handler: it runs between two bytecodes
   of whatever the main thread does); the main loop delivers the signal to COMMAND once COMMAND
-  catches it (dsl.engine.elastic installs its handler before importing torch), or after
+  catches it (dsl.launcher.host.elastic installs its handler before importing torch), or after
   `elastic.CATCH_WAIT_S`, so a warning that arrives while COMMAND starts is not fatal to it.
 - When COMMAND exits, leftover descendants get the same treatment, and the guard exits with
   COMMAND's exit code (128+N if COMMAND or the guard itself ended by signal N). With
   --checkpointed-linger-s S and COMMAND's code EXIT_CHECKPOINTED (75: every rank checkpointed at
-  the warning, engine/elastic.py), the guard waits up to S seconds before exiting, and a SIGTERM
+  the warning, launcher/host/elastic.py), the guard waits up to S seconds before exiting, and a SIGTERM
   in that time does not change its code: `srun --kill-on-bad-exit` ends every node's task at the
   first non-zero exit, and the other nodes, finishing the same collective checkpoint a moment
   later, must still report 75 (the batch script requeues the job on 75 only).
@@ -51,7 +51,7 @@ import time
 
 import psutil
 
-from dsl.engine.elastic import CATCH_WAIT_S, EXIT_CHECKPOINTED, WARNING_SIGNALS, catches
+from dsl.launcher.host.elastic import CATCH_WAIT_S, EXIT_CHECKPOINTED, WARNING_SIGNALS, catches
 from dsl.engine import wire
 from dsl.engine.wire import DUMP_SIGNAL
 
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     # First of all: until the handlers are set, a warning signal would end the guard.
     signals = _Signals()
     signals.install()
-    parser = argparse.ArgumentParser(prog="python -m dsl.launcher.guard")
+    parser = argparse.ArgumentParser(prog="python -m dsl.launcher.host.guard")
     parser.add_argument("--grace-s", type=float, default=3.0)
     parser.add_argument("--watch-stdin", action="store_true")
     parser.add_argument("--env-stdin", action="store_true")

@@ -1,6 +1,6 @@
 """What every rank runs first under `mpirun`: OpenMPI's environment -> torchrun's, then exec.
 
-`python -m dsl.launcher.mpirank --slots "0,1;1,3" -- PROGRAM...` sets RANK, WORLD_SIZE,
+`python -m dsl.launcher.host.mpirank --slots "0,1;1,3" -- PROGRAM...` sets RANK, WORLD_SIZE,
 LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK/NODE_RANK, ROLE_RANK, ROLE_WORLD_SIZE and
 GROUP_WORLD_SIZE from `OMPI_COMM_WORLD_*` and dsl's layout (--slots) (never OMPI_UNIVERSE_SIZE,
 which also counts mpirun's machine), CUDA_VISIBLE_DEVICES from this node's selected slots (with
@@ -37,7 +37,7 @@ def torchrun_env(ompi: dict[str, str], node_slots: list[list[int]]) -> dict[str,
         local_rank = int(ompi["OMPI_COMM_WORLD_LOCAL_RANK"])
         local_size = int(ompi["OMPI_COMM_WORLD_LOCAL_SIZE"])
     except KeyError as exc:
-        raise SystemExit(f"dsl.launcher.mpirank: {exc.args[0]} is not set; run me under OpenMPI's mpirun")
+        raise SystemExit(f"dsl.launcher.host.mpirank: {exc.args[0]} is not set; run me under OpenMPI's mpirun")
     first, node_rank = 0, None
     for index, slots in enumerate(node_slots):
         if first <= rank < first + len(slots):
@@ -45,7 +45,7 @@ def torchrun_env(ompi: dict[str, str], node_slots: list[list[int]]) -> dict[str,
             break
         first += len(slots)
     if node_rank is None or rank - first != local_rank or len(node_slots[node_rank]) != local_size:
-        raise SystemExit(f"dsl.launcher.mpirank: mpirun placed rank {rank} as local rank {local_rank} "
+        raise SystemExit(f"dsl.launcher.host.mpirank: mpirun placed rank {rank} as local rank {local_rank} "
                          f"of {local_size}, which is not dsl's layout {node_slots}; "
                          "was --map-by slot changed?")
     slots = node_slots[node_rank]
@@ -71,7 +71,7 @@ def replaced_devices_note(inherited: str | None, pinned: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dsl.launcher.mpirank")
+    parser = argparse.ArgumentParser(prog="python -m dsl.launcher.host.mpirank")
     parser.add_argument("--slots", required=True, help="per node, in node order: '0,1;1,3'")
     parser.add_argument("--visible-devices", action="store_true")
     parser.add_argument("program", nargs=argparse.REMAINDER)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if note and env["LOCAL_RANK"] == "0":  # once per host
             os.write(2, prefix + note.encode() + b"\n")
     os.environ.update(env)
-    from dsl.engine.elastic import set_omp_threads
+    from dsl.launcher.host.elastic import set_omp_threads
 
     bind = os.environ.get("DSL_BIND", "none")
     if bind != "none":  # resources.bind: pinned here, the program and its threads inherit it

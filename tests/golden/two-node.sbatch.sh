@@ -48,7 +48,7 @@ fi
 # requeue: true. Exit 75: every rank checkpointed at the time-limit signal; requeued, the job
 # starts again and resumes from that checkpoint.
 code=0
-srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 --label --export=ALL --cpus-per-task=32 bash -c 'export NODE_RANK="$SLURM_NODEID"; cd /home/alice/project && exec /opt/venv/bin/python -m dsl.launcher.guard --grace-s=3 --checkpointed-linger-s=5 -- /opt/venv/bin/python -m dsl.engine.elastic --nnodes="$NNODES" --node-rank="$SLURM_NODEID" --nproc-per-node=4 --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0 --monitor-interval=0.1 --shutdown-timeout=3 --tee=3 --log-dir=/scratch/runs/two-node/logs/torchelastic/"$SLURMD_NODENAME" -m dsl.engine.train /scratch/runs/two-node/resolved.yaml' || code=$?
+srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 --label --export=ALL --cpus-per-task=32 bash -c 'export NODE_RANK="$SLURM_NODEID"; cd /home/alice/project && exec /opt/venv/bin/python -m dsl.launcher.host.guard --grace-s=3 --checkpointed-linger-s=5 -- /opt/venv/bin/python -m dsl.launcher.host.elastic --nnodes="$NNODES" --node-rank="$SLURM_NODEID" --nproc-per-node=4 --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0 --monitor-interval=0.1 --shutdown-timeout=3 --tee=3 --log-dir=/scratch/runs/two-node/logs/torchelastic/"$SLURMD_NODENAME" -m dsl.engine.train /scratch/runs/two-node/resolved.yaml' || code=$?
 if [ "$code" -eq 75 ]; then
     echo "dsl: every rank checkpointed at the time-limit signal (exit 75); requeueing job $SLURM_JOB_ID to resume" >&2
     scontrol requeue "$SLURM_JOB_ID" || echo "dsl: scontrol requeue failed (not a batch job?); submit the script again to resume" >&2

@@ -53,7 +53,7 @@ NNODES = "7"  # what the allocation says, for the probes below
 class Rendered:
     """The parts of a `dsl sbatch` script, as bash reads them: #SBATCH options, the text before
     srun (run in the batch script), srun's argv, the node's setup script and the program argv it
-    ends in (each rank's `python -m dsl.launcher.guard ... elastic ... SCRIPT ARGS`)."""
+    ends in (each rank's `python -m dsl.launcher.host.guard ... elastic ... SCRIPT ARGS`)."""
 
     def __init__(self, text: str):
         self.text = text

@@ -40,7 +40,7 @@ def test_ctrl_c_during_the_demo_leaves_no_rank(tmp_path):
         for line in dsl.stdout:
             if re.match(r"^\[localhost:0\] step \d+/", line):
                 break
-        starters = ("dsl.launcher.guard", "dsl.engine.elastic")
+        starters = ("dsl.launcher.host.guard", "dsl.launcher.host.elastic")
         ranks = [p for p in processes_with(marker)
                  if not any(s in " ".join(p.cmdline()) for s in starters)]
         assert len(ranks) == 2  # both ranks are really running now

@@ -149,7 +149,7 @@ def test_usr1_to_the_guard_reaches_every_rank(tmp_path):
                            text=True)
     try:
         _wait_for_lines(dsl, "SLEEPING", 2, timeout_s=60)
-        guards = [p for p in processes_with(str(tmp_path / "out")) if "dsl.launcher.guard" in p.cmdline()]
+        guards = [p for p in processes_with(str(tmp_path / "out")) if "dsl.launcher.host.guard" in p.cmdline()]
         assert len(guards) == 1
         guards[0].send_signal(signal.SIGUSR1)
         assert dsl.wait(timeout=20) == 0

@@ -75,7 +75,7 @@ def test_kill_9_of_a_rank_and_sigint_stop_only_their_own_job(cluster, tmp_path):
         job, _ = _start_sleeper(cluster, tmp_path / "k9", marker)
         ranks = [p for p in job_processes(cluster, marker)["node2"]
                  if "torchrun_script.py" in " ".join(psutil.Process(p).cmdline())
-                 and "dsl.engine.elastic" not in " ".join(psutil.Process(p).cmdline())]
+                 and "dsl.launcher.host.elastic" not in " ".join(psutil.Process(p).cmdline())]
         assert len(ranks) == 1
         psutil.Process(ranks[0]).kill()
         killed = time.monotonic()

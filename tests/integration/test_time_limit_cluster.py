@@ -85,7 +85,7 @@ def test_ssh_sigusr1_to_one_remote_guard_checkpoints_every_rank_of_both_hosts(cl
     try:
         streams.wait_for(r"step 20/100000", 180)
         guards = [pid for pid in job_processes(cluster, str(out))["node2"]
-                  if psutil.Process(pid).cmdline()[1:3] == ["-m", "dsl.launcher.guard"]]
+                  if psutil.Process(pid).cmdline()[1:3] == ["-m", "dsl.launcher.host.guard"]]
         assert len(guards) == 1
         os.kill(guards[0], signal.SIGUSR1)  # node2's guard only: the ranks agree at the step's end
         code = dsl.wait(timeout=90)

@@ -45,7 +45,7 @@ def test_one_sigusr1_to_the_guard_checkpoints_every_rank_exits_75_and_a_relaunch
     dsl, lines = _start("launch", str(_train_spec(tmp_path, steps=100_000)))
     try:
         lines.wait_for("step 20/100000", timeout_s=120)
-        _job_process(out, "dsl.launcher.guard").send_signal(signal.SIGUSR1)
+        _job_process(out, "dsl.launcher.host.guard").send_signal(signal.SIGUSR1)
         code = dsl.wait(timeout=60)
         stderr = dsl.stderr.read()
     finally:
@@ -107,8 +107,8 @@ def test_a_burst_of_sigusr1_to_guard_and_agent_reaches_a_script_that_keeps_runni
     dsl, lines = _start("launch", str(spec))
     try:
         lines.wait_for("SLEEPING", count=2, timeout_s=120)
-        agent = _job_process(tmp_path / "out", "dsl.engine.elastic")
-        guard = _job_process(tmp_path / "out", "dsl.launcher.guard")
+        agent = _job_process(tmp_path / "out", "dsl.launcher.host.elastic")
+        guard = _job_process(tmp_path / "out", "dsl.launcher.host.guard")
         for _ in range(30):
             os.kill(agent.pid, signal.SIGUSR1)
             os.kill(guard.pid, signal.SIGUSR1)

@@ -1,4 +1,4 @@
-"""The rank starter (engine/elastic.py, torchrun) as the producer of the wire format
+"""The rank starter (launcher/host/elastic.py, torchrun) as the producer of the wire format
 (engine/wire.py): its prefixed rank lines and its report of a failed rank, read by the launcher's
 consumer (launcher/output.py). The other producers: tests/unit/test_wire_format.py."""
 
@@ -24,13 +24,13 @@ def _feed(output, host: str, proc: subprocess.CompletedProcess) -> None:
 
 
 def test_the_starter_prefixes_rank_lines_and_reports_the_failed_rank(tmp_path):
-    """engine/elastic.py (torchrun) as dsl runs it on a host, its output through RankOutput."""
+    """launcher/host/elastic.py (torchrun) as dsl runs it on a host, its output through RankOutput."""
     port = reserve_port()
     port.release()
     program = tmp_path / "prog.py"
     program.write_text("import os, sys\nprint('hello', os.environ['RANK'], flush=True)\nsys.exit(3)\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "dsl.engine.elastic", "--nnodes=1", "--node-rank=0", "--nproc-per-node=1",
+        [sys.executable, "-m", "dsl.launcher.host.elastic", "--nnodes=1", "--node-rank=0", "--nproc-per-node=1",
          "--master-addr=127.0.0.1", f"--master-port={port.port}", "--max-restarts=0",
          "--monitor-interval=0.1", "--tee=3", f"--log-dir={tmp_path / 'te'}", str(program)],
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})

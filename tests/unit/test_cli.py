@@ -105,7 +105,7 @@ def test_dry_run_prints_commands_and_starts_nothing(tmp_path, monkeypatch, capsy
     assert info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "[localhost] node_rank 0, ranks 0-1" in out
-    assert "-m dsl.engine.elastic" in out and "--nproc-per-node=2" in out
+    assert "-m dsl.launcher.host.elastic" in out and "--nproc-per-node=2" in out
     assert "-m dsl.engine.train" in out
     assert not (tmp_path / "runs").exists()  # nothing written either
 

@@ -1,5 +1,5 @@
 """resources.bind: the per-rank CPU sets (topology/cpubind.py), how they reach the ranks (the
-starter's rewrite of torchrun's program, engine/elastic.py), and the spec and render sides."""
+starter's rewrite of torchrun's program, launcher/host/elastic.py), and the spec and render sides."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_numa_layout_reads_sys(tmp_path):
 def test_starter_runs_each_rank_through_the_binder(monkeypatch):
     from torch.distributed.run import parse_args
 
-    from dsl.engine.elastic import bind_ranks
+    from dsl.launcher.host.elastic import bind_ranks
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("DSL_CPU_SETS", raising=False)

@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from dsl.engine.elastic import _exit_code, root_cause
+from dsl.launcher.host.elastic import _exit_code, root_cause
 
 
 def failure(exitcode, timestamp):

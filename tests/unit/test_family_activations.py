@@ -119,7 +119,7 @@ def _measure(model, dtype: str, checkpointing: bool) -> int:
             seen.setdefault(storage.data_ptr(), storage.nbytes())
 
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         for module in model.modules():
             inner = getattr(module, "_gradient_checkpointing_func", None)
             if inner is not None:

@@ -10,7 +10,7 @@ import uuid
 
 from tests.conftest import processes_with
 
-GUARD = [sys.executable, "-m", "dsl.launcher.guard", "--grace-s=1", "--"]
+GUARD = [sys.executable, "-m", "dsl.launcher.host.guard", "--grace-s=1", "--"]
 
 
 def _wait_for(predicate, timeout_s: float) -> bool:

@@ -82,7 +82,7 @@ def test_a_guard_that_hears_nothing_from_the_launcher_stops_its_ranks(tmp_path):
 
     marker = tmp_path / "child-pid"
     child = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
-    guard = subprocess.Popen([sys.executable, "-m", "dsl.launcher.guard", "--grace-s=1", "--watch-stdin",
+    guard = subprocess.Popen([sys.executable, "-m", "dsl.launcher.host.guard", "--grace-s=1", "--watch-stdin",
                               "--launcher-timeout-s=1.5", "--", sys.executable, "-c", child],
                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

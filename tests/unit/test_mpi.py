@@ -6,7 +6,7 @@ import pytest
 
 from dsl.engine.errors import UserError
 from dsl.launcher.hosts import Host
-from dsl.launcher.mpirank import torchrun_env
+from dsl.launcher.host.mpirank import torchrun_env
 from dsl.launcher.plan import RenderInputs
 from dsl.launcher.render import render
 from dsl.launcher.spec import load_spec
@@ -57,7 +57,7 @@ def test_mpirun_command(write):
     assert {"TOKEN", "MASTER_ADDR", "MASTER_PORT", "DSL_OUTPUT_DIR"} <= set(exported)
     assert "s3cret" not in " ".join(argv) and "s3cret" not in plan.describe()
     assert plan.submit.env["MASTER_ADDR"] == "a" and plan.submit.env["MASTER_PORT"] == "29555"
-    tail = argv[argv.index("dsl.launcher.mpirank") - 2:]
+    tail = argv[argv.index("dsl.launcher.host.mpirank") - 2:]
     assert tail[3:] == ["--slots=0,1;0", "--visible-devices", "--", "/py", str(write("t.py", "")), "x"]
     hostfile = next(v for k, v in plan.files.items() if k.endswith("mpi-hostfile"))
     assert hostfile == "a slots=2\nb slots=1\n"

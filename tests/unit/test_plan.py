@@ -29,9 +29,9 @@ def test_local_train_plan(write):
     assert plan.world_size == 2 and plan.master_addr == "127.0.0.1" and plan.master_port == 29511
     assert host.ranks == (0, 1) and host.cwd == "/work/dir"
     argv = list(host.argv)
-    assert argv[:3] == ["/opt/py/bin/python", "-m", "dsl.launcher.guard"]
+    assert argv[:3] == ["/opt/py/bin/python", "-m", "dsl.launcher.host.guard"]
     starter = argv[argv.index("--") + 1:]
-    assert starter[:3] == ["/opt/py/bin/python", "-m", "dsl.engine.elastic"]
+    assert starter[:3] == ["/opt/py/bin/python", "-m", "dsl.launcher.host.elastic"]
     for flag in ("--nnodes=1", "--node-rank=0", "--nproc-per-node=2", "--master-addr=127.0.0.1",
                  "--master-port=29511", "--max-restarts=0", "--tee=3"):
         assert flag in starter

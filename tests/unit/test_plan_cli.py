@@ -74,7 +74,7 @@ engine: {zero_stage: auto, activation_checkpointing: auto}
     proc = run_dsl("plan", str(spec))
     assert proc.returncode == 0, proc.stderr
     assert "commands (what dsl launch runs; dsl launch --dry-run):" in proc.stdout
-    assert "-m dsl.engine.elastic" in proc.stdout and "--nproc-per-node=2" in proc.stdout
+    assert "-m dsl.launcher.host.elastic" in proc.stdout and "--nproc-per-node=2" in proc.stdout
     assert "(probe)" in proc.stdout  # this host, probed
 
 

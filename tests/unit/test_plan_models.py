@@ -149,6 +149,20 @@ def test_launch_refuses_to_train_what_the_engine_cannot_build(tmp_path: Path):
            "dsl plan describes it" in proc.stderr
 
 
+@pytest.mark.parametrize("fixture", ["roberta-base.json", "t5-small.json"])
+def test_launch_refuses_an_encoder_or_encoder_decoder_that_plan_describes(tmp_path: Path, fixture: str):
+    """The trainer builds causal LMs: a BERT-family encoder or a T5 is planned, and refused at
+    launch with the spec's location instead of failing on every rank."""
+    shutil.copy(FIXTURES / fixture, tmp_path / "m.json")
+    spec = write_spec(tmp_path, "hf_config: m.json")
+    assert run_dsl("plan", str(spec), "--json").returncode in (0, 1)
+    proc = run_dsl("launch", str(spec), "--dry-run")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    kind = "encoder" if fixture.startswith("roberta") else "encoder-decoder"
+    assert f"{spec}:5:18 run.train.model.hf_config: a Hugging Face {kind} is described by `dsl plan`, not " \
+           "trained" in proc.stderr
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("plan-*.yaml")), ids=lambda p: p.stem)
 def test_every_candidate_of_the_shipped_plans_has_references(config: Path):
     proc = run_dsl("plan", str(config), "--json")  # exit 1 when nothing fits: the JSON is still there

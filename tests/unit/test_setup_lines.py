@@ -60,7 +60,7 @@ def test_ssh_remote_command_runs_setup_then_the_guard_through_a_real_bash(tmp_pa
     [seen] = _fake_output(proc.stdout)
     assert seen["HOSTILE"] == HOSTILE and seen["STEP"] == "2"  # exported, byte for byte
     assert seen["cwd"] == "/"  # a setup line's cd holds too
-    assert seen["argv"][:2] == ["-m", "dsl.launcher.guard"] and seen["argv"][-2:] == ["--x", "1"]
+    assert seen["argv"][:2] == ["-m", "dsl.launcher.host.guard"] and seen["argv"][-2:] == ["--x", "1"]
 
 
 def test_a_failing_line_stops_the_host_and_is_named(tmp_path):
@@ -105,12 +105,12 @@ def test_slurm_batch_script_runs_setup_before_srun_and_on_every_node(tmp_path):
 def test_mpi_ranks_run_setup_behind_mpirank(tmp_path):
     plan = _plan(tmp_path, '{"backend": "mpi", "hostfile": "hosts"}')
     argv = list(plan.hosts[0].argv)
-    assert argv[1:3] == ["-m", "dsl.launcher.mpirank"]  # mpirank first: setup output is prefixed
+    assert argv[1:3] == ["-m", "dsl.launcher.host.mpirank"]  # mpirank first: setup output is prefixed
     program = argv[argv.index("--") + 1:]
     proc = subprocess.run(program, capture_output=True, text=True, timeout=30)
     [seen] = _fake_output(proc.stdout)
     assert seen["HOSTILE"] == HOSTILE and seen["argv"][-2:] == ["--x", "1"]
-    assert plan.submit.argv[plan.submit.argv.index("dsl.launcher.mpirank") - 2] == _fake_python(tmp_path)
+    assert plan.submit.argv[plan.submit.argv.index("dsl.launcher.host.mpirank") - 2] == _fake_python(tmp_path)
 
 
 @pytest.mark.parametrize("bad", ["", "   "])

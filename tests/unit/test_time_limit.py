@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dsl.engine.elastic import EXIT_CHECKPOINTED, Forwarder, _nproc, catches, checkpointed
+from dsl.launcher.host.elastic import EXIT_CHECKPOINTED, Forwarder, _nproc, catches, checkpointed
 from dsl.engine.errors import UserError
 from dsl.launcher.hosts import Host
 from dsl.launcher.plan import RenderInputs
@@ -296,7 +296,7 @@ def test_forwarder_waits_for_a_rank_to_catch_the_signal(tmp_path):
             "while not got and time.monotonic() < deadline:\n    time.sleep(0.05)\n"
             "print('DONE', flush=True)\n")
     driver = ("import json, signal, subprocess, sys, time\n"
-              "from dsl.engine.elastic import Forwarder\n"
+              "from dsl.launcher.host.elastic import Forwarder\n"
               "forwarder = Forwarder(expected=1)\n"
               "forwarder.install()\n"
               "forwarder._on_signal(signal.SIGUSR1, None)  # what the handler does: one byte into the pipe\n"
@@ -317,7 +317,7 @@ def test_guard_passes_a_stdin_control_line_on_as_sigusr1(tmp_path):
                "signal.signal(signal.SIGUSR1, lambda *a: print('GOT USR1', flush=True))\n"
                f"pathlib.Path({str(ready)!r}).write_text('')\n"
                "time.sleep(1)\n")
-    guard = subprocess.Popen([sys.executable, "-m", "dsl.launcher.guard", "--grace-s=1", "--env-stdin",
+    guard = subprocess.Popen([sys.executable, "-m", "dsl.launcher.host.guard", "--grace-s=1", "--env-stdin",
                               "--watch-stdin", "--", sys.executable, "-c", program],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     guard.stdin.write(json.dumps({}) + "\n")
@@ -332,7 +332,7 @@ def test_guard_passes_a_stdin_control_line_on_as_sigusr1(tmp_path):
 
 
 def test_guard_lingers_on_75_and_a_sigterm_meanwhile_keeps_the_code():
-    guard = subprocess.Popen([sys.executable, "-m", "dsl.launcher.guard", "--grace-s=1",
+    guard = subprocess.Popen([sys.executable, "-m", "dsl.launcher.host.guard", "--grace-s=1",
                               "--checkpointed-linger-s=10", "--", "sh", "-c", f"exit {EXIT_CHECKPOINTED}"])
     time.sleep(1.5)
     assert guard.poll() is None  # lingering

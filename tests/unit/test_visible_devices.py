@@ -262,7 +262,7 @@ def test_render_writes_host_devices(write):
 
 
 def test_mpirank_says_when_it_replaces_the_hosts_cuda_visible_devices():
-    from dsl.launcher.mpirank import replaced_devices_note
+    from dsl.launcher.host.mpirank import replaced_devices_note
 
     assert replaced_devices_note(None, "0,1") is None
     assert replaced_devices_note("0,1", "0,1") is None

@@ -56,7 +56,7 @@ def test_the_guard_passes_the_dump_signal_only_to_processes_that_catch_it(tmp_pa
     both = (f"import subprocess, sys\nprocs = [subprocess.Popen([sys.executable, '-c', {catcher!r}]),"
             f" subprocess.Popen([sys.executable, '-c', {plain!r}])]\n"
             "codes = [p.wait() for p in procs]\nprint('codes', codes, flush=True)\n")
-    guard = subprocess.Popen([sys.executable, "-m", "dsl.launcher.guard", "--grace-s=1", "--", sys.executable,
+    guard = subprocess.Popen([sys.executable, "-m", "dsl.launcher.host.guard", "--grace-s=1", "--", sys.executable,
                               "-c", both], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = {guard.stdout.readline().strip() for _ in range(2)}

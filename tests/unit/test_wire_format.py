@@ -1,8 +1,8 @@
 """The rank <-> launcher wire format (engine/wire.py): every producer's output read by its consumer.
 
-Producers run for real where they are programs: the MPI rank shim (launcher/mpirank.py) and
-the guard (launcher/guard.py) reading what the ssh backend writes on its stdin; the rank starter
-(engine/elastic.py: torchrun's prefix and the `[dsl-agent]` report of a failed rank) imports torch,
+Producers run for real where they are programs: the MPI rank shim (launcher/host/mpirank.py) and
+the guard (launcher/host/guard.py) reading what the ssh backend writes on its stdin; the rank starter
+(launcher/host/elastic.py: torchrun's prefix and the `[dsl-agent]` report of a failed rank) imports torch,
 which takes too long for a unit test: tests/integration/test_wire_starter.py runs it. Their output
 goes through the launcher's consumer (launcher/output.py RankOutput), as in `dsl launch`.
 """
@@ -47,7 +47,7 @@ def test_the_mpi_rank_shim_prefixes_like_torchrun(tmp_path):
     env = {**os.environ, "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4",
            "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
            "MASTER_ADDR": "a", "MASTER_PORT": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dsl.launcher.mpirank", "--slots=0,1;0,1", "--",
+    proc = subprocess.run([sys.executable, "-m", "dsl.launcher.host.mpirank", "--slots=0,1;0,1", "--",
                            sys.executable, "-c", "import os; print('from', os.environ['RANK'])"],
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -136,7 +136,7 @@ def test_the_guard_reads_the_lines_the_ssh_backend_writes(tmp_path):
     program = ("import os, signal, sys, time, pathlib\n"
                f"signal.signal(signal.SIGUSR1, lambda *a: pathlib.Path({str(got)!r}).write_text(os.environ['WIRE_X']))\n"
                "print('ready', flush=True)\ntime.sleep(30)\n")
-    guard = subprocess.Popen([sys.executable, "-m", "dsl.launcher.guard", "--grace-s=1", "--env-stdin",
+    guard = subprocess.Popen([sys.executable, "-m", "dsl.launcher.host.guard", "--grace-s=1", "--env-stdin",
                               "--watch-stdin", "--", sys.executable, "-c", program],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False)
     try:
