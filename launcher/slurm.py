@@ -161,8 +161,9 @@ def render_script(spec_file: SpecFile, *, output_dir: str, script_path: str, nod
     srun = [shell.Var("--nodes=", NODES_VAR), shell.Var("--ntasks=", NODES_VAR), "--ntasks-per-node=1",
             "--kill-on-bad-exit=1", "--label", "--export=ALL"]
     if spec.resources.slurm.cpus_per_task:
-        # Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch.
-        srun.append(f"--cpus-per-task={spec.resources.slurm.cpus_per_task}")
+        # Since Slurm 22.05 srun does not inherit --cpus-per-task from sbatch: pass the job's own
+        # value (the #SBATCH line's, or `sbatch --cpus-per-task=N script` when given there).
+        srun.append(shell.Var("--cpus-per-task=", "SLURM_CPUS_PER_TASK"))
     srun += container_options(spec.resources.slurm)
     srun += spec.resources.slurm.srun_args
     srun += ["bash", "-c", node_command]

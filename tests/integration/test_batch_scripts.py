@@ -348,18 +348,19 @@ def test_alignment_handbook_script_trains_on_the_nodes_sbatch_gives_it(cluster, 
 
 def test_accelerate_script_trains_on_the_nodes_sbatch_gives_it(cluster, tmp_path):
     folder = tmp_path / "accelerate"
-    # The one change: the script asks 160 CPUs a task, which dsl gives srun too (so `sbatch
-    # --cpus-per-task` cannot lower it for the step); the test cluster's nodes have 2.
+    # The script asks 160 CPUs a task; the test cluster's nodes have 2: `sbatch --cpus-per-task=1`
+    # lowers it for the job, and srun takes the job's value ($SLURM_CPUS_PER_TASK).
     spec = yaml.safe_load((FIXTURES / "accelerate_submit_multinode.yaml").read_text())
-    assert spec["resources"]["slurm"].pop("cpus_per_task") == 160
+    assert spec["resources"]["slurm"]["cpus_per_task"] == 160
     spec["run"]["script"] = str(FIXTURES / spec["run"]["script"])
     (tmp_path / "accelerate.yaml").write_text(yaml.safe_dump(spec))
     text = _render(tmp_path / "accelerate.yaml", folder)
-    assert "#SBATCH --nodes=4" in text and "#SBATCH --gres=gpu:4" in text
+    assert "#SBATCH --nodes=4" in text and "#SBATCH --gres=gpu:4" in text and "#SBATCH --cpus-per-task=160" in text
     env = {**_site(tmp_path, folder), "ACCELERATE_DIR": str(tmp_path / "acc dir"),
            "TRAIN_TINY_REPORT": "ACCELERATE_ENV,ACCELERATE_DIR,GPUS_PER_NODE"}
     for nodes in (1, 2):  # one after the other: the script's fixed port 29500 would collide on a shared node
-        ranks = _trained(cluster, folder, _submit(cluster, folder, env, f"--nodes={nodes}", *TEST_CLUSTER, "job.sh"))
+        ranks = _trained(cluster, folder, _submit(cluster, folder, env, f"--nodes={nodes}", "--cpus-per-task=1",
+                                                  *TEST_CLUSTER, "job.sh"))
         _check_trained(ranks, nodes, 4)
         assert {tuple(r["args"]) for r in ranks} == {("--mixed_precision", "fp16", "--output_dir",
                                                       "/accelerate/examples/output")}
