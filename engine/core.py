@@ -180,6 +180,9 @@ class Engine:
         self.cpu_allocator_reuse = (self.device.type == "cpu" and config.cpu_allocator == "reuse"
                                     and cpu_alloc.keep_freed_blocks())
         """True when this process's malloc keeps freed blocks (engine/cpu_alloc.py)."""
+        self.cpu_allocator_return = (self.device.type == "cpu" and config.cpu_allocator == "return"
+                                     and cpu_alloc.return_freed_blocks())
+        """True when this process's malloc returns every freed block of 1 MiB or more."""
         self.module = model.to(self.device)
         named = named_trainable(self.module)
         if not named:

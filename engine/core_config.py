@@ -35,6 +35,9 @@ def device_notes(config: EngineConfig, device: torch.device) -> list[str]:
         if config.tf32 != defaults.tf32:
             notes.append(f"engine.tf32: {config.tf32} has no effect on {device.type} (TensorFloat-32 is a "
                          "CUDA matmul mode; fp32 on the CPU is IEEE fp32 either way)")
+    elif config.cpu_allocator != defaults.cpu_allocator:
+        notes.append(f"engine.cpu_allocator: {config.cpu_allocator} has no effect on {device.type} (it sets "
+                     "the host malloc of a rank that trains on the CPU)")
     return notes
 
 

@@ -16,7 +16,8 @@ whose allocation sizes keep changing can fragment it. It applies to the whole pr
 engine runs one rank per process) and is a no-op off glibc.
 
 `EngineConfig.cpu_allocator` chooses: "reuse" (default; only when the engine's device is the
-CPU) or "system" (leave malloc alone). The setting does not change results, only speed.
+CPU, `keep_freed_blocks`), "system" (leave malloc alone) or "return" (`return_freed_blocks`,
+engine/core.py). The setting does not change results, only speed and the resident set.
 
 What each setting does to the resident set (docs/benchmarks.md, "Peak memory", tests/bench/peak.py):
 a rank's peak RSS is the process baseline plus the step's live bytes plus what malloc keeps of

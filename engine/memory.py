@@ -422,7 +422,8 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
                                           tiled_mlp_tokens=tiled_mlp_tokens, activation_offload=offload_acts,
                                           accelerator=accelerator)
     terms += [acts, copies, recompute,
-              logits(shape, micro_batch=mb, seq_len=seq_len, sp=sp, chunk_tokens=tiled_loss_tokens)]
+              logits(shape, micro_batch=mb, seq_len=seq_len, sp=sp, chunk_tokens=tiled_loss_tokens, sb=sb,
+                     stage=stage)]
     if getattr(shape, "model_states_only", False):  # engine/modeldesc/shape.py: counts, no dimensions
         unknown = ("unknown: the model is given by its counts only; give layers, hidden, heads, vocab and "
                    "seq_len for these")

@@ -215,14 +215,26 @@ def _family_terms(shape: ModelShape, saved: "Saved", *, sb: StateBytes, stage: i
 
 
 def logits(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
-           chunk_tokens: int | None = None) -> Term:
-    """The loss's logits buffers; with a tiled loss of `chunk_tokens`, one chunk's. An
-    encoder-decoder's logits are its decoder's tokens (`decoder_seq_len` of a DescribedShape)."""
+           chunk_tokens: int | None = None, sb: StateBytes | None = None, stage: int = 0) -> Term:
+    """The loss's logits buffers; with a tiled loss of `chunk_tokens`, what its backward holds
+    (engine/long/tiled_loss.py, measured on the loss alone to 0.05 MiB at 128-2,368 tokens): one
+    chunk's logits, their fp32 log-softmax and its gradient (12 B a logit with two chunks or more;
+    with one chunk 8 B, plus the 16-bit logits under autocast), the fp32 accumulator of the head's
+    gradient (4 B x vocab x hidden), the gradient of the hidden states (residual bytes a token),
+    and under autocast with fp32 weights the head's 16-bit cast. An encoder-decoder's logits are
+    its decoder's tokens (`decoder_seq_len` of a DescribedShape)."""
     tokens = micro_batch * (getattr(shape, "decoder_seq_len", 0) or seq_len or shape.seq_len) // sp
     if chunk_tokens is not None:
+        sb = sb or state_bytes()
         chunk = min(chunk_tokens, tokens)
-        return Term(LOGITS, device_bytes=12 * chunk * shape.vocab,
-                    formula=f"12 B x {chunk:,} tokens (one tiled-loss chunk) x {shape.vocab:,} vocab")
+        v, h = shape.vocab, shape.hidden
+        cast = sb.autocast and not sb.weights16 and not (stage >= 3 and sb.work)
+        per_logit = 12 if tokens > chunk else 8 + (sb.compute if sb.autocast else 0)
+        total = per_logit * chunk * v + 4 * v * h + sb.residual * tokens * h + (sb.compute * v * h if cast else 0)
+        return Term(LOGITS, device_bytes=total,
+                    formula=f"{per_logit} B x {chunk:,} tokens (one tiled-loss chunk) x {v:,} vocab + fp32 head "
+                            f"gradient 4 B x {v:,} x {h:,} + hidden gradient {sb.residual} B x {tokens:,} x {h:,}"
+                            + (f" + the head's {sb.compute} B cast" if cast else ""))
     return Term(LOGITS, device_bytes=12 * tokens * shape.vocab,
                 formula=f"12 B x {tokens:,} tokens x {shape.vocab:,} vocab (fp32 log-softmax, its grad, logits grad)")
 

@@ -392,6 +392,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
             # initialize() refused a model it could not checkpoint (engine/long/setup.py)
             + (", activation checkpointing" if ecfg.activation_checkpointing is True else "")
             + (", malloc keeps freed blocks" if engine.cpu_allocator_reuse else "")
+            + (", malloc returns freed blocks" if getattr(engine, "cpu_allocator_return", False) else "")
             + (f", torch.compile of {len(engine.compiled)} blocks (the first step compiles)"
                if engine.compiled else ", eager"),
             file=sys.stderr,

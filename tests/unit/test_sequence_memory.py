@@ -18,7 +18,14 @@ def _b(stage: int = 3, **kw) -> memory.Breakdown:
 def test_tiled_loss_keeps_one_chunk_of_logits_and_no_log_softmax():
     plain, tiled = _b(), _b(tiled_loss_tokens=2048)
     assert plain.term(memory.LOGITS).device_bytes == 12 * 16384 * SHAPE.vocab
-    assert tiled.term(memory.LOGITS).device_bytes == 12 * 2048 * SHAPE.vocab
+    # one chunk's logits, log-softmax and gradient, the fp32 head-gradient accumulator and the
+    # hidden states' gradient (fp32 residual); stage 3 gathers 16-bit weights: no head cast
+    v, h = SHAPE.vocab, SHAPE.hidden
+    assert tiled.term(memory.LOGITS).device_bytes == 12 * 2048 * v + 4 * v * h + 4 * 16384 * h
+    # the master layout at stage 2 holds 16-bit weights: no cast either; autocast's fp32 weights are
+    # cast to bf16 for the chunks (2 B x vocab x hidden)
+    assert _b(stage=2, layout="autocast", tiled_loss_tokens=2048).term(memory.LOGITS).device_bytes \
+        == tiled.term(memory.LOGITS).device_bytes + 2 * v * h
     # and under the autocast layout at stages 0-2 lm_head's 16-bit weight copy is not saved (the
     # tiled loss casts it inside); stage 3 gathers 16-bit weights (and the master layout holds
     # them), so autocast copies none either way
