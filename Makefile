@@ -73,7 +73,7 @@ test-gpu: install
 # engine step (dsl vs DeepSpeed 0.19.8, DDP, FSDP2), fused optimizer GB/s, 1-bit compressed
 # all-reduce on a 1 Gbit/s link (needs root: test-cluster namespaces + tc), memory model vs
 # measured, long-context sequence lengths. `make bench BENCH=memory` runs one.
-BENCH ?= run layout ds_parity ds_config_parity optim onebit memory peak longctx hf_engine
+BENCH ?= run layout ds_parity ds_config_parity optim onebit memory peak longctx hf_engine plan_speed
 bench: install system-deps bench-venv
 	set -e; for b in $(BENCH); do echo "== tests/bench/$$b.py" >&2; $(BIN)/python tests/bench/$$b.py; done
 

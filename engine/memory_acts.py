@@ -11,7 +11,8 @@ T5 encoder-decoder, eager vs flash/SDPA attention, mixture-of-experts routing bu
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import TYPE_CHECKING, Any
 
 from dsl.engine.memory_shape import (ACTIVATIONS, LOGITS, OFFLOADED_ACTIVATIONS, RECOMPUTE, WEIGHT_COPIES, MiB,
                                      ModelShape, StateBytes, Term, state_bytes)
@@ -106,14 +107,23 @@ def family_saved(shape: ModelShape, *, micro_batch: int, seq_len: int | None = N
                        moe_layers=shape.moe_layers if shape.experts else 0, tiled_mlp=tiled_mlp)
 
 
-def activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
-                checkpointing: bool = False, flash_attention: bool = True,
-                sb: StateBytes | None = None, stage: int = 0, tiled_loss_tokens: int | None = None,
-                tiled_mlp_tokens: int | None = None, activation_offload: bool = False,
-                accelerator: bool = True) -> tuple[Term, Term, Term]:
+def activations(shape: ModelShape, **kw: Any) -> tuple[Term, Term, Term]:
     """(activations saved by the forward on the device, autocast weight copies, recomputation
-    peak) of one rank for one micro-batch. With activation_offload (and checkpointing) the layer
-    inputs are not on the device: `offloaded_activations` has them."""
+    peak) of one rank for one micro-batch (keywords: `_activations`'). The planner asks for the
+    same ones for every offload variant of a candidate: memoized (shapes and terms are frozen)."""
+    try:
+        return _memo(shape, **kw)
+    except TypeError:  # an unhashable argument: computed each time
+        return _activations(shape, **kw)
+
+
+def _activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = None, sp: int = 1,
+                 checkpointing: bool = False, flash_attention: bool = True,
+                 sb: StateBytes | None = None, stage: int = 0, tiled_loss_tokens: int | None = None,
+                 tiled_mlp_tokens: int | None = None, activation_offload: bool = False,
+                 accelerator: bool = True) -> tuple[Term, Term, Term]:
+    """See `activations`. With activation_offload (and checkpointing) the layer inputs are not on
+    the device: `offloaded_activations` has them."""
     sb = sb or state_bytes()
     seq = seq_len or shape.seq_len
     tokens = micro_batch * seq // sp
@@ -257,3 +267,6 @@ def offloaded_activations(shape: ModelShape, *, micro_batch: int, seq_len: int |
     return Term(OFFLOADED_ACTIVATIONS, host_bytes=host,
                 formula=f"{shape.layers} layer inputs x {sb.residual} B x {tokens:,} tokens x {shape.hidden} "
                         f"+ RoPE tables, in host memory")
+
+
+_memo = functools.lru_cache(maxsize=4096)(_activations)

@@ -193,7 +193,9 @@ def _print_plan(prepared: Prepared, as_json: bool) -> int:
         raise UserError(f"{prepared.spec_file.path}: nothing to plan: dsl plan needs run.train "
                         "(the bundled engine)")
     if as_json:
-        print(json.dumps({**memory.to_json(), "launch": prepared.plan.to_json()}, indent=1))
+        # One line: with indent json falls back to its pure-Python encoder, ~0.1 s for a plan's
+        # hundreds of candidates, a fifth of `dsl plan`'s 0.5 s budget; `| jq` indents it.
+        print(json.dumps({**memory.to_json(), "launch": prepared.plan.to_json()}))
     else:
         from rich.console import Console
 
