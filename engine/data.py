@@ -57,6 +57,7 @@ from dsl.engine.train_config import DataConfig
 
 __all__ = [
     "TokenBatches",
+    "WindowOrder",
     "SyntheticData",
     "TokenFileData",
     "open_data",
@@ -87,6 +88,27 @@ def _mix(*values: int) -> int:
         h = (h * 0x94D049BB133111EB) & _MASK64
         h ^= h >> 29
     return h >> 1  # torch.Generator.manual_seed wants a value that fits in int64
+
+
+class WindowOrder:
+    """Which window (0 <= w < windows) global sample i reads: i mod windows in file order
+    (`sequential`), or a permutation per epoch i // windows seeded by (seed, epoch), the same on
+    every rank and after any resume (token files here, engine/text_data.py's packed text)."""
+
+    def __init__(self, order: str, seed: int, windows: int) -> None:
+        self.order, self.seed, self.windows = order, seed, windows
+        self._epoch = -1
+        self._perm: torch.Tensor | None = None
+
+    def __call__(self, sample: int) -> int:
+        epoch, index = divmod(sample, self.windows)
+        if self.order == "sequential":
+            return index
+        if epoch != self._epoch:
+            rng = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            self._perm = torch.randperm(self.windows, generator=rng)
+            self._epoch = epoch
+        return int(self._perm[index])
 
 
 class TokenBatches:
@@ -246,8 +268,8 @@ class TokenFileData(TokenBatches):
         self.n_tokens = n_tokens
         self.windows = (n_tokens - 1) // self.seq_len
         """Sequences per epoch."""
-        self._perm_epoch = -1
-        self._perm: torch.Tensor | None = None
+        self.window = WindowOrder(self.cfg.order, self.cfg.seed, self.windows)
+        """The window (0 <= w < windows) a global sample reads."""
         self._check_sample()
 
     def _check_sample(self) -> None:
@@ -271,17 +293,6 @@ class TokenFileData(TokenBatches):
             raise UserError(
                 f"{_PATH_FIELD}: {self.path} holds token id {top} at token {at:,}, but "
                 f"run.train.model.vocab_size is {self.vocab_size} ({note})")
-
-    def window(self, sample: int) -> int:
-        """The window (0 <= w < windows) global sample `sample` reads."""
-        epoch, index = divmod(sample, self.windows)
-        if self.cfg.order == "sequential":
-            return index
-        if epoch != self._perm_epoch:
-            rng = torch.Generator().manual_seed(_mix(self.cfg.seed, epoch))
-            self._perm = torch.randperm(self.windows, generator=rng)
-            self._perm_epoch = epoch
-        return int(self._perm[index])
 
     def sequences(self, start: int, count: int) -> torch.Tensor:
         t = self.seq_len

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from dsl.engine.data import TokenBatches, _mix
+from dsl.engine.data import TokenBatches, WindowOrder
 from dsl.engine.errors import UserError
 from dsl.engine.train_config import DataConfig
 
@@ -174,19 +174,8 @@ class TextData(TokenBatches):
                             f"{vocab_size} token ids (its vocab_size); is this the model's tokenizer?")
         self.windows = (self.n_tokens - 1) // self.seq_len
         """Sequences per epoch."""
-        self._perm_epoch = -1
-        self._perm: torch.Tensor | None = None
-
-    def window(self, sample: int) -> int:
-        """The window (0 <= w < windows) global sample `sample` reads."""
-        epoch, index = divmod(sample, self.windows)
-        if self.cfg.order == "sequential":
-            return index
-        if epoch != self._perm_epoch:
-            rng = torch.Generator().manual_seed(_mix(self.cfg.seed, epoch))
-            self._perm = torch.randperm(self.windows, generator=rng)
-            self._perm_epoch = epoch
-        return int(self._perm[index])
+        self.window = WindowOrder(self.cfg.order, self.cfg.seed, self.windows)
+        """The window (0 <= w < windows) a global sample reads (engine/data.py)."""
 
     def sequences(self, start: int, count: int) -> torch.Tensor:
         t = self.seq_len

@@ -151,52 +151,46 @@ def test_a_bf16_deepspeed_checkpoint_brings_its_fp32_masters(runs: DeepSpeedRuns
     assert max(abs(a - b) for a, b in zip(losses, deepspeed)) < 0.02, (losses, deepspeed)
 
 
-def test_a_dsl_run_whose_output_dir_holds_the_import_resumes_from_it(runs: DeepSpeedRuns, tmp_path: Path,
-                                                                    monkeypatch) -> None:
-    """The user's path: `python -m dsl.engine.ds_import DS_DIR OUT/checkpoints`, then the trainer
-    with output_dir OUT resumes there (run.train.resume) and continues as DeepSpeed did."""
-    from dsl.engine.ds_import import main as import_main
+def _trainer_continues_deepspeed(runs: DeepSpeedRuns, tmp_path: Path, monkeypatch, *, stage: int,
+                                 init_from: str = "") -> Path:
+    """The trainer (engine/train.py) on output_dir tmp_path/out after DeepSpeed's stage-2 run:
+    its steps 11-13 are DeepSpeed's continuation within TOL. Returns the spec it wrote."""
     from dsl.engine.train import main
     from tests.integration.ds_checkpoint_worker import LR, MICRO, SEQ, WEIGHT_DECAY
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
-    ds_out = runs.get(2)
-    assert import_main([str(ds_out), str(tmp_path / "out" / "checkpoints")]) == 0
     spec = tmp_path / "spec.yaml"
-    spec.write_text(f"run:\n  train:\n    model: {{hf: {runs.model}, seq_len: {SEQ}}}\n    steps: {STEPS}\n    log_every: 1\n"
-                    f"engine: {{zero_stage: 1, micro_batch: {MICRO}, grad_accum: 2, grad_clip: null, optimizer: "
+    spec.write_text(f"run:\n  train:\n    model: {{hf: {runs.model}, seq_len: {SEQ}}}\n    steps: {STEPS}\n"
+                    f"    log_every: 1\n{init_from}"
+                    f"engine: {{zero_stage: {stage}, micro_batch: {MICRO}, grad_accum: 2, grad_clip: null, optimizer: "
                     f"{{lr: {LR}, weight_decay: {WEIGHT_DECAY}}}, scheduler: {{type: constant, warmup_steps: 0}}}}\n"
                     f"output_dir: {tmp_path / 'out'}\n")
     assert main([str(spec)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(SAVE_AT + 1, STEPS + 1))
-    deepspeed = json.loads((ds_out / "losses.json").read_text())[SAVE_AT:]
+    deepspeed = json.loads((runs.get(2) / "losses.json").read_text())[SAVE_AT:]
     assert max(abs(r["loss"] - d) for r, d in zip(rows, deepspeed)) <= TOL, (rows, deepspeed)
+    return spec
+
+
+def test_a_dsl_run_whose_output_dir_holds_the_import_resumes_from_it(runs: DeepSpeedRuns, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """The user's path: `python -m dsl.engine.ds_import DS_DIR OUT/checkpoints`, then the trainer
+    with output_dir OUT resumes there (run.train.resume) and continues as DeepSpeed did."""
+    from dsl.engine.ds_import import main as import_main
+
+    assert import_main([str(runs.get(2)), str(tmp_path / "out" / "checkpoints")]) == 0
+    _trainer_continues_deepspeed(runs, tmp_path, monkeypatch, stage=1)
 
 
 def test_init_from_deepspeed_imports_once_and_continues_as_deepspeed_does(runs: DeepSpeedRuns, tmp_path: Path,
                                                                          monkeypatch) -> None:
     """run.train.init_from: {deepspeed: DIR}: the trainer imports the checkpoint into its own
     output_dir/checkpoints (a relative folder starts at the spec's), then resumes from it."""
-    from dsl.engine.train import main
-    from tests.integration.ds_checkpoint_worker import LR, MICRO, SEQ, WEIGHT_DECAY
-
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    ds_out = runs.get(2)
-    spec = tmp_path / "spec.yaml"
-    rel = os.path.relpath(ds_out, tmp_path)
-    spec.write_text(f"run:\n  train:\n    model: {{hf: {runs.model}, seq_len: {SEQ}}}\n    steps: {STEPS}\n"
-                    f"    log_every: 1\n    init_from: {{deepspeed: {rel}}}\n"
-                    f"engine: {{zero_stage: 2, micro_batch: {MICRO}, grad_accum: 2, grad_clip: null, optimizer: "
-                    f"{{lr: {LR}, weight_decay: {WEIGHT_DECAY}}}, scheduler: {{type: constant, warmup_steps: 0}}}}\n"
-                    f"output_dir: {tmp_path / 'out'}\n")
-    assert main([str(spec)]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(SAVE_AT + 1, STEPS + 1))
-    deepspeed = json.loads((ds_out / "losses.json").read_text())[SAVE_AT:]
-    assert max(abs(r["loss"] - d) for r, d in zip(rows, deepspeed)) <= TOL, (rows, deepspeed)
+    rel = os.path.relpath(runs.get(2), tmp_path)
+    spec = _trainer_continues_deepspeed(runs, tmp_path, monkeypatch, stage=2,
+                                        init_from=f"    init_from: {{deepspeed: {rel}}}\n")
     # A folder that does not exist is a located error of the spec.
     spec.write_text(spec.read_text().replace(rel, "no-such-folder"))
     with pytest.raises(UserError, match=r"spec.yaml:\d+:\d+ run.train.init_from.deepspeed: no such folder"):
