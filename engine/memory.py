@@ -104,8 +104,7 @@ stages 0-1 reduce inside their full gradient buffer, so no extra; stage 3 holds 
 largest unit it gathers (a decoder layer, or the embedding/head) twice (current + prefetched;
 2 B/param under bf16/fp16, the working copy's dtype) plus that unit's unsharded gradient. A CUDA
 rank also holds ~1 GiB of CUDA context, NCCL and cuBLAS workspaces (`runtime`); a CPU rank
-its measured process baseline (Python, torch, gloo: 260 MiB, 406 MiB with activation
-checkpointing, which imports torch._dynamo).
+~0.4 GiB of torch itself.
 
 Model construction: at stages 0-2 the trainer builds the full model in fp32 on the host before
 the engine moves it, so each rank needs 4P bytes of host RAM for a moment (`transient`). Stage 3
@@ -135,7 +134,7 @@ from dsl.engine.memory_shape import (  # noqa: F401 - re-exported: engine.memory
     ACTIVATIONS, BUCKETS, CPU_RUNTIME_BYTES, GATHERED, GB, GPU_RUNTIME_BYTES,
     GRADIENTS, GiB, LOGITS, Layout, MASTER, MODEL_INIT, MiB, ModelShape, NVME_SWAP_BUFFERS,
     OFFLOADED_ACTIVATIONS, OFFLOAD_BUFFERS, OPTIMIZER, PARAMETERS, RECOMPUTE, RUNTIME, StateBytes,
-    Term, WEIGHT_COPIES, _ceil_div, cpu_runtime_bytes, state_bytes,
+    Term, WEIGHT_COPIES, _ceil_div, state_bytes,
 )
 
 from dsl.engine.memory_acts import (  # noqa: E402,F401 - re-exported: engine.memory is the public name
@@ -449,11 +448,9 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
         terms.append(Term(GATHERED, device_bytes=2 * gather * unit + sb.grad * unit,
                           formula=f"2 x {gather} B x {unit:,} (largest unit, current + prefetched) "
                                   f"+ its {sb.grad} B gradient"))
-    runtime = GPU_RUNTIME_BYTES if accelerator else cpu_runtime_bytes(checkpointing)
+    runtime = GPU_RUNTIME_BYTES if accelerator else CPU_RUNTIME_BYTES
     terms.append(Term(RUNTIME, device_bytes=runtime,
-                      formula="CUDA context, NCCL, cuBLAS workspaces" if accelerator else
-                      "Python, torch, gloo (measured baseline" + (", + torch._dynamo for checkpointing)"
-                                                                  if checkpointing else ")")))
+                      formula="CUDA context, NCCL, cuBLAS workspaces" if accelerator else "torch and Python"))
     if accelerator and stage < 3:
         terms.append(Term(MODEL_INIT, host_bytes=4 * shape.params, transient=True,
                           formula=f"4 B x {shape.params:,}: the fp32 model built on the host before it moves"))

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.bench.layout import cpu_model  # noqa: E402
 from tests.bench.report import write_section  # noqa: E402
-from dsl.engine.memory_shape import cpu_runtime_bytes  # noqa: E402
+from dsl.engine.memory_shape import CPU_RUNTIME_BYTES  # noqa: E402
 from dsl.engine.presets import PRESETS  # noqa: E402
 
 SMALL = {"preset": "bench"}
@@ -127,7 +127,7 @@ def measure_baseline(alloc: str, checkpointing: bool) -> int:
     are ~1 MiB), the larger rank's peak RSS minus the model's live peak of that step."""
     r = run_case("baseline", {"preset": "tiny"}, {"zero_stage": 0, **FP32, "micro_batch": 2,
                                                   "activation_checkpointing": checkpointing}, alloc)
-    return max(r["peaks"]) - (r["predicted"] - cpu_runtime_bytes(checkpointing))
+    return max(r["peaks"]) - (r["predicted"] - CPU_RUNTIME_BYTES)
 
 
 def live_peaks(results: list[dict]) -> None:
@@ -154,7 +154,7 @@ def live_peaks(results: list[dict]) -> None:
 def calibrated(r: dict, baselines: dict) -> int:
     """The case's prediction with the measured baseline in place of the fixed runtime term."""
     ckpt = " ckpt " in r["case"] + " "
-    return r["predicted"] - cpu_runtime_bytes(ckpt) + baselines[(r["alloc"], ckpt)]
+    return r["predicted"] - CPU_RUNTIME_BYTES + baselines[(r["alloc"], ckpt)]
 
 
 def table(results: list[dict], baselines: dict) -> list[str]:
@@ -331,8 +331,7 @@ def body(results: list[dict], baselines: dict, lines: list[str], speed: list[dic
         f"CPU: {cpu_model()}. {len(results)} cases ({len(CONFIGS)} configurations x allocator settings), 2 gloo "
         f"ranks, {STEPS} steps with a checkpoint save, each case a `dsl launch` of the bundled trainer. plan: "
         "`predicted_peak_bytes` of metrics.jsonl (the memory model's peak by phase, engine/memory_peak.py, with its "
-        f"runtime term of {cpu_runtime_bytes(False) / 2**20:,.0f} MiB, {cpu_runtime_bytes(True) / 2**20:,.0f} MiB with "
-        "checkpointing: the figure `dsl plan` shows) and its phase; "
+        f"fixed runtime term of {CPU_RUNTIME_BYTES / 2**20:,.0f} MiB: the figure `dsl plan` shows) and its phase; "
         "RSS: each rank's VmHWM. calibrated: the same model with the measured process baseline in place of the "
         f"runtime term (baseline measured by the trainer on the tiny preset: {base}). live heap: the engine "
         "alone with the same settings, glibc's in-use bytes sampled through a step (tests/heap_measure.py), "
@@ -350,9 +349,10 @@ def body(results: list[dict], baselines: dict, lines: list[str], speed: list[dic
         "GIL). Measured apart (engine alone, `return`): tiled loss only 1.03x the calibrated prediction (the "
         "tiled loss's backward also holds the fp32 lm_head-gradient accumulator, 4 B x vocab x hidden, its "
         "grad_hidden, and under bf16 the head's 16-bit cast: engine/long/tiled_loss.py), tiled MLP only "
-        "1.07-1.08x, not located. Against the plan's own figure the RSS under `return` is "
-        f"{ratio_range(results, 'return', plan=True)} (the runtime term is the baseline measured here: 260 MiB, "
-        "406 MiB when activation checkpointing imports torch._dynamo, as torch.utils.checkpoint does). Under `reuse` and `system` the heap's high-water mark carries the "
+        "1.07-1.08x, not located. Against the plan's own figure, with its fixed 400 MiB runtime term, the "
+        f"RSS under `return` is {ratio_range(results, 'return', plan=True)}: the baseline is 260 MiB here, and 406 MiB when activation checkpointing "
+        "imports torch._dynamo (torch.utils.checkpoint does), so a fixed term is ~140 MiB high or right "
+        "depending on the configuration. Under `reuse` and `system` the heap's high-water mark carries the "
         "holes freed blocks leave, which depend on the order of allocations (checkpointing's recomputation "
         "leaves most) and on when the communication threads free their buffers: the two ranks of one run "
         f"differ by up to {rank_spread(results):.0%} (RSS {ratio_range(results, 'reuse', baselines=baselines)} the "
