@@ -22,7 +22,8 @@ HERE = Path(__file__).resolve()
 REPO = HERE.parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.integration.test_zero_stages import WORLD, batch, build, run_workers, train  # noqa: E402
+from tests.integration.test_zero_stages import (  # noqa: E402
+    WORLD, assert_each_gather_issued_ahead, batch, build, run_workers, train)
 
 STEPS = range(1, 11)
 
@@ -176,15 +177,7 @@ def test_live_parameters_stay_under_the_cap_and_prefetch_runs_ahead(ranks) -> No
         assert run["losses"] == r["fp32-none"]["losses"]
         assert 0 < run["peak_live"] <= r["cap"]
         # Each unit's first gather of a step is issued before the previous unit's forward ends.
-        events = run["timeline"]
-        order: list[int] = []
-        for e, u, _ in events:
-            if e == "forward" and u not in order:
-                order.append(u)
-        first = lambda kind, unit: next(t for e, u, t in events if e == kind and u == unit)  # noqa: E731
-        assert len(order) >= 4
-        for a, b in zip(order, order[1:]):
-            assert first("gather", b) < first("forward_end", a), (a, b)
+        assert_each_gather_issued_ahead(run["timeline"], at_least=4)
 
 
 def test_a_cap_below_what_training_needs_is_noted_with_the_figures_and_still_trains(ranks) -> None:

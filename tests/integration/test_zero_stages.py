@@ -529,15 +529,20 @@ def test_cpu_and_nvme_offload_give_the_losses_of_no_offload(ranks) -> None:
         assert 0 < live["peak"] <= cap
         # Prefetch (step 2, after the first forward recorded the order): each unit's gather is
         # issued before the forward of the unit before it ends.
-        events = live["timeline"]
-        order = []
-        for e, u, _ in events:
-            if e == "forward" and u not in order:
-                order.append(u)
-        first_at = lambda kind, unit: next(t for e, u, t in events if e == kind and u == unit)  # noqa: E731
-        assert len(order) >= 2
-        for a, b in zip(order, order[1:]):
-            assert first_at("gather", b) < first_at("forward_end", a), (a, b)
+        assert_each_gather_issued_ahead(live["timeline"], at_least=2)
+
+
+def assert_each_gather_issued_ahead(events: list, at_least: int) -> None:
+    """Stage 3's timeline (engine/zero/stage3.py `timeline`): each unit's first gather is issued
+    before the forward of the unit before it ends; at least `at_least` units ran."""
+    order: list[int] = []
+    for e, u, _ in events:
+        if e == "forward" and u not in order:
+            order.append(u)
+    first_at = lambda kind, unit: next(t for e, u, t in events if e == kind and u == unit)  # noqa: E731
+    assert len(order) >= at_least
+    for a, b in zip(order, order[1:]):
+        assert first_at("gather", b) < first_at("forward_end", a), (a, b)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
