@@ -241,14 +241,17 @@ class EngineConfig(StrictModel):
     loss that training tolerates (torch's default leaves it off). Only fp32 work is affected;
     bf16/fp16 autocast matmuls are 16-bit already. Set false for bit-exact fp32 comparisons.
     No effect on a CPU device."""
-    cpu_allocator: Literal["reuse", "system", "return"] = "reuse"
-    """When the engine trains on the CPU: "reuse" makes this process's malloc keep freed large
-    blocks for the next step instead of unmapping them (glibc mallopt; engine/cpu_alloc.py):
-    1.13-1.15x faster steps measured here, for resident memory that stays at its peak (plus the
-    heap's holes); "system" leaves malloc alone; "return" maps every block of 1 MiB or more per
-    tensor and unmaps it when freed, so the resident set follows the live bytes (the memory
-    model's peak within a few percent; 1.3-1.7x the CPU time per step of "reuse", measured in
-    docs/benchmarks.md "Peak memory"). No effect on GPUs or results."""
+    cpu_allocator: Literal["auto", "jemalloc", "reuse", "system", "return"] = "auto"
+    """When the engine trains on the CPU, what the rank's malloc does with freed memory
+    (engine/cpu_alloc.py). "jemalloc": the bundled trainer starts with jemalloc preloaded (as
+    torch's `run_cpu --enable_jemalloc` does), freed pages kept per size class: as fast as
+    "reuse" and its peak resident set predictable (the memory model counts its retention;
+    docs/benchmarks.md "Peak memory"); the rank stops if libjemalloc.so.2 is missing. "auto"
+    (default): jemalloc where the host has it, else "reuse" with a printed note. "reuse": glibc
+    keeps freed large blocks for the next step (mallopt): fast, but the heap's holes put the peak
+    17-60% above the model's. "system": glibc's defaults. "return": every block of 1 MiB or more
+    is unmapped when freed, so the resident set follows the live bytes, at 1.3-1.7x the CPU time
+    per step. No effect on GPUs or results."""
     bucket_mib: float = Field(25.0, gt=0)
     """Size of a gradient communication bucket in MiB."""
     deepspeed_config: str | None = None

@@ -177,11 +177,12 @@ class Engine:
         self.skipped_steps = 0
         """fp16 steps skipped because of an overflow."""
         self.last_step_skipped = False
-        self.cpu_allocator_reuse = (self.device.type == "cpu" and config.cpu_allocator == "reuse"
-                                    and cpu_alloc.keep_freed_blocks())
-        """True when this process's malloc keeps freed blocks (engine/cpu_alloc.py)."""
-        self.cpu_allocator_return = (self.device.type == "cpu" and config.cpu_allocator == "return"
-                                     and cpu_alloc.return_freed_blocks())
+        self.cpu_allocator, alloc_notes = cpu_alloc.effective(config.cpu_allocator, self.device.type == "cpu")
+        """What this process's malloc does on a CPU device: jemalloc, reuse, system, return
+        (engine/cpu_alloc.py); "none" on a GPU."""
+        self.cpu_allocator_reuse = self.cpu_allocator == "reuse"
+        """True when this process's malloc keeps freed blocks (glibc, engine/cpu_alloc.py)."""
+        self.cpu_allocator_return = self.cpu_allocator == "return"
         """True when this process's malloc returns every freed block of 1 MiB or more."""
         self.module = model.to(self.device)
         named = named_trainable(self.module)
@@ -254,7 +255,7 @@ class Engine:
             if offload == "nvme" and hasattr(self.stage, "drop_master"):
                 # ZeRO-Infinity: the optimizer's files are the only fp32 master (zero/stage3.py).
                 self.stage.drop_master(self.states)
-        for note in device_notes(config, self.device) + getattr(self.stage, "notes", []):
+        for note in device_notes(config, self.device) + alloc_notes + getattr(self.stage, "notes", []):
             log.warning("%s", note)
         self.scaler = precision.LossScaler(config.loss_scale) if config.precision == "fp16" else None
         self.optimizer = EngineOptimizer(self, [p for _, p in named], lr, weight_decay)

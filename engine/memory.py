@@ -103,8 +103,10 @@ Buffers: stages 2-3 reduce-scatter gradients through 2 staging buffers in flight
 stages 0-1 reduce inside their full gradient buffer, so no extra; stage 3 holds the gathered parameters of the
 largest unit it gathers (a decoder layer, or the embedding/head) twice (current + prefetched;
 2 B/param under bf16/fp16, the working copy's dtype) plus that unit's unsharded gradient. A CUDA
-rank also holds ~1 GiB of CUDA context, NCCL and cuBLAS workspaces (`runtime`); a CPU rank
-~0.4 GiB of torch itself.
+rank also holds ~1 GiB of CUDA context, NCCL and cuBLAS workspaces (`runtime`); a CPU rank its
+measured process baseline (Python, torch, gloo: 260 MiB, 406 MiB with activation checkpointing,
+which imports torch._dynamo), plus what its malloc keeps beyond the live bytes (`allocator
+retention`: 15% of the live peak under jemalloc, the default; engine/memory_shape.py).
 
 Model construction: at stages 0-2 the trainer builds the full model in fp32 on the host before
 the engine moves it, so each rank needs 4P bytes of host RAM for a moment (`transient`). Stage 3
@@ -134,7 +136,8 @@ from dsl.engine.memory_shape import (  # noqa: F401 - re-exported: engine.memory
     ACTIVATIONS, BUCKETS, CPU_RUNTIME_BYTES, GATHERED, GB, GPU_RUNTIME_BYTES,
     GRADIENTS, GiB, LOGITS, Layout, MASTER, MODEL_INIT, MiB, ModelShape, NVME_SWAP_BUFFERS,
     OFFLOADED_ACTIVATIONS, OFFLOAD_BUFFERS, OPTIMIZER, PARAMETERS, RECOMPUTE, RUNTIME, StateBytes,
-    Term, WEIGHT_COPIES, _ceil_div, state_bytes,
+    Term, WEIGHT_COPIES, _ceil_div, state_bytes, ALLOCATOR, ALLOCATOR_RETENTION, cpu_runtime_bytes,
+    planned_allocator,
 )
 
 from dsl.engine.memory_acts import (  # noqa: E402,F401 - re-exported: engine.memory is the public name
@@ -371,7 +374,8 @@ def _fixed(engine: "EngineConfig", name: str, value: Any) -> Any:
 
 def estimate(model: "ModelConfig | ModelShape | str", engine: "EngineConfig", *, dp: int, sp: int | None = None,
              micro_batch: int | None = None, seq_len: int | None = None, flash_attention: bool = True,
-             accelerator: bool = True, layout: Layout | None = None, fold_host: bool = True) -> Breakdown:
+             accelerator: bool = True, layout: Layout | None = None, fold_host: bool = True,
+             allocator: str | None = None) -> Breakdown:
     """Every memory term of one rank training `model` with `engine` on dp x sp ranks.
 
     `accelerator=False` plans CPU ranks: the device is host RAM (no offload buffers apply, no
@@ -394,7 +398,7 @@ def estimate(model: "ModelConfig | ModelShape | str", engine: "EngineConfig", *,
         offload_ratio=engine.offload.ratio,
         seq_len=seq_len, flash_attention=flash_attention, accelerator=accelerator,
         layout=layout if layout is not None else engine.precision_layout, fold_host=fold_host,
-        **long_context(engine))
+        allocator=allocator or planned_allocator(engine.cpu_allocator), **long_context(engine))
 
 
 def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batch: int, precision: str = "bf16",
@@ -403,7 +407,8 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
               sub_group_mib: float = 256.0, seq_len: int | None = None, flash_attention: bool = True,
               accelerator: bool = True, layout: Layout | None = None, tiled_loss_tokens: int | None = None,
               pin_memory: bool = True, fold_host: bool = True, offload_ratio: float = 1.0,
-              tiled_mlp_tokens: int | None = None, activation_offload: bool = False) -> Breakdown:
+              tiled_mlp_tokens: int | None = None, activation_offload: bool = False,
+              allocator: str = "jemalloc") -> Breakdown:
     """`estimate` with plain values instead of an EngineConfig (the planner's inner loop).
     `fold_host` (CPU ranks, accelerator=False): report host bytes as the rank's device bytes."""
     mb = micro_batch
@@ -448,9 +453,11 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
         terms.append(Term(GATHERED, device_bytes=2 * gather * unit + sb.grad * unit,
                           formula=f"2 x {gather} B x {unit:,} (largest unit, current + prefetched) "
                                   f"+ its {sb.grad} B gradient"))
-    runtime = GPU_RUNTIME_BYTES if accelerator else CPU_RUNTIME_BYTES
+    runtime = GPU_RUNTIME_BYTES if accelerator else cpu_runtime_bytes(checkpointing)
     terms.append(Term(RUNTIME, device_bytes=runtime,
-                      formula="CUDA context, NCCL, cuBLAS workspaces" if accelerator else "torch and Python"))
+                      formula="CUDA context, NCCL, cuBLAS workspaces" if accelerator else
+                      "Python, torch, gloo (measured baseline" + (", + torch._dynamo for checkpointing)"
+                                                                  if checkpointing else ")")))
     if accelerator and stage < 3:
         terms.append(Term(MODEL_INIT, host_bytes=4 * shape.params, transient=True,
                           formula=f"4 B x {shape.params:,}: the fp32 model built on the host before it moves"))
@@ -467,7 +474,23 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
         # Device and host are the same RAM: report everything as device bytes of the rank.
         terms = [Term(t.name, t.device_bytes + (0 if t.transient else t.host_bytes), t.host_bytes if t.transient else 0,
                       t.nvme_bytes, t.formula, t.transient) for t in terms]
+    if not accelerator:
+        terms.append(allocator_term(terms, allocator, runtime))
     return Breakdown(tuple(terms), shape.params, shards, stage, mb, sp)
+
+
+def allocator_term(terms: list[Term], allocator: str, runtime: int) -> Term:
+    """What a CPU rank's malloc keeps beyond the live bytes (ALLOCATOR_RETENTION of the step's
+    live peak, the runtime excluded), or a zero term that says why it is not counted."""
+    share = ALLOCATOR_RETENTION.get(allocator)
+    if share is None:
+        return Term(ALLOCATOR, formula=f"not counted: {allocator} (glibc keeping freed blocks) leaves heap holes "
+                                       "that differ between runs and ranks (engine/cpu_alloc.py)")
+    live = device_peak(terms).bytes - runtime
+    return Term(ALLOCATOR, device_bytes=int(share * live),
+                formula=f"{share:.0%} of the live peak {live / MiB:,.0f} MiB: {allocator}'s size classes and "
+                        "kept extents (measured, tests/bench/peak.py)" if share else
+                        f"none: {allocator} returns freed blocks to the OS")
 
 
 def expected_state_summary(model: "ModelConfig | ModelShape | str", engine: "EngineConfig", *, dp: int,

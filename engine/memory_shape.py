@@ -33,7 +33,32 @@ def engine_layout(layout: Layout | None, stage: int | None) -> Layout:
     return layout if layout is not None else "master"
 
 GPU_RUNTIME_BYTES = 1 * GiB
-CPU_RUNTIME_BYTES = 400 * MiB
+CPU_RUNTIME_BYTES = 260 * MiB
+"""A CPU rank's process baseline: Python, torch, gloo and the trainer, as the trainer measured it
+on the tiny preset (peak RSS minus the step's live bytes; 260-264 MiB under every cpu_allocator,
+torch 2.13 CPU wheel; tests/bench/peak.py `measure_baseline`, docs/benchmarks.md "Peak memory")."""
+CPU_CHECKPOINT_RUNTIME_BYTES = 146 * MiB
+"""What activation checkpointing adds to it: torch.utils.checkpoint imports torch._dynamo."""
+ALLOCATOR_RETENTION = {"jemalloc": 0.15, "return": 0.0}
+"""On a CPU rank, what malloc keeps beyond the live bytes, as a share of the step's live peak
+(baseline excluded), per effective allocator (engine/cpu_alloc.py). jemalloc: its size classes
+round each block up and its arenas keep freed extents; measured 5-28% of the live peak (median
+14%) over 21 configurations, both ranks within a few MiB (tests/bench/peak.py). return: the
+blocks go back to the OS. glibc keeping freed blocks ("reuse", "system") leaves holes that depend
+on the order of allocations and differ between the ranks of one run (17-60%): not modelled."""
+
+
+def cpu_runtime_bytes(checkpointing: bool) -> int:
+    """The `runtime` term of a CPU rank (CPU_RUNTIME_BYTES, + CPU_CHECKPOINT_RUNTIME_BYTES)."""
+    return CPU_RUNTIME_BYTES + (CPU_CHECKPOINT_RUNTIME_BYTES if checkpointing else 0)
+
+
+def planned_allocator(setting: str) -> str:
+    """The allocator a CPU rank will run with under `engine.cpu_allocator` (auto: jemalloc, which
+    the trainer preloads where the host has it; engine/cpu_alloc.py)."""
+    return "jemalloc" if setting in ("auto", "jemalloc") else setting
+
+
 NVME_SWAP_BUFFERS = 3
 
 # Term names (stable: they are JSON keys and table rows).
@@ -50,6 +75,7 @@ GATHERED = "gathered parameters"
 OFFLOAD_BUFFERS = "offload buffers"
 RUNTIME = "runtime"
 MODEL_INIT = "model construction"
+ALLOCATOR = "allocator retention"
 OFFLOADED_ACTIVATIONS = "offloaded activations"
 
 

@@ -344,7 +344,8 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
 
     # Peak memory per rank (engine/peak.py), next to the memory model's figure for this rank.
     predicted, predicted_phase = peak.predicted_peak(_planned_shape(tcfg.model), ecfg, dp=dp, sp=sp,
-                                                     device=engine.device)
+                                                     device=engine.device,
+                                                     allocator=getattr(engine, "cpu_allocator", None))
 
     def rank_peaks() -> list[list[int]]:
         """[rank][PEAK_KEYS] measured now on every rank (a collective: on logged steps only)."""
@@ -391,8 +392,8 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
             f"{tcfg.data.kind} data"
             # initialize() refused a model it could not checkpoint (engine/long/setup.py)
             + (", activation checkpointing" if ecfg.activation_checkpointing is True else "")
-            + (", malloc keeps freed blocks" if engine.cpu_allocator_reuse else "")
-            + (", malloc returns freed blocks" if getattr(engine, "cpu_allocator_return", False) else "")
+            + {"jemalloc": ", malloc: jemalloc", "reuse": ", malloc keeps freed blocks",
+               "return": ", malloc returns freed blocks"}.get(getattr(engine, "cpu_allocator", ""), "")
             + (f", torch.compile of {len(engine.compiled)} blocks (the first step compiles)"
                if engine.compiled else ", eager"),
             file=sys.stderr,
@@ -526,7 +527,9 @@ def _planned_shape(model: Any) -> Any:
     return shape_of(model, Path("/"), lambda name: f"run.train.model.{name}")[0]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, reexec: bool = False) -> int:
+    """The rank's program. `reexec` (the `python -m` entry only: it replaces the process) lets
+    the allocator setting re-execute it with jemalloc preloaded (`_preload_allocator`)."""
     parser = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.splitlines()[0])
     parser.add_argument("spec", nargs="?", help="resolved dsl spec (YAML)")
     parser.add_argument("--spec", dest="spec_opt", metavar="SPEC", help="same as positional SPEC")
@@ -537,8 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     # First, before torch is imported (seconds): a warning that arrives while this rank starts
     # must not end it (SIGUSR1's default action), only make it stop after its first step.
     previous = install_warning_handlers()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WARNING_SIGNALS)  # blocked across a re-exec (below)
     try:
-        summary = train(load_run_spec(spec_path, *world_of_environment()))
+        spec = load_run_spec(spec_path, *world_of_environment())
+        if reexec:
+            _preload_allocator(spec.engine.cpu_allocator)
+        summary = train(spec)
     except DslError as err:
         if not getattr(err, "echoed", False):  # a failed write is printed by the rank it failed on
             try:
@@ -549,6 +556,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         restore_handlers(previous)
     return EXIT_CHECKPOINTED if summary["stopped_by"] else 0
+
+
+def _preload_allocator(setting: str) -> None:
+    """Re-execute this rank with jemalloc preloaded when the setting asks for it (before torch is
+    imported; engine/cpu_alloc.py), or say once (rank 0) that "auto" found no jemalloc here."""
+    from dsl.engine import cpu_alloc
+
+    try:
+        cpu_alloc.reexec_with_jemalloc(setting, tuple(WARNING_SIGNALS))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if (setting == "auto" and not os.environ.get(cpu_alloc.PRELOADED_ENV) and not cpu_alloc.gpu_host()
+            and not cpu_alloc.jemalloc_active() and os.environ.get("RANK", "0") == "0"):
+        print(f"{PROG}: note: engine.cpu_allocator: auto found no {cpu_alloc.JEMALLOC_SONAME} on this host "
+              "(Debian/Ubuntu: apt install libjemalloc2): glibc's malloc keeps freed blocks (reuse) and the "
+              "peak resident set can exceed the plan by the heap's holes (docs/benchmarks.md \"Peak memory\")",
+              file=sys.stderr, flush=True)
 
 
 def exit_now(code: int) -> None:
@@ -567,4 +591,4 @@ def exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    exit_now(main(reexec=True))

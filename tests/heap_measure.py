@@ -75,12 +75,12 @@ def measure_heap(cases: list[dict], model: dict, timeout: float = 900) -> list[l
 
 
 def predicted_live(model: dict, case: dict, dp: int = 2) -> tuple[int, str]:
-    """The memory model's device peak of `case` without the runtime term (the live bytes a case
-    allocates), and the phase of that peak."""
+    """The memory model's device peak of `case` without the runtime and allocator terms (the live
+    bytes a case allocates), and the phase of that peak."""
     from dsl.engine.config import EngineConfig
-    from dsl.engine.memory import RUNTIME, estimate
+    from dsl.engine.memory import ALLOCATOR, RUNTIME, estimate
     from dsl.engine.train_config import ModelConfig
 
     engine = EngineConfig(**case)
     b = estimate(ModelConfig(**model), engine, dp=dp, sp=engine.sequence_parallel, accelerator=False)
-    return b.device_bytes - b.term(RUNTIME).device_bytes, b.peak.phase
+    return b.device_bytes - b.term(RUNTIME).device_bytes - b.term(ALLOCATOR).device_bytes, b.peak.phase

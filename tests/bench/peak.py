@@ -9,9 +9,12 @@ peak over the prediction per case. Writes the `peak` section of docs/benchmarks.
 A resident set is three things: the process baseline (Python, torch's libraries, gloo, the
 trainer's imports; torch._dynamo too when checkpointing imports it), the live bytes of the step
 (what the memory model's phases count) and what malloc keeps of freed memory. So each case runs
-under one of three allocator settings (`ALLOCATORS`):
+under one of four allocator settings (`ALLOCATORS`, engine/cpu_alloc.py):
 
-- `reuse` (the engine's default, engine/cpu_alloc.py): every freed block stays in the heap;
+- `auto` (the engine's default): the trainer re-executes itself with jemalloc preloaded (decay
+  off, oversize_threshold 0): freed pages are kept per size class; the model counts that
+  retention (engine/memory_shape.py ALLOCATOR_RETENTION);
+- `reuse`: glibc keeps every freed block in the heap (mallopt), holes included;
 - `system`: glibc's defaults (its dynamic mmap threshold moves blocks up to 32 MiB into the heap);
 - `return`: `cpu_allocator: system` with glibc's mmap threshold fixed at 1 MiB and its trim
   threshold at 1 MiB (GLIBC_TUNABLES in the ranks' environment): every block of 1 MiB or more is
@@ -21,7 +24,8 @@ under one of three allocator settings (`ALLOCATORS`):
 and the process baseline is measured per allocator setting the way a probe could on the target
 host (`measure_baseline`: the same trainer on the `tiny` preset, peak RSS minus the model's live
 peak of that tiny step, with and without checkpointing), giving a second prediction: the model's
-live peak plus the measured baseline instead of its fixed runtime term.
+peak with the measured baseline in place of its runtime term (engine/memory_shape.py
+CPU_RUNTIME_BYTES, itself this measurement on the machine named in docs/benchmarks.md).
 
 `python tests/bench/peak.py [--only SUBSTRING] [--json FILE] [--parallel 2]`.
 """
@@ -46,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.bench.layout import cpu_model  # noqa: E402
 from tests.bench.report import write_section  # noqa: E402
-from dsl.engine.memory_shape import CPU_RUNTIME_BYTES  # noqa: E402
+from dsl.engine.memory_shape import cpu_runtime_bytes  # noqa: E402
 from dsl.engine.presets import PRESETS  # noqa: E402
 
 SMALL = {"preset": "bench"}
@@ -80,6 +84,7 @@ CONFIGS: list[tuple[str, dict, dict]] = [
 """21 configurations: 17 of the `bench` preset, 4 of a larger shape."""
 RETURN_TUNABLES = "glibc.malloc.mmap_threshold=1048576:glibc.malloc.trim_threshold=1048576"
 ALLOCATORS: dict[str, tuple[str, dict[str, str]]] = {
+    "auto": ("auto", {}),
     "reuse": ("reuse", {}),
     "system": ("system", {}),
     "return": ("system", {"GLIBC_TUNABLES": RETURN_TUNABLES}),
@@ -127,7 +132,7 @@ def measure_baseline(alloc: str, checkpointing: bool) -> int:
     are ~1 MiB), the larger rank's peak RSS minus the model's live peak of that step."""
     r = run_case("baseline", {"preset": "tiny"}, {"zero_stage": 0, **FP32, "micro_batch": 2,
                                                   "activation_checkpointing": checkpointing}, alloc)
-    return max(r["peaks"]) - (r["predicted"] - CPU_RUNTIME_BYTES)
+    return max(r["peaks"]) - (r["predicted"] - cpu_runtime_bytes(checkpointing))
 
 
 def live_peaks(results: list[dict]) -> None:
@@ -152,9 +157,9 @@ def live_peaks(results: list[dict]) -> None:
 
 
 def calibrated(r: dict, baselines: dict) -> int:
-    """The case's prediction with the measured baseline in place of the fixed runtime term."""
+    """The case's prediction with the measured baseline in place of the runtime term."""
     ckpt = " ckpt " in r["case"] + " "
-    return r["predicted"] - CPU_RUNTIME_BYTES + baselines[(r["alloc"], ckpt)]
+    return r["predicted"] - cpu_runtime_bytes(ckpt) + baselines[(r["alloc"], ckpt)]
 
 
 def table(results: list[dict], baselines: dict) -> list[str]:
@@ -181,9 +186,12 @@ def summary(results: list[dict], baselines: dict) -> list[str]:
         plan = [max(r["peaks"]) / r["predicted"] for r in rows]
         lo = [min(r["peaks"]) / calibrated(r, baselines) for r in rows]
         hi = [max(r["peaks"]) / calibrated(r, baselines) for r in rows]
+        plan_lo = [min(r["peaks"]) / r["predicted"] for r in rows]
+        within_plan = sum(1 for a, b in zip(plan_lo, plan) if a >= 0.9 and b <= 1.1)
         within = sum(1 for a, b in zip(lo, hi) if a >= 0.9 and b <= 1.1)
-        out.append(f"- `{alloc}` ({len(rows)} cases): RSS / plan {min(plan):.3f} to {max(plan):.3f}; RSS / "
-                   f"calibrated {min(lo):.3f} to {max(hi):.3f}, both ranks within +-10% in {within} of {len(rows)}.")
+        out.append(f"- `{alloc}` ({len(rows)} cases): RSS / plan {min(plan_lo):.3f} to {max(plan):.3f}, both ranks "
+                   f"within +-10% of the plan in {within_plan} of {len(rows)}; RSS / calibrated {min(lo):.3f} to "
+                   f"{max(hi):.3f}, both ranks within +-10% in {within} of {len(rows)}.")
     return out
 
 
@@ -226,6 +234,14 @@ def _start_pair(case: dict, model: dict, steps: int, env: dict) -> list[subproce
             for rank in range(2)]
 
 
+def _preloaded(setting: str, env: dict) -> dict:
+    """The speed worker calls initialize() itself (no trainer to re-execute it): under `auto` it is
+    started with the environment the trainer would re-execute with (jemalloc preloaded)."""
+    from dsl.engine import cpu_alloc
+
+    return cpu_alloc.preload_env(setting, {}, cpu_alloc.find_jemalloc()) or env if setting == "auto" else env
+
+
 def alloc_speed(steps: int, rounds: int) -> list[dict]:
     """CPU seconds per training step (median over `steps`, rank 0's process time: all its threads,
     the kernel's page faults included, robust to other load on the machine) of each allocator
@@ -235,7 +251,8 @@ def alloc_speed(steps: int, rounds: int) -> list[dict]:
         shape = dict(PRESETS["bench"]) if model is SMALL else dict(model)
         for _ in range(rounds):
             pairs = {alloc: _start_pair({"micro_batch": 8, "compile": False, **engine, "cpu_allocator": setting},
-                                        shape, steps, env) for alloc, (setting, env) in ALLOCATORS.items()}
+                                        shape, steps, _preloaded(setting, env))
+                     for alloc, (setting, env) in ALLOCATORS.items()}
             cpu = {}
             for alloc, procs in pairs.items():
                 outs = [p.communicate(timeout=1800)[0] for p in procs]
@@ -262,15 +279,17 @@ def rank_spread(results: list[dict]) -> float:
 def speed_summary(speed: list[dict]) -> str:
     if not speed:
         return "not measured in this run."
-    ratios = {a: [r[a] / r["reuse"] for r in speed] for a in ("system", "return")}
-    return (f"`system` {min(ratios['system']):.2f}-{max(ratios['system']):.2f}x and `return` "
-            f"{min(ratios['return']):.2f}-{max(ratios['return']):.2f}x the CPU time of `reuse` per step.")
+    ratios = {a: [r[a] / r["reuse"] for r in speed] for a in ALLOCATORS if a != "reuse"}
+    return ", ".join(f"`{a}` {min(v):.2f}-{max(v):.2f}x" for a, v in ratios.items()) + \
+        " the CPU time of `reuse` per step."
 
 
 def speed_lines(speed: list[dict]) -> list[str]:
-    lines = ["| configuration | reuse CPU s/step | system / reuse | return / reuse |", "|---|---|---|---|"]
+    others = [a for a in ALLOCATORS if a != "reuse"]
+    lines = ["| configuration | reuse CPU s/step | " + " | ".join(f"{a} / reuse" for a in others) + " |",
+             "|---|---|" + "---|" * len(others)]
     for r in speed:
-        lines.append(f"| {r['case']} | {r['reuse']:.3f} | {r['system'] / r['reuse']:.2f} | {r['return'] / r['reuse']:.2f} |")
+        lines.append(f"| {r['case']} | {r['reuse']:.3f} | " + " | ".join(f"{r[a] / r['reuse']:.2f}" for a in others) + " |")
     return lines
 
 

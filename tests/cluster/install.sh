@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the Debian packages the local test cluster needs (see tests/cluster/).
+# Install the Debian packages the tests need: the local test cluster's (see tests/cluster/) and
+# jemalloc, the ranks' default malloc.
 # Fast no-op when everything is already installed; `apt-get update` only when something is missing.
 set -euo pipefail
 
@@ -7,6 +8,7 @@ PACKAGES=(
   openssh-server openssh-client iproute2 iputils-ping munge slurm-wlm
   openmpi-bin libopenmpi-dev util-linux procps
   g++ python3-dev numactl nftables
+  libjemalloc2  # engine/cpu_alloc.py: the ranks' default malloc (cpu_allocator: auto)
 )
 
 missing=()

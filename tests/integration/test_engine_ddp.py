@@ -248,6 +248,11 @@ def test_train_end_to_end_with_torchrun_two_ranks(tmp_path: Path) -> None:
     assert re.search(r"tokens seen\s*│\s*30,720\b", proc.stdout)  # 30 steps x 2 ranks x 8 x 64
     first = float(re.search(r"first loss\s*│\s*([\d.]+)", proc.stdout).group(1))
     assert first > rows[-1]["loss"] and abs(first - 5.545) < 0.1  # ~ln(256) at step 1
+    # The default cpu_allocator (auto) re-executed each rank with jemalloc preloaded
+    # (engine/cpu_alloc.py), and each rank's peak resident set is within 10% of the plan's peak.
+    assert "malloc: jemalloc" in proc.stderr, proc.stderr
+    for row in rows:
+        assert all(abs(p / row["predicted_peak_bytes"] - 1) <= 0.10 for p in row["host_peak_rss_bytes"]), row
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

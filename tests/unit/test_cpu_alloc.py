@@ -74,3 +74,88 @@ def test_cpu_allocator_set_for_a_gpu_rank_is_a_note() -> None:
     assert notes == ["engine.cpu_allocator: return has no effect on cuda (it sets the host malloc of a rank that "
                      "trains on the CPU)"]
     assert device_notes(EngineConfig(), torch.device("cuda", 0)) == []
+
+
+# jemalloc (engine/cpu_alloc.py): `cpu_allocator: auto` (the default) and `jemalloc` preload it.
+
+def test_preload_env_prepends_jemalloc_keeps_the_users_conf_and_runs_once() -> None:
+    from dsl.engine import cpu_alloc
+
+    lib = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    env = cpu_alloc.preload_env("auto", {"PATH": "/bin", "LD_PRELOAD": "/opt/x.so"}, lib)
+    assert env["LD_PRELOAD"] == f"{lib}:/opt/x.so" and env["PATH"] == "/bin"
+    assert env["MALLOC_CONF"] == cpu_alloc.JEMALLOC_CONF and env[cpu_alloc.PRELOADED_ENV] == "1"
+    assert cpu_alloc.preload_env("jemalloc", {"MALLOC_CONF": "narenas:1"}, lib)["MALLOC_CONF"] == "narenas:1"
+    assert cpu_alloc.preload_env("auto", env, lib) is None  # already re-executed
+    assert cpu_alloc.preload_env("auto", {}, lib, on_gpu_host=True) is None  # the device is a GPU
+    for setting in ("reuse", "system", "return"):
+        assert cpu_alloc.preload_env(setting, {}, lib) is None
+    assert cpu_alloc.preload_env("auto", {}, None) is None  # auto falls back (the trainer prints a note)
+    with pytest.raises(ValueError, match="apt install libjemalloc2"):
+        cpu_alloc.preload_env("jemalloc", {}, None)
+
+
+REEXEC = r"""
+import json, os, signal, sys
+from dsl.engine import cpu_alloc
+if not os.environ.get(cpu_alloc.PRELOADED_ENV):
+    print(json.dumps({"first_pid": os.getpid(), "active": cpu_alloc.jemalloc_active()}), flush=True)
+    # a warning signal arriving just before the exec: blocked (pending) across it, as the trainer does
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+    os.kill(os.getpid(), signal.SIGUSR1)
+    cpu_alloc.reexec_with_jemalloc(sys.argv[1], (signal.SIGUSR1,))
+    print(json.dumps({"not_reexecuted": True}), flush=True)
+    sys.exit(0)
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+blocked = signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
+import torch
+from dsl.engine import initialize
+from dsl.engine.model import Llama
+from dsl.engine.train_config import ModelConfig
+engine = initialize(Llama(ModelConfig(preset="tiny")), {"cpu_allocator": "reuse"})
+print(json.dumps({"pid": os.getpid(), "active": cpu_alloc.jemalloc_active(), "blocked": blocked, "got": len(got),
+                  "conf": os.environ["MALLOC_CONF"], "effective": engine.cpu_allocator}), flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD")
+def test_reexec_preloads_jemalloc_in_the_same_process_and_keeps_a_pending_warning_signal() -> None:
+    from dsl.engine import cpu_alloc
+
+    # make test installs libjemalloc2 (tests/cluster/install.sh): its absence is a failure here
+    assert cpu_alloc.find_jemalloc() is not None, "apt install libjemalloc2 (make test runs tests/cluster/install.sh)"
+    proc = subprocess.run([sys.executable, "-c", REEXEC, "auto"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    first, second = (json.loads(line) for line in proc.stdout.strip().splitlines())
+    assert first["active"] is False and second["active"] is True
+    assert second["pid"] == first["first_pid"]  # exec, not a child: torchrun and mpirun still see their rank
+    assert second["blocked"] is True and second["got"] == 1  # delivered to the new process's handler
+    assert second["conf"] == cpu_alloc.JEMALLOC_CONF
+    # `reuse` set explicitly in a process whose malloc is jemalloc: jemalloc it is, with a note
+    assert second["effective"] == "jemalloc"
+    assert "engine.cpu_allocator: reuse has no effect: jemalloc is this process's malloc" in proc.stderr
+
+
+def test_reuse_setting_does_not_reexecute() -> None:
+    proc = subprocess.run([sys.executable, "-c", REEXEC, "reuse"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"not_reexecuted": True}
+
+
+def test_trainer_without_jemalloc_stops_under_jemalloc_and_notes_the_fallback_under_auto(monkeypatch, capsys) -> None:
+    from dsl.engine import cpu_alloc, train
+    from dsl.engine.errors import UserError
+
+    monkeypatch.setattr(cpu_alloc, "find_jemalloc", lambda: None)
+    monkeypatch.setattr(cpu_alloc, "gpu_host", lambda environ=None: False)
+    monkeypatch.delenv(cpu_alloc.PRELOADED_ENV, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match="engine.cpu_allocator: jemalloc, but libjemalloc.so.2 is not on this host"):
+        train._preload_allocator("jemalloc")
+    train._preload_allocator("auto")  # no exec: nothing to preload
+    err = capsys.readouterr().err
+    assert "engine.cpu_allocator: auto found no libjemalloc.so.2 on this host" in err and "reuse" in err
+    monkeypatch.setenv("RANK", "1")
+    train._preload_allocator("auto")
+    assert capsys.readouterr().err == ""  # rank 0 says it once

@@ -260,3 +260,23 @@ def test_master_layout_model_states_per_stage(stage):
     autocast = {x.name: x.device_bytes for x in memory.model_states(p, stage=stage, shards=n, layout="autocast")}
     # autocast: fp32 parameters, no separate master: 2 B/param fewer at stage 0, more at 1-2
     assert sum(autocast.values()) - sum(t.values()) == {0: -2 * p, 1: 2 * p - 4 * shard, 2: 2 * p - 4 * shard}[stage]
+
+
+def test_cpu_allocator_retention_term_follows_the_effective_allocator():
+    """engine/memory_shape.py ALLOCATOR_RETENTION: jemalloc (auto's choice) keeps 15% of the live
+    peak, return nothing, glibc's reuse/system are not modelled and say so."""
+    engine = EngineConfig(zero_stage=2, precision="fp32")
+    auto = memory.estimate("bench", engine, dp=2, accelerator=False)
+    live = auto.device_bytes - auto.term(memory.RUNTIME).device_bytes - auto.term(memory.ALLOCATOR).device_bytes
+    assert auto.term(memory.ALLOCATOR).device_bytes == int(0.15 * live) > 0
+    ret = memory.estimate("bench", EngineConfig(zero_stage=2, precision="fp32", cpu_allocator="return"), dp=2,
+                          accelerator=False)
+    assert ret.term(memory.ALLOCATOR).device_bytes == 0 and "returns freed blocks" in ret.term(memory.ALLOCATOR).formula
+    reuse = memory.estimate("bench", engine, dp=2, accelerator=False, allocator="reuse")
+    assert reuse.term(memory.ALLOCATOR).device_bytes == 0 and "not counted" in reuse.term(memory.ALLOCATOR).formula
+    assert auto.device_bytes - reuse.device_bytes == auto.term(memory.ALLOCATOR).device_bytes
+    gpu = memory.estimate("bench", engine, dp=2, accelerator=True)
+    assert gpu.term(memory.ALLOCATOR).device_bytes == 0 and gpu.term(memory.RUNTIME).device_bytes == memory.GPU_RUNTIME_BYTES
+    ckpt = memory.estimate("bench", EngineConfig(zero_stage=2, precision="fp32", activation_checkpointing=True), dp=2,
+                           accelerator=False)
+    assert ckpt.term(memory.RUNTIME).device_bytes - auto.term(memory.RUNTIME).device_bytes == 146 * 2**20

@@ -176,8 +176,10 @@ engine: {zero_stage: auto, offload: {optimizer: auto}, sequence_parallel: auto, 
     assert "auto" not in (engine.zero_stage, engine.offload.optimizer, engine.sequence_parallel,
                           engine.activation_checkpointing)
     resolved = next(text for path, text in prepared.plan.files.items() if path.endswith("resolved.yaml"))
-    # compile: auto is not the planner's: each rank decides (engine/compile.py: its own C++ compiler)
-    engine_text = resolved.split("engine:")[1].split("output_dir")[0].replace("compile: auto", "")
+    # compile: auto and cpu_allocator: auto are not the planner's: each rank decides (engine/compile.py:
+    # its own C++ compiler; engine/cpu_alloc.py: its host's libjemalloc)
+    engine_text = (resolved.split("engine:")[1].split("output_dir")[0].replace("compile: auto", "")
+                   .replace("cpu_allocator: auto", ""))
     assert f"zero_stage: {engine.zero_stage}" in resolved and "auto" not in engine_text
     assert prepared.memory.launch_choice is not None
 
