@@ -53,6 +53,8 @@ import signal
 import sys
 from collections.abc import Mapping
 
+from dsl.topology.host import JEMALLOC_SONAME, find_library
+
 __all__ = ["keep_freed_blocks", "return_freed_blocks", "M_TRIM_THRESHOLD", "M_MMAP_THRESHOLD", "M_MMAP_MAX",
            "JEMALLOC_CONF", "find_jemalloc", "jemalloc_active", "preload_env", "reexec_with_jemalloc", "effective"]
 
@@ -61,9 +63,6 @@ JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,oversize_threshold:0"
 in a steady step), and large blocks stay in the thread's arena instead of a separate one that
 purges at once (oversize_threshold:0; measured: 1.03-1.13x the live bytes + baseline, against
 1.04-1.21x with jemalloc's default threshold; tests/bench/peak.py)."""
-JEMALLOC_SONAME = "libjemalloc.so.2"
-_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
-             "/usr/local/lib", "/lib/x86_64-linux-gnu", "/lib64")
 PRELOADED_ENV = "DSL_JEMALLOC_PRELOADED"
 """Set in the re-executed trainer's environment: it re-executes at most once."""
 
@@ -116,13 +115,8 @@ def keep_freed_blocks() -> bool:
 
 
 def find_jemalloc() -> str | None:
-    """The path of libjemalloc.so.2 on this host, or None."""
-    for d in _LIB_DIRS:
-        path = os.path.join(d, JEMALLOC_SONAME)
-        if os.path.exists(path):
-            return path
-    name = ctypes.util.find_library("jemalloc")
-    return name if name and name.startswith("/") else None
+    """The path of libjemalloc.so.2 on this host, or None (topology/host.py `find_library`)."""
+    return find_library(JEMALLOC_SONAME)
 
 
 def jemalloc_active() -> bool:

@@ -139,6 +139,10 @@ def hardware_of(topo: HostTopology, *, hosts: int = 1, ranks_per_host: int | Non
     if mem_bw is None:
         mem_bw = ASSUMED_SOCKET_MEMORY_GB_S * sockets
         notes.append(f"host memory bandwidth unknown: assumed {mem_bw:g} GB/s")
+    if not accelerator and topo.jemalloc == "":
+        notes.append(f"libjemalloc.so.2 is not on {topo.hostname}: engine.cpu_allocator auto (the default) falls "
+                     "back to glibc keeping freed blocks, whose heap holes can put each rank's peak resident set "
+                     "17-60% above this plan (apt install libjemalloc2; engine/cpu_alloc.py)")
     if accelerator:
         dev = gpus[0]
         mem = min((g.memory_bytes for g in gpus if g.memory_bytes), default=None)

@@ -172,6 +172,24 @@ def _nvidia_pci(sys_root: Path) -> int | None:
     return count
 
 
+JEMALLOC_SONAME = "libjemalloc.so.2"
+LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                "/usr/local/lib", "/lib/x86_64-linux-gnu", "/lib64")
+
+
+def find_library(soname: str, dirs: tuple[str, ...] = LIBRARY_DIRS) -> str | None:
+    """The path of shared library `soname` in the usual library folders, else as the dynamic
+    linker's cache knows it (ctypes.util.find_library), else None."""
+    import ctypes.util
+
+    for d in dirs:
+        path = os.path.join(d, soname)
+        if os.path.exists(path):
+            return path
+    name = ctypes.util.find_library(soname.removeprefix("lib").split(".so")[0])
+    return name if name and name.startswith("/") else None
+
+
 def probe_host(sys_root: str | os.PathLike[str] = "/sys", proc_root: str | os.PathLike[str] = "/proc") -> dict[str, Any]:
     """This host's CPU, memory, NUMA, NVMe and NICs as `HostTopology` fields (JSON form)."""
     import psutil
@@ -197,5 +215,6 @@ def probe_host(sys_root: str | os.PathLike[str] = "/sys", proc_root: str | os.Pa
         "nvme": _nvme(sys_path),
         "nics": _nics(sys_path),
         "nvidia_pci_devices": _nvidia_pci(sys_path),
+        "jemalloc": find_library(JEMALLOC_SONAME) or "",
         "unknown": unknown,
     }

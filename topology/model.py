@@ -161,6 +161,9 @@ class HostTopology:
     cuda_driver_version: str | None = None
     nvidia_pci_devices: int | None = None
     """NVIDIA display/3D controllers on the PCI bus, seen without a driver."""
+    jemalloc: str | None = None
+    """Path of libjemalloc.so.2 on the host (a CPU rank's default malloc, engine/cpu_alloc.py);
+    "" when the probe looked and found none; None when not probed (fixtures, files)."""
     description: str | None = None
     unknown: dict[str, str] = field(default_factory=dict)
 

@@ -51,6 +51,7 @@ def assemble(host: dict[str, Any], recording: dict[str, Any], source: str,
         driver_version=driver,
         cuda_driver_version=cuda,
         nvidia_pci_devices=pci,
+        jemalloc=host.get("jemalloc"),
         description=description,
         unknown=dict(host.get("unknown", {})),
     )

@@ -225,3 +225,25 @@ def test_count_gpus_answers_when_a_gpu_is_lost_midway(monkeypatch):
     gpus = _count(monkeypatch, fake)
     assert gpus.count == 0 and "NVML failed while listing GPUs (NVMLError_GpuIsLost" in gpus.reason
     assert fake.shutdown_calls == 1 and not fake.initialized
+
+
+def test_a_cpu_host_without_jemalloc_gets_a_plan_note_and_the_probe_finds_the_library():
+    """topology/host.py probes libjemalloc.so.2 (a CPU rank's default malloc, engine/cpu_alloc.py);
+    a CPU host where the probe found none gets a note in the plan, a fixture (not probed) none."""
+    import dataclasses
+
+    from dsl.launcher.hardware import hardware_of
+    from dsl.topology.model import HostTopology
+    from dsl.topology.probe import load_topology, probe_local
+
+    local, _ = probe_local()
+    assert local.jemalloc and local.jemalloc.endswith("libjemalloc.so.2")  # make test installs libjemalloc2
+    cpu = load_topology("cpu-only")
+    assert cpu.jemalloc is None and not any("jemalloc" in n for n in hardware_of(cpu).notes)
+    missing = dataclasses.replace(cpu, jemalloc="", hostname="n7")
+    assert [n for n in hardware_of(missing).notes if "jemalloc" in n] == [
+        "libjemalloc.so.2 is not on n7: engine.cpu_allocator auto (the default) falls back to glibc keeping freed "
+        "blocks, whose heap holes can put each rank's peak resident set 17-60% above this plan (apt install "
+        "libjemalloc2; engine/cpu_alloc.py)"]
+    assert not any("jemalloc" in n for n in hardware_of(dataclasses.replace(local, accelerators=())).notes)
+    assert HostTopology.from_json(missing.to_json()).jemalloc == ""
