@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.bench.layout import cpu_model  # noqa: E402
 from tests.bench.report import write_section  # noqa: E402
+from dsl.engine.cpu_alloc import JEMALLOC_CONF  # noqa: E402
 from dsl.engine.memory_shape import cpu_runtime_bytes  # noqa: E402
 from dsl.engine.presets import PRESETS  # noqa: E402
 
@@ -346,40 +347,45 @@ def main() -> int:
 def body(results: list[dict], baselines: dict, lines: list[str], speed: list[dict]) -> list[str]:
     base = ", ".join(f"{alloc}{' + checkpointing' if ckpt else ''} {b / 2**20:,.0f} MiB"
                      for (alloc, ckpt), b in baselines.items())
+    glibc = [r for r in results if r["alloc"] in ("reuse", "system")]
     return [
         f"CPU: {cpu_model()}. {len(results)} cases ({len(CONFIGS)} configurations x allocator settings), 2 gloo "
         f"ranks, {STEPS} steps with a checkpoint save, each case a `dsl launch` of the bundled trainer. plan: "
-        "`predicted_peak_bytes` of metrics.jsonl (the memory model's peak by phase, engine/memory_peak.py, with its "
-        f"fixed runtime term of {CPU_RUNTIME_BYTES / 2**20:,.0f} MiB: the figure `dsl plan` shows) and its phase; "
-        "RSS: each rank's VmHWM. calibrated: the same model with the measured process baseline in place of the "
-        f"runtime term (baseline measured by the trainer on the tiny preset: {base}). live heap: the engine "
-        "alone with the same settings, glibc's in-use bytes sampled through a step (tests/heap_measure.py), "
-        "against the model's peak without the runtime term (1-bit and sp rows not measured there). Allocators: "
-        "`reuse` = engine default (engine/cpu_alloc.py); `system` = glibc defaults; `return` = `cpu_allocator: "
-        f"system` with `GLIBC_TUNABLES={RETURN_TUNABLES}` in the ranks' environment (blocks of 1 MiB or more "
-        "mapped and unmapped with their tensors).", "",
+        "`predicted_peak_bytes` of metrics.jsonl (the memory model's peak by phase, engine/memory_peak.py, for the "
+        "allocator the rank runs with: the figure `dsl plan` shows) and its phase; RSS: each rank's VmHWM. "
+        "The plan's runtime term is the process baseline measured on this machine (engine/memory_shape.py: "
+        f"{cpu_runtime_bytes(False) / 2**20:,.0f} MiB, {cpu_runtime_bytes(True) / 2**20:,.0f} MiB with activation "
+        "checkpointing, which imports torch._dynamo); calibrated: the same model with this run's own baseline "
+        f"measurement in its place (the trainer on the tiny preset: {base}). live heap: the engine alone with "
+        "the same settings, glibc's in-use bytes sampled through a step (tests/heap_measure.py), against the "
+        "model's peak without the runtime and allocator terms (1-bit and sp rows not measured there). "
+        "Allocators (engine/cpu_alloc.py): `auto` = the default: each rank re-executed with jemalloc preloaded "
+        f"(`MALLOC_CONF={JEMALLOC_CONF}`), the model adding its retention (15% of the live peak); `reuse` = glibc "
+        "keeping every freed block (mallopt); `system` = glibc defaults; `return` = `cpu_allocator: system` with "
+        f"`GLIBC_TUNABLES={RETURN_TUNABLES}` in the ranks' environment (blocks of 1 MiB or more mapped and "
+        "unmapped with their tensors).", "",
         *lines, "",
         *summary(results, baselines), "",
         "What the figures say. The resident set is the process baseline, the live bytes and what malloc keeps. "
-        "Under `return` nothing large is kept: RSS is the measured baseline plus the model's live peak and "
-        "the two ranks agree to a few MiB; the exception is the tiled row (tiled loss + tiled MLP, 1.115): "
-        "its RSS says ~50 MiB more is live than the model counts, which the sampled live heap misses (its "
-        "peak is shorter than the sampler's reach while the Python loops of the tiled functions hold the "
-        "GIL). Measured apart (engine alone, `return`): tiled loss only 1.03x the calibrated prediction (the "
-        "tiled loss's backward also holds the fp32 lm_head-gradient accumulator, 4 B x vocab x hidden, its "
-        "grad_hidden, and under bf16 the head's 16-bit cast: engine/long/tiled_loss.py), tiled MLP only "
-        "1.07-1.08x, not located. Against the plan's own figure, with its fixed 400 MiB runtime term, the "
-        f"RSS under `return` is {ratio_range(results, 'return', plan=True)}: the baseline is 260 MiB here, and 406 MiB when activation checkpointing "
-        "imports torch._dynamo (torch.utils.checkpoint does), so a fixed term is ~140 MiB high or right "
-        "depending on the configuration. Under `reuse` and `system` the heap's high-water mark carries the "
-        "holes freed blocks leave, which depend on the order of allocations (checkpointing's recomputation "
-        "leaves most) and on when the communication threads free their buffers: the two ranks of one run "
-        f"differ by up to {rank_spread(results):.0%} (RSS {ratio_range(results, 'reuse', baselines=baselines)} the "
-        "calibrated prediction under `reuse`), so no fixed allowance predicts them to 10%.", "",
+        f"Under the default (`auto`: jemalloc) the two ranks of a case peak within a few MiB of each other and "
+        f"within {ratio_range(results, 'auto', plan=True)} the plan: jemalloc keeps freed memory per size class, "
+        "so a block of one size never lands in the hole of another, and what it keeps (its size classes' "
+        "rounding and the extents of each class) is a share of the live bytes, measured 5-28% over these "
+        "configurations (the model's 15% sits in that range). Under `return` nothing large is kept: RSS is "
+        f"the baseline plus the model's live peak ({ratio_range(results, 'return', plan=True)} the plan); the "
+        "exception is the tiled row (tiled loss + tiled MLP): its RSS says ~50 MiB more is live than the model "
+        "counts, which the sampled live heap misses (its peak is shorter than the sampler's reach while the "
+        "Python loops of the tiled functions hold the GIL). Under `reuse` and `system` glibc's heap keeps the "
+        "holes freed blocks leave, which depend on the order of allocations (a 64 MiB logits block that no "
+        "longer fits its old place extends the heap by 64 MiB at a time) and on when the communication threads "
+        f"free their buffers: the two ranks of one case differ by up to {rank_spread(glibc):.0%} "
+        f"(RSS {ratio_range(results, 'reuse', plan=True)} the plan under `reuse`), so the model does not count "
+        "them and says so (`allocator retention: not counted`), and `dsl plan` notes a CPU host whose probe "
+        "found no libjemalloc.so.2.", "",
         f"What each setting costs in step time: {speed_summary(speed)} CPU seconds per step of rank 0 (its "
         "process time: every thread, the kernel's page faults included; the median of the steps after 2 "
-        "warm-up steps), eager, the three settings' process pairs running at the same time (so the "
-        "machine's load hits them alike), each row one such round:", "",
+        "warm-up steps), eager, the settings' process pairs running at the same time (so the machine's load "
+        "hits them alike), each row one such round:", "",
         *speed_lines(speed)]
 
 

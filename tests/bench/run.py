@@ -242,9 +242,10 @@ def notes(probe: dict, results: list[dict] | None = None) -> str:
         "Notes:",
         "- `bench` is compute-bound: the no-comm column is the same eager forward, backward and "
         "AdamW with no communication, under the system allocator. dsl can go past it because dsl "
-        "on a CPU device sets its process's malloc to keep freed large blocks (`cpu_allocator: "
-        "reuse`, the default; engine/cpu_alloc.py), so a step does not page-fault its gradients, "
-        "logits and buffers in again. The setting is process-wide and would speed up the peers "
+        "on a CPU device keeps freed large blocks in the process (engine/cpu_alloc.py: the trainer's "
+        "ranks preload jemalloc, `cpu_allocator: auto`; these in-process workers, started without it, "
+        "fall back to glibc keeping them, `reuse`, as fast: docs/benchmarks.md \"Peak memory\"), so a "
+        "step does not page-fault its gradients, logits and buffers in again. The setting is process-wide and would speed up the peers "
         "too (DDP 1.13x with it, dsl ZeRO-2 1.15x, in a paired check on the `comm` shape); it is "
         "part of dsl and of none of them. dsl compiled adds torch.compile's fused kernels on top.",
         _bf16_note(probe, gemm),

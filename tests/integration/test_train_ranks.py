@@ -137,12 +137,12 @@ def test_every_rank_reports_its_peak_next_to_the_plan(tmp_path: Path) -> None:
     proc = _run(spec, 2, tmp_path)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    from dsl.engine.peak import PEAK_KEYS
+    from dsl.engine.peak import PEAK_KEYS, PEAK_TOLERANCE
 
     for row in rows:
         assert all(len(row[key]) == 2 for key in PEAK_KEYS)
         assert all(v > 50 * 2**20 for v in row["host_peak_rss_bytes"])
     worst = max(rows[-1]["host_peak_rss_bytes"])
-    over = worst > rows[-1]["predicted_peak_bytes"]
+    over = worst > rows[-1]["predicted_peak_bytes"] * (1 + PEAK_TOLERANCE)  # past the model's accuracy
     assert ("GiB > plan" in proc.stdout) == over
     assert "peak rank 1" in proc.stdout
