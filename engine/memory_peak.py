@@ -23,11 +23,13 @@ peak, as the sum said. Measured against the heap's high-water mark (glibc's in-u
 through a step, tests/unit/test_memory_peak_measured.py) the live peak of the bundled model is
 within a few percent at stages 0-3.
 
-What a CPU process's resident set adds on top of the live bytes is not a phase and not modelled
-here: the process baseline (the `runtime` term, a fixed figure) and what malloc keeps of freed
-memory (engine/cpu_alloc.py). tests/bench/peak.py measures both: with blocks returned to the OS
-the resident set is the measured baseline plus this peak; under the engine's default `reuse` it
-carries the heap's holes, which differ between the ranks of one run.
+What a CPU process's resident set adds on top of the live bytes is not a phase: the process
+baseline (the `runtime` term, measured: engine/memory_shape.py CPU_RUNTIME_BYTES) and what malloc
+keeps of freed memory (the `allocator retention` term, a share of this peak: ALLOCATOR_RETENTION,
+by the allocator the rank runs with, engine/cpu_alloc.py). tests/bench/peak.py measures both:
+under the default (jemalloc) and with blocks returned to the OS the resident set is within 10% of
+the plan; glibc keeping freed blocks ("reuse", "system") carries heap holes that differ between
+the ranks of one run, which the model does not count and says so.
 """
 
 from __future__ import annotations

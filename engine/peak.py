@@ -16,8 +16,10 @@ peak passes the prediction, the training summary):
   NCCL buffers included as documented figures).
 
 The memory model predicts the live peak (tests/unit/test_memory_peak_measured.py measures it);
-on a CPU the resident set adds what malloc keeps of freed memory, which these figures let a user
-(and tests/bench/peak.py) compare.
+on a CPU the prediction adds the measured process baseline and what the rank's malloc keeps of
+freed memory (jemalloc by default, engine/cpu_alloc.py), so it is the resident set's peak, within
+10% per rank in tests/bench/peak.py; glibc keeping freed blocks (`cpu_allocator: reuse|system`)
+adds heap holes the model does not count.
 """
 
 from __future__ import annotations
