@@ -107,8 +107,14 @@ there takes ~5-10 s). The budget was 0.62 GiB until 2026-12-05, when the fixed p
 STEP = 128
 """Granularity of the search (a multiple of sp): a row is memory-bound when L fits and L + STEP
 does not."""
-SHORT_SEQ = 2 * STEP
-"""The first trial of a row: fits every row's budget; the memory model's prediction starts here."""
+SHORT_SEQ = 5 * STEP
+"""The first trial of a row: fits every row's budget; the memory model's prediction starts here.
+640 tokens, past where the measured peak stops gaining on the model: from 128 to ~512 tokens per
+rank the peak grows ~8 MiB more than the model says (32 KiB per token, vocab x 4 B; every row,
+with or without sp and tiling; a fixed-size buffer of the CPU kernels reaching its full size, not
+isolated), then follows the model's slope to within 0.2 MiB over 20k tokens (`--at`, 2026-12-06).
+Seeded at 256 (until 2026-12-06) that constant ~4 MiB put the rows whose slope is shallow (tiled
+MLP, checkpointing: 2-11 KiB per token) 384-768 tokens over the measured length."""
 WARMUP_SEQ = STEP
 MAX_SEQ = 32 * 1024
 MAX_TRIAL_S = 100.0
