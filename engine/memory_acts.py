@@ -164,13 +164,17 @@ def _activations(shape: ModelShape, *, micro_batch: int, seq_len: int | None = N
         if activation_offload:
             acts -= offloaded_activations(shape, micro_batch=micro_batch, seq_len=seq, sp=sp, sb=sb).host_bytes
             formula = f"final norm and loss inputs ({tokens:,} tokens; the {shape.layers} layer inputs are offloaded)"
-        recompute = layer + per_layer_copies + tile
+        # The recomputed layer's first saved tensor, its norm's input, is the layer input the
+        # checkpoint keeps (same storage, counted above): measured, counting it twice put the
+        # long-context bench's checkpointing row 5.6 MiB (~650 tokens) over at 26k tokens.
+        recompute = layer - r * tokens * h + per_layer_copies + tile
     else:
         acts = shape.layers * layer + final
         formula = f"{shape.layers} layers x {layer / MiB:,.1f} MiB ({tokens:,} tokens/rank, {attn})"
     acts_term = Term(ACTIVATIONS, device_bytes=acts, formula=formula)
     recompute_term = Term(RECOMPUTE, device_bytes=recompute,
-                          formula=f"one layer's activations ({layer / MiB:,.1f} MiB) and weight casts rebuilt in backward"
+                          formula=f"one layer's activations ({layer / MiB:,.1f} MiB, less its input, the checkpoint) "
+                                  "and weight casts rebuilt in backward"
                           + (f", one MLP tile ({tile / MiB:,.1f} MiB)" if tile else "")
                           if checkpointing else "none: no checkpointing")
     if tile and not checkpointing:

@@ -108,14 +108,17 @@ STEP = 128
 """Granularity of the search (a multiple of sp): a row is memory-bound when L fits and L + STEP
 does not."""
 SHORT_SEQ = 5 * STEP
-"""The first trial of a row: fits every row's budget; the memory model's prediction starts here.
-640 tokens, past where the measured peak stops gaining on the model: from 128 to ~512 tokens per
-rank the peak grows ~8 MiB more than the model says (32 KiB per token, vocab x 4 B; every row,
-with or without sp and tiling; a fixed-size buffer of the CPU kernels reaching its full size, not
-isolated), then follows the model's slope to within 0.2 MiB over 20k tokens (`--at`, 2026-12-06).
-Seeded at 256 (until 2026-12-06) that constant ~4 MiB put the rows whose slope is shallow (tiled
-MLP, checkpointing: 2-11 KiB per token) 384-768 tokens over the measured length."""
-WARMUP_SEQ = STEP
+"""The first trial of a row: fits every row's budget; the memory model's prediction starts here
+(640 tokens: measured after the warm-up below, the peak over the model is flat to within 0.8 MiB
+from 640 to 2,048 tokens, to 2.3 MiB from 256)."""
+WARMUP_SEQ = 2048
+"""The warm-up step's length (it creates the optimizer states). It also takes the process through
+a long step once, so every trial of a row has the same history: measured, a process's peak at
+one length is up to ~8 MiB higher after other lengths ran before it (the CPU kernels' buffers
+and caches, not isolated). With the warm-up at 128 (until 2026-12-06) the seed trial alone ran
+without that history, and the ~3.5 MiB that every later trial carried put the rows whose peak
+grows slowly with length (tiled MLP, checkpointing: 2-11 KiB per token) 384-768 tokens short of
+the model's prediction."""
 MAX_SEQ = 32 * 1024
 MAX_TRIAL_S = 100.0
 """No probe predicted (seq_len^2 from the longest trial so far) to take longer than this a step
@@ -447,10 +450,11 @@ def table(results: dict, budget_gib: float) -> str:
               f"{STEP:,}, measured, \"next length\") exceeds the budget; time = the next length would take over "
               f"{MAX_TRIAL_S:g} s a step (predicted by seq_len^2 from the longest trial) while still within the budget, "
               "so the longest length is at least the one shown. Peaks are of a steady-state step (the optimizer states "
-              "exist: a warm-up step precedes every trial), VmHWM per rank, max of the 2 ranks. memory model's longest: "
+              f"exist: a warm-up step at {WARMUP_SEQ:,} tokens precedes every trial, so all of a row's trials share its "
+              "history), VmHWM per rank, max of the 2 ranks. memory model's longest: "
               "the longest length within the budget by `engine.memory.estimate` (CPU ranks: model states, saved "
               "activations, logits, recomputation peak, buffers), offset to the measured peak at "
-              f"{SHORT_SEQ:,} tokens, before any longer trial; measured / model: the found length over that "
+              f"{SHORT_SEQ:,} tokens, before any longer trial (the warm-up step aside); measured / model: the found length over that "
               "prediction. The search itself moves from the model's prediction by the measured peaks (trials: "
               f"all of the row's trials, the {SHORT_SEQ:,} and {COMMON_SEQ:,} ones included). tokens/s: tokens of the "
               f"whole job per second (dp x seq_len per step), fastest step; at {COMMON_SEQ:,} every row does the same "
