@@ -168,7 +168,13 @@ def reexec_with_jemalloc(setting: str, warning_signals: tuple[int, ...] = ()) ->
         stream.flush()
     if warning_signals:
         signal.pthread_sigmask(signal.SIG_BLOCK, warning_signals)
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError as err:  # the process goes on as it is, with glibc (effective() says so)
+        if warning_signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, warning_signals)
+        print(f"note: engine.cpu_allocator: {setting}: could not re-execute with {JEMALLOC_SONAME} preloaded "
+              f"({err}); glibc's malloc stays", file=sys.stderr, flush=True)
 
 
 def effective(setting: str, on_cpu: bool) -> tuple[str, list[str]]:

@@ -159,3 +159,21 @@ def test_trainer_without_jemalloc_stops_under_jemalloc_and_notes_the_fallback_un
     monkeypatch.setenv("RANK", "1")
     train._preload_allocator("auto")
     assert capsys.readouterr().err == ""  # rank 0 says it once
+
+
+def test_a_failed_reexec_leaves_the_process_running_with_its_signals_unblocked(monkeypatch, capsys) -> None:
+    import os
+    import signal
+
+    from dsl.engine import cpu_alloc
+
+    def refuse(*_):
+        raise PermissionError("exec refused")
+
+    monkeypatch.setattr(cpu_alloc, "find_jemalloc", lambda: "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    monkeypatch.setattr(cpu_alloc, "gpu_host", lambda environ=None: False)
+    monkeypatch.delenv(cpu_alloc.PRELOADED_ENV, raising=False)
+    monkeypatch.setattr(os, "execve", refuse)
+    cpu_alloc.reexec_with_jemalloc("auto", (signal.SIGUSR1,))
+    assert signal.SIGUSR1 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert "could not re-execute with libjemalloc.so.2 preloaded (exec refused)" in capsys.readouterr().err
