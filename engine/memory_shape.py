@@ -33,11 +33,14 @@ def engine_layout(layout: Layout | None, stage: int | None) -> Layout:
     return layout if layout is not None else "master"
 
 GPU_RUNTIME_BYTES = 1 * GiB
-CPU_RUNTIME_BYTES = 260 * MiB
+CPU_RUNTIME_BYTES = 162 * MiB
 """A CPU rank's process baseline: Python, torch, gloo and the trainer, as the trainer measured it
-on the tiny preset (peak RSS minus the step's live bytes; 260-264 MiB under every cpu_allocator,
-torch 2.13 CPU wheel; tests/bench/peak.py `measure_baseline`, docs/benchmarks.md "Peak memory")."""
-CPU_CHECKPOINT_RUNTIME_BYTES = 146 * MiB
+on the tiny preset (peak resident set less its file-backed pages, minus the step's live bytes;
+161-162 MiB under every cpu_allocator, torch 2.13 CPU wheel, AMD EPYC; tests/bench/peak.py
+`measure_baseline`, docs/benchmarks.md "Peak memory"). The file-backed pages (the libraries'
+mapped code, 80-140 MiB more) are left out on both sides: engine/peak.py
+`host_peak_anon_bytes`."""
+CPU_CHECKPOINT_RUNTIME_BYTES = 77 * MiB
 """What activation checkpointing adds to it: torch.utils.checkpoint imports torch._dynamo."""
 ALLOCATOR_RETENTION = {"jemalloc": 0.15, "return": 0.0}
 """On a CPU rank, what malloc keeps beyond the live bytes, as a share of the step's live peak

@@ -33,9 +33,10 @@ Output of rank 0 (the other ranks print nothing):
 - `{output_dir}/metrics.jsonl`, one JSON object per printed line: step, loss, lr, tokens_per_s,
   elapsed_s (seconds since the first step of this process started), grad_norm (before clipping),
   and each rank's peak memory so far, lists in rank order (engine/peak.py: host_peak_rss_bytes,
-  device_peak_allocated_bytes / device_peak_reserved_bytes, 0 off CUDA) with the memory model's
+  device_peak_allocated_bytes / device_peak_reserved_bytes, 0 off CUDA, host_peak_anon_bytes) with the memory model's
   predicted_peak_bytes for one rank; the progress line adds `| peak X GiB > plan Y GiB` when a
-  rank's peak (resident set on a CPU device, CUDA reserved on a GPU) passes the prediction by
+  rank's peak (on a CPU device the resident set less the libraries' file pages, CUDA reserved on
+  a GPU) passes the prediction by
   more than the model's accuracy (engine/peak.py PEAK_TOLERANCE, 10%; the summary shows every
   rank's ratio).
 - stdout at the end: a summary table (rich, rendered as plain text when piped), with every

@@ -36,7 +36,7 @@ def _print_summary(summary: dict[str, Any], out: TextIO) -> None:
     }
     for rank, values in enumerate(summary.get("peaks") or []):
         measured = _peak_of([values], torch_device_type=summary["device_type"])
-        what = "CUDA reserved" if summary["device_type"] == "cuda" else "resident"
+        what = "CUDA reserved" if summary["device_type"] == "cuda" else "resident"  # less file pages: engine/peak.py
         rows[f"peak rank {rank}"] = (f"{measured / 2**30:.2f} GiB {what} (plan: "
                                             f"{summary['predicted_peak_bytes'] / 2**30:.2f} GiB at "
                                             f"{summary['predicted_peak_phase']}, "
@@ -48,9 +48,9 @@ def _print_summary(summary: dict[str, Any], out: TextIO) -> None:
 
 def _peak_of(peaks: list[list[int]], device: Any = None, *, torch_device_type: str | None = None) -> int:
     """The largest peak over ranks of what the plan predicts: CUDA reserved bytes on a GPU, the
-    resident set on a CPU device (engine/peak.py)."""
+    resident set less its file-backed pages on a CPU device (engine/peak.py)."""
     kind = torch_device_type or device.type
-    return max(r[2] if kind == "cuda" else r[0] for r in peaks)
+    return max(r[2] if kind == "cuda" else r[3] for r in peaks)
 
 
 def _signal_name(signum: int) -> str:

@@ -123,7 +123,7 @@ def run_case(name: str, model: dict, engine: dict, alloc: str) -> dict:
             raise SystemExit(f"{name}: dsl launch exited {proc.returncode}:\n{proc.stderr[-3000:]}")
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
-    return {"case": name, "alloc": alloc, "peaks": last["host_peak_rss_bytes"],
+    return {"case": name, "alloc": alloc, "peaks": last["host_peak_anon_bytes"], "vmhwm": last["host_peak_rss_bytes"],
             "predicted": last["predicted_peak_bytes"], "phase": last.get("predicted_peak_phase"),
             "seconds": time.monotonic() - started}
 

@@ -119,6 +119,7 @@ def test_single_process_run_logs_metrics_and_summary(tmp_path: Path, capsys: pyt
     for row in rows:
         assert len(row["host_peak_rss_bytes"]) == 1 and row["host_peak_rss_bytes"][0] > 50 * 2**20
         assert row["device_peak_allocated_bytes"] == row["device_peak_reserved_bytes"] == [0]  # no CUDA
+        assert 50 * 2**20 < row["host_peak_anon_bytes"][0] < row["host_peak_rss_bytes"][0]  # less the file pages
         assert row["predicted_peak_bytes"] > 0
         assert row["predicted_peak_phase"] in ("forward", "loss backward", "layer backward", "optimizer step")
     assert rows[0]["host_peak_rss_bytes"][0] <= rows[-1]["host_peak_rss_bytes"][0]  # a high-water mark
