@@ -2,9 +2,10 @@
 
 Every case is a real `dsl launch` of the bundled trainer on 2 gloo ranks (one process per rank,
 so each process's VmHWM is that case's alone), a few steps with a checkpoint save; the trainer
-writes each rank's peak resident set (VmHWM) and the prediction (`predicted_peak_bytes`, what
-`dsl plan` shows per device) to metrics.jsonl (engine/peak.py). The table gives the worst rank's
-peak over the prediction per case. Writes the `peak` section of docs/benchmarks.md.
+writes each rank's peak resident set (VmHWM, and VmHWM less the file-backed pages:
+`host_peak_anon_bytes`, what a CPU rank's plan is compared with) and the prediction
+(`predicted_peak_bytes`, what `dsl plan` shows per device) to metrics.jsonl (engine/peak.py). The
+table gives the worst rank's peak over the prediction per case. Writes the `peak` section of docs/benchmarks.md.
 
 A resident set is three things: the process baseline (Python, torch's libraries, gloo, the
 trainer's imports; torch._dynamo too when checkpointing imports it), the live bytes of the step
