@@ -156,14 +156,21 @@ def preload_env(setting: str, environ: Mapping[str, str], library: str | None,
     return env
 
 
-def reexec_with_jemalloc(setting: str, warning_signals: tuple[int, ...] = ()) -> None:
-    """Replace this process by itself with jemalloc preloaded (`preload_env`); returns when there
-    is nothing to do. The warning signals are blocked across the exec (a blocked, pending signal
-    survives it) so that one arriving in between waits for the new process's handlers: the
-    trainer unblocks them once its handlers are installed."""
-    env = preload_env(setting, os.environ, find_jemalloc(), gpu_host())
+def reexec_with_jemalloc(setting: str, warning_signals: tuple[int, ...] = ()) -> str | None:
+    """Replace this process by itself with jemalloc preloaded (`preload_env`). Returns when there
+    is nothing to do: with the note to print when "auto" found no library on this CPU host, else
+    None. The warning signals are blocked across the exec (a blocked, pending signal survives it)
+    so that one arriving in between waits for the new process's handlers: the trainer unblocks
+    them once its handlers are installed."""
+    library, on_gpu = find_jemalloc(), gpu_host()
+    env = preload_env(setting, os.environ, library, on_gpu)
     if env is None:
-        return
+        if setting == "auto" and library is None and not on_gpu and not os.environ.get(PRELOADED_ENV) \
+                and not jemalloc_active():
+            return (f"engine.cpu_allocator: auto found no {JEMALLOC_SONAME} on this host (Debian/Ubuntu: apt "
+                    "install libjemalloc2): glibc's malloc keeps freed blocks (reuse) and the peak resident set "
+                    "can exceed the plan by the heap's holes (docs/benchmarks.md \"Peak memory\")")
+        return None
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     if warning_signals:
@@ -175,6 +182,7 @@ def reexec_with_jemalloc(setting: str, warning_signals: tuple[int, ...] = ()) ->
             signal.pthread_sigmask(signal.SIG_UNBLOCK, warning_signals)
         print(f"note: engine.cpu_allocator: {setting}: could not re-execute with {JEMALLOC_SONAME} preloaded "
               f"({err}); glibc's malloc stays", file=sys.stderr, flush=True)
+    return None
 
 
 def effective(setting: str, on_cpu: bool) -> tuple[str, list[str]]:

@@ -104,9 +104,10 @@ stages 0-1 reduce inside their full gradient buffer, so no extra; stage 3 holds 
 largest unit it gathers (a decoder layer, or the embedding/head) twice (current + prefetched;
 2 B/param under bf16/fp16, the working copy's dtype) plus that unit's unsharded gradient. A CUDA
 rank also holds ~1 GiB of CUDA context, NCCL and cuBLAS workspaces (`runtime`); a CPU rank its
-measured process baseline (Python, torch, gloo, without the libraries' file-backed pages: 162 MiB,
-239 MiB with activation checkpointing, which imports torch._dynamo), plus what its malloc keeps beyond the live bytes (`allocator
-retention`: 15% of the live peak under jemalloc, the default; engine/memory_shape.py).
+measured process baseline (Python, torch, gloo, without the libraries' file-backed pages:
+162 MiB, 239 MiB with activation checkpointing, which imports torch._dynamo), plus what its
+malloc keeps beyond the live bytes (`allocator retention`: 15% of the live peak under jemalloc,
+the default; engine/memory_shape.py).
 
 Model construction: at stages 0-2 the trainer builds the full model in fp32 on the host before
 the engine moves it, so each rank needs 4P bytes of host RAM for a moment (`transient`). Stage 3

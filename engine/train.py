@@ -33,12 +33,11 @@ Output of rank 0 (the other ranks print nothing):
 - `{output_dir}/metrics.jsonl`, one JSON object per printed line: step, loss, lr, tokens_per_s,
   elapsed_s (seconds since the first step of this process started), grad_norm (before clipping),
   and each rank's peak memory so far, lists in rank order (engine/peak.py: host_peak_rss_bytes,
-  device_peak_allocated_bytes / device_peak_reserved_bytes, 0 off CUDA, host_peak_anon_bytes) with the memory model's
-  predicted_peak_bytes for one rank; the progress line adds `| peak X GiB > plan Y GiB` when a
-  rank's peak (on a CPU device the resident set less the libraries' file pages, CUDA reserved on
-  a GPU) passes the prediction by
-  more than the model's accuracy (engine/peak.py PEAK_TOLERANCE, 10%; the summary shows every
-  rank's ratio).
+  device_peak_allocated_bytes / device_peak_reserved_bytes, 0 off CUDA, host_peak_anon_bytes)
+  with the memory model's predicted_peak_bytes for one rank; the progress line adds `| peak X GiB
+  > plan Y GiB` when a rank's peak (on a CPU device the resident set less the libraries' file
+  pages, CUDA reserved on a GPU) passes the prediction by more than the model's accuracy
+  (engine/peak.py PEAK_TOLERANCE, 10%; the summary shows every rank's ratio).
 - stdout at the end: a summary table (rich, rendered as plain text when piped), with every
   rank's measured peak against the prediction.
 
@@ -348,7 +347,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
     # Peak memory per rank (engine/peak.py), next to the memory model's figure for this rank.
     predicted, predicted_phase = peak.predicted_peak(_planned_shape(tcfg.model), ecfg, dp=dp, sp=sp,
                                                      device=engine.device,
-                                                     allocator=getattr(engine, "cpu_allocator", None))
+                                                     allocator=engine.cpu_allocator)
 
     def rank_peaks() -> list[list[int]]:
         """[rank][PEAK_KEYS] measured now on every rank (a collective: on logged steps only)."""
@@ -396,7 +395,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
             # initialize() refused a model it could not checkpoint (engine/long/setup.py)
             + (", activation checkpointing" if ecfg.activation_checkpointing is True else "")
             + {"jemalloc": ", malloc: jemalloc", "reuse": ", malloc keeps freed blocks",
-               "return": ", malloc returns freed blocks"}.get(getattr(engine, "cpu_allocator", ""), "")
+               "return": ", malloc returns freed blocks"}.get(engine.cpu_allocator, "")
             + (f", torch.compile of {len(engine.compiled)} blocks (the first step compiles)"
                if engine.compiled else ", eager"),
             file=sys.stderr,
@@ -564,19 +563,15 @@ def main(argv: list[str] | None = None, *, reexec: bool = False) -> int:
 
 def _preload_allocator(setting: str) -> None:
     """Re-execute this rank with jemalloc preloaded when the setting asks for it (before torch is
-    imported; engine/cpu_alloc.py), or say once (rank 0) that "auto" found no jemalloc here."""
+    imported; engine/cpu_alloc.py), or print (rank 0) why "auto" could not."""
     from dsl.engine import cpu_alloc
 
     try:
-        cpu_alloc.reexec_with_jemalloc(setting, tuple(WARNING_SIGNALS))
+        note = cpu_alloc.reexec_with_jemalloc(setting, tuple(WARNING_SIGNALS))
     except ValueError as err:
         raise UserError(str(err)) from None
-    if (setting == "auto" and not os.environ.get(cpu_alloc.PRELOADED_ENV) and not cpu_alloc.gpu_host()
-            and not cpu_alloc.jemalloc_active() and os.environ.get("RANK", "0") == "0"):
-        print(f"{PROG}: note: engine.cpu_allocator: auto found no {cpu_alloc.JEMALLOC_SONAME} on this host "
-              "(Debian/Ubuntu: apt install libjemalloc2): glibc's malloc keeps freed blocks (reuse) and the "
-              "peak resident set can exceed the plan by the heap's holes (docs/benchmarks.md \"Peak memory\")",
-              file=sys.stderr, flush=True)
+    if note and os.environ.get("RANK", "0") == "0":
+        print(f"{PROG}: note: {note}", file=sys.stderr, flush=True)
 
 
 def exit_now(code: int) -> None:
