@@ -102,6 +102,25 @@ def test_tiled_mlp_weight_gradient_hook_fires_once_per_backward() -> None:
     assert sorted(fired) == [0, 1, 2]
 
 
+def test_tiled_mlp_backward_loads_no_module_into_the_rank() -> None:
+    # torch.autograd.grad given a gradient tensor imports torch.fx's symbolic shapes (sympy,
+    # mpmath): ~12 MiB that stay resident in every rank and that no memory term counts
+    # (tests/bench/peak.py measured the tiled row 13% over the plan with it).
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from dsl.engine.long.tiled_mlp import tiled_swiglu\n"
+            "x = torch.randn(16, 8, requires_grad=True)\n"
+            "ws = [torch.randn(12, 8, requires_grad=True), torch.randn(12, 8, requires_grad=True), "
+            "torch.randn(8, 12, requires_grad=True)]\n"
+            "before = set(sys.modules)\n"
+            "tiled_swiglu(x, *ws, chunk_tokens=4).sum().backward()\n"
+            "print(sorted(set(sys.modules) - before))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_model_with_tiled_loss_and_mlp_gives_the_plain_loss_and_gradients(checkpointing: bool) -> None:
     from dsl.engine.model import Llama
