@@ -132,12 +132,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dsl.engine.config import EngineConfig
     from dsl.engine.train_config import ModelConfig
+    from dsl.topology.model import ProcessBaseline
 
 from dsl.engine.memory_shape import (  # noqa: F401 - re-exported: engine.memory is the public name
     ACTIVATIONS, BUCKETS, CPU_RUNTIME_BYTES, GATHERED, GB, GPU_RUNTIME_BYTES,
     GRADIENTS, GiB, LOGITS, Layout, MASTER, MODEL_INIT, MiB, ModelShape, NVME_SWAP_BUFFERS,
     OFFLOADED_ACTIVATIONS, OFFLOAD_BUFFERS, OPTIMIZER, PARAMETERS, RECOMPUTE, RUNTIME, StateBytes,
-    Term, WEIGHT_COPIES, _ceil_div, state_bytes, ALLOCATOR, ALLOCATOR_RETENTION, cpu_runtime_bytes,
+    Term, WEIGHT_COPIES, _ceil_div, state_bytes, ALLOCATOR, ALLOCATOR_RETENTION, cpu_runtime_bytes, cpu_runtime_formula,
     planned_allocator,
 )
 
@@ -376,11 +377,12 @@ def _fixed(engine: "EngineConfig", name: str, value: Any) -> Any:
 def estimate(model: "ModelConfig | ModelShape | str", engine: "EngineConfig", *, dp: int, sp: int | None = None,
              micro_batch: int | None = None, seq_len: int | None = None, flash_attention: bool = True,
              accelerator: bool = True, layout: Layout | None = None, fold_host: bool = True,
-             allocator: str | None = None) -> Breakdown:
+             allocator: str | None = None, baseline: ProcessBaseline | None = None) -> Breakdown:
     """Every memory term of one rank training `model` with `engine` on dp x sp ranks.
 
     `accelerator=False` plans CPU ranks: the device is host RAM (no offload buffers apply, no
-    CUDA runtime). `engine` fields must be concrete (not `auto`).
+    CUDA runtime); their runtime term is `baseline` (the host's measured ProcessBaseline,
+    topology/baseline.py) when given. `engine` fields must be concrete (not `auto`).
     """
     return breakdown(
         ModelShape.of(model),
@@ -399,7 +401,7 @@ def estimate(model: "ModelConfig | ModelShape | str", engine: "EngineConfig", *,
         offload_ratio=engine.offload.ratio,
         seq_len=seq_len, flash_attention=flash_attention, accelerator=accelerator,
         layout=layout if layout is not None else engine.precision_layout, fold_host=fold_host,
-        allocator=allocator or planned_allocator(engine.cpu_allocator), **long_context(engine))
+        allocator=allocator or planned_allocator(engine.cpu_allocator), baseline=baseline, **long_context(engine))
 
 
 def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batch: int, precision: str = "bf16",
@@ -409,7 +411,7 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
               accelerator: bool = True, layout: Layout | None = None, tiled_loss_tokens: int | None = None,
               pin_memory: bool = True, fold_host: bool = True, offload_ratio: float = 1.0,
               tiled_mlp_tokens: int | None = None, activation_offload: bool = False,
-              allocator: str = "jemalloc") -> Breakdown:
+              allocator: str = "jemalloc", baseline: ProcessBaseline | None = None) -> Breakdown:
     """`estimate` with plain values instead of an EngineConfig (the planner's inner loop).
     `fold_host` (CPU ranks, accelerator=False): report host bytes as the rank's device bytes."""
     mb = micro_batch
@@ -454,11 +456,10 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
         terms.append(Term(GATHERED, device_bytes=2 * gather * unit + sb.grad * unit,
                           formula=f"2 x {gather} B x {unit:,} (largest unit, current + prefetched) "
                                   f"+ its {sb.grad} B gradient"))
-    runtime = GPU_RUNTIME_BYTES if accelerator else cpu_runtime_bytes(checkpointing)
+    runtime = GPU_RUNTIME_BYTES if accelerator else cpu_runtime_bytes(checkpointing, baseline)
     terms.append(Term(RUNTIME, device_bytes=runtime,
                       formula="CUDA context, NCCL, cuBLAS workspaces" if accelerator else
-                      "Python, torch, gloo (measured baseline" + (", + torch._dynamo for checkpointing)"
-                                                                  if checkpointing else ")")))
+                      cpu_runtime_formula(checkpointing, baseline)))
     if accelerator and stage < 3:
         terms.append(Term(MODEL_INIT, host_bytes=4 * shape.params, transient=True,
                           formula=f"4 B x {shape.params:,}: the fp32 model built on the host before it moves"))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from dsl.engine.train_config import ModelConfig
+    from dsl.topology.model import ProcessBaseline
 
 GB = 10**9
 GiB = 1 << 30
@@ -51,9 +52,20 @@ blocks go back to the OS. glibc keeping freed blocks ("reuse", "system") leaves 
 on the order of allocations and differ between the ranks of one run (17-60%): not modelled."""
 
 
-def cpu_runtime_bytes(checkpointing: bool) -> int:
-    """The `runtime` term of a CPU rank (CPU_RUNTIME_BYTES, + CPU_CHECKPOINT_RUNTIME_BYTES)."""
+def cpu_runtime_bytes(checkpointing: bool, baseline: ProcessBaseline | None = None) -> int:
+    """The `runtime` term of a CPU rank: the host's measured baseline (topology/baseline.py) when
+    there is one, else CPU_RUNTIME_BYTES (+ CPU_CHECKPOINT_RUNTIME_BYTES with checkpointing)."""
+    if baseline is not None:
+        return baseline.checkpointing_bytes if checkpointing else baseline.bytes
     return CPU_RUNTIME_BYTES + (CPU_CHECKPOINT_RUNTIME_BYTES if checkpointing else 0)
+
+
+def cpu_runtime_formula(checkpointing: bool, baseline: ProcessBaseline | None = None) -> str:
+    """Where the CPU `runtime` term comes from, for the plan's table."""
+    what = "Python, torch, gloo" + (" + torch._dynamo (checkpointing)" if checkpointing else "")
+    if baseline is not None:
+        return f"{what}: measured on this host {baseline.measured_at[:10]} (torch {baseline.torch}, {baseline.allocator})"
+    return f"{what}: as measured on dsl's reference machine (dsl probe --measure-baseline: this host's)"
 
 
 def planned_allocator(setting: str) -> str:

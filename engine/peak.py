@@ -22,7 +22,8 @@ peak passes the prediction, the training summary):
   NCCL buffers included as documented figures).
 
 The memory model predicts the live peak (tests/unit/test_memory_peak_measured.py measures it);
-on a CPU the prediction adds the measured process baseline and what the rank's malloc keeps of
+on a CPU the prediction adds the process baseline (this host's, when `dsl probe
+--measure-baseline` measured it: `host_baseline`, topology/baseline.py) and what the rank's malloc keeps of
 freed memory (jemalloc by default, engine/cpu_alloc.py), so it is the resident set's peak, within
 10% per rank in tests/bench/peak.py; glibc keeping freed blocks (`cpu_allocator: reuse|system`)
 adds heap holes the model does not count.
@@ -37,8 +38,9 @@ import torch
 if TYPE_CHECKING:
     from dsl.engine.config import EngineConfig
     from dsl.engine.train_config import ModelConfig
+    from dsl.topology.model import ProcessBaseline
 
-__all__ = ["host_peak_rss_bytes", "host_peak_anon_bytes", "measured", "predicted_peak", "predicted_peak_bytes", "PEAK_KEYS", "PEAK_TOLERANCE"]
+__all__ = ["host_peak_rss_bytes", "host_peak_anon_bytes", "measured", "host_baseline", "predicted_peak", "predicted_peak_bytes", "PEAK_KEYS", "PEAK_TOLERANCE"]
 
 PEAK_TOLERANCE = 0.10
 """How far above the prediction a measured peak may be before the progress line flags it: the
@@ -82,6 +84,16 @@ def measured(device: torch.device) -> list[int]:
         out[1] = torch.cuda.max_memory_allocated(device)
         out[2] = torch.cuda.max_memory_reserved(device)
     return out
+
+
+def host_baseline(device: torch.device) -> ProcessBaseline | None:
+    """This host's measured process baseline for this Python (topology/baseline.py), on a CPU
+    device; None on CUDA (the runtime there is the device's) or when not measured."""
+    if device.type != "cpu":
+        return None
+    from dsl.topology.baseline import load
+
+    return load()[0]
 
 
 def predicted_peak(model: "ModelConfig", engine: "EngineConfig", *, dp: int, device: torch.device,

@@ -347,7 +347,8 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
     # Peak memory per rank (engine/peak.py), next to the memory model's figure for this rank.
     predicted, predicted_phase = peak.predicted_peak(_planned_shape(tcfg.model), ecfg, dp=dp, sp=sp,
                                                      device=engine.device,
-                                                     allocator=engine.cpu_allocator)
+                                                     allocator=engine.cpu_allocator,
+                                                     baseline=peak.host_baseline(engine.device))
 
     def rank_peaks() -> list[list[int]]:
         """[rank][PEAK_KEYS] measured now on every rank (a collective: on logged steps only)."""
@@ -476,6 +477,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
                     **{key: [r[i] for r in peaks] for i, key in enumerate(peak.PEAK_KEYS)},
                     "predicted_peak_bytes": predicted,
                     "predicted_peak_phase": predicted_phase,
+                    "cpu_allocator": engine.cpu_allocator,
                 }
                 comm_stats = getattr(engine.states, "comm_stats", None)  # 1-bit Adam: bytes sent
                 if comm_stats is not None:

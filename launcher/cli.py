@@ -253,10 +253,14 @@ def probe(
                                                      "writing a temporary file (<= 512 MiB, <= 5 s each way) "
                                                      "in DIR."),
     list_fixtures: bool = typer.Option(False, "--list", help="List the recorded machines shipped with dsl."),
+    measure_baseline: bool = typer.Option(False, "--measure-baseline",
+                                          help="Run the bundled trainer once (~5 s) to measure what a CPU rank's "
+                                               "process holds before its model (Python, torch, gloo) and keep it "
+                                               "for this host's plans and runs."),
 ) -> None:
     """Show this host (or every host of SPEC): GPUs (NVML), their links, CPU, RAM, NUMA, NVMe,
     network. Nothing is initialised on the GPUs (no CUDA context); NVMe is measured only with
-    --measure-nvme."""
+    --measure-nvme, the process baseline only with --measure-baseline."""
     import json
 
     from dsl.engine.errors import UserError
@@ -268,7 +272,7 @@ def probe(
                             "--topology and --list apply to this host only")
         from dsl.launcher.launch import probe_spec_hosts
 
-        probed = probe_spec_hosts(spec)
+        probed = probe_spec_hosts(spec, measure_baseline=measure_baseline)
         if as_json:
             print(json.dumps({"hosts": {h: t.to_json() for h, t in probed.items()}}, indent=1))
             return
@@ -286,10 +290,13 @@ def probe(
             print(f"{name:28} {topo.description or ''}")
         return
     if topology is not None:
-        if record is not None or measure_nvme is not None:
-            raise UserError("--record and --measure-nvme probe this host; they do not apply to --topology")
+        if record is not None or measure_nvme is not None or measure_baseline:
+            raise UserError("--record, --measure-nvme and --measure-baseline probe this host; they do not apply "
+                            "to --topology")
         topo = probelib.load_topology(topology)
     else:
+        if measure_baseline:
+            probelib.measure_baseline()
         topo, recording = probelib.probe_local()
         if measure_nvme is not None:
             topo, recording = probelib.with_disk_measurement(recording, measure_nvme)

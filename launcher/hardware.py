@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from dsl.engine.memory import GB, GiB
-from dsl.topology.model import HostTopology
+from dsl.topology.model import HostTopology, ProcessBaseline
 from dsl.topology.specs import accelerator_spec
 
 LINK_EFFICIENCY = 0.80
@@ -66,6 +66,10 @@ class Hardware:
     nvme_write_gb_s: float
     device_memory_gb_s: float | None
     notes: tuple[str, ...] = ()
+    cpu_baseline: ProcessBaseline | None = None
+    """A CPU host's measured process baseline (the CPU runtime term; topology/baseline.py)."""
+    cpu_allocator_available: bool = True
+    """jemalloc is on the host (or not probed): `cpu_allocator: auto` runs with it."""
     _links: dict[int, Link] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -143,6 +147,9 @@ def hardware_of(topo: HostTopology, *, hosts: int = 1, ranks_per_host: int | Non
         notes.append(f"libjemalloc.so.2 is not on {topo.hostname}: engine.cpu_allocator auto (the default) falls "
                      "back to glibc keeping freed blocks, whose heap holes can put each rank's peak resident set "
                      "17-60% above this plan (apt install libjemalloc2; engine/cpu_alloc.py)")
+    if not accelerator and topo.process_baseline is None:
+        why = topo.unknown.get("process_baseline") or "not probed (a recorded topology)"
+        notes.append(f"{topo.hostname}: process baseline {why}; the runtime term is dsl's reference machine's")
     if accelerator:
         dev = gpus[0]
         mem = min((g.memory_bytes for g in gpus if g.memory_bytes), default=None)
@@ -201,4 +208,5 @@ def hardware_of(topo: HostTopology, *, hosts: int = 1, ranks_per_host: int | Non
                      f"{ASSUMED_NVME_GB_S[0]:g}/{ASSUMED_NVME_GB_S[1]:g} GB/s read/write per drive")
     return Hardware(topo, hosts, ranks_per_host, accelerator, name, int(mem), int(ram), peak, peak_note,
                     host_link, network, mem_bw, sum(free_by_mount.values()), read, write, device_bw,
-                    tuple(notes))
+                    tuple(notes), cpu_baseline=None if accelerator else topo.process_baseline,
+                    cpu_allocator_available=topo.jemalloc != "")

@@ -85,8 +85,9 @@ def _render_inputs(spec_file: SpecFile, pin: bool, hold_port: bool) -> tuple[Ren
     return inputs, port
 
 
-def probe_spec_hosts(spec_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """`dsl probe SPEC`: every host of the spec, probed over its backend -> {host: HostTopology}."""
+def probe_spec_hosts(spec_path: str | os.PathLike[str], measure_baseline: bool = False) -> dict[str, Any]:
+    """`dsl probe SPEC`: every host of the spec, probed over its backend -> {host: HostTopology}
+    (`measure_baseline`: each measures its CPU process baseline first, engine/baseline.py)."""
     from dsl.launcher import remote_probe
 
     spec_file = load_spec(spec_path)
@@ -96,7 +97,7 @@ def probe_spec_hosts(spec_path: str | os.PathLike[str]) -> dict[str, Any]:
         raise UserError(unknown)
     hosts, pin = backend.resolve_hosts(spec_file)
     inputs, _ = _render_inputs(spec_file, pin, hold_port=False)
-    return remote_probe.probe_hosts(render(spec_file, hosts, inputs))
+    return remote_probe.probe_hosts(render(spec_file, hosts, inputs), measure_baseline=measure_baseline)
 
 
 def prepare(spec_path: str | os.PathLike[str], mode: Mode, *, backend: str | None = None,

@@ -21,8 +21,8 @@ from dsl.topology.model import HostTopology
 TIMEOUT_S = 60
 
 
-def probe_argv(python: str) -> list[str]:
-    return [python, "-m", "dsl.topology.probe"]
+def probe_argv(python: str, measure_baseline: bool = False) -> list[str]:
+    return [python, "-m", "dsl.topology.probe", *(["--measure-baseline"] if measure_baseline else [])]
 
 
 def srun_runner(host: str, argv: list[str]) -> tuple[int, str, str]:
@@ -37,8 +37,10 @@ def runner_for(plan: LaunchPlan) -> preflight.Runner:
     return get_backend(plan.backend).probe_runner(plan)
 
 
-def probe_hosts(plan: LaunchPlan, run: preflight.Runner | None = None) -> dict[str, HostTopology]:
-    """host -> its topology. A host that cannot be probed is a UserError naming it and the fix."""
+def probe_hosts(plan: LaunchPlan, run: preflight.Runner | None = None,
+                measure_baseline: bool = False) -> dict[str, HostTopology]:
+    """host -> its topology. A host that cannot be probed is a UserError naming it and the fix.
+    `measure_baseline`: each host measures its process baseline first (engine/baseline.py)."""
     from dsl.topology.probe import from_data
 
     run = run or runner_for(plan)
@@ -46,7 +48,7 @@ def probe_hosts(plan: LaunchPlan, run: preflight.Runner | None = None) -> dict[s
     def one(index: int) -> HostTopology | str:
         launch = plan.hosts[index]
         try:
-            code, out, err = run(launch.host, probe_argv(shell.unwrapped(launch.argv)[0]))
+            code, out, err = run(launch.host, probe_argv(shell.unwrapped(launch.argv)[0], measure_baseline))
         except DslError as exc:
             return str(exc)
         except (OSError, subprocess.SubprocessError) as exc:

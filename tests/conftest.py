@@ -28,6 +28,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # imports torch, and inherited by every process a test starts. `-m gpu` keeps them.
     if not wants_gpu(config.option.markexpr or ""):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # dsl's cache folder (a host's measured process baseline, topology/baseline.py) is the suite's
+    # own, empty at its start: what an earlier `dsl probe --measure-baseline` on this machine
+    # stored must not change the plans the tests check. Inherited by every process they start.
+    import tempfile
+
+    os.environ["DSL_CACHE_DIR"] = tempfile.mkdtemp(prefix="dsl-test-cache-")
 DSL = [sys.executable, "-m", "dsl.launcher"]
 
 

@@ -194,8 +194,14 @@ def probe_host(sys_root: str | os.PathLike[str] = "/sys", proc_root: str | os.Pa
     """This host's CPU, memory, NUMA, NVMe and NICs as `HostTopology` fields (JSON form)."""
     import psutil
 
+    from dsl.topology import baseline as baselib
+    from dsl.topology.model import _to_json
+
     sys_path, proc = Path(sys_root), Path(proc_root)
     unknown: dict[str, str] = {}
+    measured, why = baselib.load()
+    if measured is None:
+        unknown["process_baseline"] = why
     vm = psutil.virtual_memory()
     limit = _cgroup_memory_limit(sys_path)
     unknown["memory_bandwidth_gb_s"] = "not measured; the planner assumes a per-socket figure"
@@ -216,5 +222,6 @@ def probe_host(sys_root: str | os.PathLike[str] = "/sys", proc_root: str | os.Pa
         "nics": _nics(sys_path),
         "nvidia_pci_devices": _nvidia_pci(sys_path),
         "jemalloc": find_library(JEMALLOC_SONAME) or "",
+        "process_baseline": _to_json(measured) if measured is not None else None,
         "unknown": unknown,
     }

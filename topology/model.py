@@ -136,6 +136,25 @@ class Nic:
 
 
 @dataclass(frozen=True)
+class ProcessBaseline:
+    """What a CPU rank's process holds before its model does: Python, torch, gloo, the trainer, as
+    measured on this host by `dsl probe --measure-baseline` (engine/baseline.py; kept between runs
+    by topology/baseline.py). The memory model's `runtime` term of a CPU rank."""
+
+    bytes: int
+    """The trainer's peak resident set less its file-backed pages, less the step's live bytes."""
+    checkpointing_bytes: int
+    """The same with activation checkpointing (which imports torch._dynamo)."""
+    allocator: str
+    """The malloc it was measured with (engine/cpu_alloc.py `effective`)."""
+    python: str
+    torch: str | None
+    dsl: str | None
+    measured_at: str
+    """UTC, ISO 8601."""
+
+
+@dataclass(frozen=True)
 class HostTopology:
     """One host: what `dsl probe` shows and the planner reads."""
 
@@ -164,6 +183,9 @@ class HostTopology:
     jemalloc: str | None = None
     """Path of libjemalloc.so.2 on the host (a CPU rank's default malloc, engine/cpu_alloc.py);
     "" when the probe looked and found none; None when not probed (fixtures, files)."""
+    process_baseline: ProcessBaseline | None = None
+    """This host's measured CPU process baseline for the probing Python, or None (`unknown` says
+    why: not measured yet, or measured for another torch or dsl)."""
     description: str | None = None
     unknown: dict[str, str] = field(default_factory=dict)
 

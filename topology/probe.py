@@ -19,7 +19,7 @@ from typing import Any
 
 from dsl.engine.errors import UserError
 from dsl.topology import nvml as nvmllib
-from dsl.topology.model import Cpu, HostTopology, Nic, NumaNode, Nvme, _from_json
+from dsl.topology.model import Cpu, HostTopology, Nic, NumaNode, Nvme, ProcessBaseline, _from_json
 
 RECORDING_SCHEMA = "dsl.topology.recording/1"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -52,6 +52,7 @@ def assemble(host: dict[str, Any], recording: dict[str, Any], source: str,
         cuda_driver_version=cuda,
         nvidia_pci_devices=pci,
         jemalloc=host.get("jemalloc"),
+        process_baseline=_from_json(ProcessBaseline, host["process_baseline"]) if host.get("process_baseline") else None,
         description=description,
         unknown=dict(host.get("unknown", {})),
     )
@@ -137,9 +138,34 @@ def with_disk_measurement(recording: dict[str, Any], folder: os.PathLike[str] | 
     return assemble(host, recording["nvml"], "probe"), recording
 
 
-def main() -> int:
-    """`python -m dsl.topology.probe`: this host's recording as one JSON line on stdout (what
-    `dsl probe SPEC` and the planner run on every remote host; stdlib + psutil + pynvml only)."""
+def measure_baseline() -> None:
+    """Measure this host's process baseline and store it (`python -m dsl.engine.baseline`, a
+    child process: it runs the trainer, torch included). Raises UserError when it cannot."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "dsl.engine.baseline"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        raise UserError(f"--measure-baseline: {last}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dsl.topology.probe [--measure-baseline]`: this host's recording as one JSON line
+    on stdout (what `dsl probe SPEC` and the planner run on every remote host; stdlib + psutil +
+    pynvml only; --measure-baseline first runs the trainer once, engine/baseline.py)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if args and args != ["--measure-baseline"]:
+        print(f"usage: python -m dsl.topology.probe [--measure-baseline] (got {' '.join(args)})", file=sys.stderr)
+        return 2
+    if args:
+        try:
+            measure_baseline()
+        except UserError as exc:
+            print(f"dsl.topology.probe: {exc}", file=sys.stderr)
+            return 1
     _, recording = probe_local()
     print(json.dumps(recording))
     return 0

@@ -8,6 +8,7 @@ from dsl.topology.model import HostTopology
 
 GB = 10**9
 GiB = 1 << 30
+MiB = 1 << 20
 
 
 def _size(n: int | None, unit: int = GiB, suffix: str = "GiB") -> str:
@@ -79,6 +80,12 @@ def render(topo: HostTopology, console: Any) -> None:
     if topo.nics:
         p("network: " + ", ".join(f"{n.name} ({n.kind}, {f'{n.speed_gbit_s:g} Gb/s' if n.speed_gbit_s else 'speed ?'})"
                                   for n in topo.nics))
+    if topo.jemalloc is not None:
+        p(f"malloc for CPU ranks: {escape(topo.jemalloc) if topo.jemalloc else 'no libjemalloc.so.2 (glibc)'}")
+    b = topo.process_baseline
+    if b is not None:
+        p(f"process baseline (CPU rank): {_size(b.bytes, MiB, 'MiB')}, {_size(b.checkpointing_bytes, MiB, 'MiB')} with "
+          f"checkpointing; measured {escape(b.measured_at)} with torch {escape(str(b.torch))}, {escape(b.allocator)}")
     for key, why in topo.unknown.items():
         p(f"[dim]{key}: {escape(why)}[/dim]")
 

@@ -118,8 +118,10 @@ def run_case(name: str, model: dict, engine: dict, alloc: str) -> dict:
         spec.write_text(yaml.safe_dump(spec_for(name, model, {**engine, "cpu_allocator": setting}, out),
                                        sort_keys=False))
         started = time.monotonic()
+        # an empty cache: the plan's runtime term is the reference figure (engine/memory_shape.py),
+        # not a baseline `dsl probe --measure-baseline` stored on this host; `calibrated` measures its own
         proc = subprocess.run([sys.executable, "-m", "dsl.launcher", "launch", str(spec)], capture_output=True,
-                              text=True, timeout=1800, env={**os.environ, **env})
+                              text=True, timeout=1800, env={**os.environ, **env, "DSL_CACHE_DIR": str(Path(tmp) / "cache")})
         if proc.returncode != 0:
             raise SystemExit(f"{name}: dsl launch exited {proc.returncode}:\n{proc.stderr[-3000:]}")
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -154,6 +154,25 @@ def test_probe_and_plan_reach_every_host_over_ssh(cluster, tmp_path):
     assert job_processes(cluster, str(tmp_path)) == {h: [] for h in cluster.hosts}
 
 
+def test_probe_measures_each_hosts_process_baseline_over_ssh(cluster, tmp_path):
+    """`dsl probe SPEC --measure-baseline`: every host runs the trainer once in its own namespace
+    (engine/baseline.py) and answers with the figure it stored; the plan then uses it."""
+    spec = write_spec(cluster, tmp_path, "ssh", "  train: {steps: 5}")
+    proc = run_dsl_on_head(cluster, "probe", str(spec), "--measure-baseline", "--json", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hosts = json.loads(proc.stdout)["hosts"]
+    for name, topo in hosts.items():
+        found = topo["process_baseline"]
+        assert found is not None, (name, topo["unknown"])
+        assert 100 * 2**20 < found["bytes"] < 400 * 2**20
+        assert found["checkpointing_bytes"] > found["bytes"]
+    plan = run_dsl_on_head(cluster, "plan", str(spec), "--json")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    runtime = [t for t in json.loads(plan.stdout)["choice"]["terms"] if t["name"] == "runtime"][0]
+    assert "measured on this host" in runtime["formula"]
+    assert runtime["device_bytes"] in {topo["process_baseline"]["bytes"] for topo in hosts.values()}
+
+
 def test_probe_names_a_host_that_cannot_be_reached(cluster, tmp_path):
     spec = write_spec(cluster, tmp_path, "ssh", "  train: {steps: 5}", hosts=("node1", "node-missing"))
     proc = run_dsl_on_head(cluster, "probe", str(spec))
