@@ -13,6 +13,14 @@ Python builds and torch builds, so this measures it where the job runs:
    engine/peak.py) minus the memory model's bytes of that step other than the runtime term (the
    live bytes and the allocator's retention of them, engine/memory.py) is the baseline;
 3. the same again with activation checkpointing, which imports torch._dynamo (~77 MiB more).
+   Both runs hide the GPUs (CUDA_VISIBLE_DEVICES=""): this is the figure of a CPU rank;
+4. on a host with an NVIDIA GPU, one more child (`--cuda-child`) measures what a GPU rank holds on
+   its device besides torch's allocations: NVML's used memory of device 0 before the child
+   touches CUDA and after a matmul (cuBLAS) and an all_reduce on a one-rank NCCL group, less
+   torch's reserved bytes (`cuda_runtime_bytes`; the GPU's runtime term then, instead of the
+   documented 1 GiB, engine/memory_shape.py). Another process using the GPU meanwhile would
+   count: measure on an idle GPU. A one-rank communicator holds no buffers for peers, so NCCL's
+   share for a larger job is above this figure.
 
 The result is a `ProcessBaseline` (topology/model.py), printed as JSON and, unless `--no-save`,
 stored for this Python in dsl's cache folder (topology/baseline.py), where every later probe of
@@ -46,7 +54,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(python: str, engine: dict, folder: Path) -> dict:
+def _run(python: str, engine: dict, folder: Path, environ: dict[str, str] | None = None) -> dict:
     """One trainer run of the tiny preset; its last metrics row."""
     import yaml
 
@@ -55,9 +63,11 @@ def _run(python: str, engine: dict, folder: Path) -> dict:
     spec.write_text(yaml.safe_dump({
         "run": {"train": {"model": {"preset": "tiny"}, "steps": STEPS, "log_every": 1, "seed": 0}},
         "engine": engine, "output_dir": str(out)}, sort_keys=False), encoding="utf-8")
-    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    env = {**(os.environ if environ is None else environ), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "OMP_NUM_THREADS": "1"}
     env.pop("DSL_JEMALLOC_PRELOADED", None)  # a fresh rank decides its allocator itself
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU rank's figure, on a GPU host too
     proc = subprocess.run([python, "-m", "dsl.engine.train", str(spec)], env=env, cwd=folder,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     if proc.returncode != 0:
@@ -81,8 +91,61 @@ def _baseline(row: dict, engine: dict) -> tuple[int, str]:
     return int(row["host_peak_anon_bytes"][0]) - step, allocator
 
 
-def measure(allocator: str = "auto"):
-    """This host's ProcessBaseline (topology/model.py) for this Python under `allocator`."""
+CUDA_CHILD = "--cuda-child"
+
+
+def _cuda_child() -> int:
+    """Run in a fresh process: print the device bytes this process holds outside torch's
+    allocator after CUDA, cuBLAS and NCCL are initialised, or null without a GPU."""
+    import pynvml
+    import torch
+    import torch.distributed as tdist
+
+    if not torch.cuda.is_available():
+        print(json.dumps(None))
+        return 0
+    pynvml.nvmlInit()
+    try:
+        index = int((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        before = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        a = torch.randn(1024, 1024, device=device)
+        (a @ a).sum().item()
+        tdist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                 device_id=device)
+        tdist.all_reduce(a)
+        torch.cuda.synchronize(device)
+        used = pynvml.nvmlDeviceGetMemoryInfo(handle).used - before
+        print(json.dumps(max(0, used - torch.cuda.memory_reserved(device))))
+        tdist.destroy_process_group()
+    finally:
+        pynvml.nvmlShutdown()
+    return 0
+
+
+def cuda_runtime(python: str, environ: dict[str, str] | None = None) -> int | None:
+    """`_cuda_child` in a fresh process: the device runtime bytes, or None without a GPU (NVML
+    finds none) or when the child fails."""
+    from dsl.engine.cpu_alloc import gpu_host
+
+    env = dict(os.environ if environ is None else environ)
+    if not gpu_host(env):
+        return None
+    proc = subprocess.run([python, "-m", "dsl.engine.baseline", CUDA_CHILD], env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        print(f"dsl.engine.baseline: the GPU's runtime was not measured: {tail}", file=sys.stderr)
+        return None
+    value = json.loads(proc.stdout.strip().splitlines()[-1])
+    return int(value) if value is not None else None
+
+
+def measure(allocator: str = "auto", environ: dict[str, str] | None = None):
+    """This host's ProcessBaseline (topology/model.py) for this Python under `allocator`, the
+    trainer started with `environ` (default: this process's environment)."""
     from dsl.topology.baseline import identity
     from dsl.topology.model import ProcessBaseline
 
@@ -91,19 +154,23 @@ def measure(allocator: str = "auto"):
     for checkpointing in (False, True):
         engine = {**ENGINE, "cpu_allocator": allocator, "activation_checkpointing": checkpointing}
         with tempfile.TemporaryDirectory(prefix="dsl-baseline-") as tmp:
-            figures.append(_baseline(_run(python, engine, Path(tmp)), engine))
+            figures.append(_baseline(_run(python, engine, Path(tmp), environ), engine))
     (plain, used), (ckpt, _) = figures
     me = identity()
     return ProcessBaseline(bytes=plain, checkpointing_bytes=max(ckpt, plain), allocator=used, python=me["python"],
                            torch=me["torch"], dsl=me["dsl"],
-                           measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                           measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           cuda_runtime_bytes=cuda_runtime(python, environ))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsl.engine.baseline", description=__doc__.splitlines()[0])
     parser.add_argument("--allocator", default="auto", help="engine.cpu_allocator of the measured run (auto)")
     parser.add_argument("--no-save", action="store_true", help="print only; do not store it in dsl's cache")
+    parser.add_argument(CUDA_CHILD, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cuda_child:
+        return _cuda_child()
     from dsl.topology.baseline import save
     from dsl.topology.model import _to_json
 

@@ -139,6 +139,7 @@ from dsl.engine.memory_shape import (  # noqa: F401 - re-exported: engine.memory
     GRADIENTS, GiB, LOGITS, Layout, MASTER, MODEL_INIT, MiB, ModelShape, NVME_SWAP_BUFFERS,
     OFFLOADED_ACTIVATIONS, OFFLOAD_BUFFERS, OPTIMIZER, PARAMETERS, RECOMPUTE, RUNTIME, StateBytes,
     Term, WEIGHT_COPIES, _ceil_div, state_bytes, ALLOCATOR, ALLOCATOR_RETENTION, cpu_runtime_bytes, cpu_runtime_formula,
+    gpu_runtime_bytes, gpu_runtime_formula,
     planned_allocator,
 )
 
@@ -456,9 +457,9 @@ def breakdown(shape: ModelShape, *, stage: int, dp: int, sp: int = 1, micro_batc
         terms.append(Term(GATHERED, device_bytes=2 * gather * unit + sb.grad * unit,
                           formula=f"2 x {gather} B x {unit:,} (largest unit, current + prefetched) "
                                   f"+ its {sb.grad} B gradient"))
-    runtime = GPU_RUNTIME_BYTES if accelerator else cpu_runtime_bytes(checkpointing, baseline)
+    runtime = gpu_runtime_bytes(baseline) if accelerator else cpu_runtime_bytes(checkpointing, baseline)
     terms.append(Term(RUNTIME, device_bytes=runtime,
-                      formula="CUDA context, NCCL, cuBLAS workspaces" if accelerator else
+                      formula=gpu_runtime_formula(baseline) if accelerator else
                       cpu_runtime_formula(checkpointing, baseline)))
     if accelerator and stage < 3:
         terms.append(Term(MODEL_INIT, host_bytes=4 * shape.params, transient=True,

@@ -34,13 +34,17 @@ def engine_layout(layout: Layout | None, stage: int | None) -> Layout:
     return layout if layout is not None else "master"
 
 GPU_RUNTIME_BYTES = 1 * GiB
+"""A GPU rank's device bytes outside torch's allocator (CUDA context 300-600 MiB with the
+kernels loaded, cuBLAS workspaces, NCCL's buffers: a documented rough figure), unless the host's
+measured baseline has its own (`gpu_runtime_bytes`)."""
 CPU_RUNTIME_BYTES = 162 * MiB
-"""A CPU rank's process baseline: Python, torch, gloo and the trainer, as the trainer measured it
-on the tiny preset (peak resident set less its file-backed pages, minus the step's live bytes;
-161-162 MiB under every cpu_allocator, torch 2.13 CPU wheel, AMD EPYC; tests/bench/peak.py
-`measure_baseline`, docs/benchmarks.md "Peak memory"). The file-backed pages (the libraries'
-mapped code, 80-140 MiB more) are left out on both sides: engine/peak.py
-`host_peak_anon_bytes`."""
+"""A CPU rank's process baseline on dsl's reference machine: Python, torch, gloo and the trainer, as
+the trainer measured it on the tiny preset (peak resident set less its file-backed pages, minus
+the step's live bytes; 161-162 MiB under every cpu_allocator, torch 2.13 CPU wheel, AMD EPYC;
+engine/baseline.py, docs/benchmarks.md "Peak memory"). The runtime term of a host whose own
+baseline `dsl probe --measure-baseline` stored is that figure instead (`cpu_runtime_bytes`).
+The file-backed pages (the libraries' mapped code, 80-140 MiB more) are left out on both sides:
+engine/peak.py `host_peak_anon_bytes`."""
 CPU_CHECKPOINT_RUNTIME_BYTES = 77 * MiB
 """What activation checkpointing adds to it: torch.utils.checkpoint imports torch._dynamo."""
 ALLOCATOR_RETENTION = {"jemalloc": 0.15, "return": 0.0}
@@ -60,11 +64,27 @@ def cpu_runtime_bytes(checkpointing: bool, baseline: ProcessBaseline | None = No
     return CPU_RUNTIME_BYTES + (CPU_CHECKPOINT_RUNTIME_BYTES if checkpointing else 0)
 
 
+def gpu_runtime_bytes(baseline: ProcessBaseline | None = None) -> int:
+    """The `runtime` term of a GPU rank: the host's measured figure (engine/baseline.py, NVML)
+    when there is one, else GPU_RUNTIME_BYTES."""
+    if baseline is not None and baseline.cuda_runtime_bytes is not None:
+        return baseline.cuda_runtime_bytes
+    return GPU_RUNTIME_BYTES
+
+
+def gpu_runtime_formula(baseline: ProcessBaseline | None = None) -> str:
+    what = "CUDA context, cuBLAS workspaces, NCCL"
+    if baseline is not None and baseline.cuda_runtime_bytes is not None:
+        return f"{what}: measured on this host {baseline.measured_at[:10]} (NVML, one rank)"
+    return f"{what}: a documented figure (dsl probe --measure-baseline measures this host's)"
+
+
 def cpu_runtime_formula(checkpointing: bool, baseline: ProcessBaseline | None = None) -> str:
     """Where the CPU `runtime` term comes from, for the plan's table."""
     what = "Python, torch, gloo" + (" + torch._dynamo (checkpointing)" if checkpointing else "")
     if baseline is not None:
-        return f"{what}: measured on this host {baseline.measured_at[:10]} (torch {baseline.torch}, {baseline.allocator})"
+        return (f"{what}: measured on this host {baseline.measured_at[:10]} (torch {baseline.torch}, "
+                f"{baseline.allocator})")
     return f"{what}: as measured on dsl's reference machine (dsl probe --measure-baseline: this host's)"
 
 

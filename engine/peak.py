@@ -86,11 +86,10 @@ def measured(device: torch.device) -> list[int]:
     return out
 
 
-def host_baseline(device: torch.device) -> ProcessBaseline | None:
-    """This host's measured process baseline for this Python (topology/baseline.py), on a CPU
-    device; None on CUDA (the runtime there is the device's) or when not measured."""
-    if device.type != "cpu":
-        return None
+def host_baseline() -> ProcessBaseline | None:
+    """This host's measured process baseline for this Python (topology/baseline.py), or None when
+    it was not measured: the runtime term of a CPU rank, and of a GPU rank when it holds the
+    device's figure (engine/memory_shape.py)."""
     from dsl.topology.baseline import load
 
     return load()[0]

@@ -348,7 +348,7 @@ def train(spec: RunSpec, *, out: TextIO | None = None) -> dict[str, Any]:
     predicted, predicted_phase = peak.predicted_peak(_planned_shape(tcfg.model), ecfg, dp=dp, sp=sp,
                                                      device=engine.device,
                                                      allocator=engine.cpu_allocator,
-                                                     baseline=peak.host_baseline(engine.device))
+                                                     baseline=peak.host_baseline())
 
     def rank_peaks() -> list[list[int]]:
         """[rank][PEAK_KEYS] measured now on every rank (a collective: on logged steps only)."""

@@ -66,8 +66,8 @@ class Hardware:
     nvme_write_gb_s: float
     device_memory_gb_s: float | None
     notes: tuple[str, ...] = ()
-    cpu_baseline: ProcessBaseline | None = None
-    """A CPU host's measured process baseline (the CPU runtime term; topology/baseline.py)."""
+    baseline: ProcessBaseline | None = None
+    """The host's measured process baseline: the runtime term of its ranks (topology/baseline.py)."""
     cpu_allocator_available: bool = True
     """jemalloc is on the host (or not probed): `cpu_allocator: auto` runs with it."""
     _links: dict[int, Link] = field(default_factory=dict, compare=False, repr=False)
@@ -208,5 +208,5 @@ def hardware_of(topo: HostTopology, *, hosts: int = 1, ranks_per_host: int | Non
                      f"{ASSUMED_NVME_GB_S[0]:g}/{ASSUMED_NVME_GB_S[1]:g} GB/s read/write per drive")
     return Hardware(topo, hosts, ranks_per_host, accelerator, name, int(mem), int(ram), peak, peak_note,
                     host_link, network, mem_bw, sum(free_by_mount.values()), read, write, device_bw,
-                    tuple(notes), cpu_baseline=None if accelerator else topo.process_baseline,
+                    tuple(notes), baseline=topo.process_baseline,
                     cpu_allocator_available=topo.jemalloc != "")

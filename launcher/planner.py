@@ -274,7 +274,7 @@ def evaluate(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: in
                          accelerator=hw.accelerator, flash_attention=flash_attention,
                          layout=engine.precision_layout,
                          offload_ratio=engine.offload.ratio if offload == "cpu" else 1.0,
-                         allocator=planned_cpu_allocator(engine.cpu_allocator, hw), baseline=hw.cpu_baseline,
+                         allocator=planned_cpu_allocator(engine.cpu_allocator, hw), baseline=hw.baseline,
                          **memory.long_context(engine))  # tiled loss/MLP, activation offload
     device = b.device_bytes
     host = hw.ranks_per_host * b.host_peak_bytes

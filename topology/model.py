@@ -152,6 +152,9 @@ class ProcessBaseline:
     dsl: str | None
     measured_at: str
     """UTC, ISO 8601."""
+    cuda_runtime_bytes: int | None = None
+    """On a GPU host: what one rank's process holds on its device besides torch's allocations
+    (CUDA context, cuBLAS workspace, NCCL's communicator), measured through NVML; None elsewhere."""
 
 
 @dataclass(frozen=True)

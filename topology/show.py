@@ -86,6 +86,8 @@ def render(topo: HostTopology, console: Any) -> None:
     if b is not None:
         p(f"process baseline (CPU rank): {_size(b.bytes, MiB, 'MiB')}, {_size(b.checkpointing_bytes, MiB, 'MiB')} with "
           f"checkpointing; measured {escape(b.measured_at)} with torch {escape(str(b.torch))}, {escape(b.allocator)}")
+        if b.cuda_runtime_bytes is not None:
+            p(f"GPU rank's runtime on its device (CUDA context, cuBLAS, NCCL): {_size(b.cuda_runtime_bytes, MiB, 'MiB')}")
     for key, why in topo.unknown.items():
         p(f"[dim]{key}: {escape(why)}[/dim]")
 

@@ -25,11 +25,16 @@ before the reset, so a trial does not inherit the previous one's heap; all_reduc
 make the same decisions) is compared with the budget.
 
 The search, per row, finds a length that fits and the next one (+ STEP) that does not:
-1. a trial at SHORT_SEQ; the engine's memory model (`engine.memory.estimate`, CPU ranks), offset
-   to that measured peak, predicts the longest length within the budget (the table's "memory
-   model's longest": a prediction from one short run, before any long trial);
-2. a trial at COMMON_SEQ, timed (tokens/s at equal work for every row), which is also a point of
-   the search;
+1. a trial at SHORT_SEQ, a point of the search;
+2. a trial at COMMON_SEQ, timed (tokens/s at equal work for every row); the engine's memory model
+   (`engine.memory.estimate`, CPU ranks), offset to this measured peak, predicts the longest
+   length within the budget (the table's "memory model's longest": a prediction from one run at
+   COMMON_SEQ, before any probe). Seeded at COMMON_SEQ rather than SHORT_SEQ because below ~2k
+   tokens a rank's per-token tensors (320 tokens x 128 fp32 = 160 KiB, the kv projections 40 KiB)
+   straddle glibc's 64 KiB mmap threshold of these workers and partly live in the heap: measured
+   (2026-12-06, `--at`), the peak over the model grows by 1-1.8 MiB from 640 to 2,048 tokens in
+   every row and by under 0.4 MiB from 2,048 to 8,192, while a STEP is 0.25 MiB of the
+   checkpointing row's growth;
 3. probes seeded by the model and corrected by the measurements: the next length is where the
    line through the two measured points nearest the boundary (in the model's bytes, so its
    non-linear terms such as the logits chunk keep their shape) crosses the budget, kept inside
@@ -108,9 +113,7 @@ STEP = 128
 """Granularity of the search (a multiple of sp): a row is memory-bound when L fits and L + STEP
 does not."""
 SHORT_SEQ = 5 * STEP
-"""The first trial of a row: fits every row's budget; the memory model's prediction starts here
-(640 tokens: measured after the warm-up below, the peak over the model is flat to within 0.8 MiB
-from 640 to 2,048 tokens, to 2.3 MiB from 256)."""
+"""The first trial of a row: fits every row's budget (the sp1 row's longest length is near it)."""
 WARMUP_SEQ = 2048
 """The warm-up step's length (it creates the optimizer states). It also takes the process through
 a long step once, so every trial of a row has the same history: measured, a process's peak at
@@ -152,7 +155,7 @@ def _reset_peak() -> None:
     MALLOC_TRIM_THRESHOLD_=0 (the workers' environment) trims only the top of the heap; a free
     block below a live one stays resident, so without malloc_trim a trial would start from the
     previous trials' holes (measured: +4 MB at 256 tokens after a 4,736-token trial) and a long
-    trial's resident peak would carry more of them than the short trial that seeds the model."""
+    trial's resident peak would carry more of them than the trial that seeds the model."""
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -267,10 +270,10 @@ def _search(session: Session, name: str, budget: int, log) -> dict:
             hi = r
         return r
 
-    short = run(SHORT_SEQ, timed=1, note="  (short: seeds the memory model)")
-    predicted = _predicted_longest(name, budget, short)
+    run(SHORT_SEQ, timed=1, note="  (short)")
+    common = run(COMMON_SEQ, timed=COMMON_TIMED, note="  (common length, timed; seeds the memory model)")
+    predicted = _predicted_longest(name, budget, common)
     log(f"  memory model: longest {predicted:,} within the budget")
-    common = run(COMMON_SEQ, timed=COMMON_TIMED, note="  (common length, timed)")
     moved: list[str] = []
     bound = ""
     probes = 0
@@ -454,7 +457,7 @@ def table(results: dict, budget_gib: float) -> str:
               "history), VmHWM per rank, max of the 2 ranks. memory model's longest: "
               "the longest length within the budget by `engine.memory.estimate` (CPU ranks: model states, saved "
               "activations, logits, recomputation peak, buffers), offset to the measured peak at "
-              f"{SHORT_SEQ:,} tokens, before any longer trial (the warm-up step aside); measured / model: the found length over that "
+              f"{COMMON_SEQ:,} tokens, before any probe (module docstring); measured / model: the found length over that "
               "prediction. The search itself moves from the model's prediction by the measured peaks (trials: "
               f"all of the row's trials, the {SHORT_SEQ:,} and {COMMON_SEQ:,} ones included). tokens/s: tokens of the "
               f"whole job per second (dp x seq_len per step), fastest step; at {COMMON_SEQ:,} every row does the same "

@@ -22,11 +22,13 @@ under one of four allocator settings (`ALLOCATORS`, engine/cpu_alloc.py):
   mapped on allocation and unmapped on free, so the resident set is the baseline plus the live
   bytes (and a small heap). `alloc_speed` measures what each setting costs in step time.
 
-and the process baseline is measured per allocator setting the way a probe could on the target
-host (`measure_baseline`: the same trainer on the `tiny` preset, peak RSS minus the model's live
-peak of that tiny step, with and without checkpointing), giving a second prediction: the model's
-peak with the measured baseline in place of its runtime term (engine/memory_shape.py
-CPU_RUNTIME_BYTES, itself this measurement on the machine named in docs/benchmarks.md).
+and the process baseline is measured per allocator setting as `dsl probe --measure-baseline`
+measures it on a host (`measure_baseline`, engine/baseline.py: the trainer on the `tiny` preset,
+peak RSS less file pages minus the model's bytes of that tiny step, with and without
+checkpointing), giving a second prediction: the model's peak with the measured baseline in place
+of its runtime term, which is what `dsl plan` shows on a host whose baseline was measured
+(without one, the plan's runtime is engine/memory_shape.py CPU_RUNTIME_BYTES, this measurement
+on the machine named in docs/benchmarks.md).
 
 `python tests/bench/peak.py [--only SUBSTRING] [--json FILE] [--parallel 2]`.
 """
@@ -51,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.bench.layout import cpu_model  # noqa: E402
 from tests.bench.report import write_section  # noqa: E402
+from dsl.engine.baseline import measure  # noqa: E402
 from dsl.engine.cpu_alloc import JEMALLOC_CONF  # noqa: E402
 from dsl.engine.memory_shape import cpu_runtime_bytes  # noqa: E402
 from dsl.engine.presets import PRESETS  # noqa: E402
@@ -121,7 +124,8 @@ def run_case(name: str, model: dict, engine: dict, alloc: str) -> dict:
         # an empty cache: the plan's runtime term is the reference figure (engine/memory_shape.py),
         # not a baseline `dsl probe --measure-baseline` stored on this host; `calibrated` measures its own
         proc = subprocess.run([sys.executable, "-m", "dsl.launcher", "launch", str(spec)], capture_output=True,
-                              text=True, timeout=1800, env={**os.environ, **env, "DSL_CACHE_DIR": str(Path(tmp) / "cache")})
+                              text=True, timeout=1800,
+                              env={**os.environ, **env, "DSL_CACHE_DIR": str(Path(tmp) / "cache")})
         if proc.returncode != 0:
             raise SystemExit(f"{name}: dsl launch exited {proc.returncode}:\n{proc.stderr[-3000:]}")
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -131,12 +135,13 @@ def run_case(name: str, model: dict, engine: dict, alloc: str) -> dict:
             "seconds": time.monotonic() - started}
 
 
-def measure_baseline(alloc: str, checkpointing: bool) -> int:
-    """The process baseline under `alloc`: the trainer on the `tiny` preset (its step's live bytes
-    are ~1 MiB), the larger rank's peak RSS minus the model's live peak of that step."""
-    r = run_case("baseline", {"preset": "tiny"}, {"zero_stage": 0, **FP32, "micro_batch": 2,
-                                                  "activation_checkpointing": checkpointing}, alloc)
-    return max(r["peaks"]) - (r["predicted"] - cpu_runtime_bytes(checkpointing))
+def measure_baseline(alloc: str) -> dict[tuple[str, bool], int]:
+    """The process baseline under `alloc`, without and with checkpointing: what `dsl probe
+    --measure-baseline` measures (engine/baseline.py), with the allocator's environment."""
+    setting, env = ALLOCATORS[alloc]
+    with tempfile.TemporaryDirectory(prefix="dsl-peak-base-") as tmp:
+        b = measure(allocator=setting, environ={**os.environ, **env, "DSL_CACHE_DIR": tmp})
+    return {(alloc, False): b.bytes, (alloc, True): b.checkpointing_bytes}
 
 
 def live_peaks(results: list[dict]) -> None:
@@ -317,9 +322,8 @@ def main() -> int:
         return 0
     cases = [c for c in CASES if not args.only or args.only in c[0]]
     allocs = sorted({c[3] for c in cases})
-    keys = [(alloc, ckpt) for alloc in allocs for ckpt in (False, True)]
     with ThreadPoolExecutor(args.parallel) as pool:
-        baselines = dict(zip(keys, pool.map(lambda k: measure_baseline(*k), keys)))
+        baselines = {k: v for found in pool.map(measure_baseline, allocs) for k, v in found.items()}
         for (alloc, ckpt), b in baselines.items():
             print(f"baseline {alloc}{' ckpt' if ckpt else ''}: {b / 2**20:,.0f} MiB", file=sys.stderr, flush=True)
 
@@ -359,10 +363,11 @@ def body(results: list[dict], baselines: dict, lines: list[str], speed: list[dic
         "set less its file-backed pages (`host_peak_anon_bytes`, engine/peak.py: VmHWM less the mapped libraries, "
         "whose resident share depends on the page cache: the same torch wheel's libtorch_cpu.so was 49 MB resident "
         "in one install and 97 MB in a fresh one). "
-        "The plan's runtime term is the process baseline measured on this machine (engine/memory_shape.py: "
+        "The plan's runtime term is the reference process baseline (engine/memory_shape.py: "
         f"{cpu_runtime_bytes(False) / 2**20:,.0f} MiB, {cpu_runtime_bytes(True) / 2**20:,.0f} MiB with activation "
-        "checkpointing, which imports torch._dynamo); calibrated: the same model with this run's own baseline "
-        f"measurement in its place (the trainer on the tiny preset: {base}). live heap: the engine alone with "
+        "checkpointing, which imports torch._dynamo; the ranks ran with an empty dsl cache); calibrated: the same "
+        "model with the baseline `dsl probe --measure-baseline` measures on this host in its place (engine/baseline.py, "
+        f"measured by this run per allocator: {base}). live heap: the engine alone with "
         "the same settings, glibc's in-use bytes sampled through a step (tests/heap_measure.py), against the "
         "model's peak without the runtime and allocator terms (1-bit and sp rows not measured there). "
         "Allocators (engine/cpu_alloc.py): `auto` = the default: each rank re-executed with jemalloc preloaded "
@@ -378,10 +383,11 @@ def body(results: list[dict], baselines: dict, lines: list[str], speed: list[dic
         "so a block of one size never lands in the hole of another, and what it keeps (its size classes' "
         "rounding and the extents of each class) is a share of the live bytes, measured 5-28% over these "
         "configurations (the model's 15% sits in that range). Under `return` nothing large is kept: RSS is "
-        f"the baseline plus the model's live peak ({ratio_range(results, 'return', plan=True)} the plan); the "
-        "exception is the tiled row (tiled loss + tiled MLP): its RSS says ~50 MiB more is live than the model "
-        "counts, which the sampled live heap misses (its peak is shorter than the sampler's reach while the "
-        "Python loops of the tiled functions hold the GIL). Under `reuse` and `system` glibc's heap keeps the "
+        f"the baseline plus the model's live peak ({ratio_range(results, 'return', plan=True)} the plan). (The "
+        "tiled row was 1.13x until 2026-12-06: the tiled MLP's backward called torch.autograd.grad with an "
+        "output gradient, which imports torch.fx's symbolic shapes, sympy and mpmath: 12 MiB of modules resident "
+        "in every rank that no term counts; engine/long/tiled_mlp.py now differentiates a scalar instead.) "
+        "Under `reuse` and `system` glibc's heap keeps the "
         "holes freed blocks leave, which depend on the order of allocations (a 64 MiB logits block that no "
         "longer fits its old place extends the heap by 64 MiB at a time) and on when the communication threads "
         f"free their buffers: the two ranks of one case differ by up to {rank_spread(glibc):.0%} "

@@ -160,3 +160,43 @@ def test_a_rank_predicts_its_peak_with_its_hosts_baseline(tmp_path: Path, write)
                         allocator=row["cpu_allocator"], baseline=_baseline(bytes=500 * MiB))
     assert row["predicted_peak_bytes"] == expected.device_bytes
     assert expected.term(RUNTIME).device_bytes == 500 * MiB
+
+
+def test_a_measured_gpu_runtime_replaces_the_documented_figure() -> None:
+    from dsl.engine.memory import GPU_RUNTIME_BYTES
+
+    model, engine = ModelConfig(preset="bench"), EngineConfig(zero_stage=2, precision="bf16", micro_batch=4)
+    documented = estimate(model, engine, dp=2, accelerator=True, baseline=_baseline())
+    assert documented.term(RUNTIME).device_bytes == GPU_RUNTIME_BYTES
+    assert "documented" in documented.term(RUNTIME).formula
+    measured = estimate(model, engine, dp=2, accelerator=True, baseline=_baseline(cuda_runtime_bytes=700 * MiB))
+    assert measured.term(RUNTIME).device_bytes == 700 * MiB and "NVML" in measured.term(RUNTIME).formula
+    assert documented.device_bytes - measured.device_bytes == GPU_RUNTIME_BYTES - 700 * MiB
+
+
+def test_without_a_gpu_the_cuda_child_reports_none() -> None:
+    import subprocess
+    import sys
+
+    from dsl.engine.baseline import cuda_runtime
+
+    assert cuda_runtime(sys.executable, {"CUDA_VISIBLE_DEVICES": ""}) is None
+    out = subprocess.run([sys.executable, "-m", "dsl.engine.baseline", "--cuda-child"], capture_output=True,
+                         text=True, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}, check=True)
+    assert out.stdout.strip() == "null"
+
+
+@pytest.mark.gpu
+def test_the_cuda_runtime_is_measured_on_a_gpu() -> None:
+    import subprocess
+    import sys
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = subprocess.run([sys.executable, "-m", "dsl.engine.baseline", "--cuda-child"], capture_output=True,
+                         text=True, check=True, timeout=300)
+    value = json.loads(out.stdout.strip().splitlines()[-1])
+    # a CUDA context with cuBLAS and a one-rank NCCL communicator: hundreds of MiB, under 4 GiB
+    assert 100 * MiB < value < 4 * 1024 * MiB
