@@ -88,9 +88,12 @@ def cpu_runtime_formula(checkpointing: bool, baseline: ProcessBaseline | None = 
     return f"{what}: as measured on dsl's reference machine (dsl probe --measure-baseline: this host's)"
 
 
-def planned_allocator(setting: str) -> str:
-    """The allocator a CPU rank will run with under `engine.cpu_allocator` (auto: jemalloc, which
-    the trainer preloads where the host has it; engine/cpu_alloc.py)."""
+def planned_allocator(setting: str, jemalloc_on_host: bool = True) -> str:
+    """The allocator a CPU rank will run with under `engine.cpu_allocator` (engine/cpu_alloc.py):
+    auto is jemalloc, which the trainer preloads, where the host has it (as the probe found,
+    HostTopology.jemalloc), else glibc keeping freed blocks (reuse)."""
+    if setting == "auto" and not jemalloc_on_host:
+        return "reuse"
     return "jemalloc" if setting in ("auto", "jemalloc") else setting
 
 

@@ -19,14 +19,14 @@ peak passes the prediction, the training summary):
   engine/memory_peak.py): `engine.memory.estimate(...)` for this rank's configuration, the
   figure `dsl plan` shows per device: on a CPU device the whole RAM of the rank (host terms
   folded in, Python and torch's runtime included), on CUDA the device bytes (CUDA context and
-  NCCL buffers included as documented figures).
+  NCCL buffers included: a documented figure, or the host's measured one).
 
 The memory model predicts the live peak (tests/unit/test_memory_peak_measured.py measures it);
 on a CPU the prediction adds the process baseline (this host's, when `dsl probe
---measure-baseline` measured it: `host_baseline`, topology/baseline.py) and what the rank's malloc keeps of
-freed memory (jemalloc by default, engine/cpu_alloc.py), so it is the resident set's peak, within
-10% per rank in tests/bench/peak.py; glibc keeping freed blocks (`cpu_allocator: reuse|system`)
-adds heap holes the model does not count.
+--measure-baseline` measured it: `host_baseline`, topology/baseline.py) and what the rank's
+malloc keeps of freed memory (jemalloc by default, engine/cpu_alloc.py), so it is the resident
+set's peak, within 10% per rank in tests/bench/peak.py; glibc keeping freed blocks
+(`cpu_allocator: reuse|system`) adds heap holes the model does not count.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     from dsl.engine.train_config import ModelConfig
     from dsl.topology.model import ProcessBaseline
 
-__all__ = ["host_peak_rss_bytes", "host_peak_anon_bytes", "measured", "host_baseline", "predicted_peak", "predicted_peak_bytes", "PEAK_KEYS", "PEAK_TOLERANCE"]
+__all__ = ["host_peak_rss_bytes", "host_peak_anon_bytes", "measured", "host_baseline", "predicted_peak",
+           "predicted_peak_bytes", "PEAK_KEYS", "PEAK_TOLERANCE"]
 
 PEAK_TOLERANCE = 0.10
 """How far above the prediction a measured peak may be before the progress line flags it: the

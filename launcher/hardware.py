@@ -68,8 +68,8 @@ class Hardware:
     notes: tuple[str, ...] = ()
     baseline: ProcessBaseline | None = None
     """The host's measured process baseline: the runtime term of its ranks (topology/baseline.py)."""
-    cpu_allocator_available: bool = True
-    """jemalloc is on the host (or not probed): `cpu_allocator: auto` runs with it."""
+    jemalloc_on_host: bool = True
+    """libjemalloc.so.2 is on the host, or it was not probed: `cpu_allocator: auto` runs with it."""
     _links: dict[int, Link] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -209,4 +209,4 @@ def hardware_of(topo: HostTopology, *, hosts: int = 1, ranks_per_host: int | Non
     return Hardware(topo, hosts, ranks_per_host, accelerator, name, int(mem), int(ram), peak, peak_note,
                     host_link, network, mem_bw, sum(free_by_mount.values()), read, write, device_bw,
                     tuple(notes), baseline=topo.process_baseline,
-                    cpu_allocator_available=topo.jemalloc != "")
+                    jemalloc_on_host=topo.jemalloc != "")

@@ -255,14 +255,6 @@ def step_time(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: i
     return StepTime(compute, comm, exposed_s, offload_s, total, dominant, detail)
 
 
-def planned_cpu_allocator(setting: str, hw: Hardware) -> str:
-    """The malloc a CPU rank of `hw` will run with (engine/cpu_alloc.py): auto is jemalloc where the
-    probe found it, glibc keeping freed blocks (reuse) where it did not."""
-    if setting == "auto" and not hw.cpu_allocator_available:
-        return "reuse"
-    return memory.planned_allocator(setting)
-
-
 def evaluate(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: int, offload: str,
              offload_params: str, sp: int, micro: int, accum: int, ckpt: bool, target_batch: int,
              flash_attention: bool = True) -> Candidate:
@@ -274,7 +266,7 @@ def evaluate(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: in
                          accelerator=hw.accelerator, flash_attention=flash_attention,
                          layout=engine.precision_layout,
                          offload_ratio=engine.offload.ratio if offload == "cpu" else 1.0,
-                         allocator=planned_cpu_allocator(engine.cpu_allocator, hw), baseline=hw.baseline,
+                         allocator=memory.planned_allocator(engine.cpu_allocator, hw.jemalloc_on_host), baseline=hw.baseline,
                          **memory.long_context(engine))  # tiled loss/MLP, activation offload
     device = b.device_bytes
     host = hw.ranks_per_host * b.host_peak_bytes
