@@ -50,10 +50,10 @@ CPU_CHECKPOINT_RUNTIME_BYTES = 77 * MiB
 ALLOCATOR_RETENTION = {"jemalloc": 0.15, "return": 0.0}
 """On a CPU rank, what malloc keeps beyond the live bytes, as a share of the step's live peak
 (baseline excluded), per effective allocator (engine/cpu_alloc.py). jemalloc: its size classes
-round each block up and its arenas keep freed extents; measured 5-28% of the live peak (median
+round each block up and its arenas keep freed extents; measured 5-18% of the live peak (median
 14%) over 21 configurations, both ranks within a few MiB (tests/bench/peak.py). return: the
 blocks go back to the OS. glibc keeping freed blocks ("reuse", "system") leaves holes that depend
-on the order of allocations and differ between the ranks of one run (17-60%): not modelled."""
+on the order of allocations and differ between the ranks of one run (15-73%): not modelled."""
 
 
 def cpu_runtime_bytes(checkpointing: bool, baseline: ProcessBaseline | None = None) -> int:

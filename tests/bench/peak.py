@@ -55,7 +55,7 @@ from tests.bench.layout import cpu_model  # noqa: E402
 from tests.bench.report import write_section  # noqa: E402
 from dsl.engine.baseline import measure  # noqa: E402
 from dsl.engine.cpu_alloc import JEMALLOC_CONF  # noqa: E402
-from dsl.engine.memory_shape import cpu_runtime_bytes  # noqa: E402
+from dsl.engine.memory_shape import ALLOCATOR_RETENTION, cpu_runtime_bytes, planned_allocator  # noqa: E402
 from dsl.engine.presets import PRESETS  # noqa: E402
 
 SMALL = {"preset": "bench"}
@@ -280,6 +280,24 @@ def ratio_range(results: list[dict], alloc: str, plan: bool = False, baselines: 
     return f"{min(lo):.2f}-{max(hi):.2f}x"
 
 
+def retention_range(results: list[dict], baselines: dict, alloc: str = "auto") -> str:
+    """What `alloc` kept beyond the live bytes, as a share of them, over its cases and ranks: each
+    rank's RSS less the measured baseline and the model's live peak (the plan less its runtime and
+    retention terms), over that live peak; "lo-hi% (median m%)"."""
+    share = ALLOCATOR_RETENTION.get(planned_allocator(ALLOCATORS[alloc][0]), 0.0)
+    found = []
+    for r in results:
+        if r["alloc"] != alloc:
+            continue
+        ckpt = " ckpt " in r["case"] + " "
+        live = (r["predicted"] - cpu_runtime_bytes(ckpt)) / (1 + share)
+        found += [(p - baselines[(alloc, ckpt)] - live) / live for p in r["peaks"]]
+    if not found:
+        return "not measured"
+    found.sort()
+    return f"{found[0]:.0%}-{found[-1]:.0%} (median {found[len(found) // 2]:.0%})"
+
+
 def rank_spread(results: list[dict]) -> float:
     """The largest difference between the two ranks of one case, over the smaller rank."""
     return max(max(r["peaks"]) / min(r["peaks"]) - 1 for r in results)
@@ -381,7 +399,7 @@ def body(results: list[dict], baselines: dict, lines: list[str], speed: list[dic
         f"Under the default (`auto`: jemalloc) the two ranks of a case peak within a few MiB of each other and "
         f"within {ratio_range(results, 'auto', plan=True)} the plan: jemalloc keeps freed memory per size class, "
         "so a block of one size never lands in the hole of another, and what it keeps (its size classes' "
-        "rounding and the extents of each class) is a share of the live bytes, measured 5-28% over these "
+        f"rounding and the extents of each class) is a share of the live bytes, measured {retention_range(results, baselines)} over these "
         "configurations (the model's 15% sits in that range). Under `return` nothing large is kept: RSS is "
         f"the baseline plus the model's live peak ({ratio_range(results, 'return', plan=True)} the plan). (The "
         "tiled row was 1.13x until 2026-12-06: the tiled MLP's backward called torch.autograd.grad with an "
