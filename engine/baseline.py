@@ -106,8 +106,10 @@ def _cuda_child() -> int:
         return 0
     pynvml.nvmlInit()
     try:
-        index = int((os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0])
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+        # cuda:0 as NVML names it: a visible-devices entry is an index or a GPU UUID
+        handle = (pynvml.nvmlDeviceGetHandleByIndex(int(first)) if first.isdigit()
+                  else pynvml.nvmlDeviceGetHandleByUUID(first))
         before = pynvml.nvmlDeviceGetMemoryInfo(handle).used
         device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
