@@ -282,7 +282,9 @@ def main() -> int:
         parser.error(f"--steps {args.steps}: use at least 20 measured steps (the median needs them)")
     shapes = [s for s in args.shapes.split(",") if s]
     stages = [int(s) for s in args.stages.split(",") if s]
-    probe = probe_gemm(sys.executable)
+    from layout import cpu_model  # tests/bench/layout.py
+
+    probe = {**probe_gemm(sys.executable), "cpu_model": cpu_model()}  # the log names its machine
     print(json.dumps(probe), file=sys.stderr, flush=True)
     results = []
     for shape in shapes:
@@ -306,7 +308,11 @@ def _write(results: list[dict], probe: dict, shapes: list[str], args: argparse.N
         print(text)
         tables.append(f"### Shape `{shape}`: {SHAPE_TEXT[shape]}\n\n{text}\n")
     steps = next((len(r["steps_s"]) for r in results if r.get("steps_s")), args.steps)
-    body = ("2 gloo ranks, 1 thread per rank, AdamW (lr 1e-3, no clipping), all eager. Each row is one "
+    from layout import cpu_model  # tests/bench/layout.py: lscpu's model name and bf16/AMX flags
+
+    # the run's CPU: recorded by its GEMM probe since 2026-12-06; for an older log, this machine's
+    cpu = probe.get("cpu_model") or cpu_model()
+    body = (f"CPU: {cpu}. 2 gloo ranks, 1 thread per rank, AdamW (lr 1e-3, no clipping), all eager. Each row is one "
             "*paired* run: dsl, DeepSpeed, the torch peer and the no-comm ceiling run at the same time and "
             "take turns step by step (one step each, in that order, round and round; the others wait), "
             f"{steps} measured steps each after warm-up steps taken the same way. "
