@@ -56,9 +56,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> DeepSpeedRuns:
 def _deepspeed_run(tmp: Path, model: Path, stage: int, precision: str, frozen: str) -> Path:
     out = tmp / f"ds-stage{stage}-{precision}{'-frozen' if frozen else ''}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(DS_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(WORKER), str(model), str(stage), str(out), precision, frozen],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    for attempt in range(2):
+        proc = subprocess.run([str(DS_PYTHON), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", str(WORKER), str(model), str(stage), str(out), precision, frozen],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        # The reference run, not the code under test: DeepSpeed's process once aborted at exit
+        # (SIGABRT, "terminate called without an active exception": a C++ thread left joinable;
+        # CI 2026-12-06, passed on rerun). That one signature is run again, once.
+        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
