@@ -140,7 +140,7 @@ from dsl.engine.memory_shape import (  # noqa: F401 - re-exported: engine.memory
     OFFLOADED_ACTIVATIONS, OFFLOAD_BUFFERS, OPTIMIZER, PARAMETERS, RECOMPUTE, RUNTIME, StateBytes,
     Term, WEIGHT_COPIES, _ceil_div, state_bytes, ALLOCATOR, ALLOCATOR_RETENTION, cpu_runtime_bytes, cpu_runtime_formula,
     gpu_runtime_bytes, gpu_runtime_formula,
-    planned_allocator,
+    GLIBC_EXCESS, planned_allocator,
 )
 
 from dsl.engine.memory_acts import (  # noqa: E402,F401 - re-exported: engine.memory is the public name
@@ -488,7 +488,8 @@ def allocator_term(terms: list[Term], allocator: str, runtime: int) -> Term:
     share = ALLOCATOR_RETENTION.get(allocator)
     if share is None:
         return Term(ALLOCATOR, formula=f"not counted: {allocator} (glibc keeping freed blocks) leaves heap holes "
-                                       "that differ between runs and ranks (engine/cpu_alloc.py)")
+                                       f"that differ between runs and ranks, measured {GLIBC_EXCESS} above the "
+                                       "plan (engine/cpu_alloc.py)")
     live = device_peak(terms).bytes - runtime
     return Term(ALLOCATOR, device_bytes=int(share * live),
                 formula=f"{share:.0%} of the live peak {live / MiB:,.0f} MiB: {allocator}'s size classes and "

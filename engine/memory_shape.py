@@ -53,7 +53,11 @@ ALLOCATOR_RETENTION = {"jemalloc": 0.15, "return": 0.0}
 round each block up and its arenas keep freed extents; measured 5-18% of the live peak (median
 14%) over 21 configurations, both ranks within a few MiB (tests/bench/peak.py). return: the
 blocks go back to the OS. glibc keeping freed blocks ("reuse", "system") leaves holes that depend
-on the order of allocations and differ between the ranks of one run (15-73%): not modelled."""
+on the order of allocations and differ between the ranks of one run: not modelled (GLIBC_EXCESS)."""
+GLIBC_EXCESS = "15-75%"
+"""How far above the plan (which does not count glibc's heap holes) a CPU rank's peak resident set
+came under glibc keeping freed blocks: `reuse` 1.16-1.73x, `system` 1.15-1.32x the plan over the
+peak bench's configurations (docs/benchmarks.md "Peak memory"). Quoted by the plan's notes."""
 
 
 def cpu_runtime_bytes(checkpointing: bool, baseline: ProcessBaseline | None = None) -> int:
@@ -86,6 +90,11 @@ def cpu_runtime_formula(checkpointing: bool, baseline: ProcessBaseline | None = 
         return (f"{what}: measured on this host {baseline.measured_at[:10]} (torch {baseline.torch}, "
                 f"{baseline.allocator})")
     return f"{what}: as measured on dsl's reference machine (dsl probe --measure-baseline: this host's)"
+
+
+def unmodelled_allocator(allocator: str) -> bool:
+    """The CPU allocator's retention is not counted by the model (glibc keeping freed blocks)."""
+    return allocator not in ALLOCATOR_RETENTION
 
 
 def planned_allocator(setting: str, jemalloc_on_host: bool = True) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from dsl.engine.memory import GB, GiB
+from dsl.engine.memory import GB, GLIBC_EXCESS, GiB
 from dsl.topology.model import HostTopology, ProcessBaseline
 from dsl.topology.specs import accelerator_spec
 
@@ -146,7 +146,7 @@ def hardware_of(topo: HostTopology, *, hosts: int = 1, ranks_per_host: int | Non
     if not accelerator and topo.jemalloc == "":
         notes.append(f"libjemalloc.so.2 is not on {topo.hostname}: engine.cpu_allocator auto (the default) falls "
                      "back to glibc keeping freed blocks, whose heap holes can put each rank's peak resident set "
-                     "15-75% above this plan (apt install libjemalloc2; engine/cpu_alloc.py)")
+                     f"{GLIBC_EXCESS} above this plan (apt install libjemalloc2; engine/cpu_alloc.py)")
     if not accelerator and topo.process_baseline is None:
         why = topo.unknown.get("process_baseline") or "not probed (a recorded topology)"
         notes.append(f"{topo.hostname}: process baseline {why}; the runtime term is dsl's reference machine's")

@@ -17,6 +17,8 @@ def _bars(terms: list[tuple[str, int, str]], capacity: float) -> list[str]:
     lines = []
     for name, n, formula in terms:
         if not n:
+            if formula.startswith("not counted"):  # a term the model leaves out says so (engine/memory.py)
+                lines.append(f"  {name:<30} {'?':>10}  {'':<{BAR_WIDTH + 1}} [dim]{formula}[/dim]")
             continue
         width = max(1, round(BAR_WIDTH * n / capacity)) if capacity else 1
         bar = "█" * min(width, BAR_WIDTH) + ("▶" if width > BAR_WIDTH else "")

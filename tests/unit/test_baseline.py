@@ -200,3 +200,23 @@ def test_the_cuda_runtime_is_measured_on_a_gpu() -> None:
     value = json.loads(out.stdout.strip().splitlines()[-1])
     # a CUDA context with cuBLAS and a one-rank NCCL communicator: hundreds of MiB, under 4 GiB
     assert 100 * MiB < value < 4 * 1024 * MiB
+
+
+@pytest.mark.parametrize("setting", ["reuse", "system"])
+def test_plan_says_a_glibc_allocators_holes_are_not_counted(tmp_path: Path, setting: str) -> None:
+    """`cpu_allocator: reuse|system` on a CPU host: the table shows the retention row as not counted
+    and the assumptions say how far above the plan the peak went (engine/memory_shape.py
+    GLIBC_EXCESS); the default shows the retention it counts and no such note."""
+    from tests.conftest import run_dsl
+
+    spec = tmp_path / "job.yaml"
+    text = (Path(__file__).resolve().parents[2] / "configs" / "bench-cpu.yaml").read_text()
+    spec.write_text(text.replace("  zero_stage: 0\n", f"  zero_stage: 0\n  cpu_allocator: {setting}\n"))
+    out = " ".join(run_dsl("plan", str(spec)).stdout.split())  # rich wraps long lines
+    assert f"allocator retention ? not counted: {setting} (glibc keeping freed blocks)" in out
+    assert "15-75% above the plan" in out
+    assert (f"engine.cpu_allocator: {setting}: glibc's heap holes are not in this plan; they put each rank's peak "
+            "resident set 15-75% above it") in out
+    spec.write_text(text)
+    default = " ".join(run_dsl("plan", str(spec)).stdout.split())
+    assert "allocator retention" in default and "% of the live peak" in default and "heap holes" not in default
