@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -204,36 +205,8 @@ def summary(results: list[dict], baselines: dict) -> list[str]:
     return out
 
 
-SPEED_WORKER = r"""
-import json, statistics, sys, time, torch
-from dsl.engine import dist, initialize
-from dsl.engine.model import Llama
-from dsl.engine.train_config import ModelConfig
-case, model, steps = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
-torch.set_num_threads(1)
-ctx = dist.setup()
-cfg = ModelConfig(**model)
-torch.manual_seed(0)
-engine = initialize(Llama(cfg), case)
-g = torch.Generator().manual_seed(ctx.rank)
-tokens = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g)
-targets = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g)
-cpu = []
-for i in range(steps + 2):
-    start = time.process_time()
-    engine(tokens, targets).backward()
-    engine.step()
-    engine.zero_grad()
-    cpu.append(time.process_time() - start)
-print("RESULT " + json.dumps(statistics.median(cpu[2:])), flush=True)
-dist.teardown(ctx)
-"""
-SPEED_CASES = [("small s2 fp32", SMALL, {"zero_stage": 2, **FP32}), ("small s2 bf16", SMALL, {"zero_stage": 2, **BF16}),
-               ("large s2 fp32", LARGE, {"zero_stage": 2, **FP32, "micro_batch": 4})]
-
-
-GROWTH_WORKER = r"""
-import json, sys, torch
+STEP_WORKER = r"""
+import json, sys, time, torch
 from dsl.engine import dist, initialize
 from dsl.engine.model import Llama
 from dsl.engine.peak import host_peak_anon_bytes
@@ -247,15 +220,23 @@ engine = initialize(Llama(cfg), case)
 g = torch.Generator().manual_seed(ctx.rank)
 tokens = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g)
 targets = torch.randint(cfg.vocab_size, (case["micro_batch"], cfg.seq_len), generator=g)
-peaks = []
+cpu, peaks = [], []
 for i in range(steps):
+    start = time.process_time()
     engine(tokens, targets).backward()
     engine.step()
     engine.zero_grad()
+    cpu.append(time.process_time() - start)
     peaks.append(host_peak_anon_bytes())
-print("RESULT " + json.dumps(peaks), flush=True)
+print("RESULT " + json.dumps({"cpu": cpu, "peaks": peaks}), flush=True)
 dist.teardown(ctx)
 """
+"""Trains `steps` steps of one case on a rank and prints each step's CPU seconds (its process
+time) and the rank's peak resident set less file pages after it (engine/peak.py)."""
+SPEED_CASES = [("small s2 fp32", SMALL, {"zero_stage": 2, **FP32}), ("small s2 bf16", SMALL, {"zero_stage": 2, **BF16}),
+               ("large s2 fp32", LARGE, {"zero_stage": 2, **FP32, "micro_batch": 4})]
+
+
 GROWTH_CASE = ("small s2 fp32", SMALL, {"zero_stage": 2, **FP32})
 GROWTH_SHOWN = (1, 2, 4, 8, 16, 32)
 """The steps whose peak the growth table shows (up to --growth-steps)."""
@@ -267,15 +248,9 @@ def growth(steps: int) -> list[dict]:
     few steps reach is the run's peak."""
     name, model, engine = GROWTH_CASE
     shape = dict(PRESETS["bench"]) if model is SMALL else dict(model)
-    pairs = {alloc: _start_pair({"micro_batch": 8, "compile": False, **engine, "cpu_allocator": setting},
-                                shape, steps, _preloaded(setting, env), GROWTH_WORKER)
-             for alloc, (setting, env) in ALLOCATORS.items()}
     out = []
-    for alloc, procs in pairs.items():
-        outs = [p.communicate(timeout=1800)[0] for p in procs]
-        if any(p.returncode for p in procs):
-            raise SystemExit(f"growth {name} {alloc}: a rank failed")
-        ranks = [json.loads(o.split("RESULT ", 1)[1]) for o in outs]
+    for alloc, found in _run_pairs(name, engine, shape, steps).items():
+        ranks = [r["peaks"] for r in found]
         out.append({"case": name, "alloc": alloc, "peaks": [max(r[i] for r in ranks) for i in range(steps)]})
         print(f"growth {name} {alloc}: " + ", ".join(f"{p / 2**20:,.0f}" for p in out[-1]["peaks"]) + " MiB",
               file=sys.stderr, flush=True)
@@ -287,7 +262,8 @@ def growth_lines(rows: list[dict]) -> list[str]:
         return ["not measured in this run."]
     steps = len(rows[0]["peaks"])
     shown = [s for s in GROWTH_SHOWN if s <= steps]
-    lines = ["| allocator | " + " | ".join(f"after step {s} MiB" for s in shown) + " | last / step 4 |",
+    lines = ["| allocator | " + " | ".join(f"after step {s} MiB" for s in shown)
+             + f" | last / step {min(STEPS, steps)} |",
              "|---|" + "---|" * (len(shown) + 1)]
     for r in rows:
         p = r["peaks"]
@@ -296,11 +272,26 @@ def growth_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _start_pair(case: dict, model: dict, steps: int, env: dict, worker: str = SPEED_WORKER) -> list[subprocess.Popen]:
+def _run_pairs(name: str, engine: dict, shape: dict, steps: int) -> dict[str, list[dict]]:
+    """STEP_WORKER's result on each of 2 ranks, per allocator setting, every setting's pair
+    running at the same time (so the machine's load hits them alike)."""
+    pairs = {alloc: _start_pair({"micro_batch": 8, "compile": False, **engine, "cpu_allocator": setting},
+                                shape, steps, _preloaded(setting, env))
+             for alloc, (setting, env) in ALLOCATORS.items()}
+    found = {}
+    for alloc, procs in pairs.items():
+        outs = [p.communicate(timeout=1800)[0] for p in procs]
+        if any(p.returncode for p in procs):
+            raise SystemExit(f"{name} {alloc}: a rank failed")
+        found[alloc] = [json.loads(o.split("RESULT ", 1)[1]) for o in outs]
+    return found
+
+
+def _start_pair(case: dict, model: dict, steps: int, env: dict) -> list[subprocess.Popen]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [subprocess.Popen([sys.executable, "-c", worker, json.dumps(case), json.dumps(model), str(steps)],
+    return [subprocess.Popen([sys.executable, "-c", STEP_WORKER, json.dumps(case), json.dumps(model), str(steps)],
                              env={**os.environ, **env, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                                   "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -323,15 +314,8 @@ def alloc_speed(steps: int, rounds: int) -> list[dict]:
     for name, model, engine in SPEED_CASES:
         shape = dict(PRESETS["bench"]) if model is SMALL else dict(model)
         for _ in range(rounds):
-            pairs = {alloc: _start_pair({"micro_batch": 8, "compile": False, **engine, "cpu_allocator": setting},
-                                        shape, steps, _preloaded(setting, env))
-                     for alloc, (setting, env) in ALLOCATORS.items()}
-            cpu = {}
-            for alloc, procs in pairs.items():
-                outs = [p.communicate(timeout=1800)[0] for p in procs]
-                if any(p.returncode for p in procs):
-                    raise SystemExit(f"speed {name} {alloc}: a rank failed")
-                cpu[alloc] = json.loads(outs[0].split("RESULT ", 1)[1])
+            cpu = {alloc: statistics.median(ranks[0]["cpu"][2:])
+                   for alloc, ranks in _run_pairs(name, engine, shape, steps + 2).items()}
             out.append({"case": name, **cpu})
             print(f"speed {name}: " + ", ".join(f"{a} {c:.3f} s" for a, c in cpu.items()), file=sys.stderr, flush=True)
     return out
