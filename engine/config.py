@@ -249,7 +249,7 @@ class EngineConfig(StrictModel):
     docs/benchmarks.md "Peak memory"); the rank stops if libjemalloc.so.2 is missing. "auto"
     (default): jemalloc where the host has it, else "reuse" with a printed note. "reuse": glibc
     keeps freed large blocks for the next step (mallopt): fast, but the heap's holes put the peak
-    15-75% above the model's. "system": glibc's defaults. "return": every block of 1 MiB or more
+    10-100% above the model's. "system": glibc's defaults. "return": every block of 1 MiB or more
     is unmapped when freed, so the resident set follows the live bytes, at 1.3-1.7x the CPU time
     per step. No effect on GPUs or results."""
     bucket_mib: float = Field(25.0, gt=0)

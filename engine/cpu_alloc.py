@@ -24,7 +24,8 @@ What each setting does to the resident set (docs/benchmarks.md, "Peak memory", t
 a rank's peak RSS is the process baseline plus the step's live bytes plus what malloc keeps of
 freed memory. Under "reuse" the heap's high-water mark keeps every hole that the order of
 allocations left (checkpointing's recomputation leaves most), and that order depends on when the
-communication threads free their buffers: the two ranks of one run differ. Glibc's own defaults
+communication threads free their buffers: the two ranks of one run differ, and the heap keeps
+growing over the first dozens of steps (a logits-sized block at a time). Glibc's own defaults
 ("system") keep less, still with holes, because its mmap threshold rises to 32 MiB after the
 first large free. `return_freed_blocks()` fixes the threshold at 1 MiB: every block of 1 MiB or
 more is mapped for its tensor and unmapped when it is freed, so the resident set is the baseline

@@ -54,10 +54,12 @@ round each block up and its arenas keep freed extents; measured 5-18% of the liv
 14%) over 21 configurations, both ranks within a few MiB (tests/bench/peak.py). return: the
 blocks go back to the OS. glibc keeping freed blocks ("reuse", "system") leaves holes that depend
 on the order of allocations and differ between the ranks of one run: not modelled (GLIBC_EXCESS)."""
-GLIBC_EXCESS = "15-75%"
+GLIBC_EXCESS = "10-100%"
 """How far above the plan (which does not count glibc's heap holes) a CPU rank's peak resident set
-came under glibc keeping freed blocks: `reuse` 1.16-1.73x, `system` 1.15-1.32x the plan over the
-peak bench's configurations (docs/benchmarks.md "Peak memory"). Quoted by the plan's notes."""
+goes under glibc keeping freed blocks: over the peak bench's 4-step cases `reuse` 1.16-1.73x and
+`system` 1.11-1.32x the plan (two runs), and the heap keeps growing with the steps (`reuse` 1.19x,
+`system` 1.02x more from step 4 to step 32; docs/benchmarks.md "Peak memory"). Quoted by the
+plan's notes."""
 
 
 def cpu_runtime_bytes(checkpointing: bool, baseline: ProcessBaseline | None = None) -> int:
