@@ -94,11 +94,6 @@ def cpu_runtime_formula(checkpointing: bool, baseline: ProcessBaseline | None = 
     return f"{what}: as measured on dsl's reference machine (dsl probe --measure-baseline: this host's)"
 
 
-def unmodelled_allocator(allocator: str) -> bool:
-    """The CPU allocator's retention is not counted by the model (glibc keeping freed blocks)."""
-    return allocator not in ALLOCATOR_RETENTION
-
-
 def planned_allocator(setting: str, jemalloc_on_host: bool = True) -> str:
     """The allocator a CPU rank will run with under `engine.cpu_allocator` (engine/cpu_alloc.py):
     auto is jemalloc, which the trainer preloads, where the host has it (as the probe found,
