@@ -210,3 +210,14 @@ def hardware_of(topo: HostTopology, *, hosts: int = 1, ranks_per_host: int | Non
                     host_link, network, mem_bw, sum(free_by_mount.values()), read, write, device_bw,
                     tuple(notes), baseline=topo.process_baseline,
                     jemalloc_on_host=topo.jemalloc != "")
+
+
+def allocator_notes(setting: str, hw: Hardware) -> list[str]:
+    """A note when the spec asks a CPU rank for a glibc setting whose heap holes the model does not
+    count (engine/memory_shape.py GLIBC_EXCESS; `auto` on a host without jemalloc gets its note
+    from `hardware_of`)."""
+    if hw.accelerator or setting not in ("reuse", "system"):
+        return []
+    return [f"engine.cpu_allocator: {setting}: glibc's heap holes are not in this plan; they put each rank's peak "
+            f"resident set {GLIBC_EXCESS} above it on dsl's reference machine (docs/benchmarks.md \"Peak memory\"); "
+            "auto (jemalloc) and return are within 10% of the plan"]

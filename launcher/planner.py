@@ -59,7 +59,7 @@ from dsl.engine import memory, memory_reference
 from dsl.engine.memory_nvme import nvme_param_step_bytes
 from dsl.engine.config import EngineConfig
 from dsl.engine.memory import Breakdown, ModelShape
-from dsl.launcher.hardware import Hardware, fmt_gb, fmt_gib, hardware_of
+from dsl.launcher.hardware import Hardware, allocator_notes, fmt_gb, fmt_gib, hardware_of
 
 SAFETY_MARGIN = 0.10
 """Plans keep 10% of device and host memory free (allocator fragmentation, stray buffers)."""
@@ -266,7 +266,8 @@ def evaluate(shape: ModelShape, engine: EngineConfig, hw: Hardware, *, stage: in
                          accelerator=hw.accelerator, flash_attention=flash_attention,
                          layout=engine.precision_layout,
                          offload_ratio=engine.offload.ratio if offload == "cpu" else 1.0,
-                         allocator=memory.planned_allocator(engine.cpu_allocator, hw.jemalloc_on_host), baseline=hw.baseline,
+                         allocator=memory.planned_allocator(engine.cpu_allocator, hw.jemalloc_on_host),
+                         baseline=hw.baseline,
                          **memory.long_context(engine))  # tiled loss/MLP, activation offload
     device = b.device_bytes
     host = hw.ranks_per_host * b.host_peak_bytes
@@ -434,23 +435,13 @@ def search(shape: ModelShape, engine: EngineConfig, hw: Hardware, target_batch: 
                     key=lambda c: (c.device_bytes / hw.device_memory_bytes, c.step.total_s))
     plan = Plan(shape, hw, target_batch, {}, fitting + others, choice,
                 launch_choice=_choose([c for c in fitting if c.unsupported is None]),
-                notes=list(hw.notes) + _allocator_notes(engine, hw) + sorted(set(skipped)),
+                notes=list(hw.notes) + allocator_notes(engine.cpu_allocator, hw) + sorted(set(skipped)),
                 precision=engine.precision)
     if choice is not None:
         plan.reasons = _reasons(plan, choice)
     if choice is None and suggest:
         plan.suggestions = _suggestions(shape, engine, hw, target_batch, free, flash_attention)
     return plan
-
-
-def _allocator_notes(engine: EngineConfig, hw: Hardware) -> list[str]:
-    """A note when the spec asks a CPU rank for a glibc setting whose heap holes the model does not
-    count (engine/memory_shape.py GLIBC_EXCESS; `auto` without jemalloc: Hardware's own note)."""
-    if hw.accelerator or engine.cpu_allocator not in ("reuse", "system"):
-        return []
-    return [f"engine.cpu_allocator: {engine.cpu_allocator}: glibc's heap holes are not in this plan; they put each "
-            f"rank's peak resident set {memory.GLIBC_EXCESS} above it on dsl's reference machine (docs/benchmarks.md "
-            "\"Peak memory\"); auto (jemalloc) and return are within 10% of the plan"]
 
 
 def _largest_fitting(micros: list[int], at: Callable[[int], Candidate]) -> Candidate:
